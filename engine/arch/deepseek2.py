@@ -1,0 +1,128 @@
+"""deepseek2: DeepSeek-V2/V2.5/V3/R1. Multi-head latent attention (MLA), leading dense blocks,
+shared experts, softmax or sigmoid gating with a selection bias and grouped top-k, yarn rope."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+from gguf.constants import Keys
+
+from engine.arch.base import (HyperParams, Metadata, TensorSpec, blk, dense_ffn_tensors, global_tensors,
+                              norm_tensor, routed_expert_tensors, shared_expert_tensors)
+
+
+class GatingFunc(IntEnum):      # llama.cpp's llama_expert_gating_func_type
+    NONE = 0
+    SOFTMAX = 1
+    SIGMOID = 2
+
+
+@dataclass(frozen=True)
+class DeepSeek2HyperParams(HyperParams):
+    n_layer_dense_lead: int = 0
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    n_embd_head_k_mla: int = 0      # nope + rope per head, after decompression
+    n_embd_head_v_mla: int = 0
+    is_mla: bool = False            # both *_length_mla keys present: the absorbed form is cached
+    n_expert_shared: int = 0
+    n_expert_groups: int = 0
+    n_group_used: int = 0
+    expert_weights_scale: float = 1.0
+    expert_weights_norm: bool = False
+    expert_gating_func: GatingFunc = GatingFunc.SOFTMAX
+    rope_scaling_type: str = "none"
+    rope_yarn_orig_ctx: int = 0
+    rope_yarn_log_mul: float = 0.0
+
+    @property
+    def n_rot_head(self) -> int:
+        return self.n_rot
+
+    @property
+    def n_embd_head_qk_nope(self) -> int:
+        return self.n_embd_head_k_mla - self.n_rot
+
+    def n_embd_k_gqa(self, il: int) -> int:
+        if self.is_mla:
+            return self.kv_lora_rank + self.n_rot     # the latent and the rope part of the key
+        return super().n_embd_k_gqa(il)
+
+    def n_embd_v_gqa(self, il: int) -> int:
+        return 0 if self.is_mla else super().n_embd_v_gqa(il)   # with MLA, V is a view of the cached latent
+
+    def is_moe_layer(self, il: int) -> bool:
+        return il >= self.n_layer_dense_lead and self.n_expert > 0
+
+
+def _is_lite(n_layer: int, n_vocab: int) -> bool:
+    # the lite variants (DeepSeek-V2-Lite and kin) have no q_lora; llama.cpp tells them by shape
+    return n_layer in (26, 27) or (n_layer == 48 and n_vocab == 128256)
+
+
+def hyperparams(md) -> DeepSeek2HyperParams:
+    fields = HyperParams.common_fields(md)
+    m = Metadata(md)
+    n_layer, n_vocab = fields["n_layer"], fields["n_vocab"]
+    k_mla = int(m.get(Keys.Attention.KEY_LENGTH_MLA, 0))
+    v_mla = int(m.get(Keys.Attention.VALUE_LENGTH_MLA, 0))
+    is_mla = k_mla > 0 and v_mla > 0
+    gating = GatingFunc(int(m.get(Keys.LLM.EXPERT_GATING_FUNC, 0)))
+    if gating == GatingFunc.NONE:
+        # DeepSeek V2/V2.5 GGUFs predate the key (GLM 4.7 Lite, shaped 47/48 layers x 154880, is sigmoid)
+        gating = GatingFunc.SIGMOID if n_layer in (47, 48) and n_vocab == 154880 else GatingFunc.SOFTMAX
+    log_mul = float(m.get(Keys.Rope.SCALING_YARN_LOG_MUL, 0.0) or 0.0)
+    return DeepSeek2HyperParams(
+        **fields,
+        n_layer_dense_lead=int(m.get(Keys.LLM.LEADING_DENSE_BLOCK_COUNT, 0)),
+        q_lora_rank=0 if _is_lite(n_layer, n_vocab) else int(m.get(Keys.Attention.Q_LORA_RANK, 0)),
+        kv_lora_rank=int(m.require(Keys.Attention.KV_LORA_RANK)),
+        # without the MLA keys, key/value_length are the decompressed per-head sizes
+        n_embd_head_k_mla=k_mla if is_mla else fields["n_embd_head_k"],
+        n_embd_head_v_mla=v_mla if is_mla else fields["n_embd_head_v"],
+        is_mla=is_mla,
+        n_expert_shared=int(m.get(Keys.LLM.EXPERT_SHARED_COUNT, 0)),
+        n_expert_groups=int(m.get(Keys.LLM.EXPERT_GROUP_COUNT, 0)),
+        n_group_used=int(m.get(Keys.LLM.EXPERT_GROUP_USED_COUNT, 0)),
+        expert_weights_scale=float(m.get(Keys.LLM.EXPERT_WEIGHTS_SCALE, 1.0) or 1.0),
+        expert_weights_norm=bool(m.get(Keys.LLM.EXPERT_WEIGHTS_NORM, False)),
+        expert_gating_func=gating,
+        rope_scaling_type=str(m.get(Keys.Rope.SCALING_TYPE, "none")),
+        rope_yarn_orig_ctx=int(m.get(Keys.Rope.SCALING_ORIG_CTX_LEN, 0)),
+        # the converter stores 0.1 * the multiplier; llama.cpp divides the 0.1 back out
+        rope_yarn_log_mul=log_mul / 0.1 if log_mul else 0.0,
+    )
+
+
+def attention_specs(hp: DeepSeek2HyperParams, il: int, unsplit_kv_b: bool) -> list[TensorSpec]:
+    q_dim = hp.n_head * hp.n_embd_head_k_mla
+    nope = hp.n_embd_head_qk_nope
+    specs = [norm_tensor(il, "attn_norm", hp.n_embd), norm_tensor(il, "attn_kv_a_norm", hp.kv_lora_rank)]
+    if hp.q_lora_rank:
+        specs += [norm_tensor(il, "attn_q_a_norm", hp.q_lora_rank),
+                  TensorSpec(blk(il, "attn_q_a"), (hp.q_lora_rank, hp.n_embd)),
+                  TensorSpec(blk(il, "attn_q_b"), (q_dim, hp.q_lora_rank))]
+    else:
+        specs.append(TensorSpec(blk(il, "attn_q"), (q_dim, hp.n_embd)))
+    specs.append(TensorSpec(blk(il, "attn_kv_a_mqa"), (hp.kv_lora_rank + hp.n_rot, hp.n_embd)))
+    if unsplit_kv_b:
+        specs.append(TensorSpec(blk(il, "attn_kv_b"), (hp.n_head * (nope + hp.n_embd_head_v_mla), hp.kv_lora_rank)))
+    else:
+        specs += [TensorSpec(blk(il, "attn_k_b"), (hp.n_head, hp.kv_lora_rank, nope)),
+                  TensorSpec(blk(il, "attn_v_b"), (hp.n_head, hp.n_embd_head_v_mla, hp.kv_lora_rank))]
+    specs.append(TensorSpec(blk(il, "attn_output"), (hp.n_embd, hp.n_head * hp.n_embd_head_v_mla)))
+    return specs
+
+
+def tensor_specs(hp: DeepSeek2HyperParams, tied_output: bool = False) -> list[TensorSpec]:
+    specs = global_tensors(hp, tied_output)
+    for il in range(hp.n_layer):
+        specs += attention_specs(hp, il, unsplit_kv_b=not hp.is_mla)
+        specs.append(norm_tensor(il, "ffn_norm", hp.n_embd))
+        if hp.is_moe_layer(il):
+            specs += routed_expert_tensors(hp, il)
+            specs.append(TensorSpec(f"blk.{il}.exp_probs_b.bias", (hp.n_expert,), optional=True))
+            specs += shared_expert_tensors(hp, il, hp.n_ff_exp * hp.n_expert_shared)
+        else:
+            specs += dense_ffn_tensors(hp, il)
+    return specs
