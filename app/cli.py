@@ -11,6 +11,7 @@ COMMANDS = {
     "inspect": ("app.commands.inspect", "show a GGUF's metadata, quant mix, per-layer sizes and tensors"),
     "plan": ("app.commands.plan", "per-device memory plan for llama.cpp-style placement flags"),
     "synth": ("app.commands.synth", "write a synthetic GGUF of a real model's shape"),
+    "bench": ("app.commands.bench", "prompt/generation tokens per second, or planner timings (--planner)"),
 }
 
 
@@ -34,11 +35,40 @@ def command_parser(name: str):
     return module, parser
 
 
+def split_llama_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate our own options from llama.cpp flags. Only exact option strings are ours:
+    argparse alone would read llama.cpp's `-ngl 99` as our `-n` with the value `gl`."""
+    actions = parser._option_string_actions
+    ours, theirs, i = [], [], 0
+    positionals = [a for a in parser._actions if not a.option_strings and a.dest != "llama_args"]
+    while i < len(argv):
+        token = argv[i]
+        name = token.split("=", 1)[0] if token.startswith("--") else token
+        action = actions.get(name)
+        if action is not None:
+            takes_value = action.nargs != 0 and "=" not in token
+            ours += argv[i:i + 1 + int(takes_value)]
+            i += 1 + int(takes_value)
+        elif not token.startswith("-") and len([t for t in ours if not t.startswith("-")]) < len(positionals) \
+                and not theirs:
+            ours.append(token)
+            i += 1
+        else:
+            theirs.append(token)
+            i += 1
+    return ours, theirs
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
         module, parser = command_parser(argv[0])
-        args = parser.parse_args(argv[1:])
+        if getattr(module, "ACCEPTS_LLAMA_ARGS", False):
+            ours, theirs = split_llama_args(parser, argv[1:])
+            args = parser.parse_args(ours)
+            args.llama_args = theirs
+        else:
+            args = parser.parse_args(argv[1:])
         from engine.errors import user_error_message
         try:
             return module.run(args) or 0

@@ -83,6 +83,12 @@ def layer_compute_bytes(hp: HyperParams, il: int, rc: RunConfig, flash_attn: boo
     return residual + max(attention, ffn)
 
 
+def expert_compute_bytes(hp: HyperParams, il: int, rc: RunConfig) -> int:
+    """Intermediates of the selected experts of one ubatch, on a device holding some of them."""
+    n_tokens = min(rc.n_ubatch, rc.n_batch)
+    return (3 * hp.n_expert_used * (hp.n_ff_exp or hp.n_ff[il]) + 2 * hp.n_embd) * n_tokens * F32_BYTES
+
+
 def output_compute_bytes(hp: HyperParams, rc: RunConfig) -> int:
     return min(rc.n_ubatch, rc.n_batch) * hp.n_vocab * F32_BYTES
 
@@ -136,6 +142,15 @@ class MemoryEstimate:
         return [d for d in self.devices if not d.fits]
 
 
+def expert_devices_away_from(inventory, placement, il: int, home: str) -> set[str]:
+    """Devices other than the layer's home that compute some of its routed experts."""
+    devices: set[str] = set()
+    for t in inventory.layers[il].tensors:
+        if t.is_expert_tensor:
+            devices.update(d for d, n in placement.device_bytes(t.name).items() if n and d != home)
+    return devices
+
+
 def estimate_memory(inventory, placement, rc: RunConfig, devices, options: MemoryOptions = MemoryOptions()
                     ) -> MemoryEstimate:
     """Per-device memory for running `inventory` placed by `placement` with `rc`."""
@@ -150,6 +165,8 @@ def estimate_memory(inventory, placement, rc: RunConfig, devices, options: Memor
             home = placement.layer_home_device(il)
             kv[home] += sum(kv_layer_bytes(hp, il, rc))
             compute[home] = max(compute[home], layer_compute_bytes(hp, il, rc, flash_attn))
+            for device in expert_devices_away_from(inventory, placement, il, home):
+                compute[device] = max(compute[device], expert_compute_bytes(hp, il, rc))
         output_device = placement.device_of("output.weight") if "output.weight" in inventory.by_name \
             else placement.device_of("token_embd.weight")
         compute[output_device] += output_compute_bytes(hp, rc)

@@ -2,7 +2,6 @@
 the equivalent llama.cpp command line."""
 from __future__ import annotations
 
-import argparse
 
 from app.commands.common import open_inventory, print_json, print_table
 from engine.devices import available_devices
@@ -12,14 +11,16 @@ from engine.devices import parse_size
 from engine.units import mib
 
 
+ACCEPTS_LLAMA_ARGS = True
+
+
 def add_arguments(p) -> None:
     p.add_argument("file", help="GGUF file (any part of a split set)")
     p.add_argument("--sim-gpus", help="simulated GPUs, e.g. 24GiB,24GiB,48GiB (default: the real GPUs)")
     p.add_argument("--margin", default="0", help="safety margin to keep free on each GPU, e.g. 512MiB")
     p.add_argument("--gpu-overhead", default="450MiB", help="fixed per-GPU overhead (CUDA context)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("llama_args", nargs=argparse.REMAINDER,
-                   help="llama.cpp / ik_llama.cpp flags: -ngl, -ts, -ot, --n-cpu-moe, -c, -ctk, ...")
+    p.epilog = "Any other flags are read as llama.cpp / ik_llama.cpp flags: -ngl, -ts, -ot, --n-cpu-moe, -c, -ctk, ..."
 
 
 def plan(args):

@@ -1,14 +1,25 @@
 """deepseek2: DeepSeek-V2/V2.5/V3/R1. Multi-head latent attention (MLA), leading dense blocks,
-shared experts, softmax or sigmoid gating with a selection bias and grouped top-k, yarn rope."""
+shared experts, softmax or sigmoid gating with a selection bias and grouped top-k, yarn rope.
+
+Forward (llama.cpp src/models/deepseek2.cpp), absorbed MLA: q = q_b(norm(q_a(x))) per head
+[nope | rope]; kv_a_mqa(x) = [latent | k_rope], the latent RMS-normed; NORM rope on the rope
+parts only. The nope part of q is absorbed through attn_k_b into latent space, so attention is
+multi-query over cached [latent | k_rope] keys whose values are the latent itself; attn_v_b
+then maps each head's result back out. Files with the unsplit attn_kv_b decompress K and V
+per head instead (plain multi-head attention).
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import IntEnum
 
+import numpy as np
 from gguf.constants import Keys
 
 from engine.arch.base import (HyperParams, Metadata, TensorSpec, blk, dense_ffn_tensors, global_tensors,
                               norm_tensor, routed_expert_tensors, shared_expert_tensors)
+from engine.layers import RopeScaling, Routing, feed_forward, moe_feed_forward, rms_norm
 
 
 class GatingFunc(IntEnum):      # llama.cpp's llama_expert_gating_func_type
@@ -126,3 +137,64 @@ def tensor_specs(hp: DeepSeek2HyperParams, tied_output: bool = False) -> list[Te
         else:
             specs += dense_ffn_tensors(hp, il)
     return specs
+
+
+# --- forward ----------------------------------------------------------------------------------
+
+
+def forward_layer(m, il: int, x, batch):
+    lw, eps = m.layers[il], m.hparams.rms_eps
+    h = x + attention(m, il, rms_norm(x, lw.attn_norm, eps), batch)
+    return h + feed_forward_block(m, il, rms_norm(h, lw.ffn_norm, eps))
+
+
+def rope_scaling(m) -> RopeScaling:
+    hp = m.hparams
+    return RopeScaling.from_metadata(m.metadata, hp, yarn_mscale_is_log_mul=True, yarn_log_mul=hp.rope_yarn_log_mul)
+
+
+def kq_scale(hp: DeepSeek2HyperParams, scaling: RopeScaling) -> float:
+    """mscale^2 / sqrt(key length): the YaRN magnitude moved from rope into the scores."""
+    log_inv_scale = math.log(1.0 / scaling.freq_scale)
+    attn_factor_org = scaling.attn_factor * (1.0 + 0.1 * log_inv_scale)
+    mscale = attn_factor_org * (1.0 + 0.1 * hp.rope_yarn_log_mul * log_inv_scale)
+    return mscale * mscale / math.sqrt(hp.n_embd_head_k_mla)
+
+
+def attention(m, il: int, x, batch):
+    hp, lw, ops = m.hparams, m.layers[il], m.ops
+    n_tokens, n_head, n_nope, kv_lora = len(x), hp.n_head, hp.n_embd_head_qk_nope, hp.kv_lora_rank
+    if hp.q_lora_rank:
+        q = ops.matmul(rms_norm(ops.matmul(x, lw.attn_q_a), lw.attn_q_a_norm, hp.rms_eps), lw.attn_q_b)
+    else:
+        q = ops.matmul(x, lw.attn_q)
+    q = q.reshape(n_tokens, n_head, hp.n_embd_head_k_mla)          # per head [nope | rope]
+    kv = ops.matmul(x, lw.attn_kv_a_mqa)                            # (T, kv_lora + n_rot)
+    latent = rms_norm(kv[:, :kv_lora], lw.attn_kv_a_norm, hp.rms_eps)
+    scaling = rope_scaling(m)
+    q_rope = batch.rope(q[..., n_nope:], hp.n_rot, hp.rope_freq_base, scaling, neox=False)
+    k_rope = batch.rope(kv[:, None, kv_lora:], hp.n_rot, hp.rope_freq_base, scaling, neox=False)   # (T, 1, n_rot)
+    scale = kq_scale(hp, scaling)
+    if hp.is_mla:
+        q_latent = ops.head_matmul(q[..., :n_nope], lw.attn_k_b)                  # (T, n_head, kv_lora)
+        q = np.concatenate([q_latent, q_rope], axis=-1)
+        k = np.concatenate([latent[:, None, :], k_rope], axis=-1)                  # (T, 1, kv_lora + n_rot)
+        out = batch.attend(il, q, k, None, scale, v_from_k=kv_lora)                # (T, n_head * kv_lora)
+        out = ops.head_matmul(out.reshape(n_tokens, n_head, kv_lora), lw.attn_v_b)
+    else:
+        kv_b = ops.matmul(latent, lw.attn_kv_b).reshape(n_tokens, n_head, n_nope + hp.n_embd_head_v_mla)
+        q = np.concatenate([q[..., :n_nope], q_rope], axis=-1)
+        k = np.concatenate([kv_b[..., :n_nope], np.broadcast_to(k_rope, (n_tokens, n_head, hp.n_rot))], axis=-1)
+        out = batch.attend(il, q, k, kv_b[..., n_nope:], scale)
+    return ops.matmul(out.reshape(n_tokens, -1), lw.attn_output)
+
+
+def feed_forward_block(m, il: int, x):
+    hp, lw = m.hparams, m.layers[il]
+    if not hp.is_moe_layer(il):
+        return feed_forward(m.ops, x, lw.ffn_gate, lw.ffn_up, lw.ffn_down)
+    routing = Routing(hp.n_expert_used, gating="sigmoid" if hp.expert_gating_func == GatingFunc.SIGMOID else "softmax",
+                      norm_weights=hp.expert_weights_norm, weights_scale=hp.expert_weights_scale,
+                      n_groups=hp.n_expert_groups, n_groups_used=hp.n_group_used)
+    routed = moe_feed_forward(m.ops, x, lw, routing, m.expert_counts[il])
+    return routed + feed_forward(m.ops, x, lw.ffn_gate_shexp, lw.ffn_up_shexp, lw.ffn_down_shexp)

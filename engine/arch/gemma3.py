@@ -1,13 +1,26 @@
 """gemma3: sliding-window layers in a 5:1 pattern, q/k norms, pre- and post-norms, GeGLU,
-embeddings scaled by sqrt(n_embd), tied output."""
+embeddings scaled by sqrt(n_embd), tied output.
+
+Forward (llama.cpp src/models/gemma3.cpp): the embedding is scaled by sqrt(n_embd); each block
+normalises q and k per head before NEOX rope (sliding layers with their own base and no
+frequency scaling), scales q by attention_scale, and RMS-normalises the attention and GeGLU
+outputs (post_attention_norm, post_ffw_norm) before adding them to the residual. The norm
+weights already include gemma's +1. Logits may be soft-capped.
+"""
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from gguf.constants import Keys
 
+from engine import layers
 from engine.arch.base import (AttentionKind, HyperParams, Metadata, RopeType, TensorSpec,
                               attention_tensors, dense_ffn_tensors, global_tensors, norm_tensor)
+from engine.layers import geglu, qkv_projections, rms_norm, softcap
 
 DEFAULT_SWA_PATTERN = 6
 DEFAULT_ROPE_BASE_SWA = 10000.0
@@ -64,3 +77,38 @@ def tensor_specs(hp: Gemma3HyperParams, tied_output: bool = True) -> list[Tensor
                   norm_tensor(il, "post_ffw_norm", hp.n_embd)]
         specs += dense_ffn_tensors(hp, il)
     return specs
+
+
+# --- forward ----------------------------------------------------------------------------------
+
+
+def embed(m, tokens):
+    return m.embed_tokens(tokens) * np.float32(math.sqrt(m.hparams.n_embd))
+
+
+def forward_layer(m, il: int, x, batch):
+    lw, eps = m.layers[il], m.hparams.rms_eps
+    h = x + rms_norm(attention(m, il, rms_norm(x, lw.attn_norm, eps), batch), lw.post_attention_norm, eps)
+    ffn_out = layers.feed_forward(m.ops, rms_norm(h, lw.ffn_norm, eps), lw.ffn_gate, lw.ffn_up, lw.ffn_down, geglu)
+    return h + rms_norm(ffn_out, lw.post_ffw_norm, eps)
+
+
+def attention(m, il: int, x, batch):
+    hp, lw = m.hparams, m.layers[il]
+    q, k, v = qkv_projections(m.ops, x, lw, hp.n_head, hp.n_head_kv[il], hp.n_embd_head_k, hp.n_embd_head_v)
+    q = rms_norm(q, lw.attn_q_norm, hp.rms_eps)
+    k = rms_norm(k, lw.attn_k_norm, hp.rms_eps)
+    if hp.swa_layers[il]:       # llama_model::get_rope_freq_base/scale for sliding layers
+        base, scaling = hp.rope_freq_base_swa, dataclasses.replace(m.rope_scaling, freq_scale=1.0)
+    else:
+        base, scaling = hp.rope_freq_base, m.rope_scaling
+    q = batch.rope(q, hp.n_rot, base, scaling, neox=True) * np.float32(hp.attention_scale)
+    k = batch.rope(k, hp.n_rot, base, scaling, neox=True)
+    out = batch.attend(il, q, k, v, kq_scale=1.0)
+    return m.ops.matmul(out, lw.attn_output)
+
+
+def output(m, x):
+    logits = m.output_logits(x)
+    cap = m.hparams.final_logit_softcapping
+    return softcap(logits, cap) if cap else logits

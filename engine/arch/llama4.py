@@ -1,18 +1,28 @@
 """llama4 (Scout/Maverick): MoE every interleave_moe_layer_step layers with a shared expert,
-top-1 sigmoid routing, chunked attention in 3 of 4 layers and no rope in every 4th."""
+top-1 sigmoid routing, chunked attention in 3 of 4 layers and no rope in every 4th.
+
+Forward (llama.cpp src/models/llama4.cpp): rope layers apply NORM rope with rope_freqs and then
+a weightless RMS norm to q and k (Llama4TextL2Norm); the other layers skip rope and scale q by
+the attention temperature. MoE layers rank experts by raw router logit, weight the chosen
+expert's input by sigmoid(logit), and add a shared SwiGLU expert.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 from gguf.constants import Keys
 
 from engine.arch.base import (AttentionKind, HyperParams, Metadata, TensorSpec, attention_tensors,
                               dense_ffn_tensors, global_tensors, norm_tensor, routed_expert_tensors,
                               shared_expert_tensors)
 from engine.arch.gemma3 import swa_layer_pattern
+from engine.layers import Routing, feed_forward, moe_feed_forward, qkv_projections, rms_norm
 
 DEFAULT_CHUNK = 8192
 DEFAULT_PATTERN = 4
+NO_ROPE_LAYER_STEP = 4      # llama_hparams::n_no_rope_layer_step
 N_EXPERT_MAVERICK = 128
 
 
@@ -24,6 +34,7 @@ class Llama4HyperParams(HyperParams):
     attn_temp_floor_scale: int = DEFAULT_CHUNK
     attn_temp_scale: float = 0.1
     use_kq_norm: bool = True
+    rope_freq_base_swa: float = 0.0     # chunked layers' rope base; 0: rope_freq_base
 
     def attention_kind(self, il: int) -> AttentionKind:
         return AttentionKind.CHUNKED if self.chunked_layers[il] else AttentionKind.FULL
@@ -33,8 +44,15 @@ class Llama4HyperParams(HyperParams):
         return self.attention_chunk
 
     def uses_rope(self, il: int) -> bool:
-        # llama.cpp ties "no rope" to the non-chunked layers of the chunked pattern
-        return self.attention_chunk == 0 or self.chunked_layers[il]
+        # llama.cpp skips rope on every 4th layer; without chunking the step becomes n_layer,
+        # which leaves only the last layer without rope
+        step = NO_ROPE_LAYER_STEP if self.attention_chunk else self.n_layer
+        return (il + 1) % step != 0
+
+    def attention_temperature(self, positions: np.ndarray) -> np.ndarray:
+        """Per-token q scale of the no-rope layers (llm_graph_input_attn_temp, offset 1)."""
+        floors = np.floor((positions + 1.0) / self.attn_temp_floor_scale)
+        return (np.log(floors + 1.0) * self.attn_temp_scale + 1.0).astype(np.float32)
 
     def is_moe_layer(self, il: int) -> bool:
         return self.n_moe_layer_step > 0 and (il + 1) % self.n_moe_layer_step == 0
@@ -50,7 +68,8 @@ def hyperparams(md) -> Llama4HyperParams:
     return Llama4HyperParams(
         **fields, n_moe_layer_step=int(m.get(Keys.LLM.INTERLEAVE_MOE_LAYER_STEP, 1)),
         attention_chunk=chunk, chunked_layers=chunked,
-        use_kq_norm=fields["n_expert"] != N_EXPERT_MAVERICK)
+        use_kq_norm=fields["n_expert"] != N_EXPERT_MAVERICK,
+        rope_freq_base_swa=float(m.get(Keys.Rope.FREQ_BASE_SWA, 0.0) or 0.0))
 
 
 def tensor_specs(hp: Llama4HyperParams, tied_output: bool = False) -> list[TensorSpec]:
@@ -64,3 +83,37 @@ def tensor_specs(hp: Llama4HyperParams, tied_output: bool = False) -> list[Tenso
         else:
             specs += dense_ffn_tensors(hp, il)
     return specs
+
+
+# --- forward ----------------------------------------------------------------------------------
+
+
+def forward_layer(m, il: int, x, batch):
+    lw, eps = m.layers[il], m.hparams.rms_eps
+    h = x + attention(m, il, rms_norm(x, lw.attn_norm, eps), batch)
+    return h + feed_forward_block(m, il, rms_norm(h, lw.ffn_norm, eps))
+
+
+def attention(m, il: int, x, batch):
+    hp, lw = m.hparams, m.layers[il]
+    q, k, v = qkv_projections(m.ops, x, lw, hp.n_head, hp.n_head_kv[il], hp.n_embd_head_k, hp.n_embd_head_v)
+    if hp.uses_rope(il):
+        base = hp.rope_freq_base_swa if hp.chunked_layers[il] and hp.rope_freq_base_swa else hp.rope_freq_base
+        rope_freqs = m.tensor("rope_freqs.weight")
+        q = batch.rope(q, hp.n_rot, base, m.rope_scaling, neox=False, freq_factors=rope_freqs)
+        k = batch.rope(k, hp.n_rot, base, m.rope_scaling, neox=False, freq_factors=rope_freqs)
+        if hp.use_kq_norm:
+            q, k = rms_norm(q, None, hp.rms_eps), rms_norm(k, None, hp.rms_eps)
+    else:
+        q = q * hp.attention_temperature(batch.positions)[:, None, None]
+    out = batch.attend(il, q, k, v, kq_scale=1.0 / math.sqrt(hp.n_embd_head_k))
+    return m.ops.matmul(out, lw.attn_output)
+
+
+def feed_forward_block(m, il: int, x):
+    hp, lw = m.hparams, m.layers[il]
+    if not hp.is_moe_layer(il):
+        return feed_forward(m.ops, x, lw.ffn_gate, lw.ffn_up, lw.ffn_down)
+    routing = Routing(hp.n_expert_used, gating="sigmoid", select_on_logits=True, weight_before_ffn=True)
+    routed = moe_feed_forward(m.ops, x, lw, routing, m.expert_counts[il])
+    return routed + feed_forward(m.ops, x, lw.ffn_gate_shexp, lw.ffn_up_shexp, lw.ffn_down_shexp)

@@ -1,8 +1,17 @@
 """qwen2, qwen3 and qwen3moe: NEOX rope; qwen2 has q/k/v biases, qwen3 per-head q/k norms,
-qwen3moe routes over experts of width expert_feed_forward_length."""
+qwen3moe routes over experts of width expert_feed_forward_length.
+
+Forward (llama.cpp src/models/qwen2.cpp, qwen3.cpp, qwen3moe.cpp): as llama, with NEOX rope,
+q/k RMSNorm per head before rope (qwen3), and softmax top-k routing with renormalised weights
+(qwen3moe).
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from engine import layers
+from engine.layers import Routing, moe_feed_forward, qkv_projections, rms_norm
 
 from engine.arch.base import (HyperParams, RopeType, TensorSpec, attention_tensors, dense_ffn_tensors,
                               global_tensors, norm_tensor, routed_expert_tensors)
@@ -28,3 +37,32 @@ def tensor_specs(hp: QwenHyperParams, tied_output: bool = False) -> list[TensorS
         specs.append(norm_tensor(il, "ffn_norm", hp.n_embd))
         specs += routed_expert_tensors(hp, il) if hp.n_expert else dense_ffn_tensors(hp, il)
     return specs
+
+
+# --- forward ----------------------------------------------------------------------------------
+
+
+def forward_layer(m, il: int, x, batch):
+    lw, eps = m.layers[il], m.hparams.rms_eps
+    h = x + attention(m, il, rms_norm(x, lw.attn_norm, eps), batch)
+    return h + feed_forward(m, il, rms_norm(h, lw.ffn_norm, eps))
+
+
+def attention(m, il: int, x, batch):
+    hp, lw = m.hparams, m.layers[il]
+    q, k, v = qkv_projections(m.ops, x, lw, hp.n_head, hp.n_head_kv[il], hp.n_embd_head_k, hp.n_embd_head_v)
+    if hp.qk_norm:
+        q = rms_norm(q, lw.attn_q_norm, hp.rms_eps)
+        k = rms_norm(k, lw.attn_k_norm, hp.rms_eps)
+    q = batch.rope(q, hp.n_rot, hp.rope_freq_base, m.rope_scaling, neox=True)
+    k = batch.rope(k, hp.n_rot, hp.rope_freq_base, m.rope_scaling, neox=True)
+    out = batch.attend(il, q, k, v, kq_scale=1.0 / math.sqrt(hp.n_embd_head_k))
+    return m.ops.matmul(out, lw.attn_output)
+
+
+def feed_forward(m, il: int, x):
+    hp, lw = m.hparams, m.layers[il]
+    if hp.n_expert:
+        routing = Routing(hp.n_expert_used, gating="softmax", norm_weights=True)
+        return moe_feed_forward(m.ops, x, lw, routing, m.expert_counts[il])
+    return layers.feed_forward(m.ops, x, lw.ffn_gate, lw.ffn_up, lw.ffn_down)

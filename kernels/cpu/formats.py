@@ -41,6 +41,14 @@ def block_shape(ggml_type: int | GGMLQuantizationType) -> tuple[int, int]:
     return GGML_QUANT_SIZES[qtype]
 
 
+def read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only view. The kernels take every input array read-only: Numba compiles one
+    specialisation per writeable flag, and this keeps it to one."""
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
 def row_bytes(ggml_type: int | GGMLQuantizationType, n_cols: int) -> int:
     """Bytes of one row of n_cols elements; ValueError if n_cols is not whole blocks."""
     block_size, type_size = block_shape(ggml_type)

@@ -1,0 +1,126 @@
+"""Starting the desktop app: QApplication, style, logging, the engine thread and the main window."""
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from importlib import resources
+from pathlib import Path
+
+from platformdirs import user_log_dir
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QColor, QFont, QPalette
+from PySide6.QtWidgets import QApplication
+
+from engine.default_model import APP_NAME
+
+log = logging.getLogger(__name__)
+
+# The dark palette behind resources/style.qss; widgets the style sheet does not reach use it too.
+PALETTE = {
+    QPalette.Window: "#1e1f23", QPalette.WindowText: "#dcdee3", QPalette.Base: "#202126",
+    QPalette.AlternateBase: "#25272c", QPalette.Text: "#dcdee3", QPalette.Button: "#2b2d33",
+    QPalette.ButtonText: "#dcdee3", QPalette.Highlight: "#3d6fd9", QPalette.HighlightedText: "#ffffff",
+    QPalette.ToolTipBase: "#2b2d33", QPalette.ToolTipText: "#dcdee3", QPalette.PlaceholderText: "#7c808a",
+    QPalette.Link: "#78a6ff", QPalette.BrightText: "#ff6b6b",
+}
+
+
+def style_sheet() -> str:
+    return resources.files("resources").joinpath("style.qss").read_text(encoding="utf-8")
+
+
+def apply_style(app: QApplication) -> None:
+    app.setStyle("Fusion")
+    palette = QPalette()
+    for role, colour in PALETTE.items():
+        palette.setColor(role, QColor(colour))
+    palette.setColor(QPalette.Disabled, QPalette.Text, QColor("#6b6f78"))
+    palette.setColor(QPalette.Disabled, QPalette.WindowText, QColor("#6b6f78"))
+    palette.setColor(QPalette.Disabled, QPalette.ButtonText, QColor("#6b6f78"))
+    app.setPalette(palette)
+    font = app.font()
+    if font.pointSizeF() < 10:
+        font.setPointSizeF(10)
+    font.setHintingPreference(QFont.PreferNoHinting)
+    app.setFont(font)
+    app.setStyleSheet(style_sheet())
+
+
+def make_application(argv: list[str] | None = None) -> QApplication:
+    """The one QApplication, styled; reused if it already exists (tests, screenshots)."""
+    app = QApplication.instance()
+    if app is None:
+        QApplication.setHighDpiScaleFactorRoundingPolicy(Qt.HighDpiScaleFactorRoundingPolicy.PassThrough)
+        app = QApplication(argv if argv is not None else sys.argv[:1])
+    app.setApplicationName(APP_NAME)
+    app.setApplicationDisplayName("Offload Studio")
+    app.setOrganizationName(APP_NAME)
+    app.setDesktopFileName(APP_NAME)
+    apply_style(app)
+    return app
+
+
+def setup_logging() -> Path | None:
+    """Warnings to stderr, everything from INFO to a log file (tracebacks of bugs end up there)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return None
+    root.setLevel(logging.INFO)
+    console = logging.StreamHandler()
+    console.setLevel(logging.WARNING)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(console)
+    try:
+        log_path = Path(user_log_dir(APP_NAME)) / "offload-studio.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_path, encoding="utf-8")
+    except OSError:
+        return None
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s"))
+    root.addHandler(file_handler)
+    return log_path
+
+
+def install_excepthook(show_error) -> None:
+    """An exception escaping a slot on the GUI thread is logged and shown; the window stays up."""
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, KeyboardInterrupt):
+            sys.__excepthook__(exc_type, exc, tb)
+            return
+        log.error("unhandled exception:\n%s", "".join(traceback.format_exception(exc_type, exc, tb)))
+        try:
+            show_error(f"Internal error: {exc_type.__name__}: {exc}")
+        except Exception:
+            pass
+    sys.excepthook = hook
+
+
+def run_app(model_path: str | None, sim_gpus: str | None) -> int:
+    """Open the main window on `model_path` (or the built-in model) and run until it closes."""
+    from app.bridge import Bridge
+    from app.main_window import MainWindow
+    from app.settings import Settings
+    from engine.devices import simulated_gpus
+    if sim_gpus:
+        try:
+            simulated_gpus(sim_gpus)
+        except ValueError as e:
+            print(f"offload-studio: error: {e}", file=sys.stderr)
+            return 2
+    setup_logging()
+    app = make_application()
+    bridge = Bridge()
+    bridge.start()
+    window = MainWindow(bridge, Settings.load())
+    install_excepthook(window.show_error)
+    window.show()
+    window.detect_devices(sim_gpus)
+    if model_path:
+        window.open_model(model_path)
+    else:
+        window.open_default_model()
+    try:
+        return app.exec()
+    finally:
+        bridge.shutdown()

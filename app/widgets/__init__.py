@@ -1,0 +1,77 @@
+"""Widgets of the main window. Each binds Qt models and forwards what the user asks for.
+
+Small shared pieces live here: the placeholder for a panel still to come, and the message bar
+that shows errors inside the window instead of in a modal box.
+"""
+from __future__ import annotations
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QToolButton, QVBoxLayout, QWidget
+
+
+class PlaceholderPanel(QWidget):
+    """Stands in for a panel that is still being built."""
+
+    def __init__(self, title: str, text: str, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setObjectName("placeholderPanel")
+        heading = QLabel(title, objectName="placeholderTitle", alignment=Qt.AlignCenter)
+        body = QLabel(text, objectName="mutedLabel", alignment=Qt.AlignCenter, wordWrap=True)
+        badge = QLabel("coming soon", objectName="badge", alignment=Qt.AlignCenter)
+        card = QWidget()
+        card.setFixedWidth(480)
+        card_layout = QVBoxLayout(card)
+        card_layout.setSpacing(10)
+        card_layout.addWidget(heading)
+        card_layout.addWidget(body)
+        card_layout.addWidget(badge, 0, Qt.AlignHCenter)
+        row = QHBoxLayout()    # stretches, not an alignment flag: aligned items lose height-for-width
+        row.addStretch(1)
+        row.addWidget(card)
+        row.addStretch(1)
+        layout = QVBoxLayout(self)
+        layout.addStretch(1)
+        layout.addLayout(row)
+        layout.addStretch(2)
+
+
+class MessageBar(QFrame):
+    """A dismissible strip at the top of the window for errors and notices; never modal."""
+
+    ERROR, WARNING, INFO = "error", "warning", "info"
+    dismissed = Signal()
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setObjectName("messageBar")
+        self.level = self.INFO
+        self.icon = QLabel(objectName="messageIcon")
+        self.label = QLabel(objectName="messageText", wordWrap=True,
+                            textInteractionFlags=Qt.TextSelectableByMouse)
+        close = QToolButton(objectName="messageClose", text="✕", autoRaise=True)
+        close.setToolTip("Dismiss")
+        close.clicked.connect(self.dismiss)
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(12, 6, 6, 6)
+        layout.addWidget(self.icon)
+        layout.addWidget(self.label, 1)
+        layout.addWidget(close, 0, Qt.AlignTop)
+        self.hide()
+
+    def show_message(self, text: str, level: str = ERROR) -> None:
+        self.level = level
+        self.setProperty("level", level)
+        self.icon.setText("i" if level == self.INFO else "!")
+        self.label.setText(text)
+        for widget in (self, self.icon):    # re-read the style sheet: it styles by the `level` property
+            widget.style().unpolish(widget)
+            widget.style().polish(widget)
+        self.show()
+
+    @property
+    def text(self) -> str:
+        return self.label.text()
+
+    def dismiss(self) -> None:
+        self.hide()
+        self.dismissed.emit()
