@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             return module.run(args) or 0
         except KeyboardInterrupt:
             return 130
+        except BrokenPipeError:         # output piped into `head` and the like
+            sys.stderr.close()
+            return 0
         except Exception as e:      # a user-facing command reports errors in one line
             message = user_error_message(e)
             if message is None:

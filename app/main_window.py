@@ -11,9 +11,9 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, Qt, Signal
+from PySide6.QtCore import QByteArray, Signal
 from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
-from PySide6.QtWidgets import (QFileDialog, QLabel, QMainWindow, QMenu, QMessageBox, QProgressBar, QTabWidget,
+from PySide6.QtWidgets import (QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar, QTabWidget,
                                QToolButton, QVBoxLayout, QWidget)
 
 from app.bridge import Bridge, JobHandle, LoadedModel
@@ -108,7 +108,8 @@ class MainWindow(QMainWindow):
         bar = self.statusBar()
         bar.setSizeGripEnabled(False)
         self.job_label = QLabel(objectName="jobLabel")
-        self.progress_bar = QProgressBar(maximumWidth=220, textVisible=False)
+        self.progress_bar = QProgressBar(textVisible=False)
+        self.progress_bar.setFixedWidth(180)
         self.progress_bar.setFixedHeight(10)
         self.cancel_button = QToolButton(text="Cancel", objectName="cancelButton")
         self.cancel_button.clicked.connect(self.cancel_tracked_job)
@@ -180,7 +181,7 @@ class MainWindow(QMainWindow):
             action = QAction(name, self, checkable=True)
             if i < 9:
                 action.setShortcut(QKeySequence(f"Ctrl+{i + 1}"))
-            action.triggered.connect(partial(self.show_panel, name))
+            action.triggered.connect(lambda *_checked, panel=name: self.show_panel(panel))
             self._view_actions.addAction(action)
             self.view_menu.addAction(action)
         self._sync_view_menu()
@@ -211,6 +212,7 @@ class MainWindow(QMainWindow):
     def _on_model_returned(self, handle: JobHandle, loaded: LoadedModel) -> None:
         if handle is not self._load_job:
             return
+        log.info("opened %s (%s) in %.2f s", loaded.path, loaded.summary(), loaded.load_s)
         self.set_loaded_model(loaded)
         self.settings.add_recent_file(loaded.path)
         self._save_settings()
@@ -248,7 +250,7 @@ class MainWindow(QMainWindow):
         self.recent_menu.clear()
         recent = self.settings.recent_files
         for path in recent:
-            action = self.recent_menu.addAction(Path(path).name, partial(self.open_model, path))
+            action = self.recent_menu.addAction(Path(path).name, lambda *_checked, p=path: self.open_model(p))
             action.setToolTip(path)
             action.setStatusTip(path)
             action.setEnabled(Path(path).exists())

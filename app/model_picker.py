@@ -111,15 +111,17 @@ def _walk_gguf_files(root: Path, cancel: threading.Event | None) -> Iterator[Pat
             entries = list(os.scandir(folder))
         except OSError:
             continue
-        for entry in sorted(entries, key=lambda e: e.name):
+        subfolders = []
+        for entry in sorted(entries, key=lambda e: e.name.lower()):
             try:
                 if entry.is_dir():
                     if depth < MAX_SCAN_DEPTH and entry.name not in SKIPPED_DIRS and not entry.name.startswith("."):
-                        stack.append((Path(entry.path), depth + 1))
+                        subfolders.append((Path(entry.path), depth + 1))
                 elif entry.name.lower().endswith(".gguf") and entry.is_file():
                     yield Path(entry.path)
             except OSError:
                 continue
+        stack.extend(reversed(subfolders))     # popped in alphabetical order
 
 
 def _model_of(location: ModelLocation, file: Path) -> FoundModel | None:
@@ -243,8 +245,11 @@ class FoundModelsModel(QAbstractTableModel):
         return 0 if parent.isValid() else len(self.HEADERS)
 
     def headerData(self, section: int, orientation: Qt.Orientation, role: int = Qt.DisplayRole):
-        if orientation == Qt.Horizontal and role == Qt.DisplayRole and 0 <= section < len(self.HEADERS):
-            return self.HEADERS[section]
+        if orientation == Qt.Horizontal and 0 <= section < len(self.HEADERS):
+            if role == Qt.DisplayRole:
+                return self.HEADERS[section]
+            if role == Qt.TextAlignmentRole and section == self.COL_SIZE:
+                return int(Qt.AlignRight | Qt.AlignVCenter)
         return None
 
     def data(self, index: QModelIndex | QPersistentModelIndex, role: int = Qt.DisplayRole):
@@ -330,7 +335,10 @@ class ModelFinderDialog(QDialog):
         self.table.verticalHeader().hide()
         self.table.setShowGrid(False)
         self.table.setWordWrap(False)
+        self.table.setTextElideMode(Qt.ElideMiddle)     # paths differ at the end
         header = self.table.horizontalHeader()
+        header.setDefaultAlignment(Qt.AlignLeft | Qt.AlignVCenter)
+        header.setHighlightSections(False)
         header.setSortIndicator(-1, Qt.AscendingOrder)
         self.table.setSortingEnabled(True)
         header.setSectionResizeMode(FoundModelsModel.COL_NAME, QHeaderView.Interactive)
@@ -355,6 +363,8 @@ class ModelFinderDialog(QDialog):
         row.addStretch(1)
         row.addWidget(buttons)
         layout = QVBoxLayout(self)
+        layout.setContentsMargins(14, 14, 14, 12)
+        layout.setSpacing(8)
         layout.addWidget(self.search)
         layout.addWidget(self.table, 1)
         layout.addWidget(self.status)

@@ -88,6 +88,8 @@ class Settings:
         self.state_path = state_path
         self.user = _read_dataclass(UserSettings, settings_path)
         self.state = _read_dataclass(AppState, state_path)
+        self.state.recent_files = [p for p in self.state.recent_files if isinstance(p, str)]
+        self.user.model_folders = [f for f in self.user.model_folders if isinstance(f, str)]
 
     @classmethod
     def load(cls) -> Settings:

@@ -85,7 +85,7 @@ class Model:
             else:
                 self.globals[name] = tensor
         self.rope_scaling = RopeScaling.from_metadata(self.metadata, self.hparams)
-        self.expert_counts = np.zeros((self.hparams.n_layer, max(self.hparams.n_expert, 1)), dtype=np.int64)
+        self.expert_counts = np.zeros((self.hparams.n_layer, self.hparams.n_expert), dtype=np.int64)   # router selections
 
     @classmethod
     def load(cls, source: ModelFile | str | os.PathLike, run_config: RunConfig | None = None, backend=None) -> Model:
@@ -148,9 +148,9 @@ class Model:
         tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
         if len(tokens) == 0:
             raise ValueError("no tokens to evaluate")
-        if tokens.min() < 0 or tokens.max() >= self.hparams.n_vocab:
-            raise ValueError(f"token id {int(tokens.max() if tokens.max() >= 0 else tokens.min())} is outside "
-                             f"the vocabulary of {self.hparams.n_vocab}")
+        bad = tokens[(tokens < 0) | (tokens >= self.hparams.n_vocab)]
+        if len(bad):
+            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary of {self.hparams.n_vocab}")
         if cache is None:
             cache = self.new_cache(len(tokens) if positions is None else int(np.max(positions)) + 1)
         positions = (cache.n_past + np.arange(len(tokens))) if positions is None else np.asarray(positions)
@@ -158,13 +158,13 @@ class Model:
         if len(positions) != len(tokens):
             raise ValueError(f"{len(tokens)} tokens but {len(positions)} positions")
         cache.check_positions(positions)
+        self.ops.set_threads(self.run_config.n_threads)
         step = cache.n_ubatch
         chunks = []
         for start in range(0, len(tokens), step):
             end = min(len(tokens), start + step)
-            keep_rows = last_only and end < len(tokens)
-            logits = self._eval_ubatch(tokens[start:end], positions[start:end], cache, skip_output=keep_rows,
-                                       last_only=last_only)
+            logits = self._eval_ubatch(tokens[start:end], positions[start:end], cache,
+                                       skip_output=last_only and end < len(tokens), last_only=last_only)
             if logits is not None:
                 chunks.append(logits)
             if progress is not None:

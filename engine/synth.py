@@ -63,7 +63,7 @@ def _kept(spec, arch: str) -> bool:
     return any(spec.name == k or spec.name.endswith("." + k) for k in kept)
 
 
-def plan_tensors(metadata: Mapping[str, Any], quant: str = "Q4_K_M") -> tuple[HyperParams, list[SynthTensor]]:
+def plan_tensors(metadata: Mapping[str, Any], quant: str | int = "Q4_K_M") -> tuple[HyperParams, list[SynthTensor]]:
     """The hyperparameters and the tensors (names, shapes, llama.cpp mix types, bytes) of a model."""
     hp = arch_registry.family(str(metadata.get(Keys.General.ARCHITECTURE))).hyperparams(metadata)
     specs = [s for s in arch_registry.family(hp.arch).tensor_specs(hp) if _kept(s, hp.arch)]
@@ -106,7 +106,7 @@ def _k_scales(offset: int) -> Callable[[np.ndarray, np.random.Generator], None]:
     def fill(blocks: np.ndarray, rng: np.random.Generator) -> None:
         sc = rng.integers(32, 64, size=(len(blocks), 8), dtype=np.uint8)
         lo, hi = sc[:, :4], sc[:, 4:]
-        packed = (lo | ((hi >> 4) << 6))
+        packed = lo | ((hi >> 4) << 6)
         blocks[:, offset:offset + 4] = packed
         blocks[:, offset + 4:offset + 8] = packed
         blocks[:, offset + 8:offset + 12] = (hi & 15) | ((hi & 15) << 4)
@@ -114,6 +114,7 @@ def _k_scales(offset: int) -> Callable[[np.ndarray, np.random.Generator], None]:
 
 
 def _q6_k_scales(blocks: np.ndarray, rng: np.random.Generator) -> None:
+    # 16 int8 sub-scales; a random sign cancels the -0.5 offset of the levels q - 32
     n = len(blocks)
     signed = rng.integers(32, 128, size=(n, 16)) * rng.choice(np.array([-1, 1]), size=(n, 16))
     blocks[:, 192:208] = signed.astype(np.int8).view(np.uint8)
@@ -127,7 +128,8 @@ class _BlockLayout:
     sub_scales: Callable[[np.ndarray, np.random.Generator], None] | None = None
 
 
-# Types whose remaining bytes may be anything: random quants and sub-scales are symmetric.
+# d-first types whose other bytes may be anything: random quants and sub-scales are symmetric
+# (the grid-indexed IQ types decode any index)
 _D_FIRST = (T.Q8_0, T.Q4_0, T.Q5_0, T.IQ4_NL, T.IQ4_XS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S,
             T.IQ3_XXS, T.IQ3_S, T.IQ1_S)
 BLOCK_LAYOUTS: dict[T, _BlockLayout] = {
@@ -229,7 +231,7 @@ def float_values(name: str, shape: Sequence[int], hp: HyperParams, rng: np.rando
         centre = 2.0 if hp.arch == "gemma3" and base.startswith("post_") else 1.0
         return rng.uniform(0.9 * centre, 1.1 * centre, size=shape).astype(np.float32)
     if len(shape) == 1:
-        return (rng.standard_normal(size=shape, dtype=np.float32) * np.float32(0.1))
+        return rng.standard_normal(size=shape, dtype=np.float32) * np.float32(0.1)
     return rng.standard_normal(size=shape, dtype=np.float32) * np.float32(weight_std(name, shape, hp))
 
 

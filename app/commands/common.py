@@ -14,7 +14,8 @@ def open_inventory(path: str) -> tuple[ModelFile, Inventory]:
     return mf, Inventory.from_model_file(mf)
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], out=sys.stdout) -> None:
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], out=None) -> None:
+    out = out or sys.stdout
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for n, row in enumerate(cells):

@@ -111,8 +111,8 @@ class MetadataModel(QAbstractTableModel):
             if role == SortRole and isinstance(value, (int, float)) and not isinstance(value, bool):
                 return value
             return format_value(value)
-        if role == Qt.ToolTipRole and column == self.COL_VALUE:
-            return self._tooltip(value)
+        if role == Qt.ToolTipRole:
+            return self._tooltip(value) if column == self.COL_VALUE else key
         if role == Qt.FontRole and column == self.COL_KEY:
             return QFontDatabase.systemFont(QFontDatabase.FixedFont)
         return None
@@ -123,6 +123,9 @@ class MetadataModel(QAbstractTableModel):
         else:
             text = value if isinstance(value, str) else format_scalar(value)
         return text if len(text) <= MAX_TOOLTIP_CHARS else text[:MAX_TOOLTIP_CHARS] + "\n…"
+
+    def display_text(self, row: int, column: int) -> str:
+        return str(self.data(self.index(row, column)))
 
     def key_at(self, row: int) -> str:
         return self._rows[row][0]
@@ -141,18 +144,43 @@ class TensorTableModel(QAbstractTableModel):
     COL_NAME, COL_TYPE, COL_SHAPE, COL_BYTES, COL_DEVICE = range(5)
     HEADERS = ("Name", "Type", "Shape", "Bytes", "Device")
 
+    sorts_itself = True     # SearchFilterProxy hands sorting to `sort` below: one C-level sorted() call
+
     def __init__(self, inventory: Inventory | None = None, device_of: Callable[[str], str] | None = None,
                  parent: QObject | None = None):
         super().__init__(parent)
-        self._tensors: list[InventoryTensor] = list(inventory.tensors) if inventory else []
-        self._row_of = {t.name: row for row, t in enumerate(self._tensors)}
         self._device_of = device_of
+        self._sort_column, self._sort_order = -1, Qt.AscendingOrder
+        self._set_tensors(list(inventory.tensors) if inventory else [])
+
+    def _set_tensors(self, tensors: list[InventoryTensor]) -> None:
+        self._file_order = tensors
+        self._tensors = self._sorted(self._sort_column, self._sort_order)
+        self._row_of = {t.name: row for row, t in enumerate(self._tensors)}
+
+    def _sorted(self, column: int, order: Qt.SortOrder) -> list[InventoryTensor]:
+        if not 0 <= column < len(self.HEADERS):
+            return list(self._file_order)
+        return sorted(self._file_order, key=lambda t: self._sort_key(t, column), reverse=order == Qt.DescendingOrder)
 
     def set_inventory(self, inventory: Inventory | None) -> None:
         self.beginResetModel()
-        self._tensors = list(inventory.tensors) if inventory else []
-        self._row_of = {t.name: row for row, t in enumerate(self._tensors)}
+        self._set_tensors(list(inventory.tensors) if inventory else [])
         self.endResetModel()
+
+    def sort(self, column: int, order: Qt.SortOrder = Qt.AscendingOrder) -> None:
+        """Reorder rows by a column's SortRole (kept for the next inventory); column -1 restores file
+        order. Persistent indexes (selections) follow their tensors."""
+        self.layoutAboutToBeChanged.emit()
+        self._sort_column, self._sort_order = column, order
+        tensors = self._sorted(column, order)
+        old_tensors = self._tensors
+        self._tensors = tensors
+        self._row_of = {t.name: row for row, t in enumerate(tensors)}
+        persistent = self.persistentIndexList()
+        self.changePersistentIndexList(persistent, [
+            self.index(self._row_of[old_tensors[i.row()].name], i.column()) for i in persistent])
+        self.layoutChanged.emit()
 
     def set_device_of(self, device_of: Callable[[str], str] | None) -> None:
         self._device_of = device_of
@@ -204,6 +232,10 @@ class TensorTableModel(QAbstractTableModel):
         if role == Qt.FontRole and column == self.COL_NAME:
             return QFontDatabase.systemFont(QFontDatabase.FixedFont)
         return None
+
+    def display_text(self, row: int, column: int) -> str:
+        """DisplayRole without building a QModelIndex: what the search proxy reads per row."""
+        return self._display(self._tensors[row], column)
 
     def device_of(self, name: str) -> str:
         return self._device_of(name) if self._device_of else "CPU"
@@ -262,7 +294,11 @@ def _runs(rows: Iterable[int]) -> list[tuple[int, int]]:
 
 class SearchFilterProxy(QSortFilterProxyModel):
     """Keeps rows where any of `columns` matches the search: a case-insensitive regex (searched, like
-    llama.cpp's `-ot` patterns), or the literal text when it is not a valid regex."""
+    llama.cpp's `-ot` patterns), or the literal text when it is not a valid regex.
+
+    A source model with `sorts_itself` does its own sorting (one `sorted()` instead of a Python
+    comparison per pair of rows); this proxy then keeps the source's order and only filters.
+    """
 
     def __init__(self, columns: Iterable[int], parent: QObject | None = None):
         super().__init__(parent)
@@ -290,9 +326,19 @@ class SearchFilterProxy(QSortFilterProxyModel):
             self.invalidateRowsFilter()
         return valid
 
+    def sort(self, column: int, order: Qt.SortOrder = Qt.AscendingOrder) -> None:
+        source = self.sourceModel()
+        if getattr(source, "sorts_itself", False):
+            source.sort(column, order)
+        else:
+            super().sort(column, order)
+
     def filterAcceptsRow(self, source_row: int, source_parent: Index) -> bool:
         if self._pattern is None:
             return True
         model = self.sourceModel()
-        return any(self._pattern.search(str(model.data(model.index(source_row, column, source_parent)) or ""))
-                   for column in self._columns)
+        text_of = getattr(model, "display_text", None)
+        if text_of is None:
+            return any(self._pattern.search(str(model.data(model.index(source_row, column, source_parent)) or ""))
+                       for column in self._columns)
+        return any(self._pattern.search(text_of(source_row, column)) for column in self._columns)

@@ -67,6 +67,13 @@ class CpuBackend:
 
     name = "cpu"
 
+    @staticmethod
+    def set_threads(n_threads: int) -> None:
+        """Threads the Numba kernels use when called from this thread (-t); 0 leaves the default."""
+        if n_threads > 0:
+            import numba
+            numba.set_num_threads(min(n_threads, numba.config.NUMBA_NUM_THREADS))
+
     # --- ops that read weights --------------------------------------------------------------
 
     def matmul(self, x: np.ndarray, w: Weight) -> np.ndarray:
@@ -75,9 +82,11 @@ class CpuBackend:
         y = matmul_bytes(x.reshape(-1, w.n_cols), w.data, w.ggml_type, w.n_cols)
         return y.reshape(*lead, w.n_rows)
 
-    def expert_matmul(self, x: np.ndarray, w: Weight, expert: int) -> np.ndarray:
-        """x (n_tokens, n_cols) @ W[expert].T: reads only that expert's bytes."""
-        return matmul_bytes(x, w.data[expert], w.ggml_type, w.n_cols)
+    def expert_matmul(self, x: np.ndarray, w: Weight, expert: int, rows: slice | None = None) -> np.ndarray:
+        """x (n_tokens, n_cols) @ W[expert][rows].T: reads only that expert's bytes (only those
+        rows, when a range is given)."""
+        data = w.data[expert] if rows is None else w.data[expert, rows]
+        return matmul_bytes(x, data, w.ggml_type, w.n_cols)
 
     def head_matmul(self, x: np.ndarray, w: Weight) -> np.ndarray:
         """x (n_tokens, n_head, n_cols) with W (n_head, n_rows, n_cols) -> (n_tokens, n_head, n_rows),
@@ -94,7 +103,8 @@ class CpuBackend:
         return out
 
     def embedding(self, w: Weight, ids: np.ndarray) -> np.ndarray:
-        return dequantize_rows(w.data, w.ggml_type, w.n_cols, np.asarray(ids, dtype=np.int64))
+        # gather the few rows' bytes first: the decoder then never looks at the whole table
+        return dequantize_rows(w.data[np.asarray(ids, dtype=np.int64)], w.ggml_type, w.n_cols)
 
     def dequantize(self, w: Weight) -> np.ndarray:
         """The whole tensor as float32, numpy-order shape: only for small tensors (norms, biases)."""

@@ -18,8 +18,6 @@ from kernels.cpu.tile_matmul import tile_matmul
 
 LANES = 32  # see decode_basic: the inner-loop width, handed to the kernels at run time
 DEQUANTIZE_ROWS_PER_CHUNK = 16
-
-
 _NO_ACTIVATIONS = read_only(np.zeros((0, 0), dtype=np.float32))
 
 _F32, _F16, _BF16 = int(QType.F32), int(QType.F16), int(QType.BF16)
@@ -121,11 +119,16 @@ def dequantize_rows(
     qtype = as_ggml_type(ggml_type)
     w = checked_weight(w_bytes, qtype, n_cols)
     n_rows = w.shape[0]
-    row_ids = np.arange(n_rows, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64).ravel()
+    if rows is None:
+        row_ids = np.arange(n_rows, dtype=np.int64)
+    else:
+        row_ids = np.asarray(rows, dtype=np.int64).ravel()
     if row_ids.size and (row_ids.min() < 0 or row_ids.max() >= n_rows):
         raise IndexError(f"row index out of range for a weight of {n_rows} rows")
     if qtype not in FAST_TYPES:
         return gguf_dequantize(w[row_ids], qtype).reshape(row_ids.size, n_cols)
     out = np.empty((row_ids.size, n_cols), dtype=np.float32)
-    row_kernel(_NO_ACTIVATIONS, w, read_only(row_ids), True, int(qtype), n_cols, LANES, DEQUANTIZE_ROWS_PER_CHUNK, out, 0)
+    row_kernel(
+        _NO_ACTIVATIONS, w, read_only(row_ids), True, int(qtype), n_cols, LANES, DEQUANTIZE_ROWS_PER_CHUNK, out, 0
+    )
     return out

@@ -93,8 +93,8 @@ def decode_q5_0(w, r, n_cols, lanes, out, o):
             q = np.int64(w[r, offset + 6 + j])
             low = (q & 15) | (((qh >> j) & 1) << 4)
             high = (q >> 4) | (((qh >> (j + 16)) & 1) << 4)
-            out[o, base + j] = d * np.float32(low - 16)
-            out[o, base + half + j] = d * np.float32(high - 16)
+            out[o, base + j] = d * np.float32(np.int8(low - 16))
+            out[o, base + half + j] = d * np.float32(np.int8(high - 16))
 
 
 # Q5_1 block, 24 bytes: d f16 | m f16 | qh u32 | qs[16]; value = d * q + m.
@@ -112,8 +112,8 @@ def decode_q5_1(w, r, n_cols, lanes, out, o):
             q = np.int64(w[r, offset + 8 + j])
             low = (q & 15) | (((qh >> j) & 1) << 4)
             high = (q >> 4) | (((qh >> (j + 16)) & 1) << 4)
-            out[o, base + j] = d * np.float32(low) + m
-            out[o, base + half + j] = d * np.float32(high) + m
+            out[o, base + j] = d * np.float32(np.uint8(low)) + m
+            out[o, base + half + j] = d * np.float32(np.uint8(high)) + m
 
 
 # Q8_0 block, 34 bytes: d f16 | qs int8[32]; value = q * d.

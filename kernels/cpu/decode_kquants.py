@@ -3,6 +3,10 @@
 Same contract as `kernels.cpu.decode_basic` (signature ``(w, r, n_cols, lanes, out, o)``,
 bit-exact with `gguf.quants.dequantize`, `lanes` always 32 but unknown to the compiler).
 Element indices below are within one 256-element super-block.
+
+Numba widens integer arithmetic to 64 bits; where a decoder narrows a value to np.int8 or
+np.uint8 just before converting it to float32, that lets LLVM vectorise the loop in narrow
+lanes (several times faster), and it changes no value.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def decode_q2_k(w, r, n_cols, lanes, out, o):
                     e = base + part * half_lanes
                     for l in range(half_lanes):
                         q = (np.int32(w[r, q_offset + l]) >> (2 * shift)) & 3
-                        out[o, e + l] = dl * np.float32(q) - ml
+                        out[o, e + l] = dl * np.float32(np.uint8(q)) - ml
 
 
 @njit(cache=True, nogil=True)
@@ -71,7 +75,7 @@ def decode_q3_k(w, r, n_cols, lanes, out, o):
                     for l in range(half_lanes):
                         low = (np.int32(w[r, q_offset + l]) >> (2 * shift)) & 3
                         high = (np.int32(w[r, h_offset + l]) >> high_bit) & 1
-                        out[o, e + l] = dl * np.float32(low - 4 + 4 * high)
+                        out[o, e + l] = dl * np.float32(np.int8(low - 4 + 4 * high))
 
 
 @njit(cache=True, nogil=True)
@@ -131,7 +135,7 @@ def decode_q5_k(w, r, n_cols, lanes, out, o):
             for l in range(lanes):
                 low = (np.int32(w[r, q_offset + l]) >> nibble_shift) & 15
                 high = (np.int32(w[r, offset + 16 + l]) >> j) & 1
-                out[o, e + l] = dl * np.float32(low | (high << 4)) - ml
+                out[o, e + l] = dl * np.float32(np.uint8(low | (high << 4))) - ml
 
 
 # Q6_K, 210 bytes: ql[128] | qh[64] | scales int8[16] | d f16.

@@ -1,9 +1,10 @@
 """ggml block formats: row sizes, and exact scalar conversions shared by the CPU kernels.
 
 Block sizes come from `gguf.constants.GGML_QUANT_SIZES` (elements per block, bytes per block).
-The half-precision conversions here are written with integer bit operations so that Numba can
-vectorise them; they are bit-exact with NumPy's float16 <-> float32 casts (round to nearest even)
-for every non-NaN value.
+The half-precision conversions here are written with bit operations so that Numba can vectorise
+them. They are bit-exact with NumPy's casts: float16 -> float32 for all 65536 halves, and
+float32 -> float16/bfloat16 (round to nearest even) for every non-NaN value; a NaN becomes a
+quiet NaN, as in ggml.
 """
 
 from __future__ import annotations
@@ -63,28 +64,27 @@ def row_bytes(ggml_type: int | GGMLQuantizationType, n_cols: int) -> int:
 # ---- half precision, as bits -------------------------------------------------------------
 #
 # float16: s eeeee mmmmmmmmmm        float32: s eeeeeeee mmmmmmmmmmmmmmmmmmmmmmm
-# A normal half maps to exponent e + (127 - 15) with the mantissa shifted up 13 bits; a
-# subnormal half is m * 2**-24, exact in float32.
+#
+# Half to float: put the half's exponent and mantissa at the bottom of float32's (shift by 13)
+# and multiply by 2**112, which moves the exponent bias from 15 to 127. The product is exact,
+# subnormal halves included (they enter as float32 subnormals). Infinities and NaNs keep an
+# all-ones exponent instead. Branch-free, so loops of it vectorise.
 
-_HALF_SUBNORMAL_UNIT = np.float32(2.0**-24)
+_HALF_EXPONENT_REBIAS = np.float32(2.0**112)
 _HALF_ROUNDING_MAGIC = np.float32(0.5)  # bits 0x3F000000; adding it leaves a subnormal half's
                                          # bits, rounded to even, at the bottom of the mantissa
 
 
 @njit(cache=True, nogil=True)
 def f16_bits_to_f32(h):
-    """float32 value of the float16 with bit pattern h (0..65535)."""
+    """float32 value of the float16 with bit pattern h (0..65535); NaN payloads are kept."""
     h = np.uint32(h)
+    shifted = np.uint32((h & np.uint32(0x7FFF)) << np.uint32(13))
+    magnitude = np.uint32(shifted).view(np.float32) * _HALF_EXPONENT_REBIAS
+    if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):
+        magnitude = np.uint32(shifted | np.uint32(0x7F800000)).view(np.float32)
     sign = (h & np.uint32(0x8000)) << np.uint32(16)
-    exponent = (h >> np.uint32(10)) & np.uint32(0x1F)
-    mantissa = h & np.uint32(0x3FF)
-    if exponent == 0:
-        bits = np.float32(np.float32(mantissa) * _HALF_SUBNORMAL_UNIT).view(np.uint32) | sign
-    elif exponent == 0x1F:
-        bits = sign | np.uint32(0x7F800000) | (mantissa << np.uint32(13))
-    else:
-        bits = sign | ((exponent + np.uint32(112)) << np.uint32(23)) | (mantissa << np.uint32(13))
-    return np.uint32(bits).view(np.float32)
+    return np.uint32(np.float32(magnitude).view(np.uint32) | sign).view(np.float32)
 
 
 @njit(cache=True, nogil=True)

@@ -42,8 +42,10 @@ def _first_row_ids(n_rows: int) -> np.ndarray:
 
 
 def _run_row_kernel(x: np.ndarray, w: np.ndarray, type_code: int, n_cols: int, out: np.ndarray, col0: int) -> None:
+    """out[:, col0:col0 + n_rows] = x @ W.T for a weight of a FAST_TYPES type."""
     row_ids = _first_row_ids(w.shape[0])
-    row_kernel(read_only(x), w, row_ids, False, type_code, n_cols, LANES, rows_per_chunk(n_cols), out, col0)
+    chunk = rows_per_chunk(n_cols)
+    row_kernel(read_only(x), w, row_ids, False, type_code, n_cols, LANES, chunk, out, col0)
 
 
 def _checked_activations(x: np.ndarray, n_cols: int) -> np.ndarray:
@@ -53,14 +55,11 @@ def _checked_activations(x: np.ndarray, n_cols: int) -> np.ndarray:
     return x
 
 
-def _checked_out(out: np.ndarray | None, n_tokens: int, n_rows: int) -> np.ndarray:
+def _checked_out(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
     if out is None:
-        return np.empty((n_tokens, n_rows), dtype=np.float32)
-    if out.dtype != np.float32 or out.shape != (n_tokens, n_rows) or not out.flags.c_contiguous:
-        raise ValueError(
-            f"out must be a C-ordered float32 array of shape {(n_tokens, n_rows)}, "
-            f"not {out.dtype} {out.shape}"
-        )
+        return np.empty(shape, dtype=np.float32)
+    if out.dtype != np.float32 or out.shape != shape or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-ordered float32 array of shape {shape}, not {out.dtype} {out.shape}")
     return out
 
 
@@ -84,12 +83,13 @@ def matmul(
     single_token = x_in.ndim == 1
     x2 = _checked_activations(x_in.reshape(1, -1) if single_token else x_in, n_cols)
     n_rows = w.shape[0]
-    out2 = _checked_out(None if out is None else out.reshape(1, -1) if single_token else out, x2.shape[0], n_rows)
+    out_checked = _checked_out(out, (n_rows,) if single_token else (x2.shape[0], n_rows))
+    out2 = out_checked.reshape(1, -1) if single_token else out_checked
     if qtype in FAST_TYPES:
         _run_row_kernel(x2, w, int(qtype), n_cols, out2, 0)
     else:
         _matmul_slow_type(x2, w, qtype, n_cols, out2)
-    return out2[0] if single_token else out2
+    return out_checked
 
 
 def _matmul_slow_type(x: np.ndarray, w: np.ndarray, qtype: QType, n_cols: int, out: np.ndarray) -> None:

@@ -21,7 +21,9 @@ from numba import njit, prange
 from kernels.cpu.decode_basic import IQ4_NL_VALUES
 from kernels.cpu.formats import as_ggml_type, f32_to_bf16_bits, f32_to_f16_bits, read_only, row_bytes
 
-QUANTIZE_TYPES = frozenset(QType[n] for n in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL"))
+QUANTIZE_TYPES = frozenset(
+    QType[name] for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL")
+)
 
 _F32, _F16, _BF16 = int(QType.F32), int(QType.F16), int(QType.BF16)
 _Q8_0, _Q4_0, _Q4_1, _Q5_0, _Q5_1 = (int(QType[n]) for n in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"))
@@ -124,7 +126,8 @@ def _quantize_q4_1(x, dst, n_blocks):
 def _write_q5_bits(dst, offset, j, q0, q1, high_bits):
     """Low nibbles of elements j and j+16 into qs[j]; their fifth bits into high_bits."""
     dst[offset + j] = np.uint8((q0 & 15) | ((q1 & 15) << 4))
-    return high_bits | (np.uint32(q0 >> 4) << np.uint32(j)) | (np.uint32(q1 >> 4) << np.uint32(j + 16))
+    fifth_bits = (np.uint32(q0 >> 4) << np.uint32(j)) | (np.uint32(q1 >> 4) << np.uint32(j + 16))
+    return high_bits | fifth_bits
 
 
 @njit(cache=True, nogil=True)

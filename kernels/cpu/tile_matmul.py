@@ -1,10 +1,10 @@
 """Register-blocked float32 products of activations with a tile of decoded weight rows.
 
-`tile_matmul(x, tile, n_tile_rows, out, col0)` adds nothing and overwrites
-out[:, col0:col0 + n_tile_rows] with x @ tile[:n_tile_rows].T. The inner products run 4 tokens
-by 4 rows at a time, so every weight value loaded serves 4 tokens and every activation value
-4 rows. Accumulation is float32; fastmath lets LLVM vectorise the sums (in any order) and fuse
-multiply-adds, which only reorders the rounding of the sum, never the weight values.
+`tile_matmul(x, tile, n_tile_rows, out, col0)` writes x @ tile[:n_tile_rows].T into
+out[:, col0:col0 + n_tile_rows]. The inner products run 4 tokens by 4 rows at a time, so every
+weight value loaded serves 4 tokens and every activation value 4 rows. Accumulation is
+float32; fastmath lets LLVM vectorise the sums (reassociating them) and fuse multiply-adds,
+which changes only the rounding of the sums, never the weight values.
 """
 
 from __future__ import annotations
@@ -13,6 +13,14 @@ import numpy as np
 from numba import njit
 
 SUM_FASTMATH = {"reassoc", "contract", "nsz"}
+
+
+@njit(cache=True, nogil=True)
+def _store_4(out, t, col, a0, a1, a2, a3):
+    out[t, col] = a0
+    out[t, col + 1] = a1
+    out[t, col + 2] = a2
+    out[t, col + 3] = a3
 
 
 @njit(cache=True, nogil=True, fastmath=SUM_FASTMATH)
@@ -40,10 +48,10 @@ def _dot_4x4(x, t, tile, i, n_cols, out, col):
         a31 += x3 * w1
         a32 += x3 * w2
         a33 += x3 * w3
-    out[t, col], out[t, col + 1], out[t, col + 2], out[t, col + 3] = a00, a01, a02, a03
-    out[t + 1, col], out[t + 1, col + 1], out[t + 1, col + 2], out[t + 1, col + 3] = a10, a11, a12, a13
-    out[t + 2, col], out[t + 2, col + 1], out[t + 2, col + 2], out[t + 2, col + 3] = a20, a21, a22, a23
-    out[t + 3, col], out[t + 3, col + 1], out[t + 3, col + 2], out[t + 3, col + 3] = a30, a31, a32, a33
+    _store_4(out, t, col, a00, a01, a02, a03)
+    _store_4(out, t + 1, col, a10, a11, a12, a13)
+    _store_4(out, t + 2, col, a20, a21, a22, a23)
+    _store_4(out, t + 3, col, a30, a31, a32, a33)
 
 
 @njit(cache=True, nogil=True, fastmath=SUM_FASTMATH)
@@ -55,7 +63,7 @@ def _dot_1x4(x, t, tile, i, n_cols, out, col):
         a1 += xk * tile[i + 1, k]
         a2 += xk * tile[i + 2, k]
         a3 += xk * tile[i + 3, k]
-    out[t, col], out[t, col + 1], out[t, col + 2], out[t, col + 3] = a0, a1, a2, a3
+    _store_4(out, t, col, a0, a1, a2, a3)
 
 
 @njit(cache=True, nogil=True, fastmath=SUM_FASTMATH)

@@ -188,3 +188,37 @@ def test_shutdown_stops_a_running_job(qtbot):
     assert not bridge.thread.isRunning()
     qtbot.waitUntil(lambda: handle.done, timeout=TIMEOUT_MS)
     assert recorder.kinds()[-2:] == ["cancelled", "finished"]
+
+
+@pytest.mark.slow      # compiles the CPU kernels when Numba's cache is cold (about a minute, once)
+def test_cancel_in_mid_generation_on_a_tiny_model(qtbot, bridge, moe_path, fixtures_dir):
+    import numpy as np
+
+    from engine.model import Model
+    prompt = np.load(fixtures_dir / "llama-moe" / "tokens.npy")[:8]
+    max_tokens = 40
+
+    def greedy(ctx):
+        model = Model.load(moe_path)
+        cache = model.new_cache(64)
+        logits = model.eval_logits(prompt, cache, last_only=True)
+        for _ in range(max_tokens):
+            token = int(logits[-1].argmax())
+            yield token
+            logits = model.eval_logits(np.array([token]), cache, last_only=True)
+
+    handle = bridge.submit(greedy)
+    recorder = Recorder(handle)
+    qtbot.waitUntil(lambda: len(recorder.of("yielded")) >= 2, timeout=180_000)
+    with qtbot.waitSignal(handle.cancelled, timeout=TIMEOUT_MS):
+        handle.cancel()
+    qtbot.waitUntil(lambda: handle.done, timeout=TIMEOUT_MS)
+    tokens = [e[1] for e in recorder.of("yielded")]
+    assert 2 <= len(tokens) < max_tokens
+    assert recorder.kinds()[-2:] == ["cancelled", "finished"]
+
+    reference = Model.load(moe_path)        # the same steps on this thread give the same tokens
+    cache = reference.new_cache(64)
+    first = int(reference.eval_logits(prompt, cache, last_only=True)[-1].argmax())
+    second = int(reference.eval_logits(np.array([first]), cache, last_only=True)[-1].argmax())
+    assert tokens[:2] == [first, second]

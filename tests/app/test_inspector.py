@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QPersistentModelIndex, Qt
 
 from app.models import BytesRole, DeviceRole, SortRole, TensorRole
 from app.models.inspector import (MetadataModel, SearchFilterProxy, TensorTableModel, format_value, natural_key,
@@ -173,6 +173,26 @@ def test_bytes_sort_numerically(tensor_proxy, loaded_moe):
     assert shown == sorted((t.n_bytes for t in loaded_moe.inventory.tensors), reverse=True)
     assert shown[0] == 215040       # blk.1.ffn_down_exps (Q6_K)
     assert tensor_proxy.index(0, 0).data() == "blk.1.ffn_down_exps.weight"
+
+
+def test_sorting_the_view_sorts_the_source_once_and_keeps_selections(qtbot, loaded_moe):
+    panel = InspectorPanel()
+    qtbot.addWidget(panel)
+    panel.set_model(loaded_moe)
+    source = panel.tensor_model
+    selected = QPersistentModelIndex(source.index(source.row_of(EXPERT_TENSOR), TensorTableModel.COL_NAME))
+    with qtbot.waitSignal(source.layoutChanged):
+        panel.tensor_view.sortByColumn(TensorTableModel.COL_BYTES, Qt.DescendingOrder)
+    assert panel.tensor_proxy.index(0, TensorTableModel.COL_NAME).data() == "blk.1.ffn_down_exps.weight"
+    assert selected.data() == EXPERT_TENSOR and selected.row() == source.row_of(EXPERT_TENSOR)
+    panel.tensor_view.sortByColumn(TensorTableModel.COL_NAME, Qt.AscendingOrder)
+    names = [panel.tensor_proxy.index(r, 0).data() for r in range(panel.tensor_proxy.rowCount())]
+    assert names[:3] == ["blk.0.attn_k.weight", "blk.0.attn_norm.weight", "blk.0.attn_output.weight"]
+    assert names[-1] == "token_embd.weight"
+    panel.set_model(loaded_moe)         # a new model keeps the chosen order
+    assert panel.tensor_proxy.index(0, 0).data() == "blk.0.attn_k.weight"
+    source.sort(-1)
+    assert source.index(0, 0).data() == loaded_moe.inventory.tensors[0].name
 
 
 # --- the panel --------------------------------------------------------------------------------

@@ -143,6 +143,15 @@ def test_matmul_on_quantized_bytes(qtype, monkeypatch):
     np.testing.assert_array_equal(cpu_backend.CpuBackend().embedding(weight, [4, 1]), exact[[4, 1]])
 
 
+def test_expert_matmul_reads_one_expert_or_a_row_range_of_it():
+    w = random(3, 8, 32)
+    weight = Weight("w", w.view(np.uint8).reshape(3, 8, 128), int(GGMLQuantizationType.F32), (3, 8, 32))
+    x = random(2, 32)
+    backend = cpu_backend.CpuBackend()
+    np.testing.assert_allclose(backend.expert_matmul(x, weight, 1), x @ w[1].T, rtol=1e-5)
+    np.testing.assert_allclose(backend.expert_matmul(x, weight, 2, slice(2, 5)), x @ w[2, 2:5].T, rtol=1e-5)
+
+
 def test_head_matmul_uses_each_heads_matrix():
     w = random(3, 4, 32)
     weight = Weight("w", w.view(np.uint8).reshape(3, 4, 128), int(GGMLQuantizationType.F32), (3, 4, 32))
@@ -280,3 +289,14 @@ def test_real_gemma_decodes(gemma_path):
     prompt = model.eval_logits(toks, cache, last_only=True)
     step = model.eval_logits([int(prompt.argmax())], cache)
     assert prompt.shape == step.shape == (1, model.hparams.n_vocab) and np.isfinite(step).all()
+
+
+def test_threads_follow_the_run_config(fixtures_dir):
+    import numba
+    before = numba.get_num_threads()
+    model = Model.load(fixtures_dir / "llama-dense" / "Q8_0.gguf", F32_CACHE.replace(n_threads=1))
+    try:
+        model.eval_logits([1, 2, 3])
+        assert numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(before)

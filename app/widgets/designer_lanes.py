@@ -1,0 +1,249 @@
+"""Device lanes: one card per device with a stacked memory bar, and the drop target for moves.
+
+A lane paints one row of a `DeviceLaneModel`: weights, KV cache, compute buffers and overhead
+stacked against a line at capacity, red past it, and the numbers in text. Dropping tensor refs
+(`MIME_TYPE`) on a lane asks for them to move there; while a drag hovers, every lane shows the
+estimate as it would be after the drop.
+"""
+from __future__ import annotations
+
+from PySide6.QtCore import QModelIndex, QRectF, Qt, Signal
+from PySide6.QtGui import (QBrush, QColor, QContextMenuEvent, QDragEnterEvent, QDragLeaveEvent, QDropEvent, QFont,
+                           QPainter, QPainterPath, QPen)
+from PySide6.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
+
+from app.models import DeviceRole
+from app.models.designer import MIME_TYPE, OVER_COLOR, DeviceLaneModel, decode_refs, device_color
+from engine.units import format_bytes
+
+GIB = 1 << 30
+LANE_HEIGHT = 78
+BAR_HEIGHT = 14
+CARD_BG = QColor("#25272c")
+CARD_BORDER = QColor("#34363d")
+TRACK_BG = QColor("#1a1b1f")
+TEXT = QColor("#e6e8ec")
+MUTED = QColor("#9a9ea8")
+OVERHEAD_COLOR = QColor("#5d616b")
+FREE_COLOR = QColor("#7fd3a8")
+
+
+def gib_text(n_bytes: int) -> str:
+    """Lane numbers: GiB with one decimal, smaller amounts in MiB."""
+    if abs(n_bytes) < GIB:
+        return f"{n_bytes / (1 << 20):.0f} MiB"
+    return f"{n_bytes / GIB:.1f} GiB"
+
+
+class DeviceLane(QWidget):
+    """One device's card; emits `refs_dropped(refs, device)` when tensors are dropped on it."""
+
+    refs_dropped = Signal(object, str)          # list[TensorRef], device name
+    drag_hovered = Signal(object, str)          # list[TensorRef] or None (left), device name
+    context_requested = Signal(str, object)     # device name, global QPoint
+
+    def __init__(self, model: DeviceLaneModel, row: int, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.model, self.row = model, row
+        self.device = model.devices[row]
+        self.drop_hover = False
+        self.setAcceptDrops(True)
+        self.setMinimumHeight(LANE_HEIGHT)
+        self.setMaximumHeight(LANE_HEIGHT)
+        self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
+        self.setAttribute(Qt.WA_OpaquePaintEvent, False)
+        self.setToolTip(model.data(model.index(row, 0), Qt.ToolTipRole))
+        self.setObjectName(f"lane_{self.device.name}")
+
+    def refresh(self) -> None:
+        self.setToolTip(self.model.data(self.model.index(self.row, 0), Qt.ToolTipRole))
+        self.update()
+
+    # --- drops ---------------------------------------------------------------------------------
+
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:
+        if not event.mimeData().hasFormat(MIME_TYPE):
+            event.ignore()
+            return
+        event.setDropAction(Qt.MoveAction)
+        event.accept()
+        self.drop_hover = True
+        self.drag_hovered.emit(decode_refs(event.mimeData()), self.device.name)
+        self.update()
+
+    def dragMoveEvent(self, event) -> None:
+        if event.mimeData().hasFormat(MIME_TYPE):
+            event.setDropAction(Qt.MoveAction)
+            event.accept()
+
+    def dragLeaveEvent(self, event: QDragLeaveEvent) -> None:
+        self.drop_hover = False
+        self.drag_hovered.emit(None, self.device.name)
+        self.update()
+
+    def dropEvent(self, event: QDropEvent) -> None:
+        refs = decode_refs(event.mimeData())
+        self.drop_hover = False
+        self.drag_hovered.emit(None, self.device.name)
+        self.update()
+        if not refs:
+            event.ignore()
+            return
+        event.setDropAction(Qt.MoveAction)
+        event.accept()
+        self.refs_dropped.emit(refs, self.device.name)
+
+    def contextMenuEvent(self, event: QContextMenuEvent) -> None:
+        self.context_requested.emit(self.device.name, event.globalPos())
+
+    # --- painting ------------------------------------------------------------------------------
+
+    def paintEvent(self, event) -> None:
+        painter = QPainter(self)
+        painter.setRenderHint(QPainter.Antialiasing)
+        colour = device_color(self.device.name)
+        est = self.model.device_estimate(self.row)
+        card = QRectF(self.rect()).adjusted(1, 3, -1, -3)
+        border = colour if self.drop_hover else CARD_BORDER
+        painter.setPen(QPen(border, 2 if self.drop_hover else 1))
+        painter.setBrush(CARD_BG.lighter(112) if self.drop_hover else CARD_BG)
+        painter.drawRoundedRect(card, 7, 7)
+        inner = card.adjusted(12, 8, -12, -8)
+        self._paint_title(painter, inner, colour, est)
+        bar = QRectF(inner.left(), inner.top() + 24, inner.width(), BAR_HEIGHT)
+        self._paint_bar(painter, bar, colour, est)
+        self._paint_parts(painter, QRectF(inner.left(), bar.bottom() + 4, inner.width(), 16), est)
+        painter.end()
+
+    def _paint_title(self, painter: QPainter, rect: QRectF, colour: QColor, est) -> None:
+        painter.setPen(Qt.NoPen)
+        painter.setBrush(colour)
+        painter.drawEllipse(QRectF(rect.left(), rect.top() + 5, 9, 9))
+        bold = QFont(self.font())
+        bold.setBold(True)
+        painter.setFont(bold)
+        painter.setPen(TEXT)
+        name_rect = QRectF(rect.left() + 16, rect.top(), rect.width() - 16, 18)
+        painter.drawText(name_rect, Qt.AlignLeft | Qt.AlignVCenter, self.device.name)
+        name_width = painter.fontMetrics().horizontalAdvance(self.device.name)
+        painter.setFont(self.font())
+        painter.setPen(MUTED)
+        kind = "simulated · " if self.device.simulated else ""
+        what = f"{kind}{gib_text(self.device.total_bytes)}"
+        painter.drawText(name_rect.adjusted(name_width + 8, 0, 0, 0), Qt.AlignLeft | Qt.AlignVCenter, what)
+        if est is None:
+            return
+        used = est.total_bytes + est.margin_bytes
+        if est.fits:
+            painter.setPen(FREE_COLOR)
+            status = f"{gib_text(est.free_bytes)} free"
+        else:
+            painter.setPen(QColor(OVER_COLOR))
+            status = f"{gib_text(-est.free_bytes)} over"
+        painter.drawText(name_rect, Qt.AlignRight | Qt.AlignVCenter, status)
+        status_width = painter.fontMetrics().horizontalAdvance(status)
+        painter.setPen(TEXT)
+        painter.drawText(name_rect.adjusted(0, 0, -status_width - 10, 0), Qt.AlignRight | Qt.AlignVCenter,
+                         f"{gib_text(used)} /")
+
+    def _paint_bar(self, painter: QPainter, bar: QRectF, colour: QColor, est) -> None:
+        painter.setPen(Qt.NoPen)
+        painter.setBrush(TRACK_BG)
+        painter.drawRoundedRect(bar, 4, 4)
+        if est is None or est.capacity_bytes <= 0:
+            return
+        used = est.total_bytes + est.margin_bytes
+        scale = bar.width() / max(est.capacity_bytes, used)
+        clip = QPainterPath()
+        clip.addRoundedRect(bar, 4, 4)
+        painter.save()
+        painter.setClipPath(clip)
+        x = bar.left()
+        for n_bytes, brush in self._segments(colour, est):
+            width = n_bytes * scale
+            if width <= 0:
+                continue
+            painter.setBrush(brush)
+            painter.drawRect(QRectF(x, bar.top(), width + 0.5, bar.height()))
+            if width > 3:
+                painter.setBrush(QColor(0, 0, 0, 70))
+                painter.drawRect(QRectF(x + width - 1, bar.top(), 1, bar.height()))
+            x += width
+        capacity_x = bar.left() + est.capacity_bytes * scale
+        if used > est.capacity_bytes:
+            painter.setBrush(QBrush(QColor(OVER_COLOR), Qt.BDiagPattern))
+            painter.drawRect(QRectF(capacity_x, bar.top(), bar.right() - capacity_x, bar.height()))
+            painter.setBrush(QColor(229, 72, 77, 110))
+            painter.drawRect(QRectF(capacity_x, bar.top(), bar.right() - capacity_x, bar.height()))
+        painter.restore()
+        painter.setPen(QPen(QColor(OVER_COLOR) if used > est.capacity_bytes else TEXT, 2))
+        painter.drawLine(capacity_x - 1, bar.top() - 3, capacity_x - 1, bar.bottom() + 3)
+
+    def _segments(self, colour: QColor, est) -> list[tuple[int, QBrush]]:
+        kv = QColor(colour).lighter(150)
+        compute = QColor(colour)
+        compute.setAlpha(120)
+        margin = QBrush(QColor("#6b6f78"), Qt.BDiagPattern)
+        return [(est.weights_bytes, QBrush(colour)), (est.kv_bytes, QBrush(kv)), (est.compute_bytes, QBrush(compute)),
+                (est.overhead_bytes, QBrush(OVERHEAD_COLOR)), (est.margin_bytes, margin)]
+
+    def _paint_parts(self, painter: QPainter, rect: QRectF, est) -> None:
+        if est is None:
+            return
+        small = QFont(self.font())
+        small.setPointSizeF(max(self.font().pointSizeF() - 1.5, 7.5))
+        painter.setFont(small)
+        parts = [("weights", est.weights_bytes), ("KV", est.kv_bytes), ("compute", est.compute_bytes),
+                 ("overhead", est.overhead_bytes)]
+        if est.margin_bytes:
+            parts.append(("margin", est.margin_bytes))
+        painter.setPen(MUTED)
+        painter.drawText(rect, Qt.AlignLeft | Qt.AlignVCenter,
+                         "   ".join(f"{label} {gib_text(n)}" for label, n in parts))
+
+
+class DeviceLanesView(QWidget):
+    """The lanes of every device in a `DeviceLaneModel`, rebuilt when the device list changes."""
+
+    refs_dropped = Signal(object, str)
+    drag_hovered = Signal(object, str)
+    context_requested = Signal(str, object)
+
+    def __init__(self, model: DeviceLaneModel, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.model = model
+        self.lanes: list[DeviceLane] = []
+        self._layout = QVBoxLayout(self)
+        self._layout.setContentsMargins(0, 0, 0, 0)
+        self._layout.setSpacing(4)
+        model.modelReset.connect(self.rebuild)
+        model.dataChanged.connect(self._on_data_changed)
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        for lane in self.lanes:
+            self._layout.removeWidget(lane)
+            lane.deleteLater()
+        self.lanes = []
+        for row in range(self.model.rowCount()):
+            lane = DeviceLane(self.model, row, self)
+            lane.refs_dropped.connect(self.refs_dropped)
+            lane.drag_hovered.connect(self.drag_hovered)
+            lane.context_requested.connect(self.context_requested)
+            self._layout.addWidget(lane)
+            self.lanes.append(lane)
+
+    def lane(self, device: str) -> DeviceLane:
+        return next(lane for lane in self.lanes if lane.device.name == device)
+
+    def _on_data_changed(self, top_left: QModelIndex, bottom_right: QModelIndex, roles=()) -> None:
+        for row in range(top_left.row(), bottom_right.row() + 1):
+            if row < len(self.lanes):
+                self.lanes[row].refresh()
+
+    def device_at(self, row: int) -> str:
+        return self.model.data(self.model.index(row, 0), DeviceRole)
+
+
+def format_over(est) -> str:
+    return f"over by {format_bytes(-est.free_bytes)}" if not est.fits else f"{format_bytes(est.free_bytes)} free"
