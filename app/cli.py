@@ -12,6 +12,12 @@ COMMANDS = {
     "plan": ("app.commands.plan", "per-device memory plan for llama.cpp-style placement flags"),
     "synth": ("app.commands.synth", "write a synthetic GGUF of a real model's shape"),
     "bench": ("app.commands.bench", "prompt/generation tokens per second, or planner timings (--planner)"),
+    "run": ("app.commands.run", "stream a completion of a prompt"),
+    "chat": ("app.commands.chat", "chat in the terminal through the model's chat template"),
+    "eval": ("app.commands.eval", "write the logits of a token sequence to a .npy file"),
+    "tokenize": ("app.commands.tokenize", "print the token ids of a text, like llama-tokenize"),
+    "perplexity": ("app.commands.perplexity", "perplexity and KL divergence, like llama-perplexity"),
+    "screenshots": ("app.commands.screenshots", "render a PNG of each panel, offscreen"),
 }
 
 

@@ -125,12 +125,12 @@ def generate(session: Session, prompt_tokens: Sequence[int], settings: SamplerSe
         check_finite(logits, session.kv_note())
         token = sampler(logits, session.tokens)
         generated.append(token)
-        text, stopped = stops.feed(detokenizer.add_token(token), token)
-        if stopped:
-            yield event(text, token, FINISH_STOP)
+        step = stops.feed(detokenizer.add_token(token), token)
+        if step.stop:
+            yield event(step.text, token, FINISH_STOP)
             return
         if len(generated) >= max_tokens or len(session.tokens) >= session.n_ctx:
-            yield event(text + detokenizer.finalize() + stops.flush(), token, FINISH_LENGTH)
+            yield event(step.text + stops.feed(detokenizer.finalize()).text + stops.flush(), token, FINISH_LENGTH)
             return
-        yield event(text, token)
+        yield event(step.text, token)
         logits = session.step(token)

@@ -5,34 +5,22 @@ chunked layer keeps llama.cpp's smaller window cache (llama_kv_cache_iswa) and u
 ring: position p lives in cell p % cells. Each cell remembers its position (-1: empty), which is
 what the attention mask is built from.
 
-`kv_cells` is the one sizing rule; the memory estimate uses the same function.
+The sizes come from `engine.memory.kv_cells`, the planner's own rule, so the estimate and the
+allocation cannot drift apart.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from engine.arch.base import AttentionKind, HyperParams
+from engine.memory import kv_cells
 from engine.run_config import RunConfig
 
-KV_PAD_CELLS = 256          # llama.cpp pads cache sizes to 256 cells
 CACHE_DTYPES = {"f32": np.float32, "f16": np.float16}
 
 
 class ContextOverflowError(ValueError):
     pass
-
-
-def pad_cells(n: int) -> int:
-    return -(-n // KV_PAD_CELLS) * KV_PAD_CELLS
-
-
-def kv_cells(hp: HyperParams, il: int, run_config: RunConfig) -> int:
-    """Cells of layer il: the padded context, or for a window layer
-    pad256(min(n_ctx, window * n_seq + n_ubatch)) as llama_kv_cache_iswa allocates."""
-    n_ctx = run_config.context_length(hp.n_ctx_train)
-    if hp.attention_kind(il) is AttentionKind.FULL:
-        return n_ctx
-    return pad_cells(min(n_ctx, hp.attention_window * run_config.n_seq + run_config.n_ubatch))
 
 
 def cache_dtype(type_name: str) -> type:

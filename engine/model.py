@@ -22,6 +22,7 @@ from engine.backends.cpu import CpuBackend, dequantize_rows
 from engine.gguf_file import ModelFile, ModelFileError
 from engine.kv_cache import KVCache
 from engine.layers import RopeScaling, UBatch, rms_norm
+from engine.placed import PlacedOps, make_backends, place_weight
 from engine.run_config import RunConfig
 
 OUTPUT_FALLBACK = "token_embd.weight"   # llama.cpp's tied output when output.weight is absent
@@ -66,7 +67,7 @@ def _short_name(name: str) -> tuple[int, str] | None:
 
 
 class Model:
-    def __init__(self, model_file: ModelFile, run_config: RunConfig | None = None, backend=None):
+    def __init__(self, model_file: ModelFile, run_config: RunConfig | None = None, backend=None, placement=None):
         self.file = model_file
         self.metadata = model_file.metadata
         self.family = arch.family(model_file.architecture)
@@ -75,10 +76,17 @@ class Model:
         self._check_tensors()
         self.run_config = run_config or RunConfig()
         self.ops = backend or CpuBackend()
+        self.placement = placement
+        tensor_devices = {}
+        if placement is not None:
+            self.ops = PlacedOps(make_backends(placement.devices))
+            tensor_devices = placement.tensor_devices()
         self.globals: dict[str, Weight | np.ndarray] = {}
         self.layers = [LayerTensors(il, {}) for il in range(self.hparams.n_layer)]
         for name, info in model_file.tensors.items():
             tensor = self._load_tensor(name, info)
+            if name in tensor_devices and isinstance(tensor, Weight):
+                tensor = place_weight(tensor, tensor_devices[name], self.ops.backends)
             where = _short_name(name)
             if where is not None and where[0] < self.hparams.n_layer:
                 self.layers[where[0]].tensors[where[1]] = tensor
@@ -88,9 +96,11 @@ class Model:
         self.expert_counts = np.zeros((self.hparams.n_layer, self.hparams.n_expert), dtype=np.int64)   # router selections
 
     @classmethod
-    def load(cls, source: ModelFile | str | os.PathLike, run_config: RunConfig | None = None, backend=None) -> Model:
+    def load(cls, source: ModelFile | str | os.PathLike, run_config: RunConfig | None = None, backend=None,
+             placement=None) -> Model:
+        """A model over memory-mapped weights; with a placement, each weight on its device."""
         model_file = source if isinstance(source, ModelFile) else ModelFile(source)
-        return cls(model_file, run_config, backend)
+        return cls(model_file, run_config, backend, placement)
 
     # --- loading --------------------------------------------------------------------------------
 

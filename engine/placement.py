@@ -23,6 +23,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
+from engine.devices import Device
 from engine.inventory import Inventory, Role
 
 INPUT_PREFIXES = ("token_embd", "pos_embd", "token_types")      # llama.cpp's input layer
@@ -133,13 +134,19 @@ def parse_expert_ranges(text: str) -> list[int]:
     return experts
 
 
+def named_device(name: str) -> Device:
+    """A device known only by its buffer name: the CPU, or a simulated GPU of unknown size."""
+    return Device(name, "cpu", 0) if name == "CPU" else Device(name, "gpu", 0, "simulated", simulated=True)
+
+
 class Placement:
     """Device of every tensor (and expert) of an inventory, over a list of devices."""
 
     def __init__(self, inventory: Inventory, devices: Sequence, layer_devices: Sequence[str] | None = None,
                  rules: Sequence[Rule] = ()):
         self.inventory = inventory
-        self.device_names = tuple(getattr(d, "name", d) for d in devices)
+        self.devices = tuple(d if isinstance(d, Device) else named_device(d) for d in devices)
+        self.device_names = tuple(d.name for d in self.devices)
         if not self.device_names:
             raise ValueError("a placement needs at least one device")
         self._dev_index = {name: i for i, name in enumerate(self.device_names)}

@@ -1,12 +1,13 @@
-"""Pre-tokenization for byte-level BPE vocabularies, as llama.cpp does it (llama-vocab.cpp, unicode.cpp).
+"""Pre-tokenization as llama.cpp does it (llama-vocab.cpp, unicode.cpp): cutting special tokens out of
+the text, and the regex splits and byte-level alphabet of byte-level BPE vocabularies.
 
 llama.cpp splits text with a *list* of regexes per `tokenizer.ggml.pre`: each regex is applied to every
 piece the previous one produced, and both its matches and the text between them become pieces
 (`unicode_regex_split`). Its `\\p{L}`, `\\p{N}`... come from its own Unicode table, not from a regex
 engine: it "collapses" every non-ASCII code point to one placeholder byte per category (non-ASCII
 whitespace to \\v) and runs ECMAScript `std::regex` over that; regexes without categories run over the
-code points themselves (again with non-ASCII whitespace turned into \\v). The hand-written fast paths
-for the gpt2/llama3/qwen2 patterns match what those regexes match on the same table.
+code points themselves (again with non-ASCII whitespace turned into \\v). llama.cpp's hand-written
+fast paths for the gpt2/llama3/qwen2 patterns split exactly as those regexes do on the same table.
 
 Why this is written by hand rather than as a `tokenizers` Split pre-tokenizer: Oniguruma's `\\p{L}`,
 `\\s` and `$` differ from llama.cpp's table and ECMAScript semantics (Unicode version, \\v-collapsed
@@ -16,7 +17,8 @@ what ECMAScript gives on the collapsed text. The merges themselves run in `token
 
 Category table: Python's `unicodedata` (Unicode 14.0 on Python 3.11) plus the code points that Unicode
 15.0/15.1 assigned (llama.cpp's table is generated from UCD 15.1), so every code point gets the class
-llama.cpp gives it.
+llama.cpp gives it. (A Python with a Unicode database newer than 15.1 would also class the code points
+assigned since, which llama.cpp still treats as unassigned.)
 """
 from __future__ import annotations
 
@@ -276,6 +278,11 @@ def compiled_regexes(rule: PreTokenizerRule) -> tuple[tuple[re.Pattern[str], boo
 
 def split_words(text: str, regexes: tuple[tuple[re.Pattern[str], bool], ...]) -> list[str]:
     """llama.cpp's unicode_regex_split (without byte encoding): every piece, matched or not, is kept."""
+    return [text[start:end] for start, end in split_spans(text, regexes)]
+
+
+def split_spans(text: str, regexes: tuple[tuple[re.Pattern[str], bool], ...]) -> list[tuple[int, int]]:
+    """The (start, end) code point offsets of split_words' pieces."""
     collapsed, wide = text_views(text)
     spans = [(0, len(text))]
     for pattern, on_collapsed in regexes:
@@ -293,7 +300,7 @@ def split_words(text: str, regexes: tuple[tuple[re.Pattern[str], bool], ...]) ->
             if done < end - start:
                 next_spans.append((start + done, end))
         spans = next_spans
-    return [text[start:end] for start, end in spans]
+    return spans
 
 
 def _byte_level_alphabet() -> list[str]:
@@ -318,6 +325,27 @@ _LATIN1_TO_BYTE_LEVEL = {byte: ch for byte, ch in enumerate(BYTE_TO_UNICODE)}
 def byte_encode(word: str) -> str:
     """A word's UTF-8 bytes, each written as its byte-level character."""
     return word.encode("utf-8").decode("latin-1").translate(_LATIN1_TO_BYTE_LEVEL)
+
+
+def byte_level_words(text: str, regexes: tuple[tuple[re.Pattern[str], bool], ...]) -> list[str]:
+    """split_words, each piece byte-encoded (unicode_regex_split with byte_encode)."""
+    spans = split_spans(text, regexes)
+    if text.isascii():           # one code point = one byte: encode once, cut by the same offsets
+        encoded = text.translate(_LATIN1_TO_BYTE_LEVEL)
+        return [encoded[start:end] for start, end in spans if end > start]
+    return [byte_encode(text[start:end]) for start, end in spans if end > start]
+
+
+def byte_decode(text: str) -> bytes:
+    """Byte-level characters back to bytes (llama_decode_text), with its marker for a stranger."""
+    out = bytearray()
+    for ch in text:
+        byte = UNICODE_TO_BYTE.get(ch)
+        if byte is not None:
+            out.append(byte)
+        else:
+            out += b"[UNK_BYTE_0x" + ch.encode("utf-8").hex().encode() + text.encode("utf-8") + b"]"
+    return bytes(out)
 
 
 # ---- special-token partition (llama_vocab::impl::tokenizer_st_partition) ----
@@ -401,10 +429,14 @@ def _trie_pattern(texts: frozenset[str]) -> str:
         node[""] = {}
 
     def emit(node: dict[str, dict]) -> str:
+        chain = ""
+        while len(node) == 1 and "" not in node:     # walk plain chains without recursing
+            (ch, node), = node.items()
+            chain += re.escape(ch)
         branches = [re.escape(ch) + emit(child) for ch, child in sorted(node.items()) if ch]
         if not branches:
-            return ""
+            return chain
         body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
-        return f"(?:{body})?" if "" in node else body
+        return chain + (f"(?:{body})?" if "" in node else body)
 
     return emit(trie)

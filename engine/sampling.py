@@ -92,13 +92,8 @@ def make_logits_processors(settings: SamplerSettings) -> list[LogitsProcessor]:
     """The processors that run before the sampler (mlx-lm style): penalties, when enabled."""
     if not settings.penalties_enabled:
         return []
-    return [partial(_penalties, repeat_penalty=settings.repeat_penalty, repeat_last_n=settings.repeat_last_n,
-                    presence_penalty=settings.presence_penalty,
-                    frequency_penalty=settings.frequency_penalty)]
-
-
-def _penalties(logits: np.ndarray, previous_tokens: Sequence[int], **penalties) -> np.ndarray:
-    return apply_penalties(logits, previous_tokens, **penalties)
+    return [partial(apply_penalties, repeat_penalty=settings.repeat_penalty, repeat_last_n=settings.repeat_last_n,
+                    presence_penalty=settings.presence_penalty, frequency_penalty=settings.frequency_penalty)]
 
 
 # ---- candidate filters ---------------------------------------------------------------------------
@@ -163,13 +158,13 @@ def top_p(candidates: Candidates, p: float) -> Candidates:
     at least one. Sorts only as far as needed: 256 candidates, then 16x more."""
     if p >= 1.0:
         return candidates
-    weights = np.exp(candidates.logits.astype(np.float64) - candidates.logits.max())
-    target = p * weights.sum()
+    weights = _exp_weights(candidates.logits)
+    target = p * weights.sum(dtype=np.float64)
     n = len(candidates)
     k = n if candidates.is_sorted else min(256, n)
     while True:
         order = np.arange(n) if candidates.is_sorted else _top_indices(candidates.logits, k)
-        reached = int(np.searchsorted(np.cumsum(weights[order]), target, side="left"))
+        reached = int(np.searchsorted(np.cumsum(weights[order], dtype=np.float64), target, side="left"))
         if reached < k or k == n:
             return candidates.take(order[:min(reached + 1, k)], True)
         k = min(n, 16 * k)
@@ -180,7 +175,8 @@ def min_p(candidates: Candidates, p: float) -> Candidates:
     (float32 as in llama.cpp); order is kept."""
     if p <= 0.0 or len(candidates) == 0:
         return candidates
-    min_logit = np.float32(candidates.logits.max()) + np.float32(np.log(np.float32(p)))
+    max_logit = np.float32(candidates.logits.max())
+    min_logit = min(max_logit + np.float32(np.log(np.float32(p))), max_logit)    # p > 1 keeps the top
     return candidates.take(np.flatnonzero(candidates.logits >= min_logit), candidates.is_sorted)
 
 
@@ -202,9 +198,8 @@ def sample_candidate(candidates: Candidates, temperature: float, rng: np.random.
     draw = rng.random()         # always one draw per token, so a seed gives one stream
     if len(candidates) == 1:
         return int(candidates.token_ids[0])
-    scaled = apply_temperature(candidates.logits, temperature).astype(np.float64)
-    weights = np.exp(scaled - scaled.max())
-    index = _first_reaching(weights, draw * weights.sum())
+    weights = _exp_weights(apply_temperature(candidates.logits, temperature))
+    index = _first_reaching(weights, draw * weights.sum(dtype=np.float64))
     return int(index if candidates.ids is None else candidates.ids[index])
 
 
@@ -227,6 +222,13 @@ def make_sampler(settings: SamplerSettings = SamplerSettings()) -> Sampler:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+def _exp_weights(logits: np.ndarray) -> np.ndarray:
+    """exp(logits - max) in float32, in place on one copy: a whole vocabulary stays cheap."""
+    weights = np.array(logits, dtype=np.float32)
+    weights -= weights.max()
+    return np.exp(weights, out=weights)
+
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
     weights = np.exp(logits.astype(np.float64) - logits.max())
@@ -259,15 +261,18 @@ def _pool_holding_top(values: np.ndarray, k: int) -> np.ndarray:
 def _first_reaching(weights: np.ndarray, target: float) -> int:
     """First index whose running sum of weights is >= target: block sums first, so a whole
     vocabulary costs one pass instead of a full cumulative sum."""
-    n = len(weights)
-    if n <= 4 * _SAMPLE_BLOCK:
-        return min(int(np.searchsorted(np.cumsum(weights), target, side="left")), n - 1)
-    block_ends = np.cumsum(np.add.reduceat(weights, np.arange(0, n, _SAMPLE_BLOCK)))
-    block = min(int(np.searchsorted(block_ends, target, side="left")), len(block_ends) - 1)
+    if len(weights) <= 4 * _SAMPLE_BLOCK:
+        return _first_reaching_in(weights, target)
+    block_ends = np.cumsum(np.add.reduceat(weights, np.arange(0, len(weights), _SAMPLE_BLOCK), dtype=np.float64))
+    block = _first_reaching_in(np.diff(block_ends, prepend=0.0), target)
     before = block_ends[block - 1] if block else 0.0
-    inner = weights[block * _SAMPLE_BLOCK:(block + 1) * _SAMPLE_BLOCK]
-    return block * _SAMPLE_BLOCK + min(int(np.searchsorted(np.cumsum(inner), target - before, side="left")),
-                                       len(inner) - 1)
+    start = block * _SAMPLE_BLOCK
+    return start + _first_reaching_in(weights[start:start + _SAMPLE_BLOCK], target - before)
+
+
+def _first_reaching_in(weights: np.ndarray, target: float) -> int:
+    cumulative = np.cumsum(weights, dtype=np.float64)
+    return min(int(np.searchsorted(cumulative, target, side="left")), len(weights) - 1)
 
 
 # ---- stopping ----------------------------------------------------------------------------------
@@ -324,9 +329,13 @@ class StopChecker:
         return step
 
     def _earliest_stop(self, text: str) -> tuple[int, str] | None:
-        hits = [(text.find(s), s) for s in self.stop_strings]
-        hits = [(start, s) for start, s in hits if start >= 0]
-        return min(hits, key=lambda hit: hit[0]) if hits else None
+        """The stop string whose first occurrence ends first (so the result does not depend on how
+        the text was cut into tokens); on a tie, the one that starts first."""
+        hits = [(start + len(s), start, s) for s in self.stop_strings if (start := text.find(s)) >= 0]
+        if not hits:
+            return None
+        _, start, stop_string = min(hits)
+        return start, stop_string
 
     def _partial_suffix_len(self, text: str) -> int:
         """Length of the longest end of `text` that a stop string starts with."""

@@ -4,6 +4,9 @@ Supported `tokenizer.ggml.model`: "llama" (SentencePiece-style, SPM) and "gpt2" 
 the pre-tokenizers listed in engine.pretokenize.PRE_TOKENIZERS). `encode` follows llama_tokenize: the
 special/user-defined tokens are cut out first (tokenizer_st_partition), then each text fragment is
 tokenized on its own; `token_to_piece` and `decode` follow llama_token_to_piece and llama_detokenize.
+Other models (bert/WPM, t5/UGM, rwkv, gemma4...) raise a ValueError listing the supported ones; so
+does an unknown `tokenizer.ggml.pre`, as in llama.cpp, while a missing one means "default" with a
+warning (llama.cpp's fallback).
 
 What runs where:
 - BPE merges: a `tokenizers` BPE model (vocab + merges, ignore_merges as llama.cpp sets it), fed the
@@ -277,15 +280,24 @@ class Tokenizer:
         return self._ranks
 
     def _bpe_fragment(self, text: str) -> list[int]:
-        words = [pretokenize.byte_encode(w) for w in pretokenize.split_words(text, self._regexes) if w]
-        if not words:
-            return []
-        if self._hf_bpe is not None:
-            return self._hf_bpe.encode(words, is_pretokenized=True, add_special_tokens=False).ids
-        ids: list[int] = []
-        for word in words:
-            ids.extend(self._cached(word, self._bpe_merge_word))
-        return ids
+        words = pretokenize.byte_level_words(text, self._regexes)
+        cache = self._word_cache
+        missing = list(dict.fromkeys(w for w in words if w not in cache))
+        if len(cache) + len(missing) > _CACHE_LIMIT:
+            cache.clear()
+            missing = list(dict.fromkeys(words))
+        if missing:
+            cache.update(zip(missing, self._bpe_merge_words(missing)))
+        return [token_id for word in words for token_id in cache[word]]
+
+    def _bpe_merge_words(self, words: list[str]) -> list[list[int]]:
+        if self._hf_bpe is None:
+            return [self._bpe_merge_word(word) for word in words]
+        encoding = self._hf_bpe.encode(words, is_pretokenized=True, add_special_tokens=False)
+        per_word: list[list[int]] = [[] for _ in words]
+        for token_id, word_index in zip(encoding.ids, encoding.word_ids):
+            per_word[word_index].append(token_id)
+        return per_word
 
     def _bpe_merge_word(self, word: str) -> list[int]:
         vocab, ranks = self.token_to_id, self._bpe_ranks
@@ -293,8 +305,8 @@ class Tokenizer:
             return [vocab[word]]
         symbols = list(word)
         while len(symbols) > 1:
-            best = min(((ranks.get((a, b), -1), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))
-                        if (a, b) in ranks), default=None)
+            best = min(((ranks[pair], i) for i, pair in enumerate(zip(symbols, symbols[1:])) if pair in ranks),
+                       default=None)
             if best is None:
                 break
             i = best[1]
@@ -331,7 +343,7 @@ class Tokenizer:
         if attr & ATTR_NORMAL:
             if self.model == "llama":
                 return text.replace(SPM_SPACE, " ").encode("utf-8")
-            return _byte_level_decode(text)
+            return pretokenize.byte_decode(text)
         if attr & ATTR_BYTE:
             return bytes([int(text[3:5], 16)])
         return b""
@@ -386,18 +398,6 @@ class StreamingDetokenizer:
 def _split_merge(merge: str) -> tuple[str, str]:
     space = merge.find(" ", 1)   # llama.cpp looks from the second byte: a part may start with ' '
     return (merge[:space], merge[space + 1:]) if space >= 0 else ("", "")
-
-
-def _byte_level_decode(text: str) -> bytes:
-    """llama_decode_text: byte-level characters back to bytes."""
-    out = bytearray()
-    for ch in text:
-        byte = pretokenize.UNICODE_TO_BYTE.get(ch)
-        if byte is not None:
-            out.append(byte)
-        else:                            # llama.cpp's marker for a character outside the alphabet
-            out += b"[UNK_BYTE_0x" + ch.encode("utf-8").hex().encode() + text.encode("utf-8") + b"]"
-    return bytes(out)
 
 
 _SPACE_BEFORE_PUNCT = re.compile(rb" (?=[?!.,])")
@@ -479,7 +479,7 @@ def _detect_specials(md: dict[str, Any], tok: Tokenizer) -> frozenset[int]:
 
     def make_control(token_id: int) -> None:
         if not attrs[token_id] & ATTR_CONTROL:
-            log.warning("token %d %r looks like a control token but is not typed so; treating it as one",
+            log.debug("token %d %r looks like a control token but is not typed so; treating it as one",
                         token_id, tok.tokens[token_id])
             attrs[token_id] |= ATTR_CONTROL
 

@@ -14,7 +14,6 @@ from PySide6.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
 from app.models import DeviceRole
 from app.models.designer import MIME_TYPE, OVER_COLOR, DeviceLaneModel, decode_refs, device_color
-from engine.units import format_bytes
 
 GIB = 1 << 30
 LANE_HEIGHT = 78
@@ -33,6 +32,12 @@ def gib_text(n_bytes: int) -> str:
     if abs(n_bytes) < GIB:
         return f"{n_bytes / (1 << 20):.0f} MiB"
     return f"{n_bytes / GIB:.1f} GiB"
+
+
+def gib_number(n_bytes: int) -> str:
+    """A part of a lane, in GiB: two decimals below 10 GiB so small parts do not read as zero."""
+    value = n_bytes / GIB
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
 class DeviceLane(QWidget):
@@ -123,28 +128,18 @@ class DeviceLane(QWidget):
         bold.setBold(True)
         painter.setFont(bold)
         painter.setPen(TEXT)
-        name_rect = QRectF(rect.left() + 16, rect.top(), rect.width() - 16, 18)
-        painter.drawText(name_rect, Qt.AlignLeft | Qt.AlignVCenter, self.device.name)
+        line = QRectF(rect.left() + 16, rect.top(), rect.width() - 16, 18)
+        painter.drawText(line, Qt.AlignLeft | Qt.AlignVCenter, self.device.name)
         name_width = painter.fontMetrics().horizontalAdvance(self.device.name)
+        if est is not None:
+            used = f"{gib_text(est.total_bytes + est.margin_bytes)} / {gib_text(self.device.total_bytes)}"
+            painter.setPen(TEXT if est.fits else QColor(OVER_COLOR))
+            painter.drawText(line, Qt.AlignRight | Qt.AlignVCenter, used)
         painter.setFont(self.font())
         painter.setPen(MUTED)
-        kind = "simulated · " if self.device.simulated else ""
-        what = f"{kind}{gib_text(self.device.total_bytes)}"
-        painter.drawText(name_rect.adjusted(name_width + 8, 0, 0, 0), Qt.AlignLeft | Qt.AlignVCenter, what)
-        if est is None:
-            return
-        used = est.total_bytes + est.margin_bytes
-        if est.fits:
-            painter.setPen(FREE_COLOR)
-            status = f"{gib_text(est.free_bytes)} free"
-        else:
-            painter.setPen(QColor(OVER_COLOR))
-            status = f"{gib_text(-est.free_bytes)} over"
-        painter.drawText(name_rect, Qt.AlignRight | Qt.AlignVCenter, status)
-        status_width = painter.fontMetrics().horizontalAdvance(status)
-        painter.setPen(TEXT)
-        painter.drawText(name_rect.adjusted(0, 0, -status_width - 10, 0), Qt.AlignRight | Qt.AlignVCenter,
-                         f"{gib_text(used)} /")
+        kind = "simulated" if self.device.simulated else self.device.description
+        painter.drawText(line.adjusted(name_width + 8, 0, 0, 0), Qt.AlignLeft | Qt.AlignVCenter,
+                         painter.fontMetrics().elidedText(kind, Qt.ElideRight, int(line.width() / 2 - name_width)))
 
     def _paint_bar(self, painter: QPainter, bar: QRectF, colour: QColor, est) -> None:
         painter.setPen(Qt.NoPen)
@@ -180,7 +175,7 @@ class DeviceLane(QWidget):
         painter.drawLine(capacity_x - 1, bar.top() - 3, capacity_x - 1, bar.bottom() + 3)
 
     def _segments(self, colour: QColor, est) -> list[tuple[int, QBrush]]:
-        kv = QColor(colour).lighter(150)
+        kv = QColor(colour).lighter(150)       # LaneLegend draws the same shades
         compute = QColor(colour)
         compute.setAlpha(120)
         margin = QBrush(QColor("#6b6f78"), Qt.BDiagPattern)
@@ -193,13 +188,60 @@ class DeviceLane(QWidget):
         small = QFont(self.font())
         small.setPointSizeF(max(self.font().pointSizeF() - 1.5, 7.5))
         painter.setFont(small)
-        parts = [("weights", est.weights_bytes), ("KV", est.kv_bytes), ("compute", est.compute_bytes),
-                 ("overhead", est.overhead_bytes)]
-        if est.margin_bytes:
-            parts.append(("margin", est.margin_bytes))
-        painter.setPen(MUTED)
-        painter.drawText(rect, Qt.AlignLeft | Qt.AlignVCenter,
-                         "   ".join(f"{label} {gib_text(n)}" for label, n in parts))
+        if est.fits:
+            painter.setPen(FREE_COLOR)
+            status = f"{gib_text(est.free_bytes)} free"
+        else:
+            painter.setPen(QColor(OVER_COLOR))
+            status = f"{gib_text(-est.free_bytes)} over"
+        painter.drawText(rect, Qt.AlignRight | Qt.AlignVCenter, status)
+        x = rect.left()
+        metrics = painter.fontMetrics()
+        for brush, n_bytes in zip(self._segments(device_color(self.device.name), est), parts_of(est)):
+            painter.setPen(Qt.NoPen)
+            painter.setBrush(brush[1])
+            painter.drawRoundedRect(QRectF(x, rect.center().y() - 4, 8, 8), 2, 2)
+            text = gib_number(n_bytes)
+            painter.setPen(MUTED)
+            painter.drawText(QRectF(x + 11, rect.top(), 60, rect.height()), Qt.AlignLeft | Qt.AlignVCenter, text)
+            x += 11 + metrics.horizontalAdvance(text) + 10
+        painter.drawText(QRectF(x - 6, rect.top(), 40, rect.height()), Qt.AlignLeft | Qt.AlignVCenter, "GiB")
+
+
+def parts_of(est) -> list[int]:
+    """What a lane's bar stacks, in order: weights, KV cache, compute buffers, overhead."""
+    return [est.weights_bytes, est.kv_bytes, est.compute_bytes, est.overhead_bytes]
+
+
+class LaneLegend(QWidget):
+    """What the four shades of a lane mean."""
+
+    ITEMS = (("weights", 1.0, False), ("KV cache", 1.5, False), ("compute", 1.0, True), ("overhead", 0, False))
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setFixedHeight(18)
+
+    def paintEvent(self, event) -> None:
+        painter = QPainter(self)
+        painter.setRenderHint(QPainter.Antialiasing)
+        small = QFont(self.font())
+        small.setPointSizeF(max(self.font().pointSizeF() - 1.5, 7.5))
+        painter.setFont(small)
+        base = device_color("CUDA0")
+        x = 0.0
+        for label, lighter, faded in self.ITEMS:
+            colour = QColor(OVERHEAD_COLOR) if not lighter else QColor(base).lighter(int(100 * lighter))
+            if faded:
+                colour.setAlpha(120)
+            painter.setPen(Qt.NoPen)
+            painter.setBrush(colour)
+            painter.drawRoundedRect(QRectF(x, 5, 8, 8), 2, 2)
+            painter.setPen(MUTED)
+            width = painter.fontMetrics().horizontalAdvance(label)
+            painter.drawText(QRectF(x + 11, 0, width + 2, 18), Qt.AlignLeft | Qt.AlignVCenter, label)
+            x += 11 + width + 12
+        painter.end()
 
 
 class DeviceLanesView(QWidget):
@@ -243,7 +285,3 @@ class DeviceLanesView(QWidget):
 
     def device_at(self, row: int) -> str:
         return self.model.data(self.model.index(row, 0), DeviceRole)
-
-
-def format_over(est) -> str:
-    return f"over by {format_bytes(-est.free_bytes)}" if not est.fits else f"{format_bytes(est.free_bytes)} free"

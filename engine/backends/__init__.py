@@ -3,11 +3,13 @@
 A backend runs the ops of a forward pass over weights that stay in their GGUF encoding:
 
     matmul(x, weight)               x @ W.T for a 2-D weight
-    expert_matmul(x, weight, e)     x @ W[e].T for one expert of a 3-D `*_exps` tensor
+    expert_matmul(x, weight, e, rows=None)
+                                    x @ W[e].T for one expert of a 3-D `*_exps` tensor (or a row range)
     head_matmul(x, weight)          one matrix per head of a 3-D tensor (MLA's attn_k_b/attn_v_b)
     embedding(weight, ids)          rows of a (possibly quantized) table, as float32
     rms_norm, rope, attention, swiglu, geglu, add
     to_host(x) / from_host(x)       copies between this device and host memory
+    set_threads(n)                  worker threads for the calling thread (-t)
 
 The CPU backend (`engine.backends.cpu`) works on NumPy arrays; a CUDA backend implements the same
 names over device arrays.

@@ -13,7 +13,7 @@ from engine.arch.base import AttentionKind
 from engine.backends import Weight
 from engine.backends import cpu as cpu_backend
 from engine.gguf_file import ModelFile, ModelFileError
-from engine.kv_cache import ContextOverflowError, kv_cells
+from engine.kv_cache import ContextOverflowError
 from engine.layers import RopeScaling, Routing, select_experts
 from engine.model import Model, NonFiniteError, UnsupportedTensorTypeError
 from engine.run_config import RunConfig
@@ -168,11 +168,7 @@ def test_head_matmul_uses_each_heads_matrix():
                                     RunConfig(n_ctx=40000, n_ubatch=512, n_seq=2)])
 def test_cache_cells_and_bytes_agree_with_the_memory_estimate(fixtures_dir, fixture, config):
     model = Model.load(next((fixtures_dir / fixture).glob("*.gguf")), config)
-    hp = model.hparams
-    assert [kv_cells(hp, il, config) for il in range(hp.n_layer)] == \
-           [memory.kv_cells(hp, il, config) for il in range(hp.n_layer)]
-    if config.n_ctx <= 512:
-        assert model.new_cache().nbytes == memory.kv_cache_bytes(hp, config)
+    assert model.new_cache().nbytes == memory.kv_cache_bytes(model.hparams, config)
 
 
 def test_unsupported_cache_type(fixtures_dir):

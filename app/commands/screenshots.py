@@ -1,0 +1,19 @@
+"""offload-studio screenshots --out DIR [MODEL]: a PNG of each panel, rendered offscreen."""
+from __future__ import annotations
+
+import os
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+    p.add_argument("model", nargs="?", help="GGUF file (default: the built-in model)")
+    p.add_argument("--sim-gpus", default="24GiB,24GiB", help="simulated GPUs shown in the designer")
+
+
+def run(args) -> int:
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    from app.screenshots import render_screenshots
+    from engine.default_model import default_model_path
+    for path in render_screenshots(args.out, args.model or str(default_model_path(print)), args.sim_gpus):
+        print(path)
+    return 0

@@ -1,0 +1,240 @@
+"""Chat conversations on disk: one JSON file per conversation under the user's data folder.
+
+Every save is atomic: the new text goes to a temporary file in the same folder, is flushed and
+fsync'ed, and only then replaces the old file with `os.replace` (one rename, which the file system
+performs whole or not at all). A crash at any point leaves either the old conversation or the new
+one, never a torn file. Temporary files a crash left behind are ignored and cleaned up later.
+
+No Qt here: the chat panel calls this from a background writer thread, and tests call it directly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from platformdirs import user_data_dir
+
+from engine.default_model import APP_NAME
+
+log = logging.getLogger(__name__)
+
+FORMAT = "offload-studio-conversation"
+FORMAT_VERSION = 1
+SUFFIX = ".json"
+TEMP_PREFIX = ".tmp-"            # a crash may leave these; `list` skips them, `remove_stale_temps` deletes them
+STALE_TEMP_AGE_S = 3600
+TITLE_CHARS = 48
+ROLES = ("system", "user", "assistant")
+ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+class ConversationError(ValueError):
+    """A conversation file that cannot be read, or an id that names none."""
+
+
+def default_conversations_dir() -> Path:
+    return Path(user_data_dir(APP_NAME)) / "conversations"
+
+
+def title_from_text(text: str, max_chars: int = TITLE_CHARS) -> str:
+    """A conversation's default title: the first line of its first message, shortened."""
+    line = " ".join(text.strip().split("\n", 1)[0].split())
+    if not line:
+        return "New chat"
+    return line if len(line) <= max_chars else line[:max_chars - 1].rstrip() + "…"
+
+
+@dataclass
+class Message:
+    role: str                                   # system | user | assistant
+    content: str
+    stats: dict[str, Any] = field(default_factory=dict)    # assistant turns: tokens, tokens/s, finish reason
+    error: str = ""                             # why a turn ended early, shown with the message
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.stats:
+            data["stats"] = dict(self.stats)
+        if self.error:
+            data["error"] = self.error
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Message:
+        role, content = data.get("role"), data.get("content")
+        if role not in ROLES or not isinstance(content, str):
+            raise ConversationError(f"a message needs a role ({', '.join(ROLES)}) and text content, got {data!r:.80}")
+        stats = data.get("stats") or {}
+        return cls(role, content, dict(stats) if isinstance(stats, dict) else {}, str(data.get("error") or ""))
+
+
+@dataclass
+class Conversation:
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    title: str = "New chat"
+    system_prompt: str = ""
+    messages: list[Message] = field(default_factory=list)
+    created_s: float = field(default_factory=time.time)      # Unix time
+    updated_s: float = field(default_factory=time.time)
+    titled_by_user: bool = False                              # False: the title follows the first message
+
+    def touch(self) -> None:
+        self.updated_s = time.time()
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """role/content dicts for a chat template: the system prompt (when set), then the turns."""
+        turns = [{"role": m.role, "content": m.content} for m in self.messages]
+        return ([{"role": "system", "content": self.system_prompt}] if self.system_prompt.strip() else []) + turns
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": FORMAT_VERSION, "id": self.id, "title": self.title,
+                "titled_by_user": self.titled_by_user, "created_s": self.created_s, "updated_s": self.updated_s,
+                "system_prompt": self.system_prompt, "messages": [m.to_dict() for m in self.messages]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Conversation:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ConversationError("not an Offload Studio conversation")
+        if data.get("version", 0) > FORMAT_VERSION:
+            raise ConversationError(f"written by a newer version (format {data.get('version')})")
+        conversation_id = str(data.get("id", ""))
+        if not ID_RE.match(conversation_id):
+            raise ConversationError(f"bad conversation id {conversation_id!r}")
+        messages = data.get("messages") or []
+        if not isinstance(messages, list):
+            raise ConversationError("messages must be a list")
+        return cls(conversation_id, str(data.get("title") or "New chat"), str(data.get("system_prompt") or ""),
+                   [Message.from_dict(m) for m in messages], float(data.get("created_s") or 0.0),
+                   float(data.get("updated_s") or 0.0), bool(data.get("titled_by_user", False)))
+
+    def summary(self) -> ConversationSummary:
+        return ConversationSummary(self.id, self.title, self.updated_s, len(self.messages))
+
+
+@dataclass(frozen=True)
+class ConversationSummary:
+    """What the conversation list shows, without the messages."""
+    id: str
+    title: str
+    updated_s: float
+    n_messages: int
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash leaves the old file or the new one, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())       # the bytes are on disk before the rename makes them the file
+        os.replace(temp_name, path)
+    except BaseException:
+        _remove_quietly(Path(temp_name))
+        raise
+    _fsync_dir(path.parent)            # and the rename itself survives a power cut
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:     # Windows cannot open a folder; its rename is durable enough
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+class ConversationStore:
+    """List, load, save, rename and delete conversations in one folder."""
+
+    def __init__(self, directory: str | os.PathLike | None = None):
+        self.directory = Path(directory) if directory is not None else default_conversations_dir()
+
+    def path_of(self, conversation_id: str) -> Path:
+        if not ID_RE.match(conversation_id):
+            raise ConversationError(f"bad conversation id {conversation_id!r}")
+        return self.directory / f"{conversation_id}{SUFFIX}"
+
+    def save(self, conversation: Conversation) -> Path:
+        path = self.path_of(conversation.id)
+        text = json.dumps(conversation.to_dict(), ensure_ascii=False, indent=1)
+        write_atomic(path, text.encode("utf-8"))
+        return path
+
+    def load(self, conversation_id: str) -> Conversation:
+        path = self.path_of(conversation_id)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConversationError(f"no conversation {conversation_id} in {self.directory}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConversationError(f"{path}: cannot read the conversation ({e})") from None
+        conversation = Conversation.from_dict(data)
+        if conversation.id != conversation_id:
+            raise ConversationError(f"{path} holds conversation {conversation.id}, not {conversation_id}")
+        return conversation
+
+    def list(self) -> list[ConversationSummary]:
+        """Every readable conversation, the most recently updated first; unreadable files are logged and skipped."""
+        summaries = []
+        for path in self._files():
+            try:
+                summaries.append(self.load(path.stem).summary())
+            except ConversationError as e:
+                log.warning("skipping %s: %s", path.name, e)
+        return sorted(summaries, key=lambda s: s.updated_s, reverse=True)
+
+    def rename(self, conversation_id: str, title: str) -> Conversation:
+        conversation = self.load(conversation_id)
+        conversation.title = title.strip() or conversation.title
+        conversation.titled_by_user = True
+        self.save(conversation)
+        return conversation
+
+    def delete(self, conversation_id: str) -> bool:
+        """Remove a conversation; False when there was none."""
+        try:
+            self.path_of(conversation_id).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def remove_stale_temps(self, max_age_s: float = STALE_TEMP_AGE_S) -> int:
+        """Delete temporary files that a crash left behind (older than `max_age_s`, so never one being written)."""
+        if not self.directory.is_dir():
+            return 0
+        removed = 0
+        cutoff_s = time.time() - max_age_s
+        for path in self.directory.glob(f"{TEMP_PREFIX}*"):
+            try:
+                if path.stat().st_mtime < cutoff_s:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                pass
+        return removed
+
+    def _files(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        return [p for p in self.directory.glob(f"*{SUFFIX}") if ID_RE.match(p.stem)]

@@ -1,0 +1,294 @@
+"""The chat panel's message view (bubbles painted by a delegate) and its input box.
+
+The view is a QTreeView used as a flat list, not a QListView: a QTreeView keeps one cached
+height per row and, on a `dataChanged` of one row, re-measures that row alone. A QListView in
+list mode ignores `dataChanged` for sizes, so a growing message would need a full relayout of
+every row on each streamed token. Text layouts are cached by (text, width), so scrolling a
+long conversation lays each message out once.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from PySide6.QtCore import QEvent, QModelIndex, QPointF, QRect, QRectF, QSize, Qt, Signal
+from PySide6.QtGui import (QAbstractTextDocumentLayout, QColor, QFont, QFontMetrics, QKeyEvent, QPainter,
+                           QPaintEvent, QPalette, QPen, QResizeEvent, QTextDocument, QTextOption)
+from PySide6.QtWidgets import (QAbstractItemView, QFrame, QPlainTextEdit, QStyle, QStyledItemDelegate,
+                               QStyleOptionViewItem, QTreeView, QWidget)
+
+from app.models.chat import ErrorRole, SpeakerRole, StatsRole, StreamingRole
+
+USER_BUBBLE = QColor("#2c4f94")
+USER_TEXT = QColor("#f4f6fb")
+ASSISTANT_BUBBLE = QColor("#2a2c32")
+ASSISTANT_TEXT = QColor("#dcdee3")
+SYSTEM_BUBBLE = QColor("#24262b")
+MUTED = QColor("#8d919b")
+ERROR = QColor("#ff7a7f")
+SELECTED_OUTLINE = QColor("#5b8def")
+VIEW_BACKGROUND = QColor("#1b1c20")
+
+BUBBLE_MAX_FRACTION = 0.78     # of the view's width
+BUBBLE_MAX_PX = 820
+PAD_X, PAD_Y = 14, 10          # inside a bubble
+ROW_MARGIN_X, ROW_GAP = 18, 8  # around a row
+LABEL_GAP = 4
+FOOTER_GAP = 4
+RADIUS = 12
+CACHE_DOCS = 256               # laid-out documents kept for painting
+CACHE_HEIGHTS = 4096           # measured text heights
+SPEAKER_LABEL = {"user": "You", "assistant": "Assistant", "system": "System"}
+STREAMING_CURSOR = " ▍"
+EMPTY_STREAMING_TEXT = "…"
+
+
+class _TextLayouts:
+    """QTextDocuments for message texts, laid out at a width, with LRU caches."""
+
+    def __init__(self):
+        self._docs: OrderedDict[tuple[str, int, int], QTextDocument] = OrderedDict()
+        self._heights: OrderedDict[tuple[str, int, int], float] = OrderedDict()
+        self.font = QFont()
+
+    def clear(self) -> None:
+        self._docs.clear()
+        self._heights.clear()
+
+    def set_font(self, font: QFont) -> None:
+        if font != self.font:
+            self.font = QFont(font)
+            self.clear()
+
+    def document(self, text: str, width: int) -> QTextDocument:
+        key = (text, width, 0)
+        doc = self._docs.get(key)
+        if doc is not None:
+            self._docs.move_to_end(key)
+            return doc
+        doc = QTextDocument()
+        doc.setDocumentMargin(0)
+        doc.setDefaultFont(self.font)
+        option = QTextOption()
+        option.setWrapMode(QTextOption.WrapAtWordBoundaryOrAnywhere)
+        doc.setDefaultTextOption(option)
+        doc.setPlainText(text)
+        doc.setTextWidth(width)
+        self._docs[key] = doc
+        if len(self._docs) > CACHE_DOCS:
+            self._docs.popitem(last=False)
+        return doc
+
+    def height(self, text: str, width: int) -> float:
+        key = (text, width, 0)
+        height = self._heights.get(key)
+        if height is None:
+            height = self.document(text, width).size().height()
+            self._heights[key] = height
+            if len(self._heights) > CACHE_HEIGHTS:
+                self._heights.popitem(last=False)
+        return height
+
+    def ideal_width(self, text: str, width: int) -> float:
+        return self.document(text, width).idealWidth()
+
+
+class MessageDelegate(QStyledItemDelegate):
+    """Paints one message as a bubble: the user's on the right, the model's on the left with a
+    line of statistics under it, an error line in red when a turn ended badly."""
+
+    def __init__(self, view: QAbstractItemView):
+        super().__init__(view)
+        self.view = view
+        self.layouts = _TextLayouts()
+        self.layouts.set_font(view.font())
+        self.small_font = QFont(view.font())
+        self.small_font.setPointSizeF(max(7.5, view.font().pointSizeF() - 1.5))
+
+    # --- geometry ---
+
+    def _bubble_text_width(self) -> int:
+        width = self.view.viewport().width() - 2 * ROW_MARGIN_X
+        return max(80, int(min(width * BUBBLE_MAX_FRACTION, BUBBLE_MAX_PX)) - 2 * PAD_X)
+
+    @staticmethod
+    def _shown_text(index: QModelIndex) -> str:
+        text = index.data(Qt.DisplayRole) or ""
+        if index.data(StreamingRole):
+            return (text + STREAMING_CURSOR) if text else EMPTY_STREAMING_TEXT
+        return text
+
+    def _footer_lines(self, index: QModelIndex) -> list[tuple[str, QColor]]:
+        lines = []
+        stats = index.data(StatsRole) or ""
+        if stats and not index.data(StreamingRole):
+            lines.append((stats, MUTED))
+        error = index.data(ErrorRole) or ""
+        if error:
+            lines.append((error, ERROR))
+        return lines
+
+    def _footer_height(self, lines: list[tuple[str, QColor]], width: int) -> int:
+        metrics = QFontMetrics(self.small_font)
+        return sum(metrics.boundingRect(QRect(0, 0, width, 10_000), Qt.TextWordWrap, text).height() + FOOTER_GAP
+                   for text, _ in lines)
+
+    def sizeHint(self, option: QStyleOptionViewItem, index: QModelIndex) -> QSize:
+        text_width = self._bubble_text_width()
+        text_height = self.layouts.height(self._shown_text(index), text_width)
+        label_height = QFontMetrics(self.small_font).height() + LABEL_GAP
+        footer = self._footer_height(self._footer_lines(index), text_width + 2 * PAD_X)
+        height = ROW_GAP + label_height + int(text_height) + 2 * PAD_Y + footer + ROW_GAP
+        return QSize(self.view.viewport().width(), height)
+
+    # --- painting ---
+
+    def paint(self, painter: QPainter, option: QStyleOptionViewItem, index: QModelIndex) -> None:
+        speaker = index.data(SpeakerRole) or "assistant"
+        text = self._shown_text(index)
+        text_width = self._bubble_text_width()
+        doc = self.layouts.document(text, text_width)
+        bubble_width = min(text_width, int(doc.idealWidth()) + 1) + 2 * PAD_X
+        small = QFontMetrics(self.small_font)
+        label_height = small.height() + LABEL_GAP
+        bubble_height = int(doc.size().height()) + 2 * PAD_Y
+        row = option.rect
+        is_user = speaker == "user"
+        left = (row.right() - ROW_MARGIN_X - bubble_width) if is_user else (row.left() + ROW_MARGIN_X)
+        bubble = QRectF(left, row.top() + ROW_GAP + label_height, bubble_width, bubble_height)
+
+        painter.save()
+        painter.setRenderHint(QPainter.Antialiasing)
+        painter.setFont(self.small_font)
+        painter.setPen(MUTED)
+        label_rect = QRectF(bubble.left(), row.top() + ROW_GAP, max(bubble_width, 200), small.height())
+        if is_user:
+            label_rect.moveRight(bubble.right())
+        painter.drawText(label_rect, (Qt.AlignRight if is_user else Qt.AlignLeft) | Qt.AlignVCenter,
+                         SPEAKER_LABEL.get(speaker, speaker))
+
+        selected = bool(option.state & QStyle.State_Selected)
+        painter.setPen(QPen(SELECTED_OUTLINE, 1.5) if selected else Qt.NoPen)
+        painter.setBrush(USER_BUBBLE if is_user else SYSTEM_BUBBLE if speaker == "system" else ASSISTANT_BUBBLE)
+        painter.drawRoundedRect(bubble.adjusted(0.5, 0.5, -0.5, -0.5), RADIUS, RADIUS)
+
+        painter.translate(bubble.left() + PAD_X, bubble.top() + PAD_Y)
+        context = QAbstractTextDocumentLayout.PaintContext()
+        context.palette.setColor(QPalette.Text, USER_TEXT if is_user else ASSISTANT_TEXT)
+        if index.data(StreamingRole) and not index.data(Qt.DisplayRole):
+            context.palette.setColor(QPalette.Text, MUTED)
+        doc.documentLayout().draw(painter, context)
+        painter.restore()
+        self._paint_footer(painter, index, bubble, is_user)
+
+    def _paint_footer(self, painter: QPainter, index: QModelIndex, bubble: QRectF, is_user: bool) -> None:
+        lines = self._footer_lines(index)
+        if not lines:
+            return
+        painter.save()
+        painter.setFont(self.small_font)
+        metrics = QFontMetrics(self.small_font)
+        width = self._bubble_text_width() + 2 * PAD_X
+        y = bubble.bottom() + FOOTER_GAP
+        for text, colour in lines:
+            height = metrics.boundingRect(QRect(0, 0, width, 10_000), Qt.TextWordWrap, text).height()
+            rect = QRectF(bubble.left() + 4, y, width - 8, height)
+            if is_user:
+                rect.moveRight(bubble.right() - 4)
+            painter.setPen(colour)
+            painter.drawText(rect, Qt.TextWordWrap | (Qt.AlignRight if is_user else Qt.AlignLeft), text)
+            y += height + FOOTER_GAP
+        painter.restore()
+
+
+class MessageView(QTreeView):
+    """The conversation: a flat list of bubbles, scrolled per pixel, following the end while streaming."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setObjectName("messageView")
+        self.setHeaderHidden(True)
+        self.setRootIsDecorated(False)
+        self.setIndentation(0)
+        self.setItemsExpandable(False)
+        self.setUniformRowHeights(False)
+        self.setVerticalScrollMode(QAbstractItemView.ScrollPerPixel)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.setSelectionMode(QAbstractItemView.SingleSelection)
+        self.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.setFrameShape(QFrame.NoFrame)
+        self.setMouseTracking(False)
+        self.setAllColumnsShowFocus(False)
+        self.verticalScrollBar().setSingleStep(24)
+        self.empty_text = ""
+        self.delegate = MessageDelegate(self)
+        self.setItemDelegate(self.delegate)
+        self._last_width = -1
+
+    def is_at_bottom(self, slack_px: int = 24) -> bool:
+        bar = self.verticalScrollBar()
+        return bar.value() >= bar.maximum() - slack_px
+
+    def resizeEvent(self, event: QResizeEvent) -> None:
+        super().resizeEvent(event)
+        width = self.viewport().width()
+        if width != self._last_width:       # wrapped heights depend on the width: measure again
+            self._last_width = width
+            at_bottom = self.is_at_bottom()
+            self.scheduleDelayedItemsLayout()
+            if at_bottom:
+                self.executeDelayedItemsLayout()
+                self.scrollToBottom()
+
+    def changeEvent(self, event: QEvent) -> None:
+        super().changeEvent(event)
+        if event.type() == QEvent.FontChange:
+            self.delegate.layouts.set_font(self.font())
+            self.scheduleDelayedItemsLayout()
+
+    def paintEvent(self, event: QPaintEvent) -> None:
+        super().paintEvent(event)
+        model = self.model()
+        if self.empty_text and (model is None or model.rowCount() == 0):
+            painter = QPainter(self.viewport())
+            painter.setPen(MUTED)
+            painter.drawText(self.viewport().rect().adjusted(40, 0, -40, 0), Qt.AlignCenter | Qt.TextWordWrap,
+                             self.empty_text)
+
+
+class ChatInput(QPlainTextEdit):
+    """The message box: Enter sends, Shift+Enter starts a new line, Esc cancels an edit. Grows
+    with its text up to `max_lines`."""
+
+    submitted = Signal()
+    escaped = Signal()
+
+    def __init__(self, parent: QWidget | None = None, max_lines: int = 8):
+        super().__init__(parent)
+        self.setObjectName("chatInput")
+        self.max_lines = max_lines
+        self.setTabChangesFocus(True)
+        self.setWordWrapMode(QTextOption.WrapAtWordBoundaryOrAnywhere)
+        self.document().documentLayout().documentSizeChanged.connect(self._fit_height)
+        self._fit_height()
+
+    def keyPressEvent(self, event: QKeyEvent) -> None:
+        if event.key() in (Qt.Key_Return, Qt.Key_Enter) and not (event.modifiers() & Qt.ShiftModifier):
+            self.submitted.emit()
+            return
+        if event.key() == Qt.Key_Escape:
+            self.escaped.emit()
+            return
+        super().keyPressEvent(event)
+
+    def _fit_height(self, *_args) -> None:
+        line = QFontMetrics(self.font()).lineSpacing()
+        n_lines = max(1, min(self.max_lines, int(self.document().size().height())))
+        margins = self.contentsMargins()
+        frame = int(2 * self.document().documentMargin()) + margins.top() + margins.bottom() + 8
+        self.setFixedHeight(n_lines * line + frame)
+
+
+def bubble_point(view: MessageView, row: int) -> QPointF:
+    """The centre of a row's bubble area, for tests and context menus."""
+    rect = view.visualRect(view.model().index(row, 0))
+    return QPointF(rect.center())

@@ -1,0 +1,448 @@
+"""The designer's two selection views: the layer × tensor-group grid and one layer's expert strip.
+
+Both only select and drag: a drag carries the selection's tensor refs (`MIME_TYPE`) to a device
+lane; Ctrl+0 (CPU), Ctrl+1.. (the GPUs in order) and Delete ask for a move by keyboard
+(`move_key(device_index)`); the panel builds the context menu. The grid paints its cells with a
+delegate: the device colour, stripes where a cell spans devices, a corner mark on a per-expert
+split (ours only).
+"""
+from __future__ import annotations
+
+from PySide6.QtCore import QEvent, QItemSelection, QItemSelectionModel, QModelIndex, QPoint, QRect, QRectF, QSize, Qt, Signal
+from PySide6.QtGui import QColor, QDrag, QFont, QKeyEvent, QKeySequence, QMouseEvent, QPainter, QPainterPath, QPixmap, QPolygonF
+from PySide6.QtWidgets import (QAbstractItemView, QApplication, QHeaderView, QRubberBand, QStyle,
+                               QStyledItemDelegate, QStyleOptionViewItem, QTableView, QWidget)
+
+from app.models.designer import DevicesRole, ExpertStripModel, LayerGridModel, SplitRole, device_color, short_bytes
+
+BASE = QColor("#202126")
+CELL_TEXT = QColor("#eef0f3")
+SPLIT_MARK = QColor("#f5c451")
+SELECTED = QColor("#ffffff")
+MUTED = QColor("#9a9ea8")
+ROW_HEIGHT = 24
+TILE = 11               # expert tile, px
+TILE_STEP = 13          # tile plus gap
+LABEL_WIDTH = 108       # tensor names left of the expert tiles
+CHUNK_HEADER = 15       # expert numbers above each chunk
+CHUNK_GAP = 8
+
+
+def blend(colour: QColor, amount: float, base: QColor = BASE) -> QColor:
+    """`amount` of `colour` over `base`: the soft fills of the dark theme."""
+    return QColor(int(base.red() + (colour.red() - base.red()) * amount),
+                  int(base.green() + (colour.green() - base.green()) * amount),
+                  int(base.blue() + (colour.blue() - base.blue()) * amount))
+
+
+def drag_badge(text: str, colour: QColor, font: QFont) -> QPixmap:
+    """The pill that follows the pointer during a drag: what is moving and how big it is."""
+    pixmap = QPixmap(1, 1)
+    painter = QPainter(pixmap)
+    painter.setFont(font)
+    width = painter.fontMetrics().horizontalAdvance(text) + 28
+    painter.end()
+    pixmap = QPixmap(width, 26)
+    pixmap.fill(Qt.transparent)
+    painter = QPainter(pixmap)
+    painter.setRenderHint(QPainter.Antialiasing)
+    painter.setFont(font)
+    painter.setPen(Qt.NoPen)
+    painter.setBrush(blend(colour, 0.85))
+    painter.drawRoundedRect(QRectF(0, 0, width, 26), 13, 13)
+    painter.setPen(QColor("#ffffff"))
+    painter.drawText(QRectF(0, 0, width, 26), Qt.AlignCenter, text)
+    painter.end()
+    return pixmap
+
+
+def move_key_index(event: QKeyEvent) -> int | None:
+    """Ctrl+0 -> 0 (the CPU), Ctrl+1.. -> the GPUs in order, Delete/Backspace -> 0; else None."""
+    key = event.key()
+    if key in (Qt.Key_Delete, Qt.Key_Backspace) and not event.modifiers() & ~Qt.KeypadModifier:
+        return 0
+    if event.modifiers() & Qt.ControlModifier and Qt.Key_0 <= key <= Qt.Key_9:
+        return key - Qt.Key_0
+    return None
+
+
+class CellDelegate(QStyledItemDelegate):
+    """Paints a grid cell as a soft tile of its device colour with the size in the middle."""
+
+    def paint(self, painter: QPainter, option: QStyleOptionViewItem, index: QModelIndex) -> None:
+        text = index.data(Qt.DisplayRole)
+        if text is None:
+            return
+        devices = index.data(DevicesRole) or {}
+        total = sum(devices.values()) or 1
+        rect = QRectF(option.rect).adjusted(2, 2, -2, -1)
+        painter.save()
+        painter.setRenderHint(QPainter.Antialiasing)
+        path = QPainterPath()
+        path.addRoundedRect(rect, 4, 4)
+        painter.setClipPath(path)
+        x = rect.left()
+        for device, n_bytes in devices.items():
+            width = rect.width() * n_bytes / total
+            painter.fillRect(QRectF(x, rect.top(), width + 0.5, rect.height()), blend(device_color(device), 0.5))
+            painter.fillRect(QRectF(x, rect.top(), width + 0.5, 2), device_color(device))
+            x += width
+        painter.setClipping(False)
+        selected = bool(option.state & QStyle.State_Selected)
+        if selected:
+            painter.setPen(SELECTED)
+            painter.setBrush(QColor(255, 255, 255, 40))
+            painter.drawRoundedRect(rect.adjusted(0.5, 0.5, -0.5, -0.5), 4, 4)
+        if index.data(SplitRole):
+            corner = QPolygonF([rect.topRight() + QPoint(-9, 0), rect.topRight(), rect.topRight() + QPoint(0, 9)])
+            painter.setPen(Qt.NoPen)
+            painter.setBrush(SPLIT_MARK)
+            painter.drawPolygon(corner)
+        painter.setPen(CELL_TEXT)
+        painter.setFont(option.font)
+        painter.drawText(rect.adjusted(6, 0, -6, 0), int(index.data(Qt.TextAlignmentRole) or Qt.AlignCenter), text)
+        painter.restore()
+
+    def sizeHint(self, option: QStyleOptionViewItem, index: QModelIndex) -> QSize:
+        return QSize(84, ROW_HEIGHT)
+
+
+class _MoveKeys:
+    """Ctrl+digit must reach the view even where the window binds the same keys to its own actions."""
+
+    def _move_key_event(self, event: QEvent) -> bool:
+        if event.type() == QEvent.ShortcutOverride and move_key_index(event) is not None:
+            event.accept()
+            return True
+        if event.type() == QEvent.KeyPress and (index := move_key_index(event)) is not None:
+            self.move_key.emit(index)
+            event.accept()
+            return True
+        return False
+
+
+class LayerGridView(_MoveKeys, QTableView):
+    """Layers × tensor groups; the selection can be cells, layers (row header) or groups (column header)."""
+
+    move_key = Signal(int)
+    layer_activated = Signal(int)
+
+    def __init__(self, model: LayerGridModel, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setObjectName("layerGrid")
+        self.setModel(model)
+        self.setItemDelegate(CellDelegate(self))
+        self.setSelectionMode(QAbstractItemView.ExtendedSelection)
+        self.setSelectionBehavior(QAbstractItemView.SelectItems)
+        self.setDragEnabled(True)
+        self.setDragDropMode(QAbstractItemView.DragOnly)
+        self.setDefaultDropAction(Qt.MoveAction)
+        self.setShowGrid(False)
+        self.setWordWrap(False)
+        self.setMouseTracking(True)
+        self.setContextMenuPolicy(Qt.CustomContextMenu)
+        self.setVerticalScrollMode(QAbstractItemView.ScrollPerPixel)
+        self.setHorizontalScrollMode(QAbstractItemView.ScrollPerPixel)
+        header = self.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.Stretch)
+        header.setMinimumSectionSize(72)
+        header.setHighlightSections(True)
+        header.sectionClicked.connect(self._keep_layer_rows_only)
+        rows = self.verticalHeader()
+        rows.setSectionResizeMode(QHeaderView.Fixed)
+        rows.setDefaultSectionSize(ROW_HEIGHT)
+        rows.setDefaultAlignment(Qt.AlignRight | Qt.AlignVCenter)
+        rows.setMinimumWidth(56)
+        model.modelReset.connect(self._apply_spans)
+        self.clicked.connect(self._activate)
+        self._apply_spans()
+
+    def grid_model(self) -> LayerGridModel:
+        return self.model()
+
+    def _apply_spans(self) -> None:
+        self.clearSpans()
+        model = self.grid_model()
+        for row in range(model.rowCount()):
+            if not model.is_layer_row(row) and model.columnCount() > 1:
+                self.setSpan(row, 0, 1, model.columnCount())
+
+    def _keep_layer_rows_only(self, column: int) -> None:
+        """A group header selects that group in every layer, not the input and output tensors."""
+        model = self.grid_model()
+        drop = QItemSelection()
+        for row in range(model.rowCount()):
+            if not model.is_layer_row(row):
+                drop.select(model.index(row, 0), model.index(row, model.columnCount() - 1))
+        self.selectionModel().select(drop, QItemSelectionModel.Deselect)
+
+    def _activate(self, index: QModelIndex) -> None:
+        layer = self.grid_model().layer_of_row(index.row()) if index.isValid() else None
+        if layer is not None:
+            self.layer_activated.emit(layer)
+
+    def currentChanged(self, current: QModelIndex, previous: QModelIndex) -> None:
+        super().currentChanged(current, previous)
+        self._activate(current)
+
+    def selected_refs(self) -> list:
+        return self.grid_model().refs_for(self.selectionModel().selectedIndexes())
+
+    def select_column(self, column: int) -> None:
+        model = self.grid_model()
+        rows = model.layer_rows()
+        if rows:
+            selection = QItemSelection(model.index(rows.start, column), model.index(rows.stop - 1, column))
+            self.selectionModel().select(selection, QItemSelectionModel.ClearAndSelect)
+
+    def event(self, event: QEvent) -> bool:
+        return self._move_key_event(event) or super().event(event)
+
+    def startDrag(self, supported_actions: Qt.DropAction) -> None:
+        indexes = [i for i in self.selectionModel().selectedIndexes() if self.grid_model().tensors(i)]
+        if not indexes:
+            return
+        model = self.grid_model()
+        n_bytes = sum(t.n_bytes for i in indexes for t in model.tensors(i))
+        n_tensors = len(model.refs_for(indexes))
+        drag = QDrag(self)
+        drag.setMimeData(model.mimeData(indexes))
+        badge = drag_badge(f"{n_tensors} tensor{'s' if n_tensors != 1 else ''} · {short_bytes(n_bytes)}",
+                           QColor("#3d6fd9"), self.font())
+        drag.setPixmap(badge)
+        drag.setHotSpot(QPoint(badge.width() // 2, badge.height() + 6))
+        drag.exec(Qt.MoveAction)
+
+
+class ExpertStripView(_MoveKeys, QWidget):
+    """One layer's experts as tiles, one line per routed-expert tensor, wrapped in chunks of experts.
+
+    Click selects a tile, Ctrl+click toggles one, dragging on empty space or an unselected tile
+    draws a rubber band (Ctrl adds to the selection), dragging a selected tile drags the
+    selection, clicking a tensor's name selects all its experts.
+    """
+
+    move_key = Signal(int)
+    selection_changed = Signal()
+    content_height_changed = Signal(int)
+
+    def __init__(self, model: ExpertStripModel, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setObjectName("expertStrip")
+        self.model = model
+        self.selection: set[tuple[int, int]] = set()
+        self._band = QRubberBand(QRubberBand.Rectangle, self)
+        self._press: QPoint | None = None
+        self._press_on_selected = False
+        self._band_base: set[tuple[int, int]] = set()
+        self.setFocusPolicy(Qt.StrongFocus)
+        self.setContextMenuPolicy(Qt.CustomContextMenu)
+        self.setMouseTracking(True)
+        model.modelReset.connect(self._on_reset)
+        model.dataChanged.connect(self._on_data_changed)
+        self._on_reset()
+
+    # --- geometry ------------------------------------------------------------------------------
+
+    def per_line(self, width: int | None = None) -> int:
+        """Experts per chunk line: the largest power of two (at least 8) the width holds."""
+        width = self.width() if width is None else width
+        n = 8
+        while n * 2 * TILE_STEP + LABEL_WIDTH <= width and n * 2 <= max(self.model.columnCount(), 8):
+            n *= 2
+        return n
+
+    def _chunk_height(self) -> int:
+        return CHUNK_HEADER + self.model.rowCount() * TILE_STEP + CHUNK_GAP
+
+    def height_for(self, width: int) -> int:
+        n_expert = self.model.columnCount()
+        if not n_expert:
+            return 0
+        n_chunks = -(-n_expert // self.per_line(width))
+        return n_chunks * self._chunk_height()
+
+    def tile_rect(self, row: int, expert: int) -> QRect:
+        per_line = self.per_line()
+        chunk, column = divmod(expert, per_line)
+        x = LABEL_WIDTH + column * TILE_STEP
+        y = chunk * self._chunk_height() + CHUNK_HEADER + row * TILE_STEP
+        return QRect(x, y, TILE, TILE)
+
+    def tile_at(self, pos: QPoint) -> tuple[int, int] | None:
+        per_line = self.per_line()
+        chunk, y = divmod(pos.y(), self._chunk_height())
+        row, y_in = divmod(y - CHUNK_HEADER, TILE_STEP)
+        column, x_in = divmod(pos.x() - LABEL_WIDTH, TILE_STEP)
+        expert = chunk * per_line + column
+        if (y < CHUNK_HEADER or not 0 <= row < self.model.rowCount() or not 0 <= column < per_line
+                or expert >= self.model.columnCount() or x_in >= TILE or y_in >= TILE):
+            return None
+        return int(row), int(expert)
+
+    def label_row_at(self, pos: QPoint) -> int | None:
+        if pos.x() >= LABEL_WIDTH:
+            return None
+        _, y = divmod(pos.y(), self._chunk_height())
+        row = (y - CHUNK_HEADER) // TILE_STEP
+        return int(row) if y >= CHUNK_HEADER and 0 <= row < self.model.rowCount() else None
+
+    def tiles_in(self, rect: QRect) -> set[tuple[int, int]]:
+        return {(row, e) for row in range(self.model.rowCount()) for e in range(self.model.columnCount())
+                if rect.intersects(self.tile_rect(row, e))}
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        self._fit_height()
+
+    def _fit_height(self) -> None:
+        height = self.height_for(self.width())
+        if height != self.minimumHeight():
+            self.setMinimumHeight(height)
+            self.content_height_changed.emit(height)
+
+    def sizeHint(self) -> QSize:
+        return QSize(LABEL_WIDTH + 64 * TILE_STEP, self.height_for(LABEL_WIDTH + 64 * TILE_STEP))
+
+    # --- model ---------------------------------------------------------------------------------
+
+    def _on_reset(self) -> None:
+        self.selection = set()
+        self._fit_height()
+        self.update()
+        self.selection_changed.emit()
+
+    def _on_data_changed(self, top_left: QModelIndex, bottom_right: QModelIndex, roles=()) -> None:
+        if top_left.row() == bottom_right.row() and top_left.column() == bottom_right.column():
+            self.update(self.tile_rect(top_left.row(), top_left.column()).adjusted(-2, -2, 2, 2))
+        else:
+            self.update()
+
+    def selected_refs(self) -> list:
+        return self.model.refs_for(self.selection)
+
+    def set_selection(self, cells: set[tuple[int, int]]) -> None:
+        self.selection = set(cells)
+        self.update()
+        self.selection_changed.emit()
+
+    # --- painting ------------------------------------------------------------------------------
+
+    def paintEvent(self, event) -> None:
+        painter = QPainter(self)
+        model = self.model
+        n_rows, n_expert = model.rowCount(), model.columnCount()
+        if not n_rows:
+            painter.end()
+            return
+        per_line = self.per_line()
+        chunk_height = self._chunk_height()
+        small = QFont(self.font())
+        small.setPointSizeF(max(self.font().pointSizeF() - 1.5, 7))
+        heat_on = model.heat is not None
+        for chunk in range(-(-n_expert // per_line)):
+            top = chunk * chunk_height
+            if top > event.rect().bottom() or top + chunk_height < event.rect().top():
+                continue
+            painter.setFont(small)
+            painter.setPen(MUTED)
+            for column in range(0, per_line, 8):
+                expert = chunk * per_line + column
+                if expert < n_expert:
+                    painter.drawText(QRect(LABEL_WIDTH + column * TILE_STEP, top, 8 * TILE_STEP, CHUNK_HEADER - 2),
+                                     Qt.AlignLeft | Qt.AlignBottom, str(expert))
+            for row in range(n_rows):
+                y = top + CHUNK_HEADER + row * TILE_STEP
+                painter.setPen(MUTED)
+                painter.drawText(QRect(0, y - 1, LABEL_WIDTH - 10, TILE_STEP), Qt.AlignRight | Qt.AlignVCenter,
+                                 model.tensor(row).group)
+                devices = model.row_devices(row)
+                for column in range(per_line):
+                    expert = chunk * per_line + column
+                    if expert >= len(devices):
+                        break
+                    colour = device_color(devices[expert])
+                    amount = 0.82 if not heat_on else 0.25 + 0.75 * (model.heat_of(expert) or 0.0)
+                    painter.fillRect(LABEL_WIDTH + column * TILE_STEP, y, TILE, TILE, blend(colour, amount))
+        self._paint_selection(painter)
+        painter.end()
+
+    def _paint_selection(self, painter: QPainter) -> None:
+        if not self.selection:
+            return
+        painter.setPen(SELECTED)
+        painter.setBrush(Qt.NoBrush)
+        for row, expert in self.selection:
+            painter.drawRect(self.tile_rect(row, expert).adjusted(-1, -1, 0, 0))
+
+    # --- mouse and keys ------------------------------------------------------------------------
+
+    def mousePressEvent(self, event: QMouseEvent) -> None:
+        self.setFocus(Qt.MouseFocusReason)
+        if event.button() != Qt.LeftButton:
+            return super().mousePressEvent(event)
+        pos = event.position().toPoint()
+        ctrl = bool(event.modifiers() & Qt.ControlModifier)
+        tile = self.tile_at(pos)
+        label_row = self.label_row_at(pos)
+        self._press = pos
+        self._press_on_selected = tile in self.selection and not ctrl
+        if label_row is not None:
+            row_tiles = {(label_row, e) for e in range(self.model.tensor(label_row).n_experts)}
+            self.set_selection(self.selection | row_tiles if ctrl else row_tiles)
+            self._press = None
+            return
+        if self._press_on_selected:
+            return
+        self._band_base = set(self.selection) if ctrl else set()
+        if tile is not None and ctrl:
+            self._band_base ^= {tile}
+        self.set_selection(self._band_base | ({tile} if tile is not None and not ctrl else set()))
+        self._band.setGeometry(QRect(pos, QSize()))
+        self._band.show()
+
+    def mouseMoveEvent(self, event: QMouseEvent) -> None:
+        if self._press is None or not event.buttons() & Qt.LeftButton:
+            return
+        pos = event.position().toPoint()
+        if self._press_on_selected:
+            if (pos - self._press).manhattanLength() >= QApplication.startDragDistance():
+                self._press = None
+                self.start_drag()
+            return
+        band = QRect(self._press, pos).normalized()
+        self._band.setGeometry(band)
+        self.set_selection(self._band_base | self.tiles_in(band))
+
+    def mouseReleaseEvent(self, event: QMouseEvent) -> None:
+        if self._press is not None and self._press_on_selected:
+            tile = self.tile_at(event.position().toPoint())
+            self.set_selection({tile} if tile is not None else set())
+        self._press = None
+        self._band.hide()
+
+    def start_drag(self) -> None:
+        refs = self.selected_refs()
+        if not refs:
+            return
+        n_bytes = sum(self.model.tensor(row).expert_bytes for row, _ in self.selection)
+        drag = QDrag(self)
+        drag.setMimeData(self.model.mimeData([self.model.index(r, e) for r, e in self.selection]))
+        badge = drag_badge(f"{len(self.selection)} expert tile{'s' if len(self.selection) != 1 else ''} · "
+                           f"{short_bytes(n_bytes)}", QColor("#3d6fd9"), self.font())
+        drag.setPixmap(badge)
+        drag.setHotSpot(QPoint(badge.width() // 2, badge.height() + 6))
+        drag.exec(Qt.MoveAction)
+
+    def event(self, event: QEvent) -> bool:
+        return self._move_key_event(event) or super().event(event)
+
+    def keyPressEvent(self, event: QKeyEvent) -> None:
+        if event.matches(QKeySequence.SelectAll):
+            self.set_selection({(r, e) for r in range(self.model.rowCount())
+                                for e in range(self.model.tensor(r).n_experts)})
+            return
+        if event.key() == Qt.Key_Escape:
+            self.set_selection(set())
+            return
+        super().keyPressEvent(event)
