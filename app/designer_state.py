@@ -354,10 +354,9 @@ class DesignerState(QObject):
         if self.placement is None:
             return self.command_line
         emitted = emit_llama_args(self.placement, self.run_config, self.devices)
-        notes = list(extra_notes) + list(emitted.notes)
-        if not emitted.exact:
-            notes.insert(0, "ours only: llama.cpp cannot split one tensor's experts across devices; "
-                            "the line below is the nearest it can run")
+        # a per-expert split is ours only: say so first, with what llama.cpp gets instead
+        notes = [("ours only: " + n if n.startswith("llama.cpp cannot split") else n) for n in emitted.notes]
+        notes = sorted(notes, key=lambda n: not n.startswith("ours only")) + list(extra_notes)
         self.command_line = CommandLine(emitted.text, emitted.exact, tuple(notes))
         self.command_line_changed.emit(self.command_line)
         self._remember()

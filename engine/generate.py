@@ -44,11 +44,6 @@ class Session:
     def n_ctx(self) -> int:
         return self.cache.n_ctx
 
-    def kv_note(self) -> str:
-        rc = self.model.run_config
-        return (f"KV cache {rc.type_k}/{rc.type_v}; try -ctk q8_0 or f16"
-                if (rc.type_k, rc.type_v) != ("f32", "f32") else "KV cache f32")
-
     def reuse_prefix(self, tokens: Sequence[int]) -> int:
         """Keep the cached prefix shared with `tokens` (leaving at least one token to evaluate)."""
         keep = 0
@@ -122,7 +117,7 @@ def generate(session: Session, prompt_tokens: Sequence[int], settings: SamplerSe
         if cancel is not None and cancel.is_set():
             yield event(stops.flush(), None, FINISH_CANCELLED)
             return
-        check_finite(logits, session.kv_note())
+        check_finite(logits, session.model.kv_hint.strip(" ()"))
         token = sampler(logits, session.tokens)
         generated.append(token)
         step = stops.feed(detokenizer.add_token(token), token)

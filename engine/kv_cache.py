@@ -12,23 +12,42 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine import ggml_types
 from engine.arch.base import AttentionKind, HyperParams
-from engine.memory import kv_cells
-from engine.run_config import RunConfig
+from engine.memory import kv_cells, kv_row_bytes
+from engine.run_config import KV_CACHE_TYPES, RunConfig
+from kernels.cpu import dequantize_rows, quantize_rows
 
-CACHE_DTYPES = {"f32": np.float32, "f16": np.float16}
+FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16}
 
 
 class ContextOverflowError(ValueError):
     pass
 
 
-def cache_dtype(type_name: str) -> type:
-    try:
-        return CACHE_DTYPES[type_name]
-    except KeyError:
-        raise ValueError(f"KV cache type {type_name} is not supported by the CPU engine yet; "
-                         f"use one of {', '.join(CACHE_DTYPES)}") from None
+class RowCodec:
+    """How one cache type stores rows: NumPy floats for f32/f16, ggml blocks (bytes) for the rest,
+    quantized with the same block formats and rounding as llama.cpp's CPU cache."""
+
+    def __init__(self, type_name: str):
+        if type_name not in KV_CACHE_TYPES:
+            raise ValueError(f"unknown KV cache type {type_name!r}; choose one of {', '.join(KV_CACHE_TYPES)}")
+        self.type_name = type_name
+        self.dtype = FLOAT_DTYPES.get(type_name)
+        self.type_id = ggml_types.type_id_by_name(type_name)
+
+    def empty(self, cells: int, n_values: int) -> np.ndarray:
+        if self.dtype is not None:
+            return np.zeros((cells, n_values), dtype=self.dtype)
+        return np.zeros((cells, kv_row_bytes(self.type_name, n_values)), dtype=np.uint8)
+
+    def encode(self, rows: np.ndarray) -> np.ndarray:
+        return rows if self.dtype is not None else quantize_rows(np.ascontiguousarray(rows, np.float32), self.type_id)
+
+    def decode(self, stored: np.ndarray, n_values: int) -> np.ndarray:
+        if self.dtype is not None:
+            return stored.astype(np.float32, copy=False)
+        return dequantize_rows(stored, self.type_id, n_values)
 
 
 class KVCache:
@@ -37,7 +56,9 @@ class KVCache:
     def __init__(self, hp: HyperParams, run_config: RunConfig):
         self.n_ctx = run_config.context_length(hp.n_ctx_train)
         self.n_ubatch = run_config.n_ubatch
-        k_dtype, v_dtype = cache_dtype(run_config.type_k), cache_dtype(run_config.type_v)
+        self.k_codec, self.v_codec = RowCodec(run_config.type_k), RowCodec(run_config.type_v)
+        self.n_k = [hp.n_embd_k_gqa(il) for il in range(hp.n_layer)]
+        self.n_v = [hp.n_embd_v_gqa(il) for il in range(hp.n_layer)]
         self.k: list[np.ndarray] = []
         self.v: list[np.ndarray | None] = []
         self.cell_pos: list[np.ndarray] = []    # position held by each cell, -1 when empty
@@ -46,9 +67,9 @@ class KVCache:
         self.window = hp.attention_window
         for il in range(hp.n_layer):
             cells = kv_cells(hp, il, run_config)
-            self.k.append(np.zeros((cells, hp.n_embd_k_gqa(il)), dtype=k_dtype))
-            n_v = hp.n_embd_v_gqa(il)
-            self.v.append(np.zeros((cells, n_v), dtype=v_dtype) if n_v else None)   # MLA: V is part of K
+            self.k.append(self.k_codec.empty(cells, self.n_k[il]))
+            n_v = self.n_v[il]
+            self.v.append(self.v_codec.empty(cells, n_v) if n_v else None)   # MLA: V is part of K
             self.cell_pos.append(np.full(cells, -1, dtype=np.int64))
             self.ring.append(cells < self.n_ctx)
         self.n_filled = [0] * hp.n_layer     # cells in use from the start of each layer's arrays
@@ -71,17 +92,17 @@ class KVCache:
             raise ValueError(f"{len(positions)} tokens in one step exceed the ubatch size {self.n_ubatch} "
                              "that the sliding-window cache was sized for")
         cells = positions % len(self.cell_pos[il]) if self.ring[il] else positions
-        self.k[il][cells] = k.reshape(len(positions), -1)
+        self.k[il][cells] = self.k_codec.encode(k.reshape(len(positions), -1))
         if v is not None:
-            self.v[il][cells] = v.reshape(len(positions), -1)
+            self.v[il][cells] = self.v_codec.encode(v.reshape(len(positions), -1))
         self.cell_pos[il][cells] = positions
         self.n_filled[il] = max(self.n_filled[il], int(cells.max()) + 1)
 
     def view(self, il: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """(keys, values, positions) of the cells in use, keys and values as float32."""
         n = self.n_filled[il]
-        keys = self.k[il][:n].astype(np.float32, copy=False)
-        values = None if self.v[il] is None else self.v[il][:n].astype(np.float32, copy=False)
+        keys = self.k_codec.decode(self.k[il][:n], self.n_k[il])
+        values = None if self.v[il] is None else self.v_codec.decode(self.v[il][:n], self.n_v[il])
         return keys, values, self.cell_pos[il][:n]
 
     def truncate(self, n_past: int) -> None:

@@ -187,7 +187,7 @@ class Model:
         x = embed(self, tokens) if embed else self.embed_tokens(tokens)
         for il in range(self.hparams.n_layer):
             x = self.family.forward_layer(self, il, x, batch)
-            check_finite(x, f"layer {il}")
+            check_finite(x, f"layer {il}", self.kv_hint)
         cache.n_past = max(cache.n_past, int(positions.max()) + 1)
         if skip_output:
             return None
@@ -195,8 +195,16 @@ class Model:
             x = x[-1:]
         output = getattr(self.family, "output", None)
         logits = output(self, x) if output else self.output_logits(x)
-        check_finite(logits, "the output layer")
+        check_finite(logits, "the output layer", self.kv_hint)
         return logits
+
+    @property
+    def kv_hint(self) -> str:
+        """What to try when values blow up: a quantized KV cache is the usual cause."""
+        rc = self.run_config
+        if {rc.type_k, rc.type_v} <= {"f32", "f16"}:
+            return f" (KV cache {rc.type_k}/{rc.type_v})"
+        return f" (KV cache {rc.type_k}/{rc.type_v}: try -ctk q8_0 -ctv q8_0, or f16)"
 
     def close(self) -> None:
         self.file.close()
@@ -208,8 +216,8 @@ class Model:
         self.close()
 
 
-def check_finite(x: np.ndarray, where: str) -> None:
+def check_finite(x: np.ndarray, where: str, hint: str = "") -> None:
     # one reduction per layer: any NaN or inf anywhere makes the sum non-finite
     if not np.isfinite(x.sum(dtype=np.float64)):
         raise NonFiniteError(f"{where} produced non-finite values (NaN or inf); the weights, the "
-                             "quantization or the inputs are bad from there on")
+                             f"quantization or the inputs are bad from there on{hint}")

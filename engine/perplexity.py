@@ -38,7 +38,7 @@ EvalChunk = Callable[[np.ndarray], np.ndarray]
 BASE_MAGIC = b"_logits_"
 BASE_WINDOW_NATS = 16.0        # a base row codes log-probs within this distance of its maximum
 KLD_MIN_LOG_PROB = -16.0       # base probabilities below e^-16 are left out of the KL sum (as llama.cpp)
-_ROW_BLOCK_VALUES = 1 << 22    # logits converted to float64 at a time (32 MiB)
+_ROW_BLOCK_VALUES = 1 << 21    # logits converted to float64 at a time (16 MiB)
 
 
 @dataclass(frozen=True)
@@ -103,14 +103,15 @@ def _row_blocks(n_rows: int, n_vocab: int) -> Iterator[slice]:
         yield slice(start, min(start + step, n_rows))
 
 
-def _log_softmax(rows: np.ndarray, context: str) -> np.ndarray:
-    """float64 log-softmax of float32 rows (n_rows, n_vocab)."""
+def _log_normalizers(rows: np.ndarray, context: str) -> np.ndarray:
+    """log(sum_j exp(logit_j)) of each row (n_rows,) in float64, so that log p_i = logit_i - this."""
     shifted = rows.astype(np.float64)
-    shifted -= shifted.max(axis=1, keepdims=True)
-    log_sum = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    if not np.isfinite(log_sum).all():
+    row_max = shifted.max(axis=1, keepdims=True)
+    shifted -= row_max
+    log_norm = row_max[:, 0] + np.log(np.exp(shifted, out=shifted).sum(axis=1))
+    if not np.isfinite(log_norm).all():
         check_finite(rows, context)
-    return shifted - log_sum
+    return log_norm
 
 
 def _chunk_targets(tokens: np.ndarray, index: int, n_ctx: int, n_vocab: int) -> np.ndarray:
@@ -124,6 +125,8 @@ def _chunk_targets(tokens: np.ndarray, index: int, n_ctx: int, n_vocab: int) -> 
 
 def _as_tokens(tokens: np.ndarray) -> np.ndarray:
     tokens = np.asarray(tokens)
+    if tokens.size == 0:
+        tokens = tokens.astype(np.int32)        # an empty list reads as float64
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"tokens must be a 1-D integer array, not {tokens.dtype} of shape {tokens.shape}")
     return tokens.astype(np.int32, copy=False)
@@ -190,8 +193,8 @@ def _perplexity_events(tokens, n_ctx, n_chunk, eval_chunk, bos_id, writer):
 def _chunk_nll(rows: np.ndarray, targets: np.ndarray, context: str) -> np.ndarray:
     nll = np.empty(len(rows))
     for block in _row_blocks(len(rows), rows.shape[1]):
-        log_probs = _log_softmax(rows[block], context)
-        nll[block] = -log_probs[np.arange(len(log_probs)), targets[block]]
+        block_rows = rows[block]
+        nll[block] = _log_normalizers(block_rows, context) - block_rows[np.arange(len(block_rows)), targets[block]]
     return nll
 
 
@@ -230,15 +233,18 @@ def encode_base_rows(rows: np.ndarray) -> np.ndarray:
     n_rows, n_vocab = rows.shape
     max_logit = rows.max(axis=1)
     min_logit = np.maximum(rows.min(axis=1), max_logit - np.float32(BASE_WINDOW_NATS))
-    log_sum = np.log(np.exp(rows.astype(np.float64) - max_logit[:, None]).sum(axis=1)).astype(np.float32)
+    log_sum = (_log_normalizers(rows, "KL-divergence base") - max_logit).astype(np.float32)
     scale = (max_logit - min_logit) / np.float32(65535)
     with np.errstate(divide="ignore"):
         inv_scale = np.where(scale > 0, np.float32(1) / scale, np.float32(0)).astype(np.float32)
-    codes = np.clip(np.rint((rows - min_logit[:, None]) * inv_scale[:, None]), 0, 65535)
+    codes = rows - min_logit[:, None]
+    codes *= inv_scale[:, None]
+    np.rint(codes, out=codes)
+    np.clip(codes, 0, 65535, out=codes)         # logits below the window give <= 0: code 0
     records = np.zeros((n_rows, base_row_values(n_vocab)), dtype="<u2")
     header = np.stack([scale, min_logit - max_logit - log_sum], axis=1).astype("<f4")   # (n_rows, 2)
     records[:, :4] = header.view("<u2")
-    records[:, 4:4 + n_vocab] = np.where(rows > min_logit[:, None], codes, 0)
+    records[:, 4:4 + n_vocab] = codes
     return records
 
 
@@ -455,17 +461,20 @@ def _kld_events(base: KLBase, n_chunk: int, eval_chunk: EvalChunk, bos_id: int |
             kld_parts.append(values[2])
             p_diff_parts.append(values[3])
         yield _chunk_event(sums, index + 1, n_chunk, time.perf_counter() - started_s)
-    yield kld_statistics(sums, np.concatenate(kld_parts), np.concatenate(p_diff_parts))
+    yield _kld_statistics(sums, np.concatenate(kld_parts), np.concatenate(p_diff_parts))
 
 
 def _kld_values(rows: np.ndarray, records: np.ndarray, targets: np.ndarray, context: str):
-    """Per token: NLL, base NLL, KL(base || model), p - p_base of the actual token, same argmax."""
-    log_q = _log_softmax(rows, context)
+    """Per token: NLL, base NLL, KL(base || model), p - p_base of the actual token, same argmax.
+    KL = sum_i p_i (log p_i - logit_i) + log_norm * sum_i p_i, over base p_i > e^-16 as llama.cpp."""
+    log_norm = _log_normalizers(rows, context)
     log_p = decode_base_rows(records, rows.shape[1]).astype(np.float64)
     at_target = (np.arange(len(rows)), targets)
-    nll, nll_base = -log_q[at_target], -log_p[at_target]
-    with np.errstate(invalid="ignore"):
-        kld = np.where(log_p > KLD_MIN_LOG_PROB, np.exp(log_p) * (log_p - log_q), 0.0).sum(axis=1)
+    nll, nll_base = log_norm - rows[at_target], -log_p[at_target]
+    p = np.exp(log_p)
+    p *= log_p > KLD_MIN_LOG_PROB
+    kld = (np.einsum("ij,ij->i", p, log_p) - np.einsum("ij,ij->i", p, rows.astype(np.float64))
+           + log_norm * p.sum(axis=1))
     same_top = rows.argmax(axis=1) == log_p.argmax(axis=1)
     return nll, nll_base, kld, np.exp(-nll) - np.exp(-nll_base), same_top
 
@@ -531,7 +540,7 @@ def quantile(sorted_values: np.ndarray, fraction: float) -> float:
     return float((1 - weight) * sorted_values[below] + weight * sorted_values[above])
 
 
-def kld_statistics(sums: _KLDSums, kld_values: np.ndarray, p_diff_values: np.ndarray) -> KLDivergenceStats:
+def _kld_statistics(sums: _KLDSums, kld_values: np.ndarray, p_diff_values: np.ndarray) -> KLDivergenceStats:
     log_ppl, log_ppl_error, log_base, log_base_error, covariance, ratio_error = _log_ppl_terms(sums)
     ppl, base_ppl = float(np.exp(log_ppl)), float(np.exp(log_base))
     ppl_error, base_ppl_error = ppl * log_ppl_error, base_ppl * log_base_error

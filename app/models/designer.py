@@ -45,12 +45,17 @@ GROUP_HELP = {"attention": "Attention weights; the layer's KV cache sits with th
 Index = QModelIndex | QPersistentModelIndex
 
 
+_DEVICE_COLORS: dict[str, QColor] = {}
+
+
 def device_color(name: str) -> QColor:
-    """CPU grey; CUDA0, CUDA1, ... each its own hue."""
-    digits = "".join(ch for ch in name if ch.isdigit())
-    if name == "CPU" or not digits:
-        return QColor(CPU_COLOR)
-    return QColor(GPU_COLORS[int(digits) % len(GPU_COLORS)])
+    """CPU grey; CUDA0, CUDA1, ... each its own hue. Shared instances: copy before changing one."""
+    colour = _DEVICE_COLORS.get(name)
+    if colour is None:
+        digits = "".join(ch for ch in name if ch.isdigit())
+        hex_colour = CPU_COLOR if name == "CPU" or not digits else GPU_COLORS[int(digits) % len(GPU_COLORS)]
+        colour = _DEVICE_COLORS[name] = QColor(hex_colour)
+    return colour
 
 
 def short_bytes(n_bytes: int) -> str:

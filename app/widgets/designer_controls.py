@@ -38,7 +38,7 @@ class RunSettingsForm(QWidget):
     """One row: context length, KV cache types, ubatch, flash attention, the GPU margin, the split option."""
 
     run_config_edited = Signal(object)      # RunConfig
-    margin_edited = Signal(int)             # bytes kept free on each GPU
+    margin_edited = Signal(object)          # int: bytes kept free on each GPU (past 2**31)
     split_toggled = Signal(bool)            # allow per-expert splits in auto-fit
 
     def __init__(self, parent: QWidget | None = None):

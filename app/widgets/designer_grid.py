@@ -8,6 +8,8 @@ split (ours only).
 """
 from __future__ import annotations
 
+import functools
+
 from PySide6.QtCore import QEvent, QItemSelection, QItemSelectionModel, QModelIndex, QPoint, QRect, QRectF, QSize, Qt, Signal
 from PySide6.QtGui import QColor, QDrag, QFont, QKeyEvent, QKeySequence, QMouseEvent, QPainter, QPainterPath, QPixmap, QPolygonF
 from PySide6.QtWidgets import (QAbstractItemView, QApplication, QHeaderView, QRubberBand, QStyle,
@@ -26,10 +28,17 @@ TILE_STEP = 13          # tile plus gap
 LABEL_WIDTH = 108       # tensor names left of the expert tiles
 CHUNK_HEADER = 15       # expert numbers above each chunk
 CHUNK_GAP = 8
+MIN_SHARE_PX = 8        # narrowest device share drawn in a mixed grid cell
 
 
 def blend(colour: QColor, amount: float, base: QColor = BASE) -> QColor:
-    """`amount` of `colour` over `base`: the soft fills of the dark theme."""
+    """`amount` of `colour` over `base`: the soft fills of the dark theme. Shared instances."""
+    return _blend(colour.rgb(), round(amount, 3), base.rgb())
+
+
+@functools.lru_cache(maxsize=4096)
+def _blend(rgb: int, amount: float, base_rgb: int) -> QColor:
+    colour, base = QColor.fromRgb(rgb), QColor.fromRgb(base_rgb)
     return QColor(int(base.red() + (colour.red() - base.red()) * amount),
                   int(base.green() + (colour.green() - base.green()) * amount),
                   int(base.blue() + (colour.blue() - base.blue()) * amount))
@@ -81,12 +90,12 @@ class CellDelegate(QStyledItemDelegate):
         path = QPainterPath()
         path.addRoundedRect(rect, 4, 4)
         painter.setClipPath(path)
-        x = rect.left()
-        for device, n_bytes in devices.items():
-            width = rect.width() * n_bytes / total
-            painter.fillRect(QRectF(x, rect.top(), width + 0.5, rect.height()), blend(device_color(device), 0.5))
-            painter.fillRect(QRectF(x, rect.top(), width + 0.5, 2), device_color(device))
-            x += width
+        majority = next(iter(devices), "CPU")
+        painter.fillRect(rect, blend(device_color(majority), 0.5))
+        if len(devices) > 1:
+            self._paint_share_bar(painter, QRectF(rect.left(), rect.bottom() - 4, rect.width(), 4), devices, total)
+        else:
+            painter.fillRect(QRectF(rect.left(), rect.top(), rect.width(), 2), device_color(majority))
         painter.setClipping(False)
         selected = bool(option.state & QStyle.State_Selected)
         if selected:
@@ -102,6 +111,16 @@ class CellDelegate(QStyledItemDelegate):
         painter.setFont(option.font)
         painter.drawText(rect.adjusted(6, 0, -6, 0), int(index.data(Qt.TextAlignmentRole) or Qt.AlignCenter), text)
         painter.restore()
+
+    @staticmethod
+    def _paint_share_bar(painter: QPainter, bar: QRectF, devices: dict[str, int], total: int) -> None:
+        """Each device's share of a mixed cell; a small share still gets a visible sliver."""
+        widths = [max(bar.width() * n / total, MIN_SHARE_PX) for n in devices.values()]
+        scale = bar.width() / sum(widths)
+        x = bar.left()
+        for device, width in zip(devices, widths):
+            painter.fillRect(QRectF(x, bar.top(), width * scale + 0.5, bar.height()), device_color(device))
+            x += width * scale
 
     def sizeHint(self, option: QStyleOptionViewItem, index: QModelIndex) -> QSize:
         return QSize(84, ROW_HEIGHT)
@@ -147,7 +166,8 @@ class LayerGridView(_MoveKeys, QTableView):
         header.setSectionResizeMode(QHeaderView.Stretch)
         header.setMinimumSectionSize(72)
         header.setHighlightSections(True)
-        header.sectionClicked.connect(self._keep_layer_rows_only)
+        header.sectionPressed.connect(self._keep_layer_rows_only)      # after the view's own selectColumn
+        header.sectionEntered.connect(self._keep_layer_rows_only)
         rows = self.verticalHeader()
         rows.setSectionResizeMode(QHeaderView.Fixed)
         rows.setDefaultSectionSize(ROW_HEIGHT)
@@ -313,6 +333,144 @@ class ExpertStripView(_MoveKeys, QWidget):
         self.selection_changed.emit()
 
     def _on_data_changed(self, top_left: QModelIndex, bottom_right: QModelIndex, roles=()) -> None:
+        """Repaint the tiles of the changed rows and experts only."""
+        per_line = self.per_line()
+        first_chunk, last_chunk = top_left.column() // per_line, bottom_right.column() // per_line
+        columns = (range(top_left.column() % per_line, bottom_right.column() % per_line + 1)
+                   if first_chunk == last_chunk else range(per_line))
+        for chunk in range(first_chunk, last_chunk + 1):
+            first = self.tile_rect(top_left.row(), chunk * per_line + columns.start)
+            last = self.tile_rect(bottom_right.row(), chunk * per_line + columns.stop - 1)
+            self.update(first.united(last).adjusted(-2, -2, 2, 2))
+
+    def selected_refs(self) -> list:
+        return self.grid_model().refs_for(self.selectionModel().selectedIndexes())
+
+    def select_column(self, column: int) -> None:
+        model = self.grid_model()
+        rows = model.layer_rows()
+        if rows:
+            selection = QItemSelection(model.index(rows.start, column), model.index(rows.stop - 1, column))
+            self.selectionModel().select(selection, QItemSelectionModel.ClearAndSelect)
+
+    def event(self, event: QEvent) -> bool:
+        return self._move_key_event(event) or super().event(event)
+
+    def startDrag(self, supported_actions: Qt.DropAction) -> None:
+        indexes = [i for i in self.selectionModel().selectedIndexes() if self.grid_model().tensors(i)]
+        if not indexes:
+            return
+        model = self.grid_model()
+        n_bytes = sum(t.n_bytes for i in indexes for t in model.tensors(i))
+        n_tensors = len(model.refs_for(indexes))
+        drag = QDrag(self)
+        drag.setMimeData(model.mimeData(indexes))
+        badge = drag_badge(f"{n_tensors} tensor{'s' if n_tensors != 1 else ''} · {short_bytes(n_bytes)}",
+                           QColor("#3d6fd9"), self.font())
+        drag.setPixmap(badge)
+        drag.setHotSpot(QPoint(badge.width() // 2, badge.height() + 6))
+        drag.exec(Qt.MoveAction)
+
+
+class ExpertStripView(_MoveKeys, QWidget):
+    """One layer's experts as tiles, one line per routed-expert tensor, wrapped in chunks of experts.
+
+    Click selects a tile, Ctrl+click toggles one, dragging on empty space or an unselected tile
+    draws a rubber band (Ctrl adds to the selection), dragging a selected tile drags the
+    selection, clicking a tensor's name selects all its experts.
+    """
+
+    move_key = Signal(int)
+    selection_changed = Signal()
+    content_height_changed = Signal(int)
+
+    def __init__(self, model: ExpertStripModel, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setObjectName("expertStrip")
+        self.model = model
+        self.selection: set[tuple[int, int]] = set()
+        self._band = QRubberBand(QRubberBand.Rectangle, self)
+        self._press: QPoint | None = None
+        self._press_on_selected = False
+        self._band_base: set[tuple[int, int]] = set()
+        self.setFocusPolicy(Qt.StrongFocus)
+        self.setContextMenuPolicy(Qt.CustomContextMenu)
+        self.setMouseTracking(True)
+        model.modelReset.connect(self._on_reset)
+        model.dataChanged.connect(self._on_data_changed)
+        self._on_reset()
+
+    # --- geometry ------------------------------------------------------------------------------
+
+    def per_line(self, width: int | None = None) -> int:
+        """Experts per chunk line: the largest power of two (at least 8) the width holds."""
+        width = self.width() if width is None else width
+        n = 8
+        while n * 2 * TILE_STEP + LABEL_WIDTH <= width and n * 2 <= max(self.model.columnCount(), 8):
+            n *= 2
+        return n
+
+    def _chunk_height(self) -> int:
+        return CHUNK_HEADER + self.model.rowCount() * TILE_STEP + CHUNK_GAP
+
+    def height_for(self, width: int) -> int:
+        n_expert = self.model.columnCount()
+        if not n_expert:
+            return 0
+        n_chunks = -(-n_expert // self.per_line(width))
+        return n_chunks * self._chunk_height()
+
+    def tile_rect(self, row: int, expert: int) -> QRect:
+        per_line = self.per_line()
+        chunk, column = divmod(expert, per_line)
+        x = LABEL_WIDTH + column * TILE_STEP
+        y = chunk * self._chunk_height() + CHUNK_HEADER + row * TILE_STEP
+        return QRect(x, y, TILE, TILE)
+
+    def tile_at(self, pos: QPoint) -> tuple[int, int] | None:
+        per_line = self.per_line()
+        chunk, y = divmod(pos.y(), self._chunk_height())
+        row, y_in = divmod(y - CHUNK_HEADER, TILE_STEP)
+        column, x_in = divmod(pos.x() - LABEL_WIDTH, TILE_STEP)
+        expert = chunk * per_line + column
+        if (y < CHUNK_HEADER or not 0 <= row < self.model.rowCount() or not 0 <= column < per_line
+                or expert >= self.model.columnCount() or x_in >= TILE or y_in >= TILE):
+            return None
+        return int(row), int(expert)
+
+    def label_row_at(self, pos: QPoint) -> int | None:
+        if pos.x() >= LABEL_WIDTH:
+            return None
+        _, y = divmod(pos.y(), self._chunk_height())
+        row = (y - CHUNK_HEADER) // TILE_STEP
+        return int(row) if y >= CHUNK_HEADER and 0 <= row < self.model.rowCount() else None
+
+    def tiles_in(self, rect: QRect) -> set[tuple[int, int]]:
+        return {(row, e) for row in range(self.model.rowCount()) for e in range(self.model.columnCount())
+                if rect.intersects(self.tile_rect(row, e))}
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        self._fit_height()
+
+    def _fit_height(self) -> None:
+        height = self.height_for(self.width())
+        if height != self.minimumHeight():
+            self.setMinimumHeight(height)
+            self.content_height_changed.emit(height)
+
+    def sizeHint(self) -> QSize:
+        return QSize(LABEL_WIDTH + 64 * TILE_STEP, self.height_for(LABEL_WIDTH + 64 * TILE_STEP))
+
+    # --- model ---------------------------------------------------------------------------------
+
+    def _on_reset(self) -> None:
+        self.selection = set()
+        self._fit_height()
+        self.update()
+        self.selection_changed.emit()
+
+    def _on_data_changed(self, top_left: QModelIndex, bottom_right: QModelIndex, roles=()) -> None:
         if top_left.row() == bottom_right.row() and top_left.column() == bottom_right.column():
             self.update(self.tile_rect(top_left.row(), top_left.column()).adjusted(-2, -2, 2, 2))
         else:
@@ -340,9 +498,12 @@ class ExpertStripView(_MoveKeys, QWidget):
         small = QFont(self.font())
         small.setPointSizeF(max(self.font().pointSizeF() - 1.5, 7))
         heat_on = model.heat is not None
+        area = event.rect()
+        first_column = max((area.left() - LABEL_WIDTH) // TILE_STEP, 0)
+        last_column = min((area.right() - LABEL_WIDTH) // TILE_STEP, per_line - 1)
         for chunk in range(-(-n_expert // per_line)):
             top = chunk * chunk_height
-            if top > event.rect().bottom() or top + chunk_height < event.rect().top():
+            if top > area.bottom() or top + chunk_height < area.top():
                 continue
             painter.setFont(small)
             painter.setPen(MUTED)
@@ -353,17 +514,17 @@ class ExpertStripView(_MoveKeys, QWidget):
                                      Qt.AlignLeft | Qt.AlignBottom, str(expert))
             for row in range(n_rows):
                 y = top + CHUNK_HEADER + row * TILE_STEP
-                painter.setPen(MUTED)
-                painter.drawText(QRect(0, y - 1, LABEL_WIDTH - 10, TILE_STEP), Qt.AlignRight | Qt.AlignVCenter,
-                                 model.tensor(row).group)
+                if area.left() < LABEL_WIDTH:
+                    painter.drawText(QRect(0, y - 1, LABEL_WIDTH - 10, TILE_STEP), Qt.AlignRight | Qt.AlignVCenter,
+                                     model.tensor(row).group)
                 devices = model.row_devices(row)
-                for column in range(per_line):
+                for column in range(first_column, last_column + 1):
                     expert = chunk * per_line + column
                     if expert >= len(devices):
                         break
-                    colour = device_color(devices[expert])
                     amount = 0.82 if not heat_on else 0.25 + 0.75 * (model.heat_of(expert) or 0.0)
-                    painter.fillRect(LABEL_WIDTH + column * TILE_STEP, y, TILE, TILE, blend(colour, amount))
+                    painter.fillRect(LABEL_WIDTH + column * TILE_STEP, y, TILE, TILE,
+                                     blend(device_color(devices[expert]), amount))
         self._paint_selection(painter)
         painter.end()
 

@@ -22,7 +22,7 @@ BACKGROUND = QColor("#202126")
 BORDER = QColor("#2f3137")
 MAX_DOTS = 60           # beyond this many chunks, the dots would merge into the line
 TARGET_Y_TICKS = 5
-MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 56, 16, 28, 30
+MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 60, 18, 40, 30
 
 
 def nice_step(span: float, target_ticks: int = TARGET_Y_TICKS) -> float:

@@ -49,10 +49,11 @@ def dequantize_rows(data: np.ndarray, ggml_type: int, n_cols: int, rows=None) ->
 def matmul_bytes(x: np.ndarray, data: np.ndarray, ggml_type: int, n_cols: int) -> np.ndarray:
     """x (n_tokens, n_cols) @ W.T for weight bytes (n_rows, row_bytes) -> (n_tokens, n_rows)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if ggml_type == F32:        # used in place by BLAS
-        return x @ data.view(np.float32).reshape(len(data), n_cols).T
     if kernel_matmul is not None:
+        # F32 too: after a BLAS call OpenBLAS's spinning threads slow the next Numba kernels ~10x
         return kernel_matmul(x, data, ggml_type, n_cols)
+    if ggml_type == F32:
+        return x @ data.view(np.float32).reshape(len(data), n_cols).T
     n_rows = len(data)
     out = np.empty((len(x), n_rows), dtype=np.float32)
     tile = max(1, TILE_VALUES // n_cols)

@@ -36,7 +36,7 @@ NO_ROPE_STEP = 4                # every 4th layer has no rope
 TEMP_FLOOR_SCALE = 8192
 TEMP_SCALE = 0.1
 MAVERICK_EXPERTS = 128          # llama.cpp's 17B_128E type: no q/k norm
-QUERY_BLOCK = 512               # queries per score matrix (divides CHUNK: blocks never straddle)
+QUERY_BLOCK = 256               # queries per score matrix; divides CHUNK, so blocks never straddle a chunk
 
 
 def _field(reader: GGUFReader, key: str, default=None):
@@ -198,27 +198,35 @@ class Llama4Reference:
         cache.v[il] = np.concatenate([cache.v[il], v.reshape(n, -1)])
         keys = cache.k[il].reshape(-1, c.n_head_kv, c.head_dim)
         values = cache.v[il].reshape(-1, c.n_head_kv, c.head_dim)
-        out = np.concatenate([self.attend_block(il, q[s:s + QUERY_BLOCK], positions[s:s + QUERY_BLOCK], keys, values)
-                              for s in range(0, n, QUERY_BLOCK)])
+        # blocks start at positions that are multiples of QUERY_BLOCK
+        starts = np.union1d([0], np.nonzero(positions % QUERY_BLOCK == 0)[0])
+        ends = np.append(starts[1:], n)
+        out = np.concatenate([self.attend_block(il, q[s:e], positions[s:e], keys, values) for s, e in zip(starts, ends)])
         return out.reshape(n, -1) @ self.layer(il, "attn_output").T
 
     def attend_block(self, il: int, q: np.ndarray, q_pos: np.ndarray, keys: np.ndarray, values: np.ndarray):
-        """softmax(q k^T / sqrt(d) + mask) v for a block of queries; key cell j holds position j."""
+        """softmax(q k^T / sqrt(d) + mask) v for consecutive queries inside one QUERY_BLOCK-aligned
+        block; cache row j holds position j.
+
+        A query at p1 sees the keys [start, p1]: start = 0 on full layers, floor(p1 / CHUNK) * CHUNK
+        on chunked ones. The block never straddles a chunk, so start is the same for all its
+        queries, every key before the block is visible to all of it, and only the block's own keys
+        need the causal mask."""
         c = self.config
-        first = int(q_pos[0]) // CHUNK * CHUNK if c.is_chunked(il) else 0
-        last = int(q_pos[-1]) + 1
-        k_pos = np.arange(first, last)
-        visible = k_pos[None, :] <= q_pos[:, None]
-        if c.is_chunked(il):
-            visible &= k_pos[None, :] >= (q_pos[:, None] // CHUNK) * CHUNK
+        n = len(q)
+        start = int(q_pos[0]) // CHUNK * CHUNK if c.is_chunked(il) else 0
+        assert int(q_pos[-1]) // QUERY_BLOCK == int(q_pos[0]) // QUERY_BLOCK
+        end = int(q_pos[-1]) + 1
+        future = np.triu(np.ones((n, n), dtype=bool), k=1)        # query i, block key j > i
         group = c.n_head // c.n_head_kv
-        out = np.empty((len(q), c.n_head, c.head_dim))
+        out = np.empty((n, c.n_head, c.head_dim))
         for h in range(c.n_head):
-            kh, vh = keys[first:last, h // group], values[first:last, h // group]
-            scores = (q[:, h] @ kh.T) / np.sqrt(c.head_dim)
-            scores = np.where(visible, scores, -np.inf)
-            probs = np.exp(scores - scores.max(axis=1, keepdims=True))
-            out[:, h] = (probs / probs.sum(axis=1, keepdims=True)) @ vh
+            kh, vh = keys[start:end, h // group], values[start:end, h // group]
+            scores = (q[:, h] @ kh.T) * (1.0 / np.sqrt(c.head_dim))     # (n, end - start)
+            scores[:, end - start - n:][future] = -np.inf
+            scores -= scores.max(axis=1, keepdims=True)
+            np.exp(scores, out=scores)
+            out[:, h] = (scores @ vh) / scores.sum(axis=1, keepdims=True)
         return out
 
     def feed_forward(self, il: int, x: np.ndarray, cache: Llama4Cache) -> np.ndarray:

@@ -171,12 +171,6 @@ def test_cache_cells_and_bytes_agree_with_the_memory_estimate(fixtures_dir, fixt
     assert model.new_cache().nbytes == memory.kv_cache_bytes(model.hparams, config)
 
 
-def test_unsupported_cache_type(fixtures_dir):
-    model = Model.load(fixtures_dir / "llama-dense" / "F32.gguf", RunConfig(type_k="q8_0"))
-    with pytest.raises(ValueError, match="q8_0 is not supported"):
-        model.new_cache()
-
-
 # --- model ----------------------------------------------------------------------------------
 
 

@@ -107,6 +107,8 @@ def test_chunk_count_and_short_text():
     assert run(perplexity(tokens, N_CTX, FakeModel(3), BOS, n_chunks=99))[1].n_chunks == 2
     with pytest.raises(ValueError, match="you need at least 128 tokens .* context of 64; .* only 127 tokens"):
         perplexity(tokens[:-1], N_CTX, FakeModel(3), BOS)
+    with pytest.raises(ValueError, match="only 0 tokens"):
+        perplexity([], N_CTX, FakeModel(3), BOS)
     with pytest.raises(ValueError, match="at least 1"):
         perplexity(tokens, N_CTX, FakeModel(3), BOS, n_chunks=0)
     with pytest.raises(ValueError, match="shape"):
@@ -272,7 +274,8 @@ def test_kld_printf_layout():
                               kld_error=0.00098765, rms_p_diff=0.0345678, rms_p_diff_error=0.00456789,
                               same_top=0.9123456, same_top_error=0.0123456)
     expected = ("%4d" % 7 + "    %9.4lf ± %9.4lf" % (12.34567, 0.98765)
-                + "    %10.5lf ± %10.5lf" % (0.0123456, 0.00123456) + "    %10.5lf ± %10.5lf" % (0.0456789, 0.00098765)
+                + "    %10.5lf ± %10.5lf" % (0.0123456, 0.00123456)
+                + "    %10.5lf ± %10.5lf" % (0.0456789, 0.00098765)
                 + "    %6.3lf ± %6.3lf %%" % (3.45678, 0.456789) + "    %6.3lf ± %6.3lf %%" % (91.23456, 1.23456))
     assert format_kld_chunk_line(event) == expected
     assert KLD_CHUNK_HEADER.split() == ["chunk", "PPL", "ln(PPL(Q)/PPL(base))", "KL", "Divergence", "Δp", "RMS",

@@ -1,0 +1,710 @@
+"""The perplexity panel: llama-perplexity in the window, with a live plot and KL-divergence.
+
+A run goes to the engine thread as one job (`run_perplexity`): it builds the model, reads and
+tokenizes the text there, then yields a `PerplexityStarted`, one event per chunk and the final
+result, exactly as `engine.perplexity` produces them. The panel prints llama-perplexity's log
+lines, plots the running estimate and shows the final `PPL = x +/- y` large. In "compare with
+base" mode the final KL-divergence statistics fill a table (`KldStatsModel`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PySide6.QtCore import QAbstractTableModel, QModelIndex, QObject, QPersistentModelIndex, Qt, Signal
+from PySide6.QtGui import QFont, QFontDatabase
+from PySide6.QtWidgets import (QButtonGroup, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QHeaderView, QLabel,
+                               QLineEdit, QPlainTextEdit, QProgressBar, QPushButton, QRadioButton, QSpinBox,
+                               QSplitter, QStackedWidget, QTableView, QTabWidget, QVBoxLayout, QWidget)
+
+from app.bridge import Bridge, JobContext, JobHandle, LoadedModel
+from app.widgets import MessageBar
+from app.widgets.ppl_plot import PerplexityPlot
+from engine.perplexity import (KLD_CHUNK_HEADER, MIN_TOKENS_FOR_STATISTICS, KLDivergenceEvent, KLDivergenceStats,
+                               PerplexityEvent, PerplexityResult, count_chunks, format_eta, format_final_estimate,
+                               format_kld_chunk_line, format_kld_report, format_perplexity_line, kl_divergence,
+                               perplexity, read_kl_base)
+from engine.run_config import RunConfig
+
+log = logging.getLogger(__name__)
+
+Index = QModelIndex | QPersistentModelIndex
+
+MODE_PERPLEXITY, MODE_SAVE_BASE, MODE_COMPARE = "perplexity", "save_base", "compare"
+MODE_LABELS = {MODE_PERPLEXITY: "Off", MODE_SAVE_BASE: "Save as base", MODE_COMPARE: "Compare with base"}
+DEFAULT_N_CTX = 512
+# The panel's own look, on top of resources/style.qss (same palette).
+PANEL_STYLE = """
+QWidget#perplexityControls { background: #1a1b1f; }
+QLabel#pplResult { font-size: 24pt; font-weight: 600; color: #f2f3f5; }
+QPlainTextEdit#perplexityLog, QPlainTextEdit#pastedText {
+    background: #17181b; border: 1px solid #2f3137; border-radius: 6px; padding: 4px;
+    selection-background-color: #3d6fd9; }
+QTabWidget#perplexityTabs::pane { border: none; }
+QProgressBar#runProgress { background: #2b2d33; border: none; border-radius: 4px; }
+QProgressBar#runProgress::chunk { background: #5b8def; border-radius: 4px; }
+QComboBox { background: #2b2d33; border: 1px solid #3a3d44; border-radius: 6px; padding: 4px 8px; }
+"""
+TEXT_FILTER = "Text files (*.txt *.raw *.md);;All files (*)"
+BASE_FILTER = "KL-divergence bases (*.kld *.bin);;All files (*)"
+
+
+# ---- the engine-thread side -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PerplexityRequest:
+    loaded: LoadedModel
+    run_config: RunConfig
+    placement: Any
+    text: str | None                # pasted text, or
+    text_path: str | None           # a file, read on the engine thread
+    n_ctx: int
+    n_chunks: int | None            # None: every chunk
+    mode: str = MODE_PERPLEXITY
+    base_path: str | None = None
+
+
+@dataclass(frozen=True)
+class PerplexityStarted:
+    """Yielded once the text is tokenized (or the base is read), before the first chunk."""
+    mode: str
+    n_tokens: int
+    n_chunks: int
+    n_ctx: int
+    tokenize_s: float
+
+
+def default_model_factory(model_file, run_config: RunConfig, placement: Any):
+    from engine.model import Model
+    return Model(model_file, run_config)
+
+
+def _read_text(request: PerplexityRequest) -> str | None:
+    if request.text is not None:
+        return request.text
+    if request.text_path:
+        return Path(request.text_path).expanduser().read_text(encoding="utf-8", errors="replace")
+    return None
+
+
+def run_perplexity(request: PerplexityRequest, ctx: JobContext,
+                   model_factory: Callable[..., Any] = default_model_factory) -> Iterator:
+    """The job: PerplexityStarted, then the engine's per-chunk events and its final result."""
+    from engine.tokenizer import Tokenizer
+    ctx.note(f"preparing {request.loaded.path.name}")
+    base = read_kl_base(request.base_path) if request.mode == MODE_COMPARE else None
+    n_ctx = base.n_ctx if base is not None else request.n_ctx     # a comparison runs at the base's context
+    model = model_factory(request.loaded.model_file, request.run_config.replace(n_ctx=n_ctx), request.placement)
+    tokenizer = Tokenizer.from_metadata(model.metadata)
+    bos_id = tokenizer.bos_id if tokenizer.add_bos else None
+    text = _read_text(request)
+    ctx.check_cancelled()
+    ctx.note("tokenizing the input")
+    started_s = time.perf_counter()
+    tokens = None if text is None else np.asarray(tokenizer.encode(text, add_special=True), dtype=np.int32)
+    tokenize_s = time.perf_counter() - started_s
+    ctx.check_cancelled()
+    cache = model.new_cache(n_ctx)
+
+    def eval_chunk(chunk: np.ndarray) -> np.ndarray:
+        cache.reset()       # each chunk starts from an empty cache, as llama-perplexity's do
+        return model.eval_logits(chunk, cache, progress=lambda _done, _total: ctx.check_cancelled())
+
+    if base is not None:
+        n_chunk = base.n_chunk if request.n_chunks is None else min(request.n_chunks, base.n_chunk)
+        yield PerplexityStarted(MODE_COMPARE, len(base.tokens), n_chunk, n_ctx, tokenize_s)
+        yield from kl_divergence(tokens, n_ctx, eval_chunk, request.base_path, bos_id, request.n_chunks)
+        return
+    if tokens is None:
+        raise ValueError("choose a text file or paste some text to measure perplexity on")
+    n_chunk = count_chunks(len(tokens), n_ctx, request.n_chunks)
+    yield PerplexityStarted(request.mode, len(tokens), n_chunk, n_ctx, tokenize_s)
+    base_path = request.base_path if request.mode == MODE_SAVE_BASE else None
+    yield from perplexity(tokens, n_ctx, eval_chunk, bos_id, request.n_chunks, kl_base_path=base_path)
+
+
+# ---- the KL-divergence table ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KldRow:
+    name: str
+    value: str = ""
+    error: str = ""
+    is_section: bool = False
+
+
+def _quantile_name(fraction: float) -> str:
+    return {1.0: "Maximum", 0.5: "Median", 0.0: "Minimum"}.get(fraction, f"{100 * fraction:.1f}%")
+
+
+def _pm(value: float, digits: int, scale: float = 1.0, unit: str = "") -> str:
+    return "—" if not math.isfinite(value) else f"{scale * value:.{digits}f}{unit}"
+
+
+def kld_rows(stats: KLDivergenceStats) -> list[KldRow]:
+    """llama-perplexity's three statistics blocks as table rows: name, value, uncertainty."""
+    s = stats
+    rows = [KldRow("Perplexity", is_section=True),
+            KldRow("Mean PPL(Q)", _pm(s.ppl, 6), _pm(s.ppl_error, 6)),
+            KldRow("Mean PPL(base)", _pm(s.base_ppl, 6), _pm(s.base_ppl_error, 6)),
+            KldRow("Cor(ln(PPL(Q)), ln(PPL(base)))", _pm(s.log_ppl_correlation, 2, 100, " %")),
+            KldRow("Mean ln(PPL(Q)/PPL(base))", _pm(s.log_ppl_ratio, 6), _pm(s.log_ppl_ratio_error, 6)),
+            KldRow("Mean PPL(Q)/PPL(base)", _pm(s.ppl_ratio, 6), _pm(s.ppl_ratio_error, 6)),
+            KldRow("Mean PPL(Q)-PPL(base)", _pm(s.ppl_diff, 6), _pm(s.ppl_diff_error, 6)),
+            KldRow("KL divergence", is_section=True),
+            KldRow("Mean KLD", _pm(s.kld, 6), _pm(s.kld_error, 6))]
+    rows += [KldRow(f"{_quantile_name(f)} KLD", _pm(v, 6)) for f, v in s.kld_quantiles]
+    rows += [KldRow("Token probability", is_section=True),
+             KldRow("Mean Δp", _pm(s.p_diff, 3, 100, " %"), _pm(s.p_diff_error, 3, 100, " %"))]
+    rows += [KldRow(f"{_quantile_name(f)} Δp", _pm(v, 3, 100, " %")) for f, v in s.p_diff_quantiles]
+    rows += [KldRow("RMS Δp", _pm(s.rms_p_diff, 3, 100, " %"), _pm(s.rms_p_diff_error, 3, 100, " %")),
+             KldRow("Same top p", _pm(s.same_top, 3, 100, " %"), _pm(s.same_top_error, 3, 100, " %"))]
+    return rows
+
+
+class KldStatsModel(QAbstractTableModel):
+    """The final KL-divergence statistics: section rows (bold) and statistic rows."""
+
+    COL_NAME, COL_VALUE, COL_ERROR = range(3)
+    HEADERS = ("Statistic", "Value", "±")
+
+    def __init__(self, parent: QObject | None = None):
+        super().__init__(parent)
+        self._rows: list[KldRow] = []
+
+    def set_stats(self, stats: KLDivergenceStats | None) -> None:
+        self.beginResetModel()
+        self._rows = kld_rows(stats) if stats is not None else []
+        self.endResetModel()
+
+    def row(self, row: int) -> KldRow:
+        return self._rows[row]
+
+    def rowCount(self, parent: Index = QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(self._rows)
+
+    def columnCount(self, parent: Index = QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(self.HEADERS)
+
+    def headerData(self, section: int, orientation: Qt.Orientation, role: int = Qt.DisplayRole):
+        if orientation == Qt.Horizontal and role == Qt.DisplayRole and 0 <= section < len(self.HEADERS):
+            return self.HEADERS[section]
+        return None
+
+    def data(self, index: Index, role: int = Qt.DisplayRole):
+        if not index.isValid():
+            return None
+        row = self._rows[index.row()]
+        column = index.column()
+        if role == Qt.DisplayRole:
+            return (row.name, row.value, row.error)[column]
+        if role == Qt.FontRole:
+            if row.is_section:
+                font = QFont()
+                font.setBold(True)
+                return font
+            if column != self.COL_NAME:
+                return QFontDatabase.systemFont(QFontDatabase.FixedFont)
+        if role == Qt.TextAlignmentRole and column != self.COL_NAME:
+            return int(Qt.AlignRight | Qt.AlignVCenter)
+        return None
+
+    def flags(self, index: Index) -> Qt.ItemFlags:
+        if not index.isValid():
+            return Qt.NoItemFlags
+        row = self._rows[index.row()]
+        return Qt.ItemIsEnabled if row.is_section else Qt.ItemIsEnabled | Qt.ItemIsSelectable
+
+
+# ---- the GUI side -----------------------------------------------------------------------------
+
+class PerplexityDialogs:
+    """The panel's file dialogs, in one place that tests replace with non-blocking fakes."""
+
+    def open_text_file(self, parent: QWidget, start_dir: str) -> str | None:
+        path, _ = QFileDialog.getOpenFileName(parent, "Choose a text to measure perplexity on", start_dir, TEXT_FILTER)
+        return path or None
+
+    def save_base_file(self, parent: QWidget, start_dir: str) -> str | None:
+        path, _ = QFileDialog.getSaveFileName(parent, "Save the KL-divergence base as", start_dir, BASE_FILTER)
+        return path or None
+
+    def open_base_file(self, parent: QWidget, start_dir: str) -> str | None:
+        path, _ = QFileDialog.getOpenFileName(parent, "Choose a KL-divergence base", start_dir, BASE_FILTER)
+        return path or None
+
+
+def format_big_result(ppl: float, ppl_error: float) -> str:
+    error = f"{ppl_error:.4f}" if math.isfinite(ppl_error) else "?"
+    return f"PPL = {ppl:.4f} +/- {error}"
+
+
+class PerplexityPanel(QWidget):
+    """Measure perplexity (and KL-divergence against a saved base) of the open model on a text."""
+
+    error_occurred = Signal(str)
+    job_started = Signal(object, str)      # JobHandle, description: the window may track it in its status bar
+    run_finished = Signal(str)             # "done", "cancelled" or "error"
+
+    def __init__(self, bridge: Bridge, dialogs: PerplexityDialogs | None = None,
+                 model_factory: Callable[..., Any] = default_model_factory, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setObjectName("perplexityPanel")
+        self.setStyleSheet(PANEL_STYLE)
+        self.bridge = bridge
+        self.dialogs = dialogs or PerplexityDialogs()
+        self.model_factory = model_factory
+        self.loaded: LoadedModel | None = None
+        self.run_config = RunConfig()
+        self.placement: Any = None
+        self.result: PerplexityResult | KLDivergenceStats | None = None
+        self.kld_model = KldStatsModel(self)
+        self._job: JobHandle | None = None
+        self._started: PerplexityStarted | None = None
+        self._run_started_s = 0.0
+        self._line_open = False     # the [i]ppl values share one log line, as in llama-perplexity
+        self._build()
+        self._update_actions()
+
+    # --- building -------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        self.message_bar = MessageBar()
+        splitter = QSplitter(Qt.Horizontal, childrenCollapsible=False)
+        splitter.addWidget(self._build_controls())
+        splitter.addWidget(self._build_results())
+        splitter.setStretchFactor(0, 0)
+        splitter.setStretchFactor(1, 1)
+        splitter.setSizes([340, 960])
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(0)
+        layout.addWidget(self.message_bar)
+        layout.addWidget(splitter, 1)
+
+    def _build_controls(self) -> QWidget:
+        self.file_radio = QRadioButton("Text file", checked=True)
+        self.paste_radio = QRadioButton("Pasted text")
+        self._source_group = QButtonGroup(self)
+        for button in (self.file_radio, self.paste_radio):
+            self._source_group.addButton(button)
+            button.toggled.connect(self._on_source_changed)
+        self.file_edit = QLineEdit(placeholderText="e.g. wiki.test.raw", clearButtonEnabled=True)
+        self.file_edit.textChanged.connect(self._update_actions)
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self.choose_text_file)
+        file_row = QHBoxLayout()
+        file_row.setContentsMargins(0, 0, 0, 0)
+        file_row.addWidget(self.file_edit, 1)
+        file_row.addWidget(browse)
+        file_box = QWidget()
+        file_box.setLayout(file_row)
+        self.paste_edit = QPlainTextEdit(placeholderText="Paste the text to score here", objectName="pastedText")
+        self.paste_edit.textChanged.connect(self._update_actions)
+        self.source_stack = QStackedWidget()
+        self.source_stack.addWidget(file_box)
+        self.source_stack.addWidget(self.paste_edit)
+        self.source_stack.setSizePolicy(self.paste_edit.sizePolicy())
+
+        self.n_ctx_spin = QSpinBox(minimum=8, maximum=1 << 20, value=DEFAULT_N_CTX, singleStep=64)
+        self.n_ctx_spin.setToolTip("Tokens per chunk (-c); the second half of each chunk is scored")
+        self.n_chunks_spin = QSpinBox(minimum=0, maximum=1 << 20, value=0)
+        self.n_chunks_spin.setSpecialValueText("all")
+        self.n_chunks_spin.setToolTip("Score at most this many chunks (--chunks); 0: all")
+        self.mode_combo = QComboBox()
+        for mode, label in MODE_LABELS.items():
+            self.mode_combo.addItem(label, mode)
+        self.mode_combo.currentIndexChanged.connect(self._on_mode_changed)
+        self.base_edit = QLineEdit(placeholderText="base log-probabilities file", clearButtonEnabled=True)
+        self.base_edit.textChanged.connect(self._update_actions)
+        self.base_browse = QPushButton("Browse…")
+        self.base_browse.clicked.connect(self.choose_base_file)
+        base_row = QHBoxLayout()
+        base_row.addWidget(self.base_edit, 1)
+        base_row.addWidget(self.base_browse)
+        self.kld_hint = QLabel(objectName="mutedLabel", wordWrap=True)
+
+        self.run_button = QPushButton("Run", default=True, objectName="runButton")
+        self.run_button.clicked.connect(lambda: self.run())
+        self.cancel_button = QPushButton("Cancel", objectName="cancelRunButton")
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button, 1)
+        buttons.addWidget(self.cancel_button, 1)
+        self.progress_bar = QProgressBar(textVisible=False, objectName="runProgress")
+        self.progress_bar.setFixedHeight(8)
+        self.progress_label = QLabel(objectName="mutedLabel")
+
+        form = QFormLayout()
+        form.setHorizontalSpacing(12)
+        form.addRow("Context", self.n_ctx_spin)
+        form.addRow("Chunks", self.n_chunks_spin)
+        source_row = QHBoxLayout()
+        source_row.addWidget(self.file_radio)
+        source_row.addWidget(self.paste_radio)
+        source_row.addStretch(1)
+
+        controls = QWidget(objectName="perplexityControls")
+        layout = QVBoxLayout(controls)
+        layout.setContentsMargins(16, 14, 8, 12)
+        layout.setSpacing(8)
+        layout.addWidget(QLabel("Text", objectName="sectionTitle"))
+        layout.addLayout(source_row)
+        layout.addWidget(self.source_stack, 1)
+        layout.addSpacing(6)
+        layout.addWidget(QLabel("Settings", objectName="sectionTitle"))
+        layout.addLayout(form)
+        layout.addSpacing(6)
+        layout.addWidget(QLabel("KL divergence", objectName="sectionTitle"))
+        layout.addWidget(self.mode_combo)
+        layout.addLayout(base_row)
+        layout.addWidget(self.kld_hint)
+        layout.addSpacing(10)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.progress_label)
+        self._on_mode_changed()
+        self._on_source_changed()
+        return controls
+
+    def _build_results(self) -> QWidget:
+        self.result_label = QLabel("PPL = —", objectName="pplResult",
+                                   textInteractionFlags=Qt.TextSelectableByMouse)
+        self.result_detail = QLabel(objectName="mutedLabel", textInteractionFlags=Qt.TextSelectableByMouse)
+        self.plot = PerplexityPlot()
+        self.log_view = QPlainTextEdit(readOnly=True, objectName="perplexityLog")
+        self.log_view.setFont(QFontDatabase.systemFont(QFontDatabase.FixedFont))
+        self.log_view.setLineWrapMode(QPlainTextEdit.WidgetWidth)
+        self.log_view.setPlaceholderText("llama-perplexity's output appears here.")
+        self.kld_view = QTableView(objectName="kldTable")
+        self.kld_view.setModel(self.kld_model)
+        self.kld_view.verticalHeader().hide()
+        self.kld_view.verticalHeader().setDefaultSectionSize(22)
+        self.kld_view.setShowGrid(False)
+        self.kld_view.setAlternatingRowColors(True)
+        header = self.kld_view.horizontalHeader()
+        header.setSectionResizeMode(KldStatsModel.COL_NAME, QHeaderView.Stretch)
+        for column in (KldStatsModel.COL_VALUE, KldStatsModel.COL_ERROR):
+            header.setSectionResizeMode(column, QHeaderView.Interactive)
+            header.resizeSection(column, 130)
+        header.setHighlightSections(False)
+        header.setDefaultAlignment(Qt.AlignLeft | Qt.AlignVCenter)
+        self.kld_note = QLabel(objectName="noteLabel", wordWrap=True)
+        self.kld_note.hide()
+        kld_page = QWidget()
+        kld_layout = QVBoxLayout(kld_page)
+        kld_layout.setContentsMargins(0, 6, 0, 0)
+        kld_layout.addWidget(self.kld_note)
+        kld_layout.addWidget(self.kld_view, 1)
+        self.detail_tabs = QTabWidget(objectName="perplexityTabs", documentMode=True)
+        self.detail_tabs.addTab(self.log_view, "Log")
+        self.detail_tabs.addTab(kld_page, "KL divergence")
+
+        lower = QSplitter(Qt.Vertical, childrenCollapsible=False)
+        lower.addWidget(self.plot)
+        lower.addWidget(self.detail_tabs)
+        lower.setSizes([300, 300])
+        results = QWidget(objectName="perplexityResults")
+        layout = QVBoxLayout(results)
+        layout.setContentsMargins(8, 14, 16, 12)
+        layout.setSpacing(4)
+        layout.addWidget(self.result_label)
+        layout.addWidget(self.result_detail)
+        layout.addSpacing(8)
+        layout.addWidget(lower, 1)
+        return results
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    def set_model(self, loaded: LoadedModel | None) -> None:
+        if loaded is self.loaded:
+            return
+        self.cancel()
+        self.loaded = loaded
+        self._update_actions()
+
+    def set_run_config(self, run_config: RunConfig) -> None:
+        """Run settings other than the context (KV cache types, threads...); the context is the panel's own."""
+        self.run_config = run_config
+
+    def set_placement(self, placement: Any) -> None:
+        self.placement = placement.to_dict() if hasattr(placement, "to_dict") else placement
+
+    def set_text(self, text: str) -> None:
+        self.paste_radio.setChecked(True)
+        self.paste_edit.setPlainText(text)
+
+    def set_text_file(self, path: str | Path) -> None:
+        self.file_radio.setChecked(True)
+        self.file_edit.setText(str(path))
+
+    def set_mode(self, mode: str, base_path: str | Path | None = None) -> None:
+        self.mode_combo.setCurrentIndex(self.mode_combo.findData(mode))
+        if base_path is not None:
+            self.base_edit.setText(str(base_path))
+
+    def choose_text_file(self) -> None:
+        path = self.dialogs.open_text_file(self, self._start_dir(self.file_edit.text()))
+        if path:
+            self.set_text_file(path)
+
+    def choose_base_file(self) -> None:
+        start = self._start_dir(self.base_edit.text())
+        if self.mode == MODE_SAVE_BASE:
+            path = self.dialogs.save_base_file(self, start)
+        else:
+            path = self.dialogs.open_base_file(self, start)
+        if path:
+            self.base_edit.setText(path)
+
+    @staticmethod
+    def _start_dir(current: str) -> str:
+        return str(Path(current).expanduser().parent) if current else str(Path.home())
+
+    @property
+    def mode(self) -> str:
+        return self.mode_combo.currentData()
+
+    def _on_source_changed(self, *_args) -> None:
+        self.source_stack.setCurrentIndex(0 if self.file_radio.isChecked() else 1)
+        self.source_stack.setMaximumHeight(16777215 if self.paste_radio.isChecked() else 40)
+        self._update_actions()
+
+    def _on_mode_changed(self, *_args) -> None:
+        mode = self.mode
+        uses_base = mode != MODE_PERPLEXITY
+        self.base_edit.setEnabled(uses_base)
+        self.base_browse.setEnabled(uses_base)
+        self.kld_hint.setText({
+            MODE_PERPLEXITY: "Save the base model's log-probabilities once, then compare quants or placements "
+                             "with it.",
+            MODE_SAVE_BASE: "This run also writes its log-probabilities to the file (llama-perplexity "
+                            "--kl-divergence-base).",
+            MODE_COMPARE: "Scores the model against the base (--kl-divergence) on the base's own tokens "
+                          "and context; the text is optional and only checked.",
+        }[mode])
+        self._update_actions()
+
+    # --- running --------------------------------------------------------------------------------
+
+    @property
+    def is_running(self) -> bool:
+        return self._job is not None
+
+    def request(self) -> PerplexityRequest:
+        """What a run would do now, from the panel's controls."""
+        pasted = self.paste_radio.isChecked()
+        text = self.paste_edit.toPlainText() if pasted else None
+        path = None if pasted else (self.file_edit.text().strip() or None)
+        n_chunks = self.n_chunks_spin.value() or None
+        base = self.base_edit.text().strip() or None
+        return PerplexityRequest(self.loaded, self.run_config, self.placement, text if text else None, path,
+                                 self.n_ctx_spin.value(), n_chunks, self.mode, base)
+
+    def can_run(self) -> str:
+        """"" when a run can start now, otherwise why not."""
+        if self.loaded is None:
+            return "Open a model first."
+        if self.is_running:
+            return "A run is in progress."
+        mode = self.mode
+        if mode != MODE_PERPLEXITY and not self.base_edit.text().strip():
+            return "Choose the base file."
+        has_text = bool(self.paste_edit.toPlainText().strip()) if self.paste_radio.isChecked() \
+            else bool(self.file_edit.text().strip())
+        if not has_text and mode != MODE_COMPARE:
+            return "Choose a text file or paste some text."
+        return ""
+
+    def run(self) -> JobHandle | None:
+        reason = self.can_run()
+        if reason:
+            self.show_error(reason)
+            return None
+        self.message_bar.dismiss()
+        request = self.request()
+        self._reset_results()
+        program = "kl_divergence" if request.mode == MODE_COMPARE else "perplexity"
+        self._log(f"{program}: {request.loaded.path.name}, n_ctx={request.n_ctx}"
+                  + (f", chunks={request.n_chunks}" if request.n_chunks else ""))
+        handle = self.bridge.submit(lambda ctx: run_perplexity(request, ctx, self.model_factory), "perplexity")
+        self._job = handle
+        self._run_started_s = time.perf_counter()
+        handle.progress.connect(self._on_progress)
+        handle.yielded.connect(self._on_yielded)
+        handle.returned.connect(lambda _result: self._end_run(handle, "done"))
+        handle.cancelled.connect(lambda: self._end_run(handle, "cancelled"))
+        handle.errored.connect(lambda message: self._end_run(handle, "error", message))
+        self.progress_bar.setRange(0, 0)
+        self.progress_label.setText("Starting…")
+        self._update_actions()
+        self.job_started.emit(handle, "Measuring perplexity…")
+        return handle
+
+    def cancel(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+            self.progress_label.setText("Cancelling…")
+
+    def _reset_results(self) -> None:
+        self.result = None
+        self._started = None
+        self._line_open = False
+        self.plot.clear()
+        self.log_view.clear()
+        self.kld_model.set_stats(None)
+        self.kld_note.hide()
+        self.result_label.setText("PPL = …")
+        self.result_detail.setText("")
+
+    def _on_progress(self, done: int, total: int, text: str) -> None:
+        if text and self._started is None:
+            self.progress_label.setText(text[0].upper() + text[1:] + "…")
+
+    def _on_yielded(self, item: object) -> None:
+        if isinstance(item, PerplexityStarted):
+            self._on_started(item)
+        elif isinstance(item, (PerplexityEvent, KLDivergenceEvent)):
+            self._on_chunk(item)
+        elif isinstance(item, PerplexityResult):
+            self._on_perplexity_result(item)
+        elif isinstance(item, KLDivergenceStats):
+            self._on_kld_stats(item)
+
+    def _on_started(self, started: PerplexityStarted) -> None:
+        self._started = started
+        self._log(f"perplexity: tokenization took {1000 * started.tokenize_s:.3f} ms")
+        verb = "calculating perplexity" if started.mode != MODE_COMPARE else "computing KL divergence"
+        self._log(f"perplexity: {verb} over {started.n_chunks} chunks, n_ctx={started.n_ctx}")
+        self.plot.clear(started.n_chunks)
+        self.progress_bar.setRange(0, started.n_chunks)
+        self.progress_bar.setValue(0)
+        self.progress_label.setText(f"Chunk 0 / {started.n_chunks}")
+        if started.mode == MODE_COMPARE:
+            self._log("")
+            self._log(KLD_CHUNK_HEADER)
+
+    def _on_chunk(self, event: PerplexityEvent | KLDivergenceEvent) -> None:
+        compare = isinstance(event, KLDivergenceEvent)
+        if event.chunk == 1:
+            self._log(format_eta(event, "kl_divergence" if compare else "perplexity"))
+        if compare:
+            self._log(format_kld_chunk_line(event))
+        else:
+            self._log_inline(format_perplexity_line(event))
+        self.plot.append(event.ppl)
+        self.progress_bar.setValue(event.chunk)
+        remaining_s = event.chunk_s * (event.n_chunks - event.chunk)
+        self.progress_label.setText(f"Chunk {event.chunk} / {event.n_chunks}  ·  about {remaining_s:.0f} s left")
+        self.result_label.setText(format_big_result(event.ppl, event.ppl_error))
+        self.result_detail.setText(f"running estimate after {event.chunk} of {event.n_chunks} chunks "
+                                   f"({event.n_scored:,} tokens scored)")
+
+    def _on_perplexity_result(self, result: PerplexityResult) -> None:
+        self.result = result
+        self.plot.set_values(result.running_ppl, result.chunk_ppl)
+        self._close_line()
+        self._log("")
+        self._log(format_final_estimate(result))
+        self.result_label.setText(format_big_result(result.ppl, result.ppl_error))
+        self.result_detail.setText(f"{result.n_chunks} chunks  ·  {result.n_scored:,} tokens scored  ·  "
+                                   f"n_ctx {result.n_ctx}  ·  {time.perf_counter() - self._run_started_s:.1f} s")
+
+    def _on_kld_stats(self, stats: KLDivergenceStats) -> None:
+        self.result = stats
+        self._log("")
+        for line in format_kld_report(stats).splitlines():
+            self._log(line)
+        self.kld_model.set_stats(stats)
+        if stats.n_scored < MIN_TOKENS_FOR_STATISTICS:
+            self.kld_note.setText(f"Only {stats.n_scored} tokens were scored: llama-perplexity prints no "
+                                  f"statistics below {MIN_TOKENS_FOR_STATISTICS}; take these with care.")
+            self.kld_note.show()
+        self.result_label.setText(format_big_result(stats.ppl, stats.ppl_error))
+        self.result_detail.setText(f"Mean KLD {stats.kld:.6f}  ·  same top token {100 * stats.same_top:.2f} %  ·  "
+                                   f"PPL(Q)/PPL(base) {stats.ppl_ratio:.4f}  ·  {stats.n_scored:,} tokens scored")
+        self.detail_tabs.setCurrentIndex(1)
+
+    def _end_run(self, handle: JobHandle, outcome: str, error: str = "") -> None:
+        if handle is not self._job:
+            return
+        self._job = None
+        self._close_line()
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(1 if outcome == "done" else 0)
+        if outcome == "done":
+            self.progress_label.setText(f"Done in {time.perf_counter() - self._run_started_s:.1f} s")
+            if self.mode == MODE_SAVE_BASE:
+                self._log(f"saved the base log-probabilities to {self.base_edit.text().strip()}")
+        elif outcome == "cancelled":
+            self.progress_label.setText("Cancelled")
+            self._log("cancelled")
+            if self.result is None and not self.plot.running_values():
+                self.result_label.setText("PPL = —")
+        else:
+            self.progress_label.setText("Failed")
+            self._log(f"error: {error}")
+            self.show_error(error)
+            if self.result is None:
+                self.result_label.setText("PPL = —")
+        self._update_actions()
+        self.run_finished.emit(outcome)
+
+    def show_error(self, text: str) -> None:
+        self.message_bar.show_message(text, MessageBar.ERROR)
+        self.error_occurred.emit(text)
+
+    def _update_actions(self, *_args) -> None:
+        running = self.is_running
+        reason = self.can_run()
+        self.run_button.setEnabled(not reason)
+        self.run_button.setToolTip(reason)
+        self.cancel_button.setEnabled(running)
+        for widget in (self.n_ctx_spin, self.n_chunks_spin, self.mode_combo, self.file_radio, self.paste_radio):
+            widget.setEnabled(not running)
+        if self.loaded is None and not running and not self.progress_label.text():
+            self.progress_label.setText("Open a model to measure its perplexity.")
+
+    # --- the log --------------------------------------------------------------------------------
+
+    def _log(self, line: str) -> None:
+        self._close_line()
+        self.log_view.appendPlainText(line)
+
+    def _log_inline(self, text: str) -> None:
+        if not self._line_open:
+            self.log_view.appendPlainText(text)
+            self._line_open = True
+        else:
+            cursor = self.log_view.textCursor()
+            cursor.movePosition(cursor.MoveOperation.End)
+            cursor.insertText(text)
+        self.log_view.ensureCursorVisible()
+
+    def _close_line(self) -> None:
+        self._line_open = False
+
+    def log_text(self) -> str:
+        return self.log_view.toPlainText()
+
+    # --- screenshots ----------------------------------------------------------------------------
+
+    def demo_fill(self, result: PerplexityResult, log_text: str = "", stats: KLDivergenceStats | None = None) -> None:
+        """Show a finished run without running one (for screenshots)."""
+        self._reset_results()
+        self._on_perplexity_result(result)
+        if log_text:
+            self.log_view.setPlainText(log_text)
+        if stats is not None:
+            self._on_kld_stats(stats)
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(1)
+        self.progress_label.setText(f"Done  ·  {result.n_chunks} chunks")
+        self.result_detail.setText(f"{result.n_chunks} chunks  ·  {result.n_scored:,} tokens scored  ·  "
+                                   f"n_ctx {result.n_ctx}")
