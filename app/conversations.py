@@ -49,7 +49,13 @@ def title_from_text(text: str, max_chars: int = TITLE_CHARS) -> str:
     line = " ".join(text.strip().split("\n", 1)[0].split())
     if not line:
         return "New chat"
-    return line if len(line) <= max_chars else line[:max_chars - 1].rstrip() + "…"
+    if len(line) <= max_chars:
+        return line
+    cut = line[:max_chars - 1]
+    space = cut.rfind(" ")
+    if space > max_chars // 2:      # end on a whole word when one ends near the limit
+        cut = cut[:space]
+    return cut.rstrip() + "…"
 
 
 @dataclass

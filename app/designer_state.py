@@ -42,6 +42,10 @@ SYNC_DELAY_MS = 60          # the command line follows a burst of moves once, no
 CPU = "CPU"
 
 
+class MissingDeviceError(ValueError):
+    """A saved plan names a real GPU this machine does not have (or has not found yet)."""
+
+
 @dataclass(frozen=True)
 class CommandLine:
     text: str
@@ -190,16 +194,19 @@ class DesignerState(QObject):
     def set_devices(self, devices: Sequence[Device]) -> None:
         """Plan for another device list: refit an untouched plan, else keep it and send the orphans to the CPU."""
         devices = list(devices)
-        if [d for d in devices] == self.devices:
+        if devices == self.devices:
             return
         untouched = self.undo_stack.count() == 0
+        removed = {d.name for d in self.devices} - {d.name for d in devices}
         self.devices = devices
         if self.inventory is not None:
             if untouched and not self.placement_was_restored:
-                self._fit_silently()
+                if not self._restore_remembered():      # its GPUs may only now have been found
+                    self._fit_silently()
             else:
                 self.placement = remap_placement(self.placement, self.inventory, devices)
-            self.undo_stack.clear()
+            if removed:         # undo steps may name the devices that are gone
+                self.undo_stack.clear()
             self._recompute()
         self.model_changed.emit()
         self.devices_changed.emit(self.devices)
@@ -359,7 +366,8 @@ class DesignerState(QObject):
         notes = sorted(notes, key=lambda n: not n.startswith("ours only")) + list(extra_notes)
         self.command_line = CommandLine(emitted.text, emitted.exact, tuple(notes))
         self.command_line_changed.emit(self.command_line)
-        self._remember()
+        if self.undo_stack.count():     # the user's plan, not the auto-fit that opening made
+            self._remember()
         return self.command_line
 
     # --- saving --------------------------------------------------------------------------------
@@ -394,7 +402,7 @@ class DesignerState(QObject):
         missing = [d for d in data.get("devices", []) if d.get("name") not in have]
         real_missing = [d["name"] for d in missing if not d.get("simulated")]
         if real_missing:
-            raise ValueError(f"the plan uses {', '.join(real_missing)}, which this machine does not have")
+            raise MissingDeviceError(f"the plan uses {', '.join(real_missing)}, which this machine does not have")
         devices = self.devices + [Device(d["name"], "gpu", int(d["total_bytes"]), "simulated", simulated=True)
                                   for d in missing]
         placement = Placement.from_dict(self.inventory, devices, data["placement"])
@@ -425,6 +433,8 @@ class DesignerState(QObject):
         try:
             self.placement, self.run_config, self.devices = self._plan_from_dict(
                 json.loads(path.read_text(encoding="utf-8")))
+        except MissingDeviceError:
+            return False        # quietly: the GPUs may not have been found yet
         except (OSError, ValueError, KeyError, TypeError) as e:
             self.message.emit(f"The last plan for this model could not be restored ({e}); auto-fit instead.")
             return False

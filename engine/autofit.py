@@ -10,10 +10,12 @@ What earns GPU memory first, in order:
    which llama.cpp cannot express: off unless asked for).
 
 Layers go to GPUs in order, each GPU taking a contiguous run as `-ngl`/`-ts` would, and a
-layer's experts sit on its own GPU when they can. Before any expert, each GPU keeps the CUDA
-context, the user's margin and the largest compute buffer the estimate may charge it. When even
-(1) does not fit, whole layers go to the CPU from the bottom of the model, exactly as lowering
-`-ngl` does, so the plan stays one short command line.
+layer's experts sit on its own GPU when they can; space a whole expert tensor cannot use is
+filled by a later, smaller one (in the Q4_K_M mix some `ffn_down_exps` are Q4_K, some Q6_K).
+Before any expert, each GPU keeps the CUDA context, the user's margin and the largest compute
+buffer the estimate may charge it. When even (1) does not fit, whole layers go to the CPU, the
+first layers first, exactly as lowering `-ngl` does (llama.cpp offloads the last layers), so the
+plan stays one short command line.
 """
 from __future__ import annotations
 
@@ -78,16 +80,16 @@ def auto_fit(inventory: Inventory, devices: Sequence, run_config: RunConfig,
     gpus = [d for d in devices if d.is_gpu]
     cpu = CPU_NAME if any(d.name == CPU_NAME for d in devices) else devices[0].name
     slots = _slots(inventory, run_config)
-    budgets = [_gpu_budget(inventory, run_config, gpus, d, options.memory) for d in gpus]
+    compute_bytes = _compute_reserve(inventory, run_config, bool(gpus))
+    budgets = [max(d.total_bytes - options.memory.gpu_overhead_bytes - options.memory.gpu_margin_bytes
+                   - compute_bytes, 0) for d in gpus]
     min_slot = 0
     while True:
         plan, units = _best_plan(slots, budgets, min_slot)
-        placement = _placement(inventory, devices, gpus, cpu, slots, plan, units)
-        estimate = estimate_memory(inventory, placement, run_config, devices, options.memory)
         if options.allow_expert_split:
             _split_experts([u for u in units if u.slot >= plan.first_gpu_slot], plan.free)
-            placement = _placement(inventory, devices, gpus, cpu, slots, plan, units)
-            estimate = estimate_memory(inventory, placement, run_config, devices, options.memory)
+        placement = _placement(inventory, devices, gpus, cpu, slots, plan, units)
+        estimate = estimate_memory(inventory, placement, run_config, devices, options.memory)
         if _gpus_fit(estimate, gpus) or plan.first_gpu_slot > len(slots) - 1:
             break
         min_slot = plan.first_gpu_slot + 1      # a safety net: the budgets are meant to make this unreachable
@@ -125,17 +127,18 @@ def _units(slot: int, tensors: list) -> list[_Unit]:
                   sum(t.expert_bytes for t in ts)) for ts in by_key.values()]
 
 
-def _gpu_budget(inventory: Inventory, rc: RunConfig, gpus: list, gpu, memory: MemoryOptions) -> int:
-    """Bytes a GPU can give to weights and KV: capacity less context, margin and compute buffers."""
+def _compute_reserve(inventory: Inventory, rc: RunConfig, has_gpu: bool) -> int:
+    """The largest compute buffer the estimate may charge a GPU, whichever layers or experts it gets."""
     hp = inventory.hparams
+    if hp is None:
+        return 0
+    flash_attn = flash_attention_on(rc, has_gpu)
     compute = 0
-    if hp is not None:
-        flash_attn = flash_attention_on(rc, bool(gpus))
-        for il in range(hp.n_layer):
-            compute = max(compute, layer_compute_bytes(hp, il, rc, flash_attn))
-            if hp.n_expert and hp.is_moe_layer(il):
-                compute = max(compute, expert_compute_bytes(hp, il, rc))
-    return max(gpu.total_bytes - memory.gpu_overhead_bytes - memory.gpu_margin_bytes - compute, 0)
+    for il in range(hp.n_layer):
+        compute = max(compute, layer_compute_bytes(hp, il, rc, flash_attn))
+        if hp.n_expert and hp.is_moe_layer(il):
+            compute = max(compute, expert_compute_bytes(hp, il, rc))
+    return compute
 
 
 # --- packing ---------------------------------------------------------------------------------

@@ -155,7 +155,7 @@ def visible(q_pos: np.ndarray, k_pos: np.ndarray, kind: AttentionKind, window: i
     return mask
 
 
-SCORE_BLOCK_VALUES = 1 << 24    # attention scores held at once (64 MiB of float32)
+SCORE_BLOCK_VALUES = 1 << 22    # attention scores held at once (64 MiB of float32)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, kq_scale: float) -> np.ndarray:

@@ -75,11 +75,11 @@ class Model:
         self.hparams = self.family.hyperparams(self.metadata)
         self._check_tensors()
         self.run_config = run_config or RunConfig()
-        self.ops = backend or CpuBackend()
+        self.ops = backend or CpuBackend(self.run_config.activations)
         self.placement = placement
         tensor_devices = {}
         if placement is not None:
-            self.ops = PlacedOps(make_backends(placement.devices))
+            self.ops = PlacedOps(make_backends(placement.devices, self.run_config.activations))
             tensor_devices = placement.tensor_devices()
         self.globals: dict[str, Weight | np.ndarray] = {}
         self.layers = [LayerTensors(il, {}) for il in range(self.hparams.n_layer)]

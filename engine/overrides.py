@@ -242,7 +242,7 @@ def _checked_value(metadata: Mapping[str, Any], arch: str, o: MetadataOverride) 
                             "overridden")
     expected = "int" if kind in ("int", "int32") else kind
     if o.type != expected:
-        raise OverrideError(f"{o.key} is {_KIND_WORDS[kind]} but the override gives {o.type}:{o.value}, which "
+        raise OverrideError(f"{o.key} is {_KIND_WORDS[kind]} but the override gives {str(o).partition('=')[2]}, which "
                             f"llama.cpp would ignore; write {o.key}={expected}:{_converted(o.value, expected)}")
     if kind in ("int", "int32"):
         _check_int_range(metadata, o, kind)
@@ -358,12 +358,17 @@ def _check_tensor_shapes(before: Mapping[str, Any], after: Mapping[str, Any], ar
     try:
         new_specs = family.tensor_specs(family.hyperparams(after))
     except (ValueError, KeyError) as e:
-        raise OverrideError(f"overriding {', '.join(sorted(changed))} leaves metadata the model cannot use: {e}") from None
+        raise OverrideError(f"overriding {', '.join(sorted(changed))} leaves metadata the model cannot use: "
+                            f"{e}") from None
+    overridden = ", ".join(sorted(changed))
     old = {s.name: s.shape for s in old_specs}
     new = {s.name: s.shape for s in new_specs}
-    for name in sorted(set(old) | set(new), key=lambda n: (n not in new, n)):
+    for name in [*old, *(n for n in new if n not in old)]:     # the model's own tensor order
         if old.get(name) != new.get(name):
-            wanted = "no such tensor" if name not in new else f"shape {new[name]}"
-            has = "the file has none" if name not in old else f"the file's is {old[name]}"
-            raise OverrideError(f"overriding {', '.join(sorted(changed))} changes the tensors the model needs: "
-                                f"{name} would need {wanted}, {has}")
+            if name not in new:
+                problem = f"the model would no longer use {name}, which the file holds"
+            elif name not in old:
+                problem = f"{name} would be needed with shape {new[name]}, and the file has none"
+            else:
+                problem = f"{name} would need shape {new[name]}, the file's is {old[name]}"
+            raise OverrideError(f"overriding {overridden} changes the tensors the model needs: {problem}")

@@ -26,7 +26,8 @@ class DeviceMismatchError(RuntimeError):
 class SimulatedGpuBackend(CpuBackend):
     """A GPU that computes on the host: it holds its own copy of the weights placed on it."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, activations: str = "f32"):
+        super().__init__(activations)
         self.name = device
         self.allocated_bytes = 0
 
@@ -101,6 +102,7 @@ class PlacedOps(CpuBackend):
     `transfers` counts the activation hand-overs between devices that a real multi-GPU run pays."""
 
     def __init__(self, backends: dict):
+        super().__init__()
         self.backends = backends
         self.current = "CPU"
         self.transfers = 0
@@ -142,16 +144,16 @@ class NoCudaBackendError(RuntimeError):
     pass
 
 
-def make_backends(devices) -> dict:
+def make_backends(devices, activations: str = "f32") -> dict:
     """A backend per device: the host for the CPU, a simulated GPU for each simulated device.
 
     A real GPU is refused rather than quietly run on the CPU."""
     backends = {}
     for device in devices:
         if not device.is_gpu:
-            backends[device.name] = HostBackend()
+            backends[device.name] = HostBackend(activations)
         elif device.simulated:
-            backends[device.name] = SimulatedGpuBackend(device.name)
+            backends[device.name] = SimulatedGpuBackend(device.name, activations)
         else:
             raise NoCudaBackendError(f"{device.name} ({device.description}) needs the CUDA backend, which this "
                                      "build does not have yet: place everything on the CPU or use --sim-gpus")

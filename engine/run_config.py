@@ -20,6 +20,9 @@ class RunConfig:
     split_mode: str = "layer"       # -sm: none / layer / row
     main_gpu: int = 0               # -mg
     n_threads: int = 0              # -t; 0: all physical cores
+    # "llama.cpp": round matmul inputs as llama.cpp's CPU backend does (Q8_0/Q8_K blocks for
+    # quantized weights, f16 for f16 weights), so perplexity and logits match it; "f32": exact
+    activations: str = "llama.cpp"
 
     def __post_init__(self):
         for name in ("type_k", "type_v"):
@@ -27,6 +30,8 @@ class RunConfig:
             if value not in KV_CACHE_TYPES:
                 raise ValueError(f"unknown KV cache type {value!r} for {name}; "
                                  f"choose one of {', '.join(KV_CACHE_TYPES)}")
+        if self.activations not in ("llama.cpp", "f32"):
+            raise ValueError(f"activations must be 'llama.cpp' or 'f32', not {self.activations!r}")
         if self.n_ctx < 0 or self.n_ubatch <= 0 or self.n_batch <= 0 or self.n_seq <= 0:
             raise ValueError("context, batch, ubatch and sequence counts must be positive")
 

@@ -22,7 +22,7 @@ def add_model_arguments(p) -> None:
     p.add_argument("-m", "--model", required=True, help="GGUF file")
     p.add_argument("--sim-gpus", help="simulated GPUs, e.g. 24GiB,24GiB (run on the CPU backend)")
     p.add_argument("-t", "--threads", type=int, default=0, help="CPU threads (default: all cores)")
-    p.add_argument("--override-kv", action="append", default=[], metavar="KEY=TYPE:VALUE",
+    p.add_argument("-okv", "--override-kv", action="append", default=[], metavar="KEY=TYPE:VALUE",
                    help="override a metadata value, e.g. llama4.expert_used_count=int:2 (repeatable)")
     p.epilog = ("Other flags are read as llama.cpp placement and run flags: -ngl, -ts, -ot, --n-cpu-moe, "
                 "-c, -ctk/-ctv, -ub, -b, -fa.")

@@ -319,6 +319,7 @@ class ChatPanel(QWidget):
         self._pending_text = ""
         self._last_event: GenerationEvent | None = None
         self._n_ctx: int | None = None
+        self.last_turn: TurnStarted | None = None      # what the engine said about the latest turn's prompt
         self._edit_row: int | None = None
         self._selecting = False
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conversations")
@@ -364,6 +365,7 @@ class ChatPanel(QWidget):
         self.conversation_view.setModel(self.conversations)
         self.conversation_view.setEditTriggers(QAbstractItemView.EditKeyPressed | QAbstractItemView.SelectedClicked)
         self.conversation_view.setTextElideMode(Qt.ElideRight)
+        self.conversation_view.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)   # long titles elide instead
         self.conversation_view.setUniformItemSizes(True)
         self.conversation_view.setContextMenuPolicy(Qt.CustomContextMenu)
         self.conversation_view.customContextMenuRequested.connect(self._conversation_menu)
@@ -604,6 +606,7 @@ class ChatPanel(QWidget):
 
     def _on_yielded(self, item: object) -> None:
         if isinstance(item, TurnStarted):
+            self.last_turn = item
             self._n_ctx = item.n_ctx
             self.stats.show_stats(None, None, item.reused_tokens, item.n_ctx)
             return
@@ -706,7 +709,11 @@ class ChatPanel(QWidget):
             return False
         if not self.dialogs.confirm_delete(self, title):
             return False
-        self.conversations.remove(conversation_id)
+        self._selecting = True      # the list moves its selection to a neighbour: that is not a choice
+        try:
+            self.conversations.remove(conversation_id)
+        finally:
+            self._selecting = False
         self._write(partial(self.store.delete, conversation_id))
         if conversation_id == self.conversation.id:
             self._show_conversation(Conversation())

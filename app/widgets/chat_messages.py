@@ -268,6 +268,7 @@ class ChatInput(QPlainTextEdit):
         self.max_lines = max_lines
         self.setTabChangesFocus(True)
         self.setWordWrapMode(QTextOption.WrapAtWordBoundaryOrAnywhere)
+        self.setVerticalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
         self.document().documentLayout().documentSizeChanged.connect(self._fit_height)
         self._fit_height()
 
@@ -282,10 +283,12 @@ class ChatInput(QPlainTextEdit):
 
     def _fit_height(self, *_args) -> None:
         line = QFontMetrics(self.font()).lineSpacing()
-        n_lines = max(1, min(self.max_lines, int(self.document().size().height())))
+        n_lines = int(self.document().size().height())      # a plain-text layout measures in lines
+        shown = max(1, min(self.max_lines, n_lines))
+        self.setVerticalScrollBarPolicy(Qt.ScrollBarAsNeeded if n_lines > self.max_lines else Qt.ScrollBarAlwaysOff)
         margins = self.contentsMargins()
-        frame = int(2 * self.document().documentMargin()) + margins.top() + margins.bottom() + 8
-        self.setFixedHeight(n_lines * line + frame)
+        chrome = int(2 * self.document().documentMargin()) + margins.top() + margins.bottom() + 2 * self.frameWidth()
+        self.setFixedHeight(shown * line + chrome + 4)
 
 
 def bubble_point(view: MessageView, row: int) -> QPointF:

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PySide6.QtCore import QItemSelection, QItemSelectionModel, QPoint, Qt, Signal
-from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import (QFileDialog, QFrame, QHBoxLayout, QInputDialog, QLabel, QMenu, QPushButton,
-                               QScrollArea, QSizePolicy, QSplitter, QStackedWidget, QToolButton, QVBoxLayout, QWidget)
+from PySide6.QtCore import QItemSelection, QItemSelectionModel, QPoint, Qt, QTimer, Signal
+from PySide6.QtGui import QKeySequence
+from PySide6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QMenu, QPushButton, QScrollArea, QSplitter,
+                               QStackedWidget, QToolButton, QVBoxLayout, QWidget)
 
 from app.designer_state import DesignerState, model_key
 from app.models.designer import DeviceLaneModel, ExpertStripModel, LayerGridModel, short_bytes
-from app.widgets.designer_controls import CommandLineEditor, RunSettingsForm
+from app.widgets.designer_controls import CommandLineEditor, DesignerDialogs, RunSettingsForm
 from app.widgets.designer_grid import ExpertStripView, LayerGridView
 from app.widgets.designer_lanes import DeviceLanesView, LaneLegend
 from app.widgets.designer_style import DESIGNER_QSS
@@ -30,25 +30,9 @@ from engine.inventory import Inventory
 from engine.units import format_bytes
 
 
-STRIP_CHROME_HEIGHT = 34      # the strip's title row and margins
+STRIP_CHROME_HEIGHT = 30      # the strip's title row and margins
 STRIP_SHARE = 0.36            # at most this much of the panel's height goes to the expert strip
-
-
-class DesignerDialogs:
-    """The designer's modal dialogs, in one place that tests replace with non-blocking fakes."""
-
-    def ask_gpu_capacity(self, parent: QWidget) -> str | None:
-        text, ok = QInputDialog.getText(parent, "Add a simulated GPU",
-                                        "Memory of the GPU to plan for (e.g. 24GiB, 12GB, 80G):", text="24GiB")
-        return text if ok and text.strip() else None
-
-    def save_plan_path(self, parent: QWidget, suggested: str) -> str | None:
-        path, _ = QFileDialog.getSaveFileName(parent, "Save the plan", suggested, "Plans (*.json)")
-        return path or None
-
-    def open_plan_path(self, parent: QWidget) -> str | None:
-        path, _ = QFileDialog.getOpenFileName(parent, "Load a plan", str(Path.home()), "Plans (*.json)")
-        return path or None
+NOTICE_MS = 12_000            # a notice stays this long
 
 
 def _section(title: str) -> QLabel:
@@ -98,6 +82,8 @@ class DesignerPanel(QWidget):
         layout.addLayout(self._build_header())
         self.notice = QLabel(objectName="designerNotice", wordWrap=True)
         self.notice.hide()
+        self._notice_timer = QTimer(self, singleShot=True, interval=NOTICE_MS)
+        self._notice_timer.timeout.connect(self.hide_notice)
         layout.addWidget(self.notice)
         splitter = QSplitter(Qt.Horizontal)
         splitter.setChildrenCollapsible(False)
@@ -281,10 +267,14 @@ class DesignerPanel(QWidget):
             self.devices = [cpu_device()]       # until the window has found the GPUs
         self.hide_notice()
         self.state.set_model(inventory, self.devices, model_key)
+        self.devices = list(self.state.devices)     # a remembered plan brings back its simulated GPUs
         self.stack.setCurrentIndex(1 if inventory is not None else 0)
 
     def set_devices(self, devices: Sequence[Device]) -> None:
-        self.devices = list(devices)
+        """The machine's devices (the window's `devices_changed`); GPUs simulated here are kept."""
+        names = {d.name for d in devices}
+        ours = [d for d in self.state.devices if d.simulated and d.name not in names]
+        self.devices = list(devices) + ours
         if self.state.inventory is not None:
             self.state.set_devices(self.devices)
 
@@ -331,7 +321,7 @@ class DesignerPanel(QWidget):
         refs = view.selected_refs()
         sub = menu.addMenu("Move to")
         sub.setEnabled(bool(refs))
-        for i, device in enumerate(self.state.devices):
+        for device in self.state.devices:
             key = 0 if device.name == "CPU" else 1 + [g.name for g in self.state.gpus].index(device.name)
             action = sub.addAction(f"{device.name}\t{'Ctrl+' + str(key) if key <= 9 else ''}")
             action.triggered.connect(lambda _checked=False, d=device.name, v=view: self.move_refs(v.selected_refs(), d))
@@ -421,6 +411,7 @@ class DesignerPanel(QWidget):
 
     def _on_model_changed(self) -> None:
         s = self.state
+        shown_layer = self.strip_model.layer if self.strip_model.inventory is s.inventory else None
         self.lane_model.set_devices(s.devices, s.estimate)
         self.grid_model.set_model(s.inventory, s.placement)
         self.strip_model.set_model(s.inventory, s.placement)
@@ -433,9 +424,11 @@ class DesignerPanel(QWidget):
                               f"{format_bytes(s.inventory.total_bytes)} of weights · {len(s.devices)} devices")
         self.run_settings.set_margin_bytes(s.memory_options.gpu_margin_bytes)
         self.run_settings.set_split_allowed(s.allow_expert_split)
-        first_moe = next((layer.index for layer in s.inventory.layers
-                          if any(t.n_experts for t in layer.tensors)), None)
-        self.show_layer_experts(first_moe)
+        self.strip_box.setVisible(s.inventory.n_expert > 0)
+        if shown_layer is None:     # a new model: its first MoE layer; a new device list: the same layer
+            shown_layer = next((layer.index for layer in s.inventory.layers
+                                if any(t.n_experts for t in layer.tensors)), None)
+        self.show_layer_experts(shown_layer)
         self._update_selection_label()
 
     def _fit_strip_box(self, *_args) -> None:
@@ -505,14 +498,18 @@ class DesignerPanel(QWidget):
         if self.strip.selection:
             n_bytes = sum(self.strip_model.tensor(r).expert_bytes for r, _ in self.strip.selection)
             parts.append(f"{len(self.strip.selection)} expert tiles · {short_bytes(n_bytes)}")
-        hint = ("Drag onto a device, right-click, or press Ctrl+0 (CPU) / Ctrl+1… (GPUs)" if parts else
-                "Select cells, a layer (row header) or a group (column header); drag them onto a device")
-        self.selection_label.setText("   ·   ".join(["Selected: " + ", ".join(parts)] if parts else []) +
-                                     ("   —   " if parts else "") + hint)
+        if parts:
+            text = "Selected: " + ", ".join(parts) + "   —   Drag onto a device, right-click, or press " \
+                   "Ctrl+0 (CPU) / Ctrl+1… (GPUs)"
+        else:
+            text = "Select cells, a layer (row header) or a group (column header); drag them onto a device"
+        self.selection_label.setText(text)
 
     def show_notice(self, text: str) -> None:
+        """A notice above the designer (a move that cannot be made, a plan that cannot be read)."""
         self.notice.setText(text)
         self.notice.show()
+        self._notice_timer.start()
 
     def hide_notice(self) -> None:
         self.notice.hide()

@@ -1,14 +1,17 @@
-"""The designer's forms: run settings that feed the estimate, and the llama.cpp command line.
+"""The designer's forms: run settings that feed the estimate, the llama.cpp command line, and
+the few modal dialogs (in one class that tests replace).
 
-Neither holds state of its own beyond what the user is typing: they show the controller's run
-config and command line, and say what the user asked for through signals.
+The forms hold no state of their own beyond what the user is typing: they show the controller's
+run config and command line, and say what the user asked for through signals.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QFontDatabase, QKeyEvent
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QHBoxLayout, QLabel, QPlainTextEdit, QPushButton,
-                               QSpinBox, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QHBoxLayout, QInputDialog, QLabel, QPlainTextEdit,
+                               QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from app.designer_state import CommandLine
 from engine.run_config import KV_CACHE_TYPES, RunConfig
@@ -230,3 +233,20 @@ class CommandLineEditor(QWidget):
         self.status.style().unpolish(self.status)
         self.status.style().polish(self.status)
         self.status.setVisible(bool(text))
+
+
+class DesignerDialogs:
+    """The designer's modal dialogs, in one place that tests replace with non-blocking fakes."""
+
+    def ask_gpu_capacity(self, parent: QWidget) -> str | None:
+        text, ok = QInputDialog.getText(parent, "Add a simulated GPU",
+                                        "Memory of the GPU to plan for (e.g. 24GiB, 12GB, 80G):", text="24GiB")
+        return text if ok and text.strip() else None
+
+    def save_plan_path(self, parent: QWidget, suggested: str) -> str | None:
+        path, _ = QFileDialog.getSaveFileName(parent, "Save the plan", suggested, "Plans (*.json)")
+        return path or None
+
+    def open_plan_path(self, parent: QWidget) -> str | None:
+        path, _ = QFileDialog.getOpenFileName(parent, "Load a plan", str(Path.home()), "Plans (*.json)")
+        return path or None

@@ -23,8 +23,11 @@ SPLIT_MARK = QColor("#f5c451")
 SELECTED = QColor("#ffffff")
 MUTED = QColor("#9a9ea8")
 ROW_HEIGHT = 24
-TILE = 11               # expert tile, px
-TILE_STEP = 13          # tile plus gap
+TILE = 11               # expert tile height, px
+TILE_GAP = 2
+ROW_STEP = TILE + TILE_GAP
+MIN_COLUMN_STEP = 11    # expert tile width plus gap: narrower lines wrap into more chunks
+MAX_COLUMN_STEP = 15
 LABEL_WIDTH = 108       # tensor names left of the expert tiles
 CHUNK_HEADER = 15       # expert numbers above each chunk
 CHUNK_GAP = 8
@@ -93,7 +96,9 @@ class CellDelegate(QStyledItemDelegate):
         majority = next(iter(devices), "CPU")
         painter.fillRect(rect, blend(device_color(majority), 0.5))
         if len(devices) > 1:
-            self._paint_share_bar(painter, QRectF(rect.left(), rect.bottom() - 4, rect.width(), 4), devices, total)
+            bar = QRectF(rect.left() + 5, rect.bottom() - 6, rect.width() - 10, 3)
+            painter.fillRect(bar.adjusted(-1, -1, 1, 1), BASE)
+            self._paint_share_bar(painter, bar, devices, total)
         else:
             painter.fillRect(QRectF(rect.left(), rect.top(), rect.width(), 2), device_color(majority))
         painter.setClipping(False)
@@ -109,7 +114,8 @@ class CellDelegate(QStyledItemDelegate):
             painter.drawPolygon(corner)
         painter.setPen(CELL_TEXT)
         painter.setFont(option.font)
-        painter.drawText(rect.adjusted(6, 0, -6, 0), int(index.data(Qt.TextAlignmentRole) or Qt.AlignCenter), text)
+        text_rect = rect.adjusted(6, -1, -6, -4) if len(devices) > 1 else rect.adjusted(6, 0, -6, 0)
+        painter.drawText(text_rect, int(index.data(Qt.TextAlignmentRole) or Qt.AlignCenter), text)
         painter.restore()
 
     @staticmethod
@@ -264,39 +270,44 @@ class ExpertStripView(_MoveKeys, QWidget):
 
     # --- geometry ------------------------------------------------------------------------------
 
+    def line_layout(self, width: int | None = None) -> tuple[int, int]:
+        """(experts per line, px per expert): the most experts per line, a power of two, that keeps
+        each tile at least MIN_COLUMN_STEP px wide."""
+        room = max((self.width() if width is None else width) - LABEL_WIDTH, 0)
+        most = max(self.model.columnCount(), 8)
+        per_line = 8
+        while per_line < most and room // (per_line * 2) >= MIN_COLUMN_STEP:
+            per_line *= 2
+        return per_line, max(min(room // per_line, MAX_COLUMN_STEP), MIN_COLUMN_STEP)
+
     def per_line(self, width: int | None = None) -> int:
-        """Experts per chunk line: the largest power of two (at least 8) the width holds."""
-        width = self.width() if width is None else width
-        n = 8
-        while n * 2 * TILE_STEP + LABEL_WIDTH <= width and n * 2 <= max(self.model.columnCount(), 8):
-            n *= 2
-        return n
+        return self.line_layout(width)[0]
 
     def _chunk_height(self) -> int:
-        return CHUNK_HEADER + self.model.rowCount() * TILE_STEP + CHUNK_GAP
+        return CHUNK_HEADER + self.model.rowCount() * ROW_STEP + CHUNK_GAP
 
     def height_for(self, width: int) -> int:
         n_expert = self.model.columnCount()
         if not n_expert:
             return 0
         n_chunks = -(-n_expert // self.per_line(width))
-        return n_chunks * self._chunk_height()
+        return n_chunks * self._chunk_height() - CHUNK_GAP
 
     def tile_rect(self, row: int, expert: int) -> QRect:
-        per_line = self.per_line()
+        per_line, step = self.line_layout()
         chunk, column = divmod(expert, per_line)
-        x = LABEL_WIDTH + column * TILE_STEP
-        y = chunk * self._chunk_height() + CHUNK_HEADER + row * TILE_STEP
-        return QRect(x, y, TILE, TILE)
+        x = LABEL_WIDTH + column * step
+        y = chunk * self._chunk_height() + CHUNK_HEADER + row * ROW_STEP
+        return QRect(x, y, step - TILE_GAP, TILE)
 
     def tile_at(self, pos: QPoint) -> tuple[int, int] | None:
-        per_line = self.per_line()
+        per_line, step = self.line_layout()
         chunk, y = divmod(pos.y(), self._chunk_height())
-        row, y_in = divmod(y - CHUNK_HEADER, TILE_STEP)
-        column, x_in = divmod(pos.x() - LABEL_WIDTH, TILE_STEP)
+        row, y_in = divmod(y - CHUNK_HEADER, ROW_STEP)
+        column, x_in = divmod(pos.x() - LABEL_WIDTH, step)
         expert = chunk * per_line + column
         if (y < CHUNK_HEADER or not 0 <= row < self.model.rowCount() or not 0 <= column < per_line
-                or expert >= self.model.columnCount() or x_in >= TILE or y_in >= TILE):
+                or expert >= self.model.columnCount() or x_in >= step - TILE_GAP or y_in >= TILE):
             return None
         return int(row), int(expert)
 
@@ -304,7 +315,7 @@ class ExpertStripView(_MoveKeys, QWidget):
         if pos.x() >= LABEL_WIDTH:
             return None
         _, y = divmod(pos.y(), self._chunk_height())
-        row = (y - CHUNK_HEADER) // TILE_STEP
+        row = (y - CHUNK_HEADER) // ROW_STEP
         return int(row) if y >= CHUNK_HEADER and 0 <= row < self.model.rowCount() else None
 
     def tiles_in(self, rect: QRect) -> set[tuple[int, int]]:
@@ -322,7 +333,8 @@ class ExpertStripView(_MoveKeys, QWidget):
             self.content_height_changed.emit(height)
 
     def sizeHint(self) -> QSize:
-        return QSize(LABEL_WIDTH + 64 * TILE_STEP, self.height_for(LABEL_WIDTH + 64 * TILE_STEP))
+        width = LABEL_WIDTH + 64 * MAX_COLUMN_STEP
+        return QSize(width, self.height_for(width))
 
     # --- model ---------------------------------------------------------------------------------
 
@@ -344,139 +356,6 @@ class ExpertStripView(_MoveKeys, QWidget):
             self.update(first.united(last).adjusted(-2, -2, 2, 2))
 
     def selected_refs(self) -> list:
-        return self.grid_model().refs_for(self.selectionModel().selectedIndexes())
-
-    def select_column(self, column: int) -> None:
-        model = self.grid_model()
-        rows = model.layer_rows()
-        if rows:
-            selection = QItemSelection(model.index(rows.start, column), model.index(rows.stop - 1, column))
-            self.selectionModel().select(selection, QItemSelectionModel.ClearAndSelect)
-
-    def event(self, event: QEvent) -> bool:
-        return self._move_key_event(event) or super().event(event)
-
-    def startDrag(self, supported_actions: Qt.DropAction) -> None:
-        indexes = [i for i in self.selectionModel().selectedIndexes() if self.grid_model().tensors(i)]
-        if not indexes:
-            return
-        model = self.grid_model()
-        n_bytes = sum(t.n_bytes for i in indexes for t in model.tensors(i))
-        n_tensors = len(model.refs_for(indexes))
-        drag = QDrag(self)
-        drag.setMimeData(model.mimeData(indexes))
-        badge = drag_badge(f"{n_tensors} tensor{'s' if n_tensors != 1 else ''} · {short_bytes(n_bytes)}",
-                           QColor("#3d6fd9"), self.font())
-        drag.setPixmap(badge)
-        drag.setHotSpot(QPoint(badge.width() // 2, badge.height() + 6))
-        drag.exec(Qt.MoveAction)
-
-
-class ExpertStripView(_MoveKeys, QWidget):
-    """One layer's experts as tiles, one line per routed-expert tensor, wrapped in chunks of experts.
-
-    Click selects a tile, Ctrl+click toggles one, dragging on empty space or an unselected tile
-    draws a rubber band (Ctrl adds to the selection), dragging a selected tile drags the
-    selection, clicking a tensor's name selects all its experts.
-    """
-
-    move_key = Signal(int)
-    selection_changed = Signal()
-    content_height_changed = Signal(int)
-
-    def __init__(self, model: ExpertStripModel, parent: QWidget | None = None):
-        super().__init__(parent)
-        self.setObjectName("expertStrip")
-        self.model = model
-        self.selection: set[tuple[int, int]] = set()
-        self._band = QRubberBand(QRubberBand.Rectangle, self)
-        self._press: QPoint | None = None
-        self._press_on_selected = False
-        self._band_base: set[tuple[int, int]] = set()
-        self.setFocusPolicy(Qt.StrongFocus)
-        self.setContextMenuPolicy(Qt.CustomContextMenu)
-        self.setMouseTracking(True)
-        model.modelReset.connect(self._on_reset)
-        model.dataChanged.connect(self._on_data_changed)
-        self._on_reset()
-
-    # --- geometry ------------------------------------------------------------------------------
-
-    def per_line(self, width: int | None = None) -> int:
-        """Experts per chunk line: the largest power of two (at least 8) the width holds."""
-        width = self.width() if width is None else width
-        n = 8
-        while n * 2 * TILE_STEP + LABEL_WIDTH <= width and n * 2 <= max(self.model.columnCount(), 8):
-            n *= 2
-        return n
-
-    def _chunk_height(self) -> int:
-        return CHUNK_HEADER + self.model.rowCount() * TILE_STEP + CHUNK_GAP
-
-    def height_for(self, width: int) -> int:
-        n_expert = self.model.columnCount()
-        if not n_expert:
-            return 0
-        n_chunks = -(-n_expert // self.per_line(width))
-        return n_chunks * self._chunk_height()
-
-    def tile_rect(self, row: int, expert: int) -> QRect:
-        per_line = self.per_line()
-        chunk, column = divmod(expert, per_line)
-        x = LABEL_WIDTH + column * TILE_STEP
-        y = chunk * self._chunk_height() + CHUNK_HEADER + row * TILE_STEP
-        return QRect(x, y, TILE, TILE)
-
-    def tile_at(self, pos: QPoint) -> tuple[int, int] | None:
-        per_line = self.per_line()
-        chunk, y = divmod(pos.y(), self._chunk_height())
-        row, y_in = divmod(y - CHUNK_HEADER, TILE_STEP)
-        column, x_in = divmod(pos.x() - LABEL_WIDTH, TILE_STEP)
-        expert = chunk * per_line + column
-        if (y < CHUNK_HEADER or not 0 <= row < self.model.rowCount() or not 0 <= column < per_line
-                or expert >= self.model.columnCount() or x_in >= TILE or y_in >= TILE):
-            return None
-        return int(row), int(expert)
-
-    def label_row_at(self, pos: QPoint) -> int | None:
-        if pos.x() >= LABEL_WIDTH:
-            return None
-        _, y = divmod(pos.y(), self._chunk_height())
-        row = (y - CHUNK_HEADER) // TILE_STEP
-        return int(row) if y >= CHUNK_HEADER and 0 <= row < self.model.rowCount() else None
-
-    def tiles_in(self, rect: QRect) -> set[tuple[int, int]]:
-        return {(row, e) for row in range(self.model.rowCount()) for e in range(self.model.columnCount())
-                if rect.intersects(self.tile_rect(row, e))}
-
-    def resizeEvent(self, event) -> None:
-        super().resizeEvent(event)
-        self._fit_height()
-
-    def _fit_height(self) -> None:
-        height = self.height_for(self.width())
-        if height != self.minimumHeight():
-            self.setMinimumHeight(height)
-            self.content_height_changed.emit(height)
-
-    def sizeHint(self) -> QSize:
-        return QSize(LABEL_WIDTH + 64 * TILE_STEP, self.height_for(LABEL_WIDTH + 64 * TILE_STEP))
-
-    # --- model ---------------------------------------------------------------------------------
-
-    def _on_reset(self) -> None:
-        self.selection = set()
-        self._fit_height()
-        self.update()
-        self.selection_changed.emit()
-
-    def _on_data_changed(self, top_left: QModelIndex, bottom_right: QModelIndex, roles=()) -> None:
-        if top_left.row() == bottom_right.row() and top_left.column() == bottom_right.column():
-            self.update(self.tile_rect(top_left.row(), top_left.column()).adjusted(-2, -2, 2, 2))
-        else:
-            self.update()
-
-    def selected_refs(self) -> list:
         return self.model.refs_for(self.selection)
 
     def set_selection(self, cells: set[tuple[int, int]]) -> None:
@@ -493,14 +372,14 @@ class ExpertStripView(_MoveKeys, QWidget):
         if not n_rows:
             painter.end()
             return
-        per_line = self.per_line()
+        per_line, step = self.line_layout()
         chunk_height = self._chunk_height()
         small = QFont(self.font())
         small.setPointSizeF(max(self.font().pointSizeF() - 1.5, 7))
         heat_on = model.heat is not None
-        area = event.rect()
-        first_column = max((area.left() - LABEL_WIDTH) // TILE_STEP, 0)
-        last_column = min((area.right() - LABEL_WIDTH) // TILE_STEP, per_line - 1)
+        area, region = event.rect(), event.region()
+        first_column = max((area.left() - LABEL_WIDTH) // step, 0)
+        last_column = min((area.right() - LABEL_WIDTH) // step, per_line - 1)
         for chunk in range(-(-n_expert // per_line)):
             top = chunk * chunk_height
             if top > area.bottom() or top + chunk_height < area.top():
@@ -510,12 +389,14 @@ class ExpertStripView(_MoveKeys, QWidget):
             for column in range(0, per_line, 8):
                 expert = chunk * per_line + column
                 if expert < n_expert:
-                    painter.drawText(QRect(LABEL_WIDTH + column * TILE_STEP, top, 8 * TILE_STEP, CHUNK_HEADER - 2),
+                    painter.drawText(QRect(LABEL_WIDTH + column * step, top, 8 * step, CHUNK_HEADER - 2),
                                      Qt.AlignLeft | Qt.AlignBottom, str(expert))
             for row in range(n_rows):
-                y = top + CHUNK_HEADER + row * TILE_STEP
+                y = top + CHUNK_HEADER + row * ROW_STEP
+                if not region.intersects(QRect(0, y, self.width(), ROW_STEP)):
+                    continue        # a move repaints the lines of the tensors it moved, not the strip
                 if area.left() < LABEL_WIDTH:
-                    painter.drawText(QRect(0, y - 1, LABEL_WIDTH - 10, TILE_STEP), Qt.AlignRight | Qt.AlignVCenter,
+                    painter.drawText(QRect(0, y - 1, LABEL_WIDTH - 10, ROW_STEP), Qt.AlignRight | Qt.AlignVCenter,
                                      model.tensor(row).group)
                 devices = model.row_devices(row)
                 for column in range(first_column, last_column + 1):
@@ -523,7 +404,7 @@ class ExpertStripView(_MoveKeys, QWidget):
                     if expert >= len(devices):
                         break
                     amount = 0.82 if not heat_on else 0.25 + 0.75 * (model.heat_of(expert) or 0.0)
-                    painter.fillRect(LABEL_WIDTH + column * TILE_STEP, y, TILE, TILE,
+                    painter.fillRect(LABEL_WIDTH + column * step, y, step - TILE_GAP, TILE,
                                      blend(device_color(devices[expert]), amount))
         self._paint_selection(painter)
         painter.end()

@@ -12,7 +12,6 @@ from PySide6.QtGui import (QBrush, QColor, QContextMenuEvent, QDragEnterEvent, Q
                            QPainter, QPainterPath, QPen)
 from PySide6.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
-from app.models import DeviceRole
 from app.models.designer import MIME_TYPE, OVER_COLOR, DeviceLaneModel, decode_refs, device_color
 
 GIB = 1 << 30
@@ -282,6 +281,3 @@ class DeviceLanesView(QWidget):
         for row in range(top_left.row(), bottom_right.row() + 1):
             if row < len(self.lanes):
                 self.lanes[row].refresh()
-
-    def device_at(self, row: int) -> str:
-        return self.model.data(self.model.index(row, 0), DeviceRole)

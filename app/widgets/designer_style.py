@@ -93,8 +93,10 @@ QTableView#layerGrid QHeaderView::section:vertical {
 }
 QTableView#layerGrid QHeaderView::section:horizontal {
     font-family: monospace;
+    font-size: 9pt;
     font-weight: 500;
     color: #b4b8c1;
+    padding: 5px 2px;
 }
 QTableView#layerGrid QHeaderView::section:horizontal:hover { color: #ffffff; background: #2b2d33; }
 QWidget#expertStrip { background: transparent; }

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QObject, QPersistentModelIndex, Qt, Signal
-from PySide6.QtGui import QFont, QFontDatabase
+from PySide6.QtGui import QColor, QFont, QFontDatabase
 from PySide6.QtWidgets import (QButtonGroup, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QHeaderView, QLabel,
                                QLineEdit, QPlainTextEdit, QProgressBar, QPushButton, QRadioButton, QSpinBox,
                                QSplitter, QStackedWidget, QTableView, QTabWidget, QVBoxLayout, QWidget)
@@ -211,6 +211,8 @@ class KldStatsModel(QAbstractTableModel):
                 return font
             if column != self.COL_NAME:
                 return QFontDatabase.systemFont(QFontDatabase.FixedFont)
+        if role == Qt.BackgroundRole and row.is_section:
+            return QColor("#25272c")
         if role == Qt.TextAlignmentRole and column != self.COL_NAME:
             return int(Qt.AlignRight | Qt.AlignVCenter)
         return None
@@ -266,7 +268,7 @@ class PerplexityPanel(QWidget):
         self.result: PerplexityResult | KLDivergenceStats | None = None
         self.kld_model = KldStatsModel(self)
         self._job: JobHandle | None = None
-        self._started: PerplexityStarted | None = None
+        self.started: PerplexityStarted | None = None     # the current (or last) run's size
         self._run_started_s = 0.0
         self._line_open = False     # the [i]ppl values share one log line, as in llama-perplexity
         self._build()
@@ -297,6 +299,7 @@ class PerplexityPanel(QWidget):
             button.toggled.connect(self._on_source_changed)
         self.file_edit = QLineEdit(placeholderText="e.g. wiki.test.raw", clearButtonEnabled=True)
         self.file_edit.textChanged.connect(self._update_actions)
+        self.file_edit.textChanged.connect(self.file_edit.setToolTip)
         browse = QPushButton("Browse…")
         browse.clicked.connect(self.choose_text_file)
         file_row = QHBoxLayout()
@@ -356,7 +359,7 @@ class PerplexityPanel(QWidget):
         layout.setSpacing(8)
         layout.addWidget(QLabel("Text", objectName="sectionTitle"))
         layout.addLayout(source_row)
-        layout.addWidget(self.source_stack, 1)
+        layout.addWidget(self.source_stack)
         layout.addSpacing(6)
         layout.addWidget(QLabel("Settings", objectName="sectionTitle"))
         layout.addLayout(form)
@@ -369,6 +372,8 @@ class PerplexityPanel(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.progress_bar)
         layout.addWidget(self.progress_label)
+        layout.addStretch(1)
+        self._controls_layout = layout
         self._on_mode_changed()
         self._on_source_changed()
         return controls
@@ -472,8 +477,13 @@ class PerplexityPanel(QWidget):
         return self.mode_combo.currentData()
 
     def _on_source_changed(self, *_args) -> None:
-        self.source_stack.setCurrentIndex(0 if self.file_radio.isChecked() else 1)
-        self.source_stack.setMaximumHeight(16777215 if self.paste_radio.isChecked() else 40)
+        pasted = self.paste_radio.isChecked()
+        self.source_stack.setCurrentIndex(1 if pasted else 0)
+        self.source_stack.setMaximumHeight(16777215 if pasted else self.file_edit.sizeHint().height() + 4)
+        if hasattr(self, "_controls_layout"):     # the pasted text takes the spare height, else the bottom does
+            layout = self._controls_layout
+            layout.setStretchFactor(self.source_stack, 1 if pasted else 0)
+            layout.setStretch(layout.count() - 1, 0 if pasted else 1)
         self._update_actions()
 
     def _on_mode_changed(self, *_args) -> None:
@@ -554,7 +564,7 @@ class PerplexityPanel(QWidget):
 
     def _reset_results(self) -> None:
         self.result = None
-        self._started = None
+        self.started = None
         self._line_open = False
         self.plot.clear()
         self.log_view.clear()
@@ -564,7 +574,7 @@ class PerplexityPanel(QWidget):
         self.result_detail.setText("")
 
     def _on_progress(self, done: int, total: int, text: str) -> None:
-        if text and self._started is None:
+        if text and self.started is None:
             self.progress_label.setText(text[0].upper() + text[1:] + "…")
 
     def _on_yielded(self, item: object) -> None:
@@ -578,7 +588,7 @@ class PerplexityPanel(QWidget):
             self._on_kld_stats(item)
 
     def _on_started(self, started: PerplexityStarted) -> None:
-        self._started = started
+        self.started = started
         self._log(f"perplexity: tokenization took {1000 * started.tokenize_s:.3f} ms")
         verb = "calculating perplexity" if started.mode != MODE_COMPARE else "computing KL divergence"
         self._log(f"perplexity: {verb} over {started.n_chunks} chunks, n_ctx={started.n_ctx}")
@@ -636,8 +646,9 @@ class PerplexityPanel(QWidget):
             return
         self._job = None
         self._close_line()
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(1 if outcome == "done" else 0)
+        if self.started is None:        # it ended before its first chunk: no bar to keep
+            self.progress_bar.setRange(0, 1)
+            self.progress_bar.setValue(0)
         if outcome == "done":
             self.progress_label.setText(f"Done in {time.perf_counter() - self._run_started_s:.1f} s")
             if self.mode == MODE_SAVE_BASE:
@@ -701,10 +712,10 @@ class PerplexityPanel(QWidget):
         self._on_perplexity_result(result)
         if log_text:
             self.log_view.setPlainText(log_text)
+        self.result_detail.setText(f"{result.n_chunks} chunks  ·  {result.n_scored:,} tokens scored  ·  "
+                                   f"n_ctx {result.n_ctx}")
         if stats is not None:
             self._on_kld_stats(stats)
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(1)
         self.progress_label.setText(f"Done  ·  {result.n_chunks} chunks")
-        self.result_detail.setText(f"{result.n_chunks} chunks  ·  {result.n_scored:,} tokens scored  ·  "
-                                   f"n_ctx {result.n_ctx}")

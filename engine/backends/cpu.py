@@ -63,10 +63,60 @@ def matmul_bytes(x: np.ndarray, data: np.ndarray, ggml_type: int, n_cols: int) -
     return out
 
 
+Q8_0_INPUT = frozenset(int(GGMLQuantizationType[n]) for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"))
+FLOAT_TYPES = frozenset({F32, F16, BF16})
+
+
+def q8_0_rounded(x: np.ndarray) -> np.ndarray:
+    """x as llama.cpp's CPU backend feeds it to a Q4_0..Q8_0 dot product: blocks of 32 scaled to
+    int8 (round half to even, as the x86 quantize_row_q8_0 does) with an f16 scale."""
+    blocks = x.reshape(-1, 32)
+    amax = np.abs(blocks).max(axis=1, keepdims=True)
+    d = amax / np.float32(127)
+    inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
+    q = np.round(blocks * inv)
+    return (q * d.astype(np.float16).astype(np.float32)).reshape(x.shape)
+
+
+def q8_k_rounded(x: np.ndarray) -> np.ndarray:
+    """x as fed to a K-quant/IQ dot product: blocks of 256 as ggml's quantize_row_q8_K_ref makes
+    them (scale -127/max of the signed largest value, f32 scale)."""
+    blocks = x.reshape(-1, 256)
+    largest = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None], axis=1)
+    iscale = np.divide(np.float32(-127), largest, out=np.zeros_like(largest), where=largest != 0)
+    q = np.minimum(np.round(blocks * iscale), 127)
+    d = np.divide(np.float32(1), iscale, out=np.zeros_like(iscale), where=iscale != 0)
+    return (q * d).reshape(x.shape)
+
+
+def llama_cpp_input(x: np.ndarray, ggml_type: int) -> np.ndarray:
+    """The matmul input rounded to the block type llama.cpp's CPU backend quantizes it to
+    (vec_dot_type). Inputs to float weights stay exact: llama.cpp rounds those to f16/bf16, but
+    so it does with the attention inputs of an f16 cache, which we do not mimic, and rounding one
+    without the other moves MoE routing near ties further from llama.cpp, not closer."""
+    if ggml_type in FLOAT_TYPES:
+        return x
+    if ggml_type in Q8_0_INPUT:
+        return q8_0_rounded(x)
+    return q8_k_rounded(x)
+
+
 class CpuBackend:
-    """Ops on host memory; activations are float32 NumPy arrays."""
+    """Ops on host memory; activations are float32 NumPy arrays.
+
+    With activations="llama.cpp" each matmul input is first rounded the way llama.cpp's CPU
+    backend rounds it, so logits and perplexity track llama.cpp's; "f32" computes exactly."""
 
     name = "cpu"
+    round_inputs = False
+
+    def __init__(self, activations: str = "f32"):
+        self.round_inputs = activations == "llama.cpp"
+
+    def _input(self, x: np.ndarray, w: Weight) -> np.ndarray:
+        if not self.round_inputs:
+            return x
+        return llama_cpp_input(np.ascontiguousarray(x, dtype=np.float32), w.ggml_type)
 
     @staticmethod
     def set_threads(n_threads: int) -> None:
@@ -80,19 +130,20 @@ class CpuBackend:
     def matmul(self, x: np.ndarray, w: Weight) -> np.ndarray:
         """x (..., n_cols) @ W.T -> (..., n_rows)."""
         lead = x.shape[:-1]
-        y = matmul_bytes(x.reshape(-1, w.n_cols), w.data, w.ggml_type, w.n_cols)
+        y = matmul_bytes(self._input(x.reshape(-1, w.n_cols), w), w.data, w.ggml_type, w.n_cols)
         return y.reshape(*lead, w.n_rows)
 
     def expert_matmul(self, x: np.ndarray, w: Weight, expert: int, rows: slice | None = None) -> np.ndarray:
         """x (n_tokens, n_cols) @ W[expert][rows].T: reads only that expert's bytes (only those
         rows, when a range is given)."""
         data = w.data[expert] if rows is None else w.data[expert, rows]
-        return matmul_bytes(x, data, w.ggml_type, w.n_cols)
+        return matmul_bytes(self._input(x, w), data, w.ggml_type, w.n_cols)
 
     def head_matmul(self, x: np.ndarray, w: Weight) -> np.ndarray:
         """x (n_tokens, n_head, n_cols) with W (n_head, n_rows, n_cols) -> (n_tokens, n_head, n_rows),
         each head through its own matrix."""
         n_head, n_rows, _ = w.shape
+        x = self._input(x, w)
         out = np.empty((x.shape[0], n_head, n_rows), dtype=np.float32)
         heads_per_tile = max(1, TILE_VALUES // (n_rows * w.n_cols))
         for h0 in range(0, n_head, heads_per_tile):

@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 import pytest
-from PySide6.QtCore import QModelIndex, Qt
+from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor
 
 from app.designer_state import CommandLine, DesignerState, model_key, remap_placement
@@ -429,3 +429,31 @@ def test_an_untouched_plan_is_refit_when_the_gpus_arrive(qtbot, inventory, devic
 def test_model_key_is_the_file_name_and_size(deepseek_path):
     assert model_key(deepseek_path) == f"DeepSeek-V3-Q4_K_M.gguf-{deepseek_path.stat().st_size}"
     assert model_key("/nowhere/a b.gguf") == "a_b.gguf-0"
+
+
+def test_a_remembered_plan_waits_for_its_gpus(qtbot, inventory, tmp_path):
+    real = [Device("CPU", "cpu", 512 * GIB), Device("CUDA0", "gpu", 24 * GIB, "RTX 4090"),
+            Device("CUDA1", "gpu", 24 * GIB, "RTX 4090")]
+    first = DesignerState(tmp_path / "plans")
+    first.set_model(inventory, real, "model-1")
+    first.sync_command_line()
+    assert not first.remembered_path().exists(), "the plan opening made is not the user's"
+    first.move([TensorRef("blk.10.ffn_down_exps.weight")], "CUDA1")
+    first.sync_command_line()
+    assert first.remembered_path().exists()
+    later = DesignerState(tmp_path / "plans")
+    notices = changes(later.message)
+    later.set_model(inventory, real[:1], "model-1")           # opened before the GPUs were found
+    assert later.placement.weight_bytes() == {"CPU": inventory.total_bytes} and notices == []
+    later.set_devices(real)
+    assert later.placement == first.placement
+
+
+def test_adding_a_gpu_keeps_the_undo_history(state):
+    state.move([TensorRef("blk.40.ffn_down_exps.weight")], "CUDA2")
+    state.add_simulated_gpu(80 * GIB)
+    state.move([TensorRef("blk.41.ffn_down_exps.weight")], "CUDA4")
+    state.undo_stack.undo()
+    state.undo_stack.undo()
+    assert state.placement.device_of("blk.40.ffn_down_exps.weight") == "CPU"
+    assert state.placement.device_names[-1] == "CUDA4"

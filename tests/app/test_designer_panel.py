@@ -336,3 +336,19 @@ def test_clicking_a_layer_opens_its_experts(qtbot, panel):
     assert panel.strip_model.layer == 12
     panel.grid.selectionModel().setCurrentIndex(panel.grid_model.index(0, 0), QItemSelectionModel.ClearAndSelect)
     assert panel.strip_model.layer == 12            # the input row has no layer: the strip stays
+
+
+@pytest.mark.parametrize("preset", ["tiny-gemma-3", "tiny-mixtral"])
+def test_small_dense_and_moe_models(qtbot, tmp_path, preset):
+    from engine.synth import write_synthetic
+    inventory = Inventory.from_model_file(ModelFile(write_synthetic(tmp_path / "m.gguf", preset, sparse=True)))
+    panel = DesignerPanel(state_dir=tmp_path / "plans")
+    qtbot.addWidget(panel)
+    panel.set_inventory(inventory, [Device("CPU", "cpu", 64 * GIB), Device("CUDA0", "gpu", 8 * GIB)])
+    assert panel.grid_model.rowCount() == inventory.n_layer + len(inventory.globals)
+    assert panel.state.estimate.fits
+    assert panel.strip_box.isHidden() == (inventory.n_expert == 0)
+    layer_rows = panel.grid_model.layer_rows()
+    panel.grid.selectRow(layer_rows.start)
+    qtbot.keyClick(panel.grid, Qt.Key_Backspace)
+    assert all(panel.placement.device_of(t.name) == "CPU" for t in inventory.layers[0].tensors)

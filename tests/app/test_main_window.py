@@ -197,7 +197,7 @@ def test_recent_files_and_current_panel_survive_a_restart(qtbot, make_window, se
 def test_models_on_this_machine_lists_added_folders(qtbot, window, dialogs, moe_path, settings):
     dialogs.folder = str(moe_path.parent)
     window.add_model_folder()
-    assert settings.model_folders == [str(moe_path.parent)]
+    assert settings.model_folders == [str(moe_path.parent.resolve())]
     finder = window._finder
     qtbot.waitUntil(lambda: not finder.scanner.scanning, timeout=TIMEOUT_MS)
     names = [finder.found_models.model_at(r).name for r in range(finder.found_models.rowCount())]

@@ -8,7 +8,8 @@ src/models/llama4.cpp; it shares nothing with `engine`: weights come from `gguf.
     out = h + ffn(rms_norm(h) * ffn_norm)
 
 * attention: GQA, kq scale 1/sqrt(head_dim). Rope layers ((il + 1) % 4 != 0) rotate adjacent
-  pairs (RoPE NORM) with theta_i = pos * base^(-2i/n_rot) / rope_freqs[i], then normalise q and
+  pairs (RoPE NORM) with theta_i = pos * base^(-2i/n_rot) / rope_freqs[i] (base: rope.freq_base,
+  or rope.freq_base_swa on chunked layers when the file has it), then normalise q and
   k per head without a weight (Llama4TextL2Norm = rms norm, eps = rms_eps) unless the model is
   the 128-expert Maverick. The other layers skip rope and multiply q by the attention
   temperature 1 + 0.1 * log(floor((pos + 1) / 8192) + 1).
@@ -57,6 +58,7 @@ class Llama4Config:
     moe_step: int
     rms_eps: float
     freq_base: float
+    freq_base_chunked: float    # rope base of the chunked layers (rope.freq_base_swa, else freq_base)
     chunked: bool               # False when the file sets sliding_window = 0
 
     def is_chunked(self, il: int) -> bool:
@@ -82,15 +84,18 @@ def read_config(reader: GGUFReader) -> Llama4Config:
     def key(name, default=None):
         return _field(reader, f"llama4.{name}", default)
 
+    if key("rope.scaling.factor", 0.0) not in (0.0, 1.0) or key("rope.scaling.type", "none") == "yarn":
+        raise ValueError("the reference does not implement rope scaling")
     n_embd, n_head = int(key("embedding_length")), int(key("attention.head_count"))
+    freq_base = float(key("rope.freq_base", 10000.0))
     head_dim = int(key("attention.key_length", n_embd // n_head))
     return Llama4Config(
         n_layer=int(key("block_count")), n_embd=n_embd, n_head=n_head,
         n_head_kv=int(key("attention.head_count_kv", n_head)), head_dim=head_dim,
         n_rot=int(key("rope.dimension_count", head_dim)), n_expert=int(key("expert_count", 0)),
         n_expert_used=int(key("expert_used_count", 0)), moe_step=int(key("interleave_moe_layer_step", 1)),
-        rms_eps=float(key("attention.layer_norm_rms_epsilon")), freq_base=float(key("rope.freq_base", 10000.0)),
-        chunked=key("attention.sliding_window") != 0)
+        rms_eps=float(key("attention.layer_norm_rms_epsilon")), freq_base=freq_base,
+        freq_base_chunked=float(key("rope.freq_base_swa", freq_base)), chunked=key("attention.sliding_window") != 0)
 
 
 def read_weights(reader: GGUFReader) -> dict[str, np.ndarray]:
@@ -138,7 +143,8 @@ def attention_temperature(positions: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Llama4Cache:
-    """Keys (after rope and norm) and values of every evaluated position, per layer, float64."""
+    """The reference's KV cache: keys (after rope and norm) and values of every evaluated
+    position, per layer, float64; row j is position j."""
 
     k: list[np.ndarray] = field(default_factory=list)
     v: list[np.ndarray] = field(default_factory=list)
@@ -188,8 +194,9 @@ class Llama4Reference:
         v = (x @ self.layer(il, "attn_v").T).reshape(n, c.n_head_kv, c.head_dim)
         if c.uses_rope(il):
             factors = self.w.get("rope_freqs.weight")
-            q = rope_norm(q, positions, c.n_rot, c.freq_base, factors)
-            k = rope_norm(k, positions, c.n_rot, c.freq_base, factors)
+            base = c.freq_base_chunked if c.is_chunked(il) else c.freq_base
+            q = rope_norm(q, positions, c.n_rot, base, factors)
+            k = rope_norm(k, positions, c.n_rot, base, factors)
             if c.use_kq_norm:
                 q, k = rms_norm(q, c.rms_eps), rms_norm(k, c.rms_eps)
         else:
@@ -201,7 +208,8 @@ class Llama4Reference:
         # blocks start at positions that are multiples of QUERY_BLOCK
         starts = np.union1d([0], np.nonzero(positions % QUERY_BLOCK == 0)[0])
         ends = np.append(starts[1:], n)
-        out = np.concatenate([self.attend_block(il, q[s:e], positions[s:e], keys, values) for s, e in zip(starts, ends)])
+        out = np.concatenate([self.attend_block(il, q[s:e], positions[s:e], keys, values)
+                              for s, e in zip(starts, ends)])
         return out.reshape(n, -1) @ self.layer(il, "attn_output").T
 
     def attend_block(self, il: int, q: np.ndarray, q_pos: np.ndarray, keys: np.ndarray, values: np.ndarray):

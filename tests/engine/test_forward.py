@@ -19,7 +19,7 @@ from engine.model import Model, NonFiniteError, UnsupportedTensorTypeError
 from engine.run_config import RunConfig
 
 RNG = np.random.default_rng(7)
-F32_CACHE = RunConfig(n_ctx=512, type_k="f32", type_v="f32")
+F32_CACHE = RunConfig(n_ctx=512, type_k="f32", type_v="f32", activations="f32")
 
 
 def random(*shape):

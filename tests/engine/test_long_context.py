@@ -76,7 +76,7 @@ def test_reference_matches_llama_cpp_f32ref(fixtures_dir, variant):
 @pytest.mark.slow
 def test_engine_matches_reference_across_the_chunk_boundary(tiny_llama4):
     tokens = random_tokens(N_TOKENS, seed=0)
-    model = Model.load(tiny_llama4, RunConfig(n_ctx=N_CTX, n_ubatch=512, type_k="f32", type_v="f32"))
+    model = Model.load(tiny_llama4, RunConfig(n_ctx=N_CTX, n_ubatch=512, type_k="f32", type_v="f32", activations="f32"))
     cache = model.new_cache(N_CTX)
     prefill = model.eval_logits(tokens[:-N_DECODED], cache)
     decoded = [model.eval_logits(tokens[i:i + 1], cache) for i in range(N_TOKENS - N_DECODED, N_TOKENS)]
@@ -98,7 +98,7 @@ def test_engine_matches_reference_across_the_chunk_boundary(tiny_llama4):
 def test_16k_context_gives_finite_logits_and_a_steady_perplexity(tiny_llama4):
     n_ctx = 16384
     tokens = random_tokens(n_ctx, seed=1)
-    model = Model.load(tiny_llama4, RunConfig(n_ctx=n_ctx, n_ubatch=512, type_k="f32", type_v="f32"))
+    model = Model.load(tiny_llama4, RunConfig(n_ctx=n_ctx, n_ubatch=512, type_k="f32", type_v="f32", activations="f32"))
     logits = model.eval_logits(tokens, model.new_cache(n_ctx)).astype(np.float64)
     assert logits.shape == (n_ctx, 512) and np.isfinite(logits).all()
     log_probs = logits - logits.max(axis=1, keepdims=True)

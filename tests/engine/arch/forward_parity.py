@@ -45,8 +45,9 @@ def tokens(fixture_dir: Path) -> np.ndarray:
     return np.load(fixture_dir / "tokens.npy")
 
 
-def load(fixture_dir: Path, variant: str, kv_type: str = "f32", n_ubatch: int = 512) -> Model:
-    config = RunConfig(n_ctx=512, n_ubatch=n_ubatch, type_k=kv_type, type_v=kv_type)
+def load(fixture_dir: Path, variant: str, kv_type: str = "f32", n_ubatch: int = 512,
+         activations: str = "f32") -> Model:
+    config = RunConfig(n_ctx=512, n_ubatch=n_ubatch, type_k=kv_type, type_v=kv_type, activations=activations)
     return Model.load(fixture_dir / f"{variant}.gguf", config)
 
 
@@ -77,7 +78,7 @@ def check_f32ref(fixture_dir: Path, variant: str) -> dict:
 
 def check_llama_cpp_default(fixture_dir: Path, variant: str) -> None:
     """Check 2: the F16-cache engine against llama.cpp's default-settings logits."""
-    model = load(fixture_dir, variant, "f16")
+    model = load(fixture_dir, variant, "f16", activations="llama.cpp")
     batch, incr = batch_and_incremental(model, tokens(fixture_dir))
     tolerance = meta(fixture_dir)["variants"][variant]["recommended_tolerance"]
     for name, mine in (("logits_batch", batch), ("logits_incr", incr)):
