@@ -5,7 +5,8 @@ fsync'ed, and only then replaces the old file with `os.replace` (one rename, whi
 performs whole or not at all). A crash at any point leaves either the old conversation or the new
 one, never a torn file. Temporary files a crash left behind are ignored and cleaned up later.
 
-No Qt here: the chat panel calls this from a background writer thread, and tests call it directly.
+No Qt here. The chat panel saves through a `BackgroundWriter`, so that the fsyncs never stall
+the GUI thread; tests call the store directly.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import re
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,3 +247,50 @@ class ConversationStore:
         if not self.directory.is_dir():
             return []
         return [p for p in self.directory.glob(f"*{SUFFIX}") if ID_RE.match(p.stem)]
+
+
+class BackgroundWriter:
+    """Runs store operations one at a time, in the order submitted, on a thread of its own.
+    `on_error` is called on that thread with any exception an operation raises."""
+
+    def __init__(self, on_error: Callable[[BaseException], None] | None = None):
+        self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(max_workers=1,
+                                                                       thread_name_prefix="conversations")
+        self._pending: list[Future] = []
+        self._on_error = on_error
+
+    def submit(self, action: Callable[[], Any]) -> Future:
+        """Queue `action`; after `close`, run it at once on the calling thread."""
+        if self._executor is None:
+            future: Future = Future()
+            try:
+                future.set_result(action())
+            except Exception as e:
+                future.set_exception(e)
+                self._report(future)
+            return future
+        future = self._executor.submit(action)
+        future.add_done_callback(self._report)
+        self._pending = [f for f in self._pending if not f.done()] + [future]
+        return future
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until everything submitted so far is done; False on a timeout."""
+        if self._executor is None or all(f.done() for f in self._pending):
+            return True
+        marker = self._executor.submit(lambda: True)     # runs after everything before it
+        try:
+            return marker.result(timeout=timeout_s)
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        """Finish what is queued and stop the thread."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _report(self, future: Future) -> None:
+        error = future.exception()
+        if error is not None and self._on_error is not None:
+            self._on_error(error)

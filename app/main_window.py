@@ -20,6 +20,7 @@ from app.bridge import Bridge, JobHandle, LoadedModel
 from app.model_picker import ModelFinderDialog, ModelLocation, default_locations
 from app.settings import Settings
 from app.widgets import MessageBar, PlaceholderPanel
+from app.widgets.designer import DesignerPanel
 from app.widgets.inspector import InspectorPanel
 from engine.units import format_bytes
 
@@ -28,8 +29,6 @@ log = logging.getLogger(__name__)
 APP_TITLE = "Offload Studio"
 DESIGNER, CHAT, PERPLEXITY, INSPECTOR = "Designer", "Chat", "Perplexity", "Inspector"
 COMING_PANELS = {
-    DESIGNER: "Place every layer and every expert on the CPU or a GPU, watch each device's memory "
-              "estimate as you drag, and get the matching llama.cpp command line.",
     CHAT: "Chat with the open model in the built-in engine, on the placement you designed.",
     PERPLEXITY: "Measure perplexity and KL-divergence the way llama-perplexity does, to tell a bad "
                 "placement or quant from a good one.",
@@ -83,9 +82,12 @@ class MainWindow(QMainWindow):
         self._build_central()
         self._build_status_bar()
         self._build_menus()
+        self.designer = self.add_panel(DESIGNER, DesignerPanel())
         for name, text in COMING_PANELS.items():
             self.add_panel(name, PlaceholderPanel(name, text))
+        self.devices_changed.connect(self.designer.set_devices)
         self.inspector = self.add_panel(INSPECTOR, InspectorPanel())
+        self.designer.placement_changed.connect(self._show_placement_in_inspector)
         self.restore_window_state()
 
     # --- building ----------------------------------------------------------------------------
@@ -139,6 +141,9 @@ class MainWindow(QMainWindow):
         self.rebuild_recent_menu()
 
     # --- panels -------------------------------------------------------------------------------
+
+    def _show_placement_in_inspector(self, placement) -> None:
+        self.inspector.set_device_of(placement.device_of if placement is not None else None)
 
     def add_panel(self, name: str, widget: QWidget) -> QWidget:
         """Add a panel as a tab, or replace the panel of that name in place; returns `widget`."""

@@ -1,13 +1,9 @@
 """The chat panel: saved conversations, a streaming message view, sampling controls and live speed.
 
-Two halves that meet only through the bridge:
-
-* `ChatRunner` lives on the engine thread (only jobs touch it). It owns the model, its chat
-  `Session` (the KV cache, reused across turns so each turn evaluates only what changed) and the
-  chat template, and rebuilds them when the model, the run config or the placement changes.
-* `ChatPanel` is the GUI. It sends a `ChatRequest` per turn and receives a `TurnStarted` and then
-  `GenerationEvent`s; streamed text is buffered and appended to the open message a few dozen
-  times a second, so a fast model never floods the view.
+The panel sends one `ChatRequest` per turn to the engine thread, where `app.engine_jobs.ChatRunner`
+keeps the model and its KV cache between turns, and receives a `TurnStarted` and then
+`GenerationEvent`s. Streamed text is buffered and appended to the open message a few dozen times
+a second, so a fast model never floods the view.
 
 Conversations are saved through `app.conversations` on a background writer thread (atomic
 writes with fsync; never on the GUI thread).
@@ -15,161 +11,29 @@ writes with fsync; never on the GUI thread).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 from PySide6.QtCore import QCoreApplication, QItemSelectionModel, QModelIndex, QPoint, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QGuiApplication, QKeySequence
-from PySide6.QtWidgets import (QAbstractItemView, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QListView,
-                               QMenu, QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, QSplitter,
-                               QToolButton, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QLabel, QListView, QMenu, QMessageBox,
+                               QPlainTextEdit, QPushButton, QSplitter, QToolButton, QVBoxLayout, QWidget)
 
-from app.bridge import Bridge, JobContext, JobHandle, LoadedModel
-from app.conversations import Conversation, ConversationStore, Message, title_from_text
+from app.bridge import Bridge, JobHandle, LoadedModel
+from app.conversations import BackgroundWriter, Conversation, ConversationStore, Message, title_from_text
+from app.engine_jobs import ChatRequest, ChatRunner, TurnStarted
 from app.models.chat import ConversationIdRole, ConversationListModel, MessageListModel
 from app.widgets import MessageBar
-from app.widgets.chat_messages import ChatInput, MessageView
-from engine.generate import FINISH_CANCELLED, GenerationEvent, Session, generate
+from app.widgets.chat_widgets import CHAT_STYLE, ChatInput, ChatStats, MessageView, SamplingControls
+from engine.generate import FINISH_CANCELLED, GenerationEvent
 from engine.run_config import RunConfig
 from engine.sampling import SamplerSettings
 
 log = logging.getLogger(__name__)
 
-# The panel's own look, on top of resources/style.qss (same palette).
-PANEL_STYLE = """
-QWidget#chatSidebar, QWidget#chatSettings { background: #1a1b1f; }
-QListView#conversationList { background: transparent; border: none; outline: 0; }
-QListView#conversationList::item { padding: 7px 8px; border-radius: 6px; color: #c8cbd2; }
-QListView#conversationList::item:hover { background: #24262b; }
-QListView#conversationList::item:selected { background: #2b3448; color: #ffffff; }
-QTreeView#messageView { background: #1b1c20; border: none; }
-QTreeView#messageView::item, QTreeView#messageView::item:selected, QTreeView#messageView::item:hover {
-    background: transparent; border: none; }
-QLabel#chatTitle { font-size: 13pt; font-weight: 600; color: #f2f3f5; }
-QPlainTextEdit#chatInput, QPlainTextEdit#systemPrompt {
-    background: #17181b; border: 1px solid #34363d; border-radius: 8px; padding: 4px 6px;
-    selection-background-color: #3d6fd9; }
-QPlainTextEdit#chatInput:focus, QPlainTextEdit#systemPrompt:focus { border-color: #5b8def; }
-QPushButton#newChatButton { text-align: left; padding: 7px 12px; font-weight: 600; }
-QPushButton#stopButton { background: #3b2023; border-color: #7a2e34; color: #ffc9cb; }
-QPushButton#stopButton:hover { background: #4a2529; }
-QToolButton#linkButton { color: #78a6ff; border: none; padding: 2px 4px; background: transparent; }
-QToolButton#linkButton:hover { color: #a9c6ff; }
-QToolButton#linkButton:disabled { color: #5d616a; }
-QWidget#chatStats { border-top: 1px solid #26282d; background: #1b1c20; }
-QLabel#statLabel { color: #9a9ea8; }
-QProgressBar#contextBar { background: #2b2d33; border: none; border-radius: 3px; }
-QProgressBar#contextBar::chunk { background: #5b8def; border-radius: 3px; }
-QProgressBar#contextBar[level="high"]::chunk { background: #e6a23c; }
-"""
 FLUSH_INTERVAL_MS = 33          # streamed text reaches the view ~30 times a second
-DEFAULT_MAX_TOKENS = 512
-SEED_RANDOM = -1
 
-
-# ---- the engine-thread side -------------------------------------------------------------------
-
-class ChatTurnError(ValueError):
-    """A turn that cannot run: a template that fails, a conversation longer than the context."""
-
-
-@dataclass(frozen=True)
-class ChatRequest:
-    loaded: LoadedModel
-    run_config: RunConfig
-    placement: Any                          # opaque to the chat; a change rebuilds the session
-    messages: tuple[dict[str, str], ...]    # role/content, system prompt first when there is one
-    settings: SamplerSettings
-    max_tokens: int
-
-
-@dataclass(frozen=True)
-class TurnStarted:
-    """Yielded once the prompt is tokenized, before it is evaluated."""
-    n_ctx: int
-    prompt_tokens: int
-    reused_tokens: int      # the prefix the KV cache already held
-    template_name: str
-
-
-ModelFactory = Callable[[Any, RunConfig, Any], Any]
-
-
-def default_model_factory(model_file, run_config: RunConfig, placement: Any):
-    """The engine model over an open GGUF. Weights are memory-mapped, so this is quick."""
-    from engine.model import Model
-    return Model(model_file, run_config)
-
-
-class ChatRunner:
-    """The chat's model, Session and template on the engine thread; reused until the model,
-    run config or placement changes. Never touched from the GUI thread."""
-
-    def __init__(self, model_factory: ModelFactory = default_model_factory):
-        self.model_factory = model_factory
-        self.session: Session | None = None
-        self.template = None
-        self._key: tuple | None = None
-
-    def release(self, ctx: JobContext | None = None) -> None:
-        """Drop the model and its KV cache (the memory goes back)."""
-        self.session, self.template, self._key = None, None, None
-
-    def _ensure_session(self, request: ChatRequest, ctx: JobContext) -> Session:
-        from engine.chat_template import ChatTemplate, ChatTemplateError
-        key = (request.loaded.model_file, request.run_config, request.placement)
-        if self._key is not None and self._key[0] is key[0] and self._key[1:] == key[1:] and self.session is not None:
-            return self.session
-        self.release()
-        ctx.note(f"preparing {request.loaded.path.name}")
-        model = self.model_factory(request.loaded.model_file, request.run_config, request.placement)
-        try:
-            template = ChatTemplate.from_metadata(model.metadata, request.loaded.model_file.architecture)
-        except ChatTemplateError as e:
-            raise ChatTurnError(f"The model's chat template cannot be used: {e}") from e
-        self.session, self.template, self._key = Session(model), template, key
-        return self.session
-
-    def turn(self, request: ChatRequest, ctx: JobContext) -> Iterator[TurnStarted | GenerationEvent]:
-        """One assistant reply: render, tokenize, then stream `generate`'s events."""
-        from engine.chat_template import ChatTemplateError
-        session = self._ensure_session(request, ctx)
-        try:
-            prompt = self.template.render_prompt(list(request.messages), add_generation_prompt=True)
-        except ChatTemplateError as e:
-            raise ChatTurnError(f"Cannot build the prompt: {e}") from e
-        tokens = session.tokenizer.encode(prompt, add_special=True, parse_special=True)
-        if len(tokens) >= session.n_ctx:
-            raise ChatTurnError(f"The conversation is {len(tokens)} tokens long and the context holds "
-                                f"{session.n_ctx}: start a new chat, shorten this one, or raise the context length.")
-        reused = _common_prefix(session.tokens, tokens)
-        yield TurnStarted(session.n_ctx, len(tokens), reused, self.template.name)
-        try:
-            yield from generate(session, tokens, request.settings, request.max_tokens, (), ctx.cancel_event,
-                                lambda done, total: ctx.progress(done, total, "reading the prompt"))
-        except Exception:
-            self._forget_cache(session)     # what the cache holds is unknown after a failure mid-step
-            raise
-
-    @staticmethod
-    def _forget_cache(session: Session) -> None:
-        session.tokens.clear()
-        session.cache.reset()
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return min(n, max(0, len(b) - 1))
-
-
-# ---- the GUI side -----------------------------------------------------------------------------
 
 class ChatDialogs:
     """The chat's modal questions, in one place that tests replace."""
@@ -178,119 +42,6 @@ class ChatDialogs:
         answer = QMessageBox.question(parent, "Delete conversation", f"Delete “{title}”? This cannot be undone.",
                                       QMessageBox.Delete | QMessageBox.Cancel, QMessageBox.Cancel)
         return answer == QMessageBox.Delete
-
-
-def _spin(minimum: float, maximum: float, value: float, step: float, decimals: int, tip: str,
-          special: str = "") -> QDoubleSpinBox:
-    box = QDoubleSpinBox(minimum=minimum, maximum=maximum, singleStep=step, decimals=decimals)
-    box.setValue(value)
-    box.setToolTip(tip)
-    box.setSpecialValueText(special)
-    box.setKeyboardTracking(False)
-    return box
-
-
-def _int_spin(minimum: int, maximum: int, value: int, tip: str, special: str = "") -> QSpinBox:
-    box = QSpinBox(minimum=minimum, maximum=maximum)
-    box.setValue(value)
-    box.setToolTip(tip)
-    box.setSpecialValueText(special)
-    box.setKeyboardTracking(False)
-    return box
-
-
-class SamplingControls(QWidget):
-    """Temperature, top-k, top-p, min-p, repeat penalty, max tokens and seed, with llama.cpp's defaults."""
-
-    def __init__(self, parent: QWidget | None = None):
-        super().__init__(parent)
-        d = SamplerSettings()
-        self.temperature = _spin(0.0, 5.0, d.temperature, 0.05, 2, "0 = greedy (always the most likely token)",
-                                 "greedy")
-        self.top_k = _int_spin(0, 100_000, d.top_k, "Keep the k most likely tokens (0 = off)", "off")
-        self.top_p = _spin(0.0, 1.0, d.top_p, 0.01, 2, "Nucleus sampling: the fewest tokens reaching p (1 = off)")
-        self.min_p = _spin(0.0, 1.0, d.min_p, 0.01, 2, "Drop tokens below p × the top probability (0 = off)", "off")
-        self.repeat_penalty = _spin(0.5, 3.0, d.repeat_penalty, 0.05, 2,
-                                    f"Penalize the last {d.repeat_last_n} tokens (1 = off)")
-        self.max_tokens = _int_spin(1, 1_000_000, DEFAULT_MAX_TOKENS, "Stop the reply after this many tokens")
-        self.seed = _int_spin(SEED_RANDOM, 2**31 - 1, SEED_RANDOM, "A fixed seed repeats a reply; -1: random",
-                              "random")
-        reset = QToolButton(text="Reset", objectName="linkButton", autoRaise=True)
-        reset.setToolTip("llama.cpp's defaults")
-        reset.clicked.connect(self.reset)
-        form = QFormLayout(self)
-        form.setContentsMargins(0, 0, 0, 0)
-        form.setLabelAlignment(Qt.AlignLeft)
-        form.setHorizontalSpacing(12)
-        form.setVerticalSpacing(6)
-        for label, box in (("Temperature", self.temperature), ("Top-k", self.top_k), ("Top-p", self.top_p),
-                           ("Min-p", self.min_p), ("Repeat penalty", self.repeat_penalty),
-                           ("Max tokens", self.max_tokens), ("Seed", self.seed)):
-            form.addRow(label, box)
-        form.addRow("", reset)
-
-    def settings(self) -> SamplerSettings:
-        seed = self.seed.value()
-        return SamplerSettings(temperature=self.temperature.value(), top_k=self.top_k.value(),
-                               top_p=self.top_p.value(), min_p=self.min_p.value(),
-                               repeat_penalty=self.repeat_penalty.value(),
-                               seed=None if seed == SEED_RANDOM else seed)
-
-    def set_settings(self, settings: SamplerSettings, max_tokens: int | None = None) -> None:
-        self.temperature.setValue(settings.temperature)
-        self.top_k.setValue(settings.top_k)
-        self.top_p.setValue(settings.top_p)
-        self.min_p.setValue(settings.min_p)
-        self.repeat_penalty.setValue(settings.repeat_penalty)
-        self.seed.setValue(SEED_RANDOM if settings.seed is None else settings.seed)
-        if max_tokens is not None:
-            self.max_tokens.setValue(max_tokens)
-
-    def reset(self) -> None:
-        self.set_settings(SamplerSettings(), DEFAULT_MAX_TOKENS)
-
-
-class ChatStats(QWidget):
-    """Prompt and generation speed and context use, under the messages."""
-
-    def __init__(self, parent: QWidget | None = None):
-        super().__init__(parent)
-        self.setObjectName("chatStats")
-        self.prompt_label = QLabel(objectName="statLabel")
-        self.generation_label = QLabel(objectName="statLabel")
-        self.context_label = QLabel(objectName="statLabel")
-        self.context_bar = QProgressBar(textVisible=False, objectName="contextBar")
-        self.context_bar.setFixedSize(110, 6)
-        self.state_label = QLabel(objectName="mutedLabel")
-        layout = QHBoxLayout(self)
-        layout.setContentsMargins(18, 2, 18, 2)
-        layout.setSpacing(18)
-        layout.addWidget(self.state_label)
-        layout.addStretch(1)
-        layout.addWidget(self.prompt_label)
-        layout.addWidget(self.generation_label)
-        layout.addWidget(self.context_label)
-        layout.addWidget(self.context_bar)
-        self.show_stats()
-
-    def show_stats(self, prompt_tps: float | None = None, generation_tps: float | None = None,
-                   context_used: int | None = None, n_ctx: int | None = None) -> None:
-        self.prompt_label.setText(f"Prompt  <b>{_tps(prompt_tps)}</b>")
-        self.generation_label.setText(f"Generation  <b>{_tps(generation_tps)}</b>")
-        used = "—" if context_used is None else f"{context_used:,}"
-        total = "—" if not n_ctx else f"{n_ctx:,}"
-        self.context_label.setText(f"Context  <b>{used}</b> / {total}")
-        self.context_bar.setRange(0, max(1, n_ctx or 1))
-        self.context_bar.setValue(min(context_used or 0, n_ctx or 0))
-        fraction = (context_used or 0) / n_ctx if n_ctx else 0.0
-        self.context_bar.setProperty("level", "high" if fraction > 0.9 else "normal")
-        self.context_bar.style().unpolish(self.context_bar)
-        self.context_bar.style().polish(self.context_bar)
-        self.context_bar.setToolTip(f"{fraction:.0%} of the context is used" if n_ctx else "No context yet")
-
-
-def _tps(value: float | None) -> str:
-    return "—" if not value else f"{value:,.1f} tok/s"
 
 
 class ChatPanel(QWidget):
@@ -306,7 +57,7 @@ class ChatPanel(QWidget):
                  runner: ChatRunner | None = None, parent: QWidget | None = None):
         super().__init__(parent)
         self.setObjectName("chatPanel")
-        self.setStyleSheet(PANEL_STYLE)
+        self.setStyleSheet(CHAT_STYLE)
         self.bridge = bridge
         self.store = store or ConversationStore()
         self.dialogs = dialogs or ChatDialogs()
@@ -322,8 +73,7 @@ class ChatPanel(QWidget):
         self.last_turn: TurnStarted | None = None      # what the engine said about the latest turn's prompt
         self._edit_row: int | None = None
         self._selecting = False
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conversations")
-        self._saves: list[Future] = []
+        self._writer = BackgroundWriter(on_error=lambda error: self._save_failed.emit(str(error)))
         self._flush_timer = QTimer(self, interval=FLUSH_INTERVAL_MS)
         self._flush_timer.timeout.connect(self._flush_pending)
         self._save_failed.connect(self._on_save_failed)
@@ -778,25 +528,15 @@ class ChatPanel(QWidget):
         self._select_in_list(snapshot.id)
         self._write(partial(self.store.save, snapshot))
 
-    def _write(self, action: Callable[[], Any]) -> None:
-        future = self._writer.submit(action)
-        future.add_done_callback(self._on_write_done)
-        self._saves = [f for f in self._saves if not f.done()] + [future]
-
-    def _on_write_done(self, future: Future) -> None:
-        error = future.exception()
-        if error is not None:       # on the writer thread: the signal queues the message to the GUI
-            self._save_failed.emit(str(error))
+    def _write(self, action) -> None:
+        self._writer.submit(action)
 
     def _on_save_failed(self, message: str) -> None:
         self.show_error(f"Could not save the conversation: {message}")
 
     def flush_saves(self, timeout_s: float = 10.0) -> bool:
         """Wait for pending saves; True when all are on disk."""
-        if all(f.done() for f in self._saves):
-            return True
-        marker = self._writer.submit(lambda: True)      # the writer runs in order: this runs after them
-        return marker.result(timeout=timeout_s)
+        return self._writer.flush(timeout_s)
 
     def shutdown(self) -> None:
         """Stop a reply, save the open conversation and wait for the writer (the app is quitting)."""
@@ -806,8 +546,7 @@ class ChatPanel(QWidget):
         self._sync_conversation()
         if self.conversation.messages:
             self._save_conversation()
-        self._writer.shutdown(wait=True)
-        self._writer = _ClosedWriter()
+        self._writer.close()
 
     # --- menus and small actions ------------------------------------------------------------------
 
@@ -869,18 +608,3 @@ class ChatPanel(QWidget):
             self.model_label.setText(model_name)
         if stats is not None:
             self.stats.show_stats(*stats)
-
-
-class _ClosedWriter:
-    """Stands in for the writer after shutdown: late saves run at once, on the calling thread."""
-
-    def submit(self, action: Callable[[], Any]) -> Future:
-        future: Future = Future()
-        try:
-            future.set_result(action())
-        except Exception as e:
-            future.set_exception(e)
-        return future
-
-    def shutdown(self, wait: bool = True) -> None:
-        pass

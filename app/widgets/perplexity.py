@@ -1,46 +1,45 @@
 """The perplexity panel: llama-perplexity in the window, with a live plot and KL-divergence.
 
-A run goes to the engine thread as one job (`run_perplexity`): it builds the model, reads and
-tokenizes the text there, then yields a `PerplexityStarted`, one event per chunk and the final
-result, exactly as `engine.perplexity` produces them. The panel prints llama-perplexity's log
-lines, plots the running estimate and shows the final `PPL = x +/- y` large. In "compare with
-base" mode the final KL-divergence statistics fill a table (`KldStatsModel`).
+A run goes to the engine thread as one job (`app.engine_jobs.run_perplexity`): it builds the
+model, reads and tokenizes the text there, then yields a `PerplexityStarted`, one event per chunk
+and the final result, exactly as `engine.perplexity` produces them. The panel prints
+llama-perplexity's log lines, plots the running estimate and shows the final `PPL = x +/- y`
+large. In "compare with base" mode the final KL-divergence statistics fill a table
+(`app.models.perplexity.KldStatsModel`).
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PySide6.QtCore import QAbstractTableModel, QModelIndex, QObject, QPersistentModelIndex, Qt, Signal
-from PySide6.QtGui import QColor, QFont, QFontDatabase
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QFontDatabase
 from PySide6.QtWidgets import (QButtonGroup, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QHeaderView, QLabel,
                                QLineEdit, QPlainTextEdit, QProgressBar, QPushButton, QRadioButton, QSpinBox,
                                QSplitter, QStackedWidget, QTableView, QTabWidget, QVBoxLayout, QWidget)
 
-from app.bridge import Bridge, JobContext, JobHandle, LoadedModel
+from app.bridge import Bridge, JobHandle, LoadedModel
+from app.engine_jobs import (MODE_COMPARE, MODE_PERPLEXITY, MODE_SAVE_BASE, ModelFactory, PerplexityRequest,
+                             PerplexityStarted, default_model_factory, run_perplexity)
+from app.models.perplexity import KldStatsModel
 from app.widgets import MessageBar
 from app.widgets.ppl_plot import PerplexityPlot
 from engine.perplexity import (KLD_CHUNK_HEADER, MIN_TOKENS_FOR_STATISTICS, KLDivergenceEvent, KLDivergenceStats,
-                               PerplexityEvent, PerplexityResult, count_chunks, format_eta, format_final_estimate,
-                               format_kld_chunk_line, format_kld_report, format_perplexity_line, kl_divergence,
-                               perplexity, read_kl_base)
+                               PerplexityEvent, PerplexityResult, format_eta, format_final_estimate,
+                               format_kld_chunk_line, format_kld_report, format_perplexity_line)
 from engine.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
-Index = QModelIndex | QPersistentModelIndex
-
-MODE_PERPLEXITY, MODE_SAVE_BASE, MODE_COMPARE = "perplexity", "save_base", "compare"
 MODE_LABELS = {MODE_PERPLEXITY: "Off", MODE_SAVE_BASE: "Save as base", MODE_COMPARE: "Compare with base"}
 DEFAULT_N_CTX = 512
+
 # The panel's own look, on top of resources/style.qss (same palette).
 PANEL_STYLE = """
+QPushButton:disabled { color: #6b6f78; background: #232428; border-color: #2c2e33; }
 QWidget#perplexityControls { background: #1a1b1f; }
 QLabel#pplResult { font-size: 24pt; font-weight: 600; color: #f2f3f5; }
 QPlainTextEdit#perplexityLog, QPlainTextEdit#pastedText {
@@ -54,177 +53,6 @@ QComboBox { background: #2b2d33; border: 1px solid #3a3d44; border-radius: 6px; 
 TEXT_FILTER = "Text files (*.txt *.raw *.md);;All files (*)"
 BASE_FILTER = "KL-divergence bases (*.kld *.bin);;All files (*)"
 
-
-# ---- the engine-thread side -------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PerplexityRequest:
-    loaded: LoadedModel
-    run_config: RunConfig
-    placement: Any
-    text: str | None                # pasted text, or
-    text_path: str | None           # a file, read on the engine thread
-    n_ctx: int
-    n_chunks: int | None            # None: every chunk
-    mode: str = MODE_PERPLEXITY
-    base_path: str | None = None
-
-
-@dataclass(frozen=True)
-class PerplexityStarted:
-    """Yielded once the text is tokenized (or the base is read), before the first chunk."""
-    mode: str
-    n_tokens: int
-    n_chunks: int
-    n_ctx: int
-    tokenize_s: float
-
-
-def default_model_factory(model_file, run_config: RunConfig, placement: Any):
-    from engine.model import Model
-    return Model(model_file, run_config)
-
-
-def _read_text(request: PerplexityRequest) -> str | None:
-    if request.text is not None:
-        return request.text
-    if request.text_path:
-        return Path(request.text_path).expanduser().read_text(encoding="utf-8", errors="replace")
-    return None
-
-
-def run_perplexity(request: PerplexityRequest, ctx: JobContext,
-                   model_factory: Callable[..., Any] = default_model_factory) -> Iterator:
-    """The job: PerplexityStarted, then the engine's per-chunk events and its final result."""
-    from engine.tokenizer import Tokenizer
-    ctx.note(f"preparing {request.loaded.path.name}")
-    base = read_kl_base(request.base_path) if request.mode == MODE_COMPARE else None
-    n_ctx = base.n_ctx if base is not None else request.n_ctx     # a comparison runs at the base's context
-    model = model_factory(request.loaded.model_file, request.run_config.replace(n_ctx=n_ctx), request.placement)
-    tokenizer = Tokenizer.from_metadata(model.metadata)
-    bos_id = tokenizer.bos_id if tokenizer.add_bos else None
-    text = _read_text(request)
-    ctx.check_cancelled()
-    ctx.note("tokenizing the input")
-    started_s = time.perf_counter()
-    tokens = None if text is None else np.asarray(tokenizer.encode(text, add_special=True), dtype=np.int32)
-    tokenize_s = time.perf_counter() - started_s
-    ctx.check_cancelled()
-    cache = model.new_cache(n_ctx)
-
-    def eval_chunk(chunk: np.ndarray) -> np.ndarray:
-        cache.reset()       # each chunk starts from an empty cache, as llama-perplexity's do
-        return model.eval_logits(chunk, cache, progress=lambda _done, _total: ctx.check_cancelled())
-
-    if base is not None:
-        n_chunk = base.n_chunk if request.n_chunks is None else min(request.n_chunks, base.n_chunk)
-        yield PerplexityStarted(MODE_COMPARE, len(base.tokens), n_chunk, n_ctx, tokenize_s)
-        yield from kl_divergence(tokens, n_ctx, eval_chunk, request.base_path, bos_id, request.n_chunks)
-        return
-    if tokens is None:
-        raise ValueError("choose a text file or paste some text to measure perplexity on")
-    n_chunk = count_chunks(len(tokens), n_ctx, request.n_chunks)
-    yield PerplexityStarted(request.mode, len(tokens), n_chunk, n_ctx, tokenize_s)
-    base_path = request.base_path if request.mode == MODE_SAVE_BASE else None
-    yield from perplexity(tokens, n_ctx, eval_chunk, bos_id, request.n_chunks, kl_base_path=base_path)
-
-
-# ---- the KL-divergence table ------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class KldRow:
-    name: str
-    value: str = ""
-    error: str = ""
-    is_section: bool = False
-
-
-def _quantile_name(fraction: float) -> str:
-    return {1.0: "Maximum", 0.5: "Median", 0.0: "Minimum"}.get(fraction, f"{100 * fraction:.1f}%")
-
-
-def _pm(value: float, digits: int, scale: float = 1.0, unit: str = "") -> str:
-    return "—" if not math.isfinite(value) else f"{scale * value:.{digits}f}{unit}"
-
-
-def kld_rows(stats: KLDivergenceStats) -> list[KldRow]:
-    """llama-perplexity's three statistics blocks as table rows: name, value, uncertainty."""
-    s = stats
-    rows = [KldRow("Perplexity", is_section=True),
-            KldRow("Mean PPL(Q)", _pm(s.ppl, 6), _pm(s.ppl_error, 6)),
-            KldRow("Mean PPL(base)", _pm(s.base_ppl, 6), _pm(s.base_ppl_error, 6)),
-            KldRow("Cor(ln(PPL(Q)), ln(PPL(base)))", _pm(s.log_ppl_correlation, 2, 100, " %")),
-            KldRow("Mean ln(PPL(Q)/PPL(base))", _pm(s.log_ppl_ratio, 6), _pm(s.log_ppl_ratio_error, 6)),
-            KldRow("Mean PPL(Q)/PPL(base)", _pm(s.ppl_ratio, 6), _pm(s.ppl_ratio_error, 6)),
-            KldRow("Mean PPL(Q)-PPL(base)", _pm(s.ppl_diff, 6), _pm(s.ppl_diff_error, 6)),
-            KldRow("KL divergence", is_section=True),
-            KldRow("Mean KLD", _pm(s.kld, 6), _pm(s.kld_error, 6))]
-    rows += [KldRow(f"{_quantile_name(f)} KLD", _pm(v, 6)) for f, v in s.kld_quantiles]
-    rows += [KldRow("Token probability", is_section=True),
-             KldRow("Mean Δp", _pm(s.p_diff, 3, 100, " %"), _pm(s.p_diff_error, 3, 100, " %"))]
-    rows += [KldRow(f"{_quantile_name(f)} Δp", _pm(v, 3, 100, " %")) for f, v in s.p_diff_quantiles]
-    rows += [KldRow("RMS Δp", _pm(s.rms_p_diff, 3, 100, " %"), _pm(s.rms_p_diff_error, 3, 100, " %")),
-             KldRow("Same top p", _pm(s.same_top, 3, 100, " %"), _pm(s.same_top_error, 3, 100, " %"))]
-    return rows
-
-
-class KldStatsModel(QAbstractTableModel):
-    """The final KL-divergence statistics: section rows (bold) and statistic rows."""
-
-    COL_NAME, COL_VALUE, COL_ERROR = range(3)
-    HEADERS = ("Statistic", "Value", "±")
-
-    def __init__(self, parent: QObject | None = None):
-        super().__init__(parent)
-        self._rows: list[KldRow] = []
-
-    def set_stats(self, stats: KLDivergenceStats | None) -> None:
-        self.beginResetModel()
-        self._rows = kld_rows(stats) if stats is not None else []
-        self.endResetModel()
-
-    def row(self, row: int) -> KldRow:
-        return self._rows[row]
-
-    def rowCount(self, parent: Index = QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self._rows)
-
-    def columnCount(self, parent: Index = QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self.HEADERS)
-
-    def headerData(self, section: int, orientation: Qt.Orientation, role: int = Qt.DisplayRole):
-        if orientation == Qt.Horizontal and role == Qt.DisplayRole and 0 <= section < len(self.HEADERS):
-            return self.HEADERS[section]
-        return None
-
-    def data(self, index: Index, role: int = Qt.DisplayRole):
-        if not index.isValid():
-            return None
-        row = self._rows[index.row()]
-        column = index.column()
-        if role == Qt.DisplayRole:
-            return (row.name, row.value, row.error)[column]
-        if role == Qt.FontRole:
-            if row.is_section:
-                font = QFont()
-                font.setBold(True)
-                return font
-            if column != self.COL_NAME:
-                return QFontDatabase.systemFont(QFontDatabase.FixedFont)
-        if role == Qt.BackgroundRole and row.is_section:
-            return QColor("#25272c")
-        if role == Qt.TextAlignmentRole and column != self.COL_NAME:
-            return int(Qt.AlignRight | Qt.AlignVCenter)
-        return None
-
-    def flags(self, index: Index) -> Qt.ItemFlags:
-        if not index.isValid():
-            return Qt.NoItemFlags
-        row = self._rows[index.row()]
-        return Qt.ItemIsEnabled if row.is_section else Qt.ItemIsEnabled | Qt.ItemIsSelectable
-
-
-# ---- the GUI side -----------------------------------------------------------------------------
 
 class PerplexityDialogs:
     """The panel's file dialogs, in one place that tests replace with non-blocking fakes."""
@@ -255,7 +83,7 @@ class PerplexityPanel(QWidget):
     run_finished = Signal(str)             # "done", "cancelled" or "error"
 
     def __init__(self, bridge: Bridge, dialogs: PerplexityDialogs | None = None,
-                 model_factory: Callable[..., Any] = default_model_factory, parent: QWidget | None = None):
+                 model_factory: ModelFactory = default_model_factory, parent: QWidget | None = None):
         super().__init__(parent)
         self.setObjectName("perplexityPanel")
         self.setStyleSheet(PANEL_STYLE)
@@ -271,6 +99,7 @@ class PerplexityPanel(QWidget):
         self.started: PerplexityStarted | None = None     # the current (or last) run's size
         self._run_started_s = 0.0
         self._line_open = False     # the [i]ppl values share one log line, as in llama-perplexity
+        self._last_chunk_event: PerplexityEvent | KLDivergenceEvent | None = None
         self._build()
         self._update_actions()
 
@@ -360,15 +189,15 @@ class PerplexityPanel(QWidget):
         layout.addWidget(QLabel("Text", objectName="sectionTitle"))
         layout.addLayout(source_row)
         layout.addWidget(self.source_stack)
-        layout.addSpacing(6)
+        layout.addSpacing(12)
         layout.addWidget(QLabel("Settings", objectName="sectionTitle"))
         layout.addLayout(form)
-        layout.addSpacing(6)
+        layout.addSpacing(12)
         layout.addWidget(QLabel("KL divergence", objectName="sectionTitle"))
         layout.addWidget(self.mode_combo)
         layout.addLayout(base_row)
         layout.addWidget(self.kld_hint)
-        layout.addSpacing(10)
+        layout.addSpacing(14)
         layout.addLayout(buttons)
         layout.addWidget(self.progress_bar)
         layout.addWidget(self.progress_label)
@@ -565,6 +394,7 @@ class PerplexityPanel(QWidget):
     def _reset_results(self) -> None:
         self.result = None
         self.started = None
+        self._last_chunk_event = None
         self._line_open = False
         self.plot.clear()
         self.log_view.clear()
@@ -608,13 +438,24 @@ class PerplexityPanel(QWidget):
             self._log(format_kld_chunk_line(event))
         else:
             self._log_inline(format_perplexity_line(event))
-        self.plot.append(event.ppl)
+        self.plot.append(event.ppl, self._chunk_ppl(event))
+        self._last_chunk_event = event
         self.progress_bar.setValue(event.chunk)
         remaining_s = event.chunk_s * (event.n_chunks - event.chunk)
         self.progress_label.setText(f"Chunk {event.chunk} / {event.n_chunks}  ·  about {remaining_s:.0f} s left")
         self.result_label.setText(format_big_result(event.ppl, event.ppl_error))
         self.result_detail.setText(f"running estimate after {event.chunk} of {event.n_chunks} chunks "
                                    f"({event.n_scored:,} tokens scored)")
+
+    def _chunk_ppl(self, event: PerplexityEvent | KLDivergenceEvent) -> float:
+        """This chunk's own perplexity, from two running estimates: exp of the mean NLL the new
+        tokens added (running = exp(total NLL / tokens scored))."""
+        previous = self._last_chunk_event
+        n_before, log_before = (previous.n_scored, math.log(previous.ppl)) if previous is not None else (0, 0.0)
+        n_new = event.n_scored - n_before
+        if n_new <= 0 or not event.ppl > 0:
+            return float("nan")
+        return math.exp((event.n_scored * math.log(event.ppl) - n_before * log_before) / n_new)
 
     def _on_perplexity_result(self, result: PerplexityResult) -> None:
         self.result = result

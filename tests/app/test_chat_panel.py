@@ -1,5 +1,4 @@
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +9,8 @@ from app.bridge import LoadedModel
 from app.conversations import ConversationStore, ConversationSummary, Message
 from app.models.chat import (ConversationIdRole, ConversationListModel, ErrorRole, MessageListModel, SpeakerRole,
                              StatsRole, StreamingRole, format_stats)
-from app.widgets.chat import ChatPanel, ChatRunner, default_model_factory
+from app.engine_jobs import ChatRunner, default_model_factory
+from app.widgets.chat import ChatPanel
 from engine.run_config import RunConfig
 from engine.tokenizer import Tokenizer
 
@@ -219,15 +219,17 @@ def test_stop_cancels_mid_generation_and_keeps_the_partial_reply(qtbot, panel):
 @pytest.mark.slow
 def test_regenerate_replaces_the_reply_and_reuses_the_cached_prompt(qtbot, panel):
     panel.sampling.max_tokens.setValue(12)
+    panel.sampling.temperature.setValue(0.0)        # greedy: the reply depends on the logits alone
     finish_turn(qtbot, panel, lambda: panel.send("Name three colours"))
     first = panel.messages.message(1).content
     first_prompt = panel.last_turn
     assert first and first_prompt.reused_tokens == 0
-    finish_turn(qtbot, panel, panel.regenerate)          # same seed: the same reply, from the cached prefix
+    finish_turn(qtbot, panel, panel.regenerate)      # the same reply, though only the last prompt token is new
     assert roles(panel) == ["user", "assistant"]
     assert panel.messages.message(1).content == first
     assert panel.last_turn.prompt_tokens == first_prompt.prompt_tokens
     assert panel.last_turn.reused_tokens == first_prompt.prompt_tokens - 1
+    panel.sampling.temperature.setValue(1.0)
     panel.sampling.seed.setValue(8)
     finish_turn(qtbot, panel, panel.regenerate)
     assert roles(panel) == ["user", "assistant"]

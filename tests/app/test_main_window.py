@@ -1,10 +1,11 @@
 from pathlib import Path
 
 import pytest
-from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
+from PySide6.QtCore import QMimeData, QPoint, QPointF, Qt, QUrl
 from PySide6.QtGui import QDragEnterEvent, QDropEvent
 from PySide6.QtWidgets import QLabel
 
+from app.widgets.designer import DesignerPanel
 from app.main_window import INSPECTOR, Dialogs, MainWindow
 from app.model_picker import ModelLocation
 from app.settings import Settings
@@ -66,7 +67,7 @@ def corrupt_file(tmp_path) -> Path:
 
 def test_the_window_starts_with_four_panels_and_no_model(window):
     assert window.panel_names() == ["Designer", "Chat", "Perplexity", "Inspector"]
-    assert isinstance(window.panel("Designer"), PlaceholderPanel)
+    assert isinstance(window.panel("Designer"), DesignerPanel)
     assert [a.text() for a in window.view_menu.actions()] == window.panel_names()
     assert window.model_label.text() == "No model"
     assert window.loaded is None
@@ -105,7 +106,7 @@ def test_a_corrupt_file_shows_an_error_and_the_window_lives_on(qtbot, window, mo
 def test_dropping_a_gguf_opens_it(qtbot, window, moe_path):
     mime = QMimeData()
     mime.setUrls([QUrl.fromLocalFile(str(moe_path))])
-    enter = QDragEnterEvent(QPointF(10, 10), Qt.CopyAction, mime, Qt.LeftButton, Qt.NoModifier)
+    enter = QDragEnterEvent(QPoint(10, 10), Qt.CopyAction, mime, Qt.LeftButton, Qt.NoModifier)
     window.dragEnterEvent(enter)
     assert enter.isAccepted()
     drop = QDropEvent(QPointF(10, 10), Qt.CopyAction, mime, Qt.LeftButton, Qt.NoModifier)
@@ -117,7 +118,7 @@ def test_dropping_a_gguf_opens_it(qtbot, window, moe_path):
 def test_dragging_other_files_is_refused(window, tmp_path):
     mime = QMimeData()
     mime.setUrls([QUrl.fromLocalFile(str(tmp_path / "notes.txt"))])
-    enter = QDragEnterEvent(QPointF(10, 10), Qt.CopyAction, mime, Qt.LeftButton, Qt.NoModifier)
+    enter = QDragEnterEvent(QPoint(10, 10), Qt.CopyAction, mime, Qt.LeftButton, Qt.NoModifier)
     window.dragEnterEvent(enter)
     assert not enter.isAccepted()
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from app.bridge import LoadedModel
-from app.widgets.perplexity import (MODE_COMPARE, MODE_SAVE_BASE, KldStatsModel, PerplexityPanel,
-                                    default_model_factory, format_big_result, kld_rows)
+from app.engine_jobs import MODE_COMPARE, MODE_SAVE_BASE, default_model_factory
+from app.models.perplexity import KldStatsModel, kld_rows
+from app.widgets.perplexity import PerplexityPanel, format_big_result
 from app.widgets.ppl_plot import PerplexityPlot, nice_step, x_ticks, y_range
-from engine.perplexity import KLD_FRACTIONS, P_DIFF_FRACTIONS, KLDivergenceStats, perplexity
+from engine.perplexity import KLD_FRACTIONS, P_DIFF_FRACTIONS, KLDivergenceStats, PerplexityEvent, perplexity
 from engine.run_config import RunConfig
 from engine.tokenizer import Tokenizer
 
@@ -160,7 +161,12 @@ def test_the_plot_paints_with_and_without_data(qtbot):
 @pytest.mark.slow
 def test_a_run_on_pasted_text_matches_the_engine_and_shows_a_finite_ppl(qtbot, panel, loaded):
     panel.set_text(TEXT)
-    assert run_to_end(qtbot, panel) == "done"
+    live_chunk_ppl = []
+    with qtbot.waitSignal(panel.run_finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        handle = panel.run()
+        handle.yielded.connect(lambda item: live_chunk_ppl.extend(
+            panel.plot.chunk_values()[-1:] if isinstance(item, PerplexityEvent) else []))
+    assert blocker.args == ["done"]
     result = panel.result
     reference = reference_perplexity(loaded, TEXT, N_CTX)
     assert math.isfinite(result.ppl) and result.ppl > 1
@@ -173,7 +179,8 @@ def test_a_run_on_pasted_text_matches_the_engine_and_shows_a_finite_ppl(qtbot, p
     assert "".join(f"[{i + 1}]{v:.4f}," for i, v in enumerate(result.running_ppl)) in log
     assert f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_error:.5f}" in log
     assert panel.plot.running_values() == pytest.approx(list(result.running_ppl))
-    assert len(panel.plot.chunk_values()) == result.n_chunks
+    assert live_chunk_ppl == pytest.approx(list(result.chunk_ppl), rel=1e-9)     # drawn as the chunks came
+    assert panel.plot.chunk_values() == pytest.approx(list(result.chunk_ppl))
     assert panel.progress_bar.value() == panel.progress_bar.maximum()
     assert panel.run_button.isEnabled() and not panel.cancel_button.isEnabled()
 

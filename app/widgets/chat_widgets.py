@@ -1,4 +1,5 @@
-"""The chat panel's message view (bubbles painted by a delegate) and its input box.
+"""The chat panel's pieces: the message view (bubbles painted by a delegate), the input box, the
+sampling controls and the line of speed and context statistics.
 
 The view is a QTreeView used as a flat list, not a QListView: a QTreeView keeps one cached
 height per row and, on a `dataChanged` of one row, re-measures that row alone. A QListView in
@@ -10,14 +11,47 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from PySide6.QtCore import QEvent, QModelIndex, QPointF, QRect, QRectF, QSize, Qt, Signal
+from PySide6.QtCore import QEvent, QModelIndex, QRect, QRectF, QSize, Qt, Signal
 from PySide6.QtGui import (QAbstractTextDocumentLayout, QColor, QFont, QFontMetrics, QKeyEvent, QPainter,
                            QPaintEvent, QPalette, QPen, QResizeEvent, QTextDocument, QTextOption)
-from PySide6.QtWidgets import (QAbstractItemView, QFrame, QPlainTextEdit, QStyle, QStyledItemDelegate,
-                               QStyleOptionViewItem, QTreeView, QWidget)
+from PySide6.QtWidgets import (QAbstractItemView, QDoubleSpinBox, QFormLayout, QFrame, QHBoxLayout, QLabel,
+                               QPlainTextEdit, QProgressBar, QSpinBox, QStyle, QStyledItemDelegate,
+                               QStyleOptionViewItem, QToolButton, QTreeView, QWidget)
 
 from app.models.chat import ErrorRole, SpeakerRole, StatsRole, StreamingRole
+from engine.sampling import SamplerSettings
 
+# The panel's own look, on top of resources/style.qss (same palette).
+CHAT_STYLE = """
+QPushButton:disabled { color: #6b6f78; background: #232428; border-color: #2c2e33; }
+QWidget#chatSidebar, QWidget#chatSettings { background: #1a1b1f; }
+QListView#conversationList { background: transparent; border: none; outline: 0; }
+QListView#conversationList::item { padding: 7px 8px; border-radius: 6px; color: #c8cbd2; }
+QListView#conversationList::item:hover { background: #24262b; }
+QListView#conversationList::item:selected { background: #2b3448; color: #ffffff; }
+QTreeView#messageView { background: #1b1c20; border: none; }
+QTreeView#messageView::item, QTreeView#messageView::item:selected, QTreeView#messageView::item:hover {
+    background: transparent; border: none; }
+QLabel#chatTitle { font-size: 13pt; font-weight: 600; color: #f2f3f5; }
+QPlainTextEdit#chatInput, QPlainTextEdit#systemPrompt {
+    background: #17181b; border: 1px solid #34363d; border-radius: 8px; padding: 4px 6px;
+    selection-background-color: #3d6fd9; }
+QPlainTextEdit#chatInput:focus, QPlainTextEdit#systemPrompt:focus { border-color: #5b8def; }
+QPushButton#newChatButton { text-align: left; padding: 7px 12px; font-weight: 600; }
+QPushButton#stopButton { background: #3b2023; border-color: #7a2e34; color: #ffc9cb; }
+QPushButton#stopButton:hover { background: #4a2529; }
+QToolButton#linkButton { color: #78a6ff; border: none; padding: 2px 4px; background: transparent; }
+QToolButton#linkButton:hover { color: #a9c6ff; }
+QToolButton#linkButton:disabled { color: #5d616a; }
+QWidget#chatStats { border-top: 1px solid #26282d; background: #1b1c20; }
+QLabel#statLabel { color: #9a9ea8; }
+QProgressBar#contextBar { background: #2b2d33; border: none; border-radius: 3px; }
+QProgressBar#contextBar::chunk { background: #5b8def; border-radius: 3px; }
+QProgressBar#contextBar[level="high"]::chunk { background: #e6a23c; }
+"""
+
+DEFAULT_MAX_TOKENS = 512
+SEED_RANDOM = -1
 USER_BUBBLE = QColor("#2c4f94")
 USER_TEXT = QColor("#f4f6fb")
 ASSISTANT_BUBBLE = QColor("#2a2c32")
@@ -291,7 +325,114 @@ class ChatInput(QPlainTextEdit):
         self.setFixedHeight(shown * line + chrome + 4)
 
 
-def bubble_point(view: MessageView, row: int) -> QPointF:
-    """The centre of a row's bubble area, for tests and context menus."""
-    rect = view.visualRect(view.model().index(row, 0))
-    return QPointF(rect.center())
+def _spin(minimum: float, maximum: float, value: float, step: float, decimals: int, tip: str,
+          special: str = "") -> QDoubleSpinBox:
+    box = QDoubleSpinBox(minimum=minimum, maximum=maximum, singleStep=step, decimals=decimals)
+    box.setValue(value)
+    box.setToolTip(tip)
+    box.setSpecialValueText(special)
+    box.setKeyboardTracking(False)
+    return box
+
+
+def _int_spin(minimum: int, maximum: int, value: int, tip: str, special: str = "") -> QSpinBox:
+    box = QSpinBox(minimum=minimum, maximum=maximum)
+    box.setValue(value)
+    box.setToolTip(tip)
+    box.setSpecialValueText(special)
+    box.setKeyboardTracking(False)
+    return box
+
+
+class SamplingControls(QWidget):
+    """Temperature, top-k, top-p, min-p, repeat penalty, max tokens and seed, with llama.cpp's defaults."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        d = SamplerSettings()
+        self.temperature = _spin(0.0, 5.0, d.temperature, 0.05, 2, "0 = greedy (always the most likely token)",
+                                 "greedy")
+        self.top_k = _int_spin(0, 100_000, d.top_k, "Keep the k most likely tokens (0 = off)", "off")
+        self.top_p = _spin(0.0, 1.0, d.top_p, 0.01, 2, "Nucleus sampling: the fewest tokens reaching p (1 = off)")
+        self.min_p = _spin(0.0, 1.0, d.min_p, 0.01, 2, "Drop tokens below p × the top probability (0 = off)", "off")
+        self.repeat_penalty = _spin(0.5, 3.0, d.repeat_penalty, 0.05, 2,
+                                    f"Penalize the last {d.repeat_last_n} tokens (1 = off)")
+        self.max_tokens = _int_spin(1, 1_000_000, DEFAULT_MAX_TOKENS, "Stop the reply after this many tokens")
+        self.seed = _int_spin(SEED_RANDOM, 2**31 - 1, SEED_RANDOM, "A fixed seed repeats a reply; -1: random",
+                              "random")
+        reset = QToolButton(text="Reset", objectName="linkButton", autoRaise=True)
+        reset.setToolTip("llama.cpp's defaults")
+        reset.clicked.connect(self.reset)
+        form = QFormLayout(self)
+        form.setContentsMargins(0, 0, 0, 0)
+        form.setLabelAlignment(Qt.AlignLeft)
+        form.setHorizontalSpacing(12)
+        form.setVerticalSpacing(6)
+        for label, box in (("Temperature", self.temperature), ("Top-k", self.top_k), ("Top-p", self.top_p),
+                           ("Min-p", self.min_p), ("Repeat penalty", self.repeat_penalty),
+                           ("Max tokens", self.max_tokens), ("Seed", self.seed)):
+            form.addRow(label, box)
+        form.addRow("", reset)
+
+    def settings(self) -> SamplerSettings:
+        seed = self.seed.value()
+        return SamplerSettings(temperature=self.temperature.value(), top_k=self.top_k.value(),
+                               top_p=self.top_p.value(), min_p=self.min_p.value(),
+                               repeat_penalty=self.repeat_penalty.value(),
+                               seed=None if seed == SEED_RANDOM else seed)
+
+    def set_settings(self, settings: SamplerSettings, max_tokens: int | None = None) -> None:
+        self.temperature.setValue(settings.temperature)
+        self.top_k.setValue(settings.top_k)
+        self.top_p.setValue(settings.top_p)
+        self.min_p.setValue(settings.min_p)
+        self.repeat_penalty.setValue(settings.repeat_penalty)
+        self.seed.setValue(SEED_RANDOM if settings.seed is None else settings.seed)
+        if max_tokens is not None:
+            self.max_tokens.setValue(max_tokens)
+
+    def reset(self) -> None:
+        self.set_settings(SamplerSettings(), DEFAULT_MAX_TOKENS)
+
+
+class ChatStats(QWidget):
+    """Prompt and generation speed and context use, under the messages."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setObjectName("chatStats")
+        self.prompt_label = QLabel(objectName="statLabel")
+        self.generation_label = QLabel(objectName="statLabel")
+        self.context_label = QLabel(objectName="statLabel")
+        self.context_bar = QProgressBar(textVisible=False, objectName="contextBar")
+        self.context_bar.setFixedSize(110, 6)
+        self.state_label = QLabel(objectName="mutedLabel")
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(18, 2, 18, 2)
+        layout.setSpacing(18)
+        layout.addWidget(self.state_label)
+        layout.addStretch(1)
+        layout.addWidget(self.prompt_label)
+        layout.addWidget(self.generation_label)
+        layout.addWidget(self.context_label)
+        layout.addWidget(self.context_bar)
+        self.show_stats()
+
+    def show_stats(self, prompt_tps: float | None = None, generation_tps: float | None = None,
+                   context_used: int | None = None, n_ctx: int | None = None) -> None:
+        self.prompt_label.setText(f"Prompt  <b>{_tps(prompt_tps)}</b>")
+        self.generation_label.setText(f"Generation  <b>{_tps(generation_tps)}</b>")
+        used = "—" if context_used is None else f"{context_used:,}"
+        total = "—" if not n_ctx else f"{n_ctx:,}"
+        self.context_label.setText(f"Context  <b>{used}</b> / {total}")
+        self.context_bar.setRange(0, max(1, n_ctx or 1))
+        self.context_bar.setValue(min(context_used or 0, n_ctx or 0))
+        fraction = (context_used or 0) / n_ctx if n_ctx else 0.0
+        self.context_bar.setProperty("level", "high" if fraction > 0.9 else "normal")
+        self.context_bar.style().unpolish(self.context_bar)
+        self.context_bar.style().polish(self.context_bar)
+        self.context_bar.setToolTip(f"{fraction:.0%} of the context is used" if n_ctx else "No context yet")
+
+
+def _tps(value: float | None) -> str:
+    return "—" if not value else f"{value:,.1f} tok/s"

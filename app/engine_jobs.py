@@ -1,0 +1,195 @@
+"""What the chat and perplexity panels run on the engine thread. No widgets here.
+
+* `ChatRunner` owns the chat's model, its `Session` (the KV cache, reused across turns so that
+  each turn evaluates only what changed since the last) and its chat template; it rebuilds them
+  when the model, the run config or the placement changes. Only jobs touch it.
+* `run_perplexity` builds a model, reads and tokenizes the text there (never on the GUI thread),
+  and yields what `engine.perplexity` yields, after a `PerplexityStarted`.
+
+The panels submit these through `app.bridge`; every payload that comes back is a frozen dataclass.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.bridge import JobContext, LoadedModel
+from engine.generate import GenerationEvent, Session, generate
+from engine.perplexity import count_chunks, kl_divergence, perplexity, read_kl_base
+from engine.run_config import RunConfig
+from engine.sampling import SamplerSettings
+
+MODE_PERPLEXITY, MODE_SAVE_BASE, MODE_COMPARE = "perplexity", "save_base", "compare"
+
+ModelFactory = Callable[[Any, RunConfig, Any], Any]     # (model_file, run_config, placement) -> model
+
+
+def default_model_factory(model_file, run_config: RunConfig, placement: Any):
+    """The engine model over an open GGUF. Weights are memory-mapped, so this is quick.
+    The placement is not used yet: every tensor runs on the CPU backend."""
+    from engine.model import Model
+    return Model(model_file, run_config)
+
+
+# ---- chat ---------------------------------------------------------------------------------------
+
+class ChatTurnError(ValueError):
+    """A turn that cannot run: a template that fails, a conversation longer than the context."""
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    loaded: LoadedModel
+    run_config: RunConfig
+    placement: Any                          # opaque to the chat; a change rebuilds the session
+    messages: tuple[dict[str, str], ...]    # role/content, system prompt first when there is one
+    settings: SamplerSettings
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class TurnStarted:
+    """Yielded once the prompt is tokenized, before it is evaluated."""
+    n_ctx: int
+    prompt_tokens: int
+    reused_tokens: int      # the prefix the KV cache already held
+    template_name: str
+
+
+class ChatRunner:
+    """The chat's model, Session and template on the engine thread; reused until the model,
+    run config or placement changes. Never touched from the GUI thread."""
+
+    def __init__(self, model_factory: ModelFactory = default_model_factory):
+        self.model_factory = model_factory
+        self.session: Session | None = None
+        self.template = None
+        self._key: tuple | None = None
+
+    def release(self, ctx: JobContext | None = None) -> None:
+        """Drop the model and its KV cache (the memory goes back)."""
+        self.session, self.template, self._key = None, None, None
+
+    def _ensure_session(self, request: ChatRequest, ctx: JobContext) -> Session:
+        from engine.chat_template import ChatTemplate, ChatTemplateError
+        key = (request.loaded.model_file, request.run_config, request.placement)
+        if self._key is not None and self._key[0] is key[0] and self._key[1:] == key[1:] and self.session is not None:
+            return self.session
+        self.release()
+        ctx.note(f"preparing {request.loaded.path.name}")
+        model = self.model_factory(request.loaded.model_file, request.run_config, request.placement)
+        try:
+            template = ChatTemplate.from_metadata(model.metadata, request.loaded.model_file.architecture)
+        except ChatTemplateError as e:
+            raise ChatTurnError(f"The model's chat template cannot be used: {e}") from e
+        self.session, self.template, self._key = Session(model), template, key
+        return self.session
+
+    def turn(self, request: ChatRequest, ctx: JobContext) -> Iterator[TurnStarted | GenerationEvent]:
+        """One assistant reply: render, tokenize, then stream `generate`'s events."""
+        from engine.chat_template import ChatTemplateError
+        session = self._ensure_session(request, ctx)
+        try:
+            prompt = self.template.render_prompt(list(request.messages), add_generation_prompt=True)
+        except ChatTemplateError as e:
+            raise ChatTurnError(f"Cannot build the prompt: {e}") from e
+        tokens = session.tokenizer.encode(prompt, add_special=True, parse_special=True)
+        if len(tokens) >= session.n_ctx:
+            raise ChatTurnError(f"The conversation is {len(tokens)} tokens long and the context holds "
+                                f"{session.n_ctx}: start a new chat, shorten this one, or raise the context length.")
+        reused = _common_prefix(session.tokens, tokens)
+        yield TurnStarted(session.n_ctx, len(tokens), reused, self.template.name)
+        try:
+            yield from generate(session, tokens, request.settings, request.max_tokens, (), ctx.cancel_event,
+                                lambda done, total: ctx.progress(done, total, "reading the prompt"))
+        except Exception:
+            self._forget_cache(session)     # what the cache holds is unknown after a failure mid-step
+            raise
+
+    @staticmethod
+    def _forget_cache(session: Session) -> None:
+        session.tokens.clear()
+        session.cache.reset()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return min(n, max(0, len(b) - 1))
+
+
+# ---- perplexity ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PerplexityRequest:
+    loaded: LoadedModel
+    run_config: RunConfig
+    placement: Any
+    text: str | None                # pasted text, or
+    text_path: str | None           # a file, read on the engine thread
+    n_ctx: int
+    n_chunks: int | None            # None: every chunk
+    mode: str = MODE_PERPLEXITY
+    base_path: str | None = None
+
+
+@dataclass(frozen=True)
+class PerplexityStarted:
+    """Yielded once the text is tokenized (or the base is read), before the first chunk."""
+    mode: str
+    n_tokens: int
+    n_chunks: int
+    n_ctx: int
+    tokenize_s: float
+
+
+def _read_text(request: PerplexityRequest) -> str | None:
+    if request.text is not None:
+        return request.text
+    if request.text_path:
+        return Path(request.text_path).expanduser().read_text(encoding="utf-8", errors="replace")
+    return None
+
+
+def run_perplexity(request: PerplexityRequest, ctx: JobContext,
+                   model_factory: ModelFactory = default_model_factory) -> Iterator:
+    """The job: PerplexityStarted, then the engine's per-chunk events and its final result."""
+    from engine.tokenizer import Tokenizer
+    ctx.note(f"preparing {request.loaded.path.name}")
+    base = read_kl_base(request.base_path) if request.mode == MODE_COMPARE else None
+    n_ctx = base.n_ctx if base is not None else request.n_ctx     # a comparison runs at the base's context
+    model = model_factory(request.loaded.model_file, request.run_config.replace(n_ctx=n_ctx), request.placement)
+    tokenizer = Tokenizer.from_metadata(model.metadata)
+    bos_id = tokenizer.bos_id if tokenizer.add_bos else None
+    text = _read_text(request)
+    ctx.check_cancelled()
+    ctx.note("tokenizing the input")
+    started_s = time.perf_counter()
+    tokens = None if text is None else np.asarray(tokenizer.encode(text, add_special=True), dtype=np.int32)
+    tokenize_s = time.perf_counter() - started_s
+    ctx.check_cancelled()
+    cache = model.new_cache(n_ctx)
+
+    def eval_chunk(chunk: np.ndarray) -> np.ndarray:
+        cache.reset()       # each chunk starts from an empty cache, as llama-perplexity's do
+        return model.eval_logits(chunk, cache, progress=lambda _done, _total: ctx.check_cancelled())
+
+    if base is not None:
+        n_chunk = base.n_chunk if request.n_chunks is None else min(request.n_chunks, base.n_chunk)
+        yield PerplexityStarted(MODE_COMPARE, len(base.tokens), n_chunk, n_ctx, tokenize_s)
+        yield from kl_divergence(tokens, n_ctx, eval_chunk, request.base_path, bos_id, request.n_chunks)
+        return
+    if tokens is None:
+        raise ValueError("choose a text file or paste some text to measure perplexity on")
+    n_chunk = count_chunks(len(tokens), n_ctx, request.n_chunks)
+    yield PerplexityStarted(request.mode, len(tokens), n_chunk, n_ctx, tokenize_s)
+    base_path = request.base_path if request.mode == MODE_SAVE_BASE else None
+    yield from perplexity(tokens, n_ctx, eval_chunk, bos_id, request.n_chunks, kl_base_path=base_path)
