@@ -30,10 +30,15 @@ ModelFactory = Callable[[Any, RunConfig, Any], Any]     # (model_file, run_confi
 
 
 def default_model_factory(model_file, run_config: RunConfig, placement: Any):
-    """The engine model over an open GGUF. Weights are memory-mapped, so this is quick.
-    The placement is not used yet: every tensor runs on the CPU backend."""
+    """The engine model over an open GGUF, each weight on the device the placement gives it (none,
+    or all on the CPU: the plain CPU backend). Weights are memory-mapped, so this is quick."""
     from engine.model import Model
-    return Model(model_file, run_config)
+    return Model(model_file, run_config, placement=None if _all_on_cpu(placement) else placement)
+
+
+def _all_on_cpu(placement: Any) -> bool:
+    return placement is None or all(device == "CPU" for device, n_bytes in placement.weight_bytes().items()
+                                    if n_bytes)
 
 
 # ---- chat ---------------------------------------------------------------------------------------
@@ -46,7 +51,7 @@ class ChatTurnError(ValueError):
 class ChatRequest:
     loaded: LoadedModel
     run_config: RunConfig
-    placement: Any                          # opaque to the chat; a change rebuilds the session
+    placement: Any                          # engine.placement.Placement or None; a change rebuilds the session
     messages: tuple[dict[str, str], ...]    # role/content, system prompt first when there is one
     settings: SamplerSettings
     max_tokens: int

@@ -19,8 +19,10 @@ from PySide6.QtWidgets import (QFileDialog, QLabel, QMainWindow, QMessageBox, QP
 from app.bridge import Bridge, JobHandle, LoadedModel
 from app.model_picker import ModelFinderDialog, ModelLocation, default_locations
 from app.settings import Settings
-from app.widgets import MessageBar, PlaceholderPanel
+from app.widgets import MessageBar
+from app.widgets.chat import ChatPanel
 from app.widgets.designer import DesignerPanel
+from app.widgets.perplexity import PerplexityPanel
 from app.widgets.inspector import InspectorPanel
 from engine.units import format_bytes
 
@@ -28,11 +30,6 @@ log = logging.getLogger(__name__)
 
 APP_TITLE = "Offload Studio"
 DESIGNER, CHAT, PERPLEXITY, INSPECTOR = "Designer", "Chat", "Perplexity", "Inspector"
-COMING_PANELS = {
-    CHAT: "Chat with the open model in the built-in engine, on the placement you designed.",
-    PERPLEXITY: "Measure perplexity and KL-divergence the way llama-perplexity does, to tell a bad "
-                "placement or quant from a good one.",
-}
 
 
 class Dialogs:
@@ -83,11 +80,16 @@ class MainWindow(QMainWindow):
         self._build_status_bar()
         self._build_menus()
         self.designer = self.add_panel(DESIGNER, DesignerPanel())
-        for name, text in COMING_PANELS.items():
-            self.add_panel(name, PlaceholderPanel(name, text))
+        self.chat = self.add_panel(CHAT, ChatPanel(bridge))
+        self.perplexity = self.add_panel(PERPLEXITY, PerplexityPanel(bridge))
+        self.perplexity.job_started.connect(self.track_job)
         self.devices_changed.connect(self.designer.set_devices)
+        # the chat and perplexity panels run the model on the placement and settings designed here
+        self.designer.placement_changed.connect(self._use_placement)
+        self.designer.state.run_config_changed.connect(self._use_run_config)
+        self.model_loaded.connect(lambda _: self._use_placement(self.designer.placement))
+        self._use_run_config(self.designer.run_config)
         self.inspector = self.add_panel(INSPECTOR, InspectorPanel())
-        self.designer.placement_changed.connect(self._show_placement_in_inspector)
         self.restore_window_state()
 
     # --- building ----------------------------------------------------------------------------
@@ -142,8 +144,14 @@ class MainWindow(QMainWindow):
 
     # --- panels -------------------------------------------------------------------------------
 
-    def _show_placement_in_inspector(self, placement) -> None:
+    def _use_placement(self, placement) -> None:
+        for panel in (self.chat, self.perplexity):
+            panel.set_placement(placement)
         self.inspector.set_device_of(placement.device_of if placement is not None else None)
+
+    def _use_run_config(self, run_config) -> None:
+        for panel in (self.chat, self.perplexity):
+            panel.set_run_config(run_config)
 
     def add_panel(self, name: str, widget: QWidget) -> QWidget:
         """Add a panel as a tab, or replace the panel of that name in place; returns `widget`."""
@@ -397,6 +405,7 @@ class MainWindow(QMainWindow):
 
     def closeEvent(self, event: QCloseEvent) -> None:
         self.save_window_state()
+        self.chat.shutdown()
         if self._finder is not None:
             self._finder.close()
         super().closeEvent(event)

@@ -9,20 +9,18 @@ import statistics
 import time
 
 from app.commands.common import open_inventory, print_table
+from app.commands.model_args import add_model_arguments
 
 
 ACCEPTS_LLAMA_ARGS = True
 
 
 def add_arguments(p) -> None:
-    p.add_argument("-m", "--model", required=True, help="GGUF file")
+    add_model_arguments(p)
     p.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens to evaluate")
     p.add_argument("-n", "--n-gen", type=int, default=32, help="tokens to generate")
     p.add_argument("-r", "--repetitions", type=int, default=3, help="repetitions per test")
-    p.add_argument("-t", "--threads", type=int, default=0, help="CPU threads (default: all cores)")
     p.add_argument("--planner", action="store_true", help="time the memory planner instead of inference")
-    p.add_argument("--sim-gpus", help="simulated GPUs, e.g. 24GiB,24GiB,48GiB")
-    p.epilog = "Any other flags are read as llama.cpp placement flags (-ngl, -ts, -ot, ...)."
 
 
 def timed(fn, repetitions: int) -> tuple[float, object]:

@@ -1,38 +1,11 @@
 """Widgets of the main window. Each binds Qt models and forwards what the user asks for.
 
-Small shared pieces live here: the placeholder for a panel still to come, and the message bar
-that shows errors inside the window instead of in a modal box.
+Shared here: the message bar that shows errors inside the window instead of in a modal box.
 """
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QToolButton, QVBoxLayout, QWidget
-
-
-class PlaceholderPanel(QWidget):
-    """Stands in for a panel that is still being built."""
-
-    def __init__(self, title: str, text: str, parent: QWidget | None = None):
-        super().__init__(parent)
-        self.setObjectName("placeholderPanel")
-        heading = QLabel(title, objectName="placeholderTitle", alignment=Qt.AlignCenter)
-        body = QLabel(text, objectName="mutedLabel", alignment=Qt.AlignCenter, wordWrap=True)
-        badge = QLabel("coming soon", objectName="badge", alignment=Qt.AlignCenter)
-        card = QWidget()
-        card.setFixedWidth(480)
-        card_layout = QVBoxLayout(card)
-        card_layout.setSpacing(10)
-        card_layout.addWidget(heading)
-        card_layout.addWidget(body)
-        card_layout.addWidget(badge, 0, Qt.AlignHCenter)
-        row = QHBoxLayout()    # stretches, not an alignment flag: aligned items lose height-for-width
-        row.addStretch(1)
-        row.addWidget(card)
-        row.addStretch(1)
-        layout = QVBoxLayout(self)
-        layout.addStretch(1)
-        layout.addLayout(row)
-        layout.addStretch(2)
+from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QToolButton, QWidget
 
 
 class MessageBar(QFrame):

@@ -236,8 +236,8 @@ class ChatPanel(QWidget):
         self._n_ctx = None
 
     def set_placement(self, placement: Any) -> None:
-        """A new placement: the next turn rebuilds the session. Pass an immutable snapshot."""
-        self.placement = placement.to_dict() if hasattr(placement, "to_dict") else placement
+        """A new `engine.placement.Placement` (None: all on the CPU); the next turn rebuilds the session."""
+        self.placement = placement.copy() if placement is not None else None     # later edits must not leak in
 
     # --- turns ----------------------------------------------------------------------------------
 

@@ -428,9 +428,11 @@ class ChatStats(QWidget):
         self.context_bar.setRange(0, max(1, n_ctx or 1))
         self.context_bar.setValue(min(context_used or 0, n_ctx or 0))
         fraction = (context_used or 0) / n_ctx if n_ctx else 0.0
-        self.context_bar.setProperty("level", "high" if fraction > 0.9 else "normal")
-        self.context_bar.style().unpolish(self.context_bar)
-        self.context_bar.style().polish(self.context_bar)
+        level = "high" if fraction > 0.9 else "normal"
+        if self.context_bar.property("level") != level:     # re-read the style sheet, which styles by level
+            self.context_bar.setProperty("level", level)
+            self.context_bar.style().unpolish(self.context_bar)
+            self.context_bar.style().polish(self.context_bar)
         self.context_bar.setToolTip(f"{fraction:.0%} of the context is used" if n_ctx else "No context yet")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -268,7 +269,8 @@ class PerplexityPanel(QWidget):
         self.run_config = run_config
 
     def set_placement(self, placement: Any) -> None:
-        self.placement = placement.to_dict() if hasattr(placement, "to_dict") else placement
+        """A new `engine.placement.Placement` (None: all on the CPU), used from the next run on."""
+        self.placement = placement.copy() if placement is not None else None     # later edits must not leak in
 
     def set_text(self, text: str) -> None:
         self.paste_radio.setChecked(True)
@@ -372,7 +374,7 @@ class PerplexityPanel(QWidget):
         program = "kl_divergence" if request.mode == MODE_COMPARE else "perplexity"
         self._log(f"{program}: {request.loaded.path.name}, n_ctx={request.n_ctx}"
                   + (f", chunks={request.n_chunks}" if request.n_chunks else ""))
-        handle = self.bridge.submit(lambda ctx: run_perplexity(request, ctx, self.model_factory), "perplexity")
+        handle = self.bridge.submit(partial(run_perplexity, request, model_factory=self.model_factory), "perplexity")
         self._job = handle
         self._run_started_s = time.perf_counter()
         handle.progress.connect(self._on_progress)

@@ -171,7 +171,6 @@ def test_format_stats_says_nothing_for_an_empty_turn():
 
 # ---- the panel on a real model -----------------------------------------------------------------
 
-@pytest.mark.slow
 def test_a_reply_streams_into_the_view_with_live_stats(qtbot, panel):
     panel.runner.model_factory = factory(delay_s=0.01)
     panel.sampling.max_tokens.setValue(30)
@@ -195,7 +194,6 @@ def test_a_reply_streams_into_the_view_with_live_stats(qtbot, panel):
     assert not panel.is_generating and panel.send_button.isVisible() and not panel.stop_button.isVisible()
 
 
-@pytest.mark.slow
 def test_stop_cancels_mid_generation_and_keeps_the_partial_reply(qtbot, panel):
     panel.runner.model_factory = factory(delay_s=0.03)
     panel.sampling.max_tokens.setValue(100_000)
@@ -216,7 +214,6 @@ def test_stop_cancels_mid_generation_and_keeps_the_partial_reply(qtbot, panel):
     assert panel.messages.message(3).stats["generation_tokens"] == 3
 
 
-@pytest.mark.slow
 def test_regenerate_replaces_the_reply_and_reuses_the_cached_prompt(qtbot, panel):
     panel.sampling.max_tokens.setValue(12)
     panel.sampling.temperature.setValue(0.0)        # greedy: the reply depends on the logits alone
@@ -236,7 +233,6 @@ def test_regenerate_replaces_the_reply_and_reuses_the_cached_prompt(qtbot, panel
     assert panel.messages.message(1).content != first
 
 
-@pytest.mark.slow
 def test_edit_and_resend_truncates_the_conversation_there(qtbot, panel, store):
     finish_turn(qtbot, panel, lambda: panel.send("First question"))
     finish_turn(qtbot, panel, lambda: panel.send("Second question"))
@@ -349,3 +345,33 @@ def test_demo_fill_paints_a_conversation(qtbot, bridge, store, dialogs, tmp_path
         panel.message_view.visualRect(panel.messages.index(0)).height()
     assert panel.stats.context_label.text() == "Context  <b>120</b> / 4,096"
     panel.shutdown()
+
+
+def sim_gpu_placement(loaded: LoadedModel):
+    from engine.devices import available_devices
+    from engine.placement import Placement
+    n_layer = loaded.model_file.metadata["llama.block_count"]
+    return Placement(loaded.inventory, available_devices("1GiB"), ["CPU"] + ["CUDA0"] * n_layer)
+
+
+def test_the_session_is_kept_across_turns_and_rebuilt_for_a_new_placement(qtbot, panel, loaded):
+    built = []
+
+    def counting_factory(model_file, run_config, placement):
+        built.append(placement)
+        return factory()(model_file, run_config, placement)
+
+    panel.runner.model_factory = counting_factory
+    panel.sampling.temperature.setValue(0.0)
+    panel.sampling.max_tokens.setValue(8)
+    finish_turn(qtbot, panel, lambda: panel.send("One"))
+    finish_turn(qtbot, panel, lambda: panel.send("Two"))
+    assert built == [None]                      # one model and KV cache for both turns
+    on_cpu = panel.messages.message(3).content
+    placement = sim_gpu_placement(loaded)
+    panel.set_placement(placement)
+    assert panel.placement == placement and panel.placement is not placement
+    finish_turn(qtbot, panel, panel.regenerate)
+    assert len(built) == 2 and built[1] == placement
+    assert type(panel.runner.session.model._model.ops).__name__ == "PlacedOps"
+    assert panel.messages.message(3).content == on_cpu      # a placement does not change the results

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import app.conversations as conversations
-from app.conversations import (TEMP_PREFIX, Conversation, ConversationError, ConversationStore, Message,
-                               title_from_text, write_atomic)
+from app.conversations import (TEMP_PREFIX, BackgroundWriter, Conversation, ConversationError, ConversationStore,
+                               Message, title_from_text, write_atomic)
 
 
 def make_conversation(title: str = "Chat", n_turns: int = 2, updated_s: float = 1000.0) -> Conversation:
@@ -161,3 +161,22 @@ def test_write_atomic_creates_the_folder(tmp_path):
 ])
 def test_title_from_text(text, title):
     assert title_from_text(text) == title
+
+
+def test_the_background_writer_keeps_order_reports_errors_and_flushes(store):
+    errors, done = [], []
+    writer = BackgroundWriter(on_error=errors.append)
+    conversation = make_conversation("v1")
+    writer.submit(lambda: store.save(conversation))
+    renamed = Conversation.from_dict(conversation.to_dict())
+    renamed.title = "v2"
+    writer.submit(lambda: store.save(renamed))
+    writer.submit(lambda: store.load("f" * 32))               # fails: reported, the writer goes on
+    writer.submit(lambda: done.append(store.load(conversation.id).title))
+    assert writer.flush(timeout_s=10)
+    assert done == ["v2"]
+    assert len(errors) == 1 and isinstance(errors[0], ConversationError)
+    writer.close()
+    future = writer.submit(lambda: store.delete(conversation.id))      # after close: runs at once
+    assert future.result() is True and store.list() == []
+    assert writer.flush()

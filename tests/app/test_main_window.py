@@ -9,7 +9,6 @@ from app.widgets.designer import DesignerPanel
 from app.main_window import INSPECTOR, Dialogs, MainWindow
 from app.model_picker import ModelLocation
 from app.settings import Settings
-from app.widgets import PlaceholderPanel
 
 TIMEOUT_MS = 10_000
 

@@ -158,7 +158,6 @@ def test_the_plot_paints_with_and_without_data(qtbot):
 
 # ---- runs on a real model -------------------------------------------------------------------------
 
-@pytest.mark.slow
 def test_a_run_on_pasted_text_matches_the_engine_and_shows_a_finite_ppl(qtbot, panel, loaded):
     panel.set_text(TEXT)
     live_chunk_ppl = []
@@ -185,7 +184,6 @@ def test_a_run_on_pasted_text_matches_the_engine_and_shows_a_finite_ppl(qtbot, p
     assert panel.run_button.isEnabled() and not panel.cancel_button.isEnabled()
 
 
-@pytest.mark.slow
 def test_cancel_stops_a_run_between_chunks(qtbot, bridge, loaded):
     panel = PerplexityPanel(bridge, model_factory=lambda *args: SlowModel(default_model_factory(*args), 0.05))
     qtbot.addWidget(panel)
@@ -210,7 +208,6 @@ def test_cancel_stops_a_run_between_chunks(qtbot, bridge, loaded):
     assert math.isfinite(panel.result.ppl)
 
 
-@pytest.mark.slow
 def test_save_a_base_then_compare_with_it(qtbot, panel, tmp_path):
     base_path = tmp_path / "base.kld"
     text_path = tmp_path / "text.txt"
@@ -273,3 +270,15 @@ def test_demo_fill_shows_a_finished_run(qtbot, bridge):
     assert panel.result_label.text() == "PPL = 10.5000 +/- 0.2500"
     assert panel.plot.running_values() == [9.0, 8.5, 8.1234]
     assert panel.kld_model.rowCount() > 20
+
+
+def test_a_placement_on_a_simulated_gpu_gives_the_same_perplexity(qtbot, panel, loaded):
+    from engine.devices import available_devices
+    from engine.placement import Placement
+    panel.set_text(TEXT)
+    assert run_to_end(qtbot, panel) == "done"
+    on_cpu = panel.result
+    n_layer = loaded.model_file.metadata["llama.block_count"]
+    panel.set_placement(Placement(loaded.inventory, available_devices("1GiB"), ["CUDA0"] * (n_layer + 1)))
+    assert run_to_end(qtbot, panel) == "done"
+    assert panel.result.running_ppl == on_cpu.running_ppl       # bit-identical, as DESIGN.md promises
