@@ -1,6 +1,9 @@
 """PNG screenshots of the main window, one per panel, rendered without a display.
 
-    python -m app.screenshots OUT_DIR [MODEL.gguf] [--sim-gpus 24GiB,12GiB]
+    python -m app.screenshots OUT_DIR [MODEL.gguf] [--sim-gpus 24GiB,12GiB] [--run-model GGUF]
+
+The designer and inspector show MODEL; with --run-model, the chat and perplexity panels show a
+real conversation and a real perplexity run of that (runnable) model.
 """
 from __future__ import annotations
 
@@ -37,8 +40,37 @@ def _settle(application) -> None:
         application.processEvents()
 
 
+CHAT_PROMPT = "Write one sentence about the sea."
+PPL_TEXT_FILE = Path("/usr/share/common-licenses/GPL-3")
+PPL_FALLBACK_TEXT = " ".join(["Offload Studio places every layer and every expert of a model on a device."] * 400)
+RUN_TIMEOUT_MS = 600_000
+
+
+def _wait_signal(signal, timeout_ms: int) -> None:
+    from PySide6.QtCore import QEventLoop, QTimer
+    loop = QEventLoop()
+    signal.connect(loop.quit)
+    QTimer.singleShot(timeout_ms, loop.quit)
+    loop.exec()
+
+
+def _run_panels(window, run_model: str | Path) -> None:
+    """A real chat turn and a real perplexity run, so those screenshots show the engine at work."""
+    _wait_for(window.open_model(run_model), LOAD_TIMEOUT_MS)
+    window.chat.sampling.temperature.setValue(0.0)
+    window.chat.sampling.max_tokens.setValue(48)
+    if window.chat.send(CHAT_PROMPT):
+        _wait_signal(window.chat.turn_finished, RUN_TIMEOUT_MS)
+    text = PPL_TEXT_FILE.read_text() if PPL_TEXT_FILE.exists() else PPL_FALLBACK_TEXT
+    window.perplexity.set_text(text[:12000])
+    window.perplexity.n_ctx_spin.setValue(256)
+    window.perplexity.n_chunks_spin.setValue(6)
+    if window.perplexity.run() is not None:
+        _wait_signal(window.perplexity.run_finished, RUN_TIMEOUT_MS)
+
+
 def render_screenshots(out_dir: str | Path, model_path: str | Path | None,
-                       sim_gpus: str | None = None) -> list[Path]:
+                       sim_gpus: str | None = None, run_model: str | Path | None = None) -> list[Path]:
     """Open the main window offscreen on a model (the built-in one when None) and save one PNG per panel."""
     if not os.environ.get("QT_QPA_PLATFORM"):
         os.environ["QT_QPA_PLATFORM"] = "offscreen"
@@ -65,13 +97,14 @@ def render_screenshots(out_dir: str | Path, model_path: str | Path | None,
             window.set_devices(available_devices(sim_gpus))
             handle = window.open_model(model_path) if model_path else window.open_default_model()
             _wait_for(handle, LOAD_TIMEOUT_MS)
-            for index, name in enumerate(window.panel_names()):
-                window.show_panel(name)
-                _settle(QApplication)
-                path = out_dir / f"{index + 1:02d}-{name.lower()}.png"
-                if not window.grab().save(str(path)):
-                    raise OSError(f"could not write {path}")
-                saved.append(path)
+            names = window.panel_names()
+            shown_first = names if run_model is None else [n for n in names if n not in ("Chat", "Perplexity")]
+            for name in shown_first:
+                saved.append(_grab(window, QApplication, out_dir, names.index(name), name))
+            if run_model is not None:
+                _run_panels(window, run_model)
+                for name in ("Chat", "Perplexity"):
+                    saved.append(_grab(window, QApplication, out_dir, names.index(name), name))
         finally:
             window.close()
             window.deleteLater()
@@ -79,13 +112,23 @@ def render_screenshots(out_dir: str | Path, model_path: str | Path | None,
     return saved
 
 
+def _grab(window, application, out_dir: Path, index: int, name: str) -> Path:
+    window.show_panel(name)
+    _settle(application)
+    path = out_dir / f"{index + 1:02d}-{name.lower()}.png"
+    if not window.grab().save(str(path)):
+        raise OSError(f"could not write {path}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.screenshots", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("model", nargs="?", help="GGUF file (default: the built-in model)")
     parser.add_argument("--sim-gpus", help="simulated GPUs, e.g. 24GiB,12GiB")
+    parser.add_argument("--run-model", help="runnable GGUF for the chat and perplexity screenshots")
     args = parser.parse_args(argv)
-    for path in render_screenshots(args.out_dir, args.model, args.sim_gpus):
+    for path in render_screenshots(args.out_dir, args.model, args.sim_gpus, args.run_model):
         print(path)
     return 0
 

@@ -8,12 +8,16 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="folder for the PNG files")
     p.add_argument("model", nargs="?", help="GGUF file (default: the built-in model)")
     p.add_argument("--sim-gpus", default="24GiB,24GiB", help="simulated GPUs shown in the designer")
+    p.add_argument("--run-model", help="runnable GGUF for the chat and perplexity panels (default: the built-in "
+                                       "model when MODEL is given)")
 
 
 def run(args) -> int:
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     from app.screenshots import render_screenshots
     from engine.default_model import default_model_path
-    for path in render_screenshots(args.out, args.model or str(default_model_path(print)), args.sim_gpus):
+    default = str(default_model_path(print))
+    run_model = args.run_model or default
+    for path in render_screenshots(args.out, args.model or default, args.sim_gpus, run_model):
         print(path)
     return 0
