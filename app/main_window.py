@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QByteArray, Signal
 from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
-from PySide6.QtWidgets import (QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar, QTabWidget,
+from PySide6.QtWidgets import (QDialog, QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar, QTabWidget,
                                QToolButton, QVBoxLayout, QWidget)
 
 from app.bridge import Bridge, JobHandle, LoadedModel
@@ -23,6 +23,8 @@ from app.widgets import MessageBar
 from app.widgets.chat import ChatPanel
 from app.widgets.designer import DesignerPanel
 from app.widgets.perplexity import PerplexityPanel
+from app.widgets.synth_dialog import SynthDialog, SynthRequest
+from engine.default_model import models_cache_dir
 from app.widgets.inspector import InspectorPanel
 from engine.units import format_bytes
 
@@ -45,6 +47,10 @@ class Dialogs:
 
     def about(self, parent: QWidget, title: str, text: str) -> None:
         QMessageBox.about(parent, title, text)
+
+    def new_synthetic_model(self, parent: QWidget, out_dir: Path) -> SynthRequest | None:
+        dialog = SynthDialog(out_dir, parent)
+        return dialog.request() if dialog.exec() == QDialog.Accepted else None
 
 
 def gguf_paths_of(event: QDragEnterEvent | QDropEvent) -> list[str]:
@@ -134,6 +140,7 @@ class MainWindow(QMainWindow):
         self.finder_action = file_menu.addAction("&Models on this Machine…", QKeySequence("Ctrl+Shift+O"),
                                                  self.show_model_finder)
         file_menu.addAction("&Add Folder…", self.add_model_folder)
+        file_menu.addAction("New &Synthetic Model…", self.create_synthetic_model)
         file_menu.addSeparator()
         file_menu.addAction("&Quit", QKeySequence.Quit, self.close)
         self.view_menu = self.menuBar().addMenu("&View")
@@ -209,6 +216,24 @@ class MainWindow(QMainWindow):
     def open_model(self, path: str | Path) -> JobHandle:
         """Open a GGUF on the engine thread; the window shows progress and, on failure, the error."""
         return self._start_load(self.bridge.open_model(path), f"Opening {Path(path).name}…")
+
+    def create_synthetic_model(self) -> JobHandle | None:
+        """Write a model of a real shape on the engine thread, then open it."""
+        request = self.dialogs.new_synthetic_model(self, models_cache_dir())
+        if request is None:
+            return None
+
+        def write(ctx):
+            from engine.synth import write_synthetic
+            write_synthetic(request.path, request.preset, quant=request.quant, sparse=request.sparse,
+                            progress=lambda done, total: ctx.progress(done, total, "writing"))
+            return request.path
+
+        handle = self.bridge.submit(write, f"writing {request.path.name}")
+        handle.returned.connect(self.open_model)
+        handle.errored.connect(self.show_error)
+        self.track_job(handle, f"Writing {request.path.name}…")
+        return handle
 
     def open_default_model(self) -> JobHandle:
         return self._start_load(self.bridge.open_default_model(), "Opening the built-in model…")

@@ -18,6 +18,7 @@ class FakeDialogs(Dialogs):
 
     def __init__(self, open_path=None, folder=None):
         self.open_path, self.folder = open_path, folder
+        self.synth_request = None
         self.calls = []
 
     def open_model_file(self, parent, start_dir):
@@ -30,6 +31,10 @@ class FakeDialogs(Dialogs):
 
     def about(self, parent, title, text):
         self.calls.append(("about", title))
+
+    def new_synthetic_model(self, parent, out_dir):
+        self.calls.append(("synth", out_dir))
+        return self.synth_request
 
 
 @pytest.fixture
@@ -241,3 +246,27 @@ def test_render_screenshots_writes_one_png_per_panel(qtbot, tmp_path, moe_path):
     assert [p.name for p in paths] == ["01-designer.png", "02-chat.png", "03-perplexity.png", "04-inspector.png"]
     image = QImage(str(paths[-1]))
     assert (image.width(), image.height()) == (1360, 860)
+
+
+def test_new_synthetic_model_is_written_on_the_engine_thread_and_opened(qtbot, window, dialogs, tmp_path):
+    from app.widgets.synth_dialog import SynthRequest
+    dialogs.synth_request = SynthRequest("tiny-deepseek-v3", "Q4_K_M", False, tmp_path / "ds.gguf")
+    with qtbot.waitSignal(window.model_loaded, timeout=TIMEOUT_MS) as blocker:
+        window.create_synthetic_model()
+    loaded = blocker.args[0]
+    assert loaded.path == tmp_path / "ds.gguf" and loaded.inventory.arch == "deepseek2"
+    assert loaded.inventory.n_expert == 16
+    dialogs.synth_request = None
+    assert window.create_synthetic_model() is None       # cancelled dialog: nothing happens
+
+
+def test_synth_dialog_suggests_sparse_files_for_big_shapes(qtbot, tmp_path):
+    from app.widgets.synth_dialog import SynthDialog
+    dialog = SynthDialog(tmp_path)
+    qtbot.addWidget(dialog)
+    dialog.preset.setCurrentIndex(dialog.preset.findData("deepseek-v3"))
+    request = dialog.request()
+    assert request.preset == "deepseek-v3" and request.sparse
+    assert request.path == tmp_path / "deepseek-v3-Q4_K_M.gguf"
+    dialog.preset.setCurrentIndex(dialog.preset.findData("tiny-mixtral"))
+    assert not dialog.request().sparse
