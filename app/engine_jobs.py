@@ -115,6 +115,8 @@ class ChatRunner:
         except Exception:
             self._forget_cache(session)     # what the cache holds is unknown after a failure mid-step
             raise
+        # router selections so far (n_layer, n_expert): the designer's heat map
+        return session.model.expert_counts.copy()
 
     @staticmethod
     def _forget_cache(session: Session) -> None:

@@ -93,6 +93,7 @@ class MainWindow(QMainWindow):
         # the chat and perplexity panels run the model on the placement and settings designed here
         self.designer.placement_changed.connect(self._use_placement)
         self.designer.state.run_config_changed.connect(self._use_run_config)
+        self.chat.expert_counts.connect(self.designer.set_expert_heat)
         self.model_loaded.connect(lambda _: self._use_placement(self.designer.placement))
         self._use_run_config(self.designer.run_config)
         self.inspector = self.add_panel(INSPECTOR, InspectorPanel())

@@ -51,6 +51,7 @@ class ChatPanel(QWidget):
 
     error_occurred = Signal(str)            # one line, also shown in the panel's own message bar
     turn_finished = Signal(str)             # "stop", "length", "cancelled" or "error"
+    expert_counts = Signal(object)          # int64 (n_layer, n_expert): router selections of the session
     _save_failed = Signal(str)              # from the writer thread
 
     def __init__(self, bridge: Bridge, store: ConversationStore | None = None, dialogs: ChatDialogs | None = None,
@@ -339,11 +340,16 @@ class ChatPanel(QWidget):
         handle.started.connect(lambda: self.stats.state_label.setText("Reading the prompt…"))
         handle.progress.connect(self._on_progress)
         handle.yielded.connect(self._on_yielded)
-        handle.returned.connect(lambda _result: self._end_turn(handle, self._finish_reason()))
+        handle.returned.connect(lambda result: self._on_turn_returned(handle, result))
         handle.cancelled.connect(lambda: self._end_turn(handle, FINISH_CANCELLED))
         handle.errored.connect(lambda message: self._end_turn(handle, "error", message))
         self._flush_timer.start()
         self._update_actions()
+
+    def _on_turn_returned(self, handle, counts) -> None:
+        if counts is not None and counts.size:
+            self.expert_counts.emit(counts)
+        self._end_turn(handle, self._finish_reason())
 
     def _finish_reason(self) -> str:
         return (self._last_event.finish_reason if self._last_event is not None else None) or "stop"

@@ -375,3 +375,15 @@ def test_the_session_is_kept_across_turns_and_rebuilt_for_a_new_placement(qtbot,
     assert len(built) == 2 and built[1] == placement
     assert type(panel.runner.session.model._model.ops).__name__ == "PlacedOps"
     assert panel.messages.message(3).content == on_cpu      # a placement does not change the results
+
+
+def test_router_selections_of_a_turn_reach_the_heat_map(qtbot, panel):
+    heats = []
+    panel.expert_counts.connect(heats.append)
+    panel.sampling.max_tokens.setValue(5)
+    finish_turn(qtbot, panel, lambda: panel.send("Hello"))
+    assert len(heats) == 1
+    counts = heats[0]
+    assert counts.shape == (2, 4)           # llama-moe: 2 layers x 4 experts, top-2
+    # every evaluated token chose 2 experts in each layer
+    assert set(counts.sum(axis=1).tolist()) == {2 * (counts.sum() // 4)}
