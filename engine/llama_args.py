@@ -25,7 +25,8 @@ import numpy as np
 
 from engine import ggml_types
 from engine.inventory import Inventory
-from engine.placement import Placement, Rule, RuleMacro, compile_rules, synthesize_rules
+from engine.placement import Placement, Rule, compile_rules
+from engine.rule_search import RuleMacro, synthesize_rules
 from engine.run_config import KV_CACHE_TYPES, RunConfig
 
 # llama.cpp's defaults where they differ from a RunConfig(): -c 0 is the training context
