@@ -6,7 +6,7 @@ from engine.generate import Session, generate
 from engine.memory import kv_cache_bytes
 from engine.model import Model
 from engine.run_config import RunConfig
-from engine.sampling import NonFiniteLogitsError, SamplerSettings
+from engine.sampling import SamplerSettings
 
 # rel error of the last 8 rows against an f16 cache on these random-weight models (measured on
 # llama-dense: f32 7.5e-4, bf16 6.3e-3, q8_0 1.8e-2, q5_x 0.14-0.16, q4_x/iq4_nl 0.29-0.31); a wrong

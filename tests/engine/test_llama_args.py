@@ -1,18 +1,15 @@
 """The llama.cpp command line: real users' lines parse to the per-device bytes llama.cpp would
 load, and every emitted line parses back to the same placement."""
-import functools
 import random
 import re
 from fractions import Fraction
 
 import pytest
 
-from engine import arch, ggml_types
 from engine.devices import Device, simulated_gpus
-from engine.inventory import Inventory, InventoryTensor, Role, group_of, layer_of, role_of
 from engine.llama_args import LLAMA_CPP_DEFAULTS, emit_llama_args, llama_layer_devices, parse_llama_args
 from engine.placement import Placement, TensorRef
-from engine.presets import preset
+from preset_inventory import make_inventory
 from engine.run_config import RunConfig
 
 GIB = 1 << 30
@@ -22,30 +19,6 @@ ONE_GPU = [CPU] + simulated_gpus("24GiB")
 THREE_GPUS = [CPU] + simulated_gpus("24GiB,12GiB,16GiB")
 
 
-def tensor_type(shape):
-    """A realistic fixed type: Q4_K where rows allow it, else Q8_0; F32 for 1-D tensors."""
-    if len(shape) == 1:
-        return "F32"
-    return "Q4_K" if shape[-1] % 256 == 0 else "Q8_0"
-
-
-@functools.lru_cache(maxsize=None)
-def make_inventory(preset_name):
-    md = preset(preset_name)
-    family = arch.family(md["general.architecture"])
-    hp = family.hyperparams(md)
-    tensors = []
-    for spec in family.tensor_specs(hp):
-        type_name = tensor_type(spec.shape)
-        n_rows = 1
-        for dim in spec.shape[:-1]:
-            n_rows *= dim
-        n_bytes = ggml_types.row_bytes(ggml_types.type_id_by_name(type_name), spec.shape[-1]) * n_rows
-        role = role_of(spec.name)
-        n_experts = spec.shape[0] if role is Role.ROUTED_EXPERTS else 0
-        tensors.append(InventoryTensor(spec.name, layer_of(spec.name), role, group_of(spec.name, role), type_name,
-                                       spec.shape, n_bytes, n_experts, n_bytes // n_experts if n_experts else 0))
-    return Inventory(hp.arch, md["general.name"], tensors, hp, [])
 
 
 # --- an independent model of llama.cpp's rule, in exact fractions ------------------------------
