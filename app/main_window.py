@@ -177,6 +177,7 @@ class MainWindow(QMainWindow):
         self._panels[name] = widget
         if name == INSPECTOR and isinstance(widget, InspectorPanel):
             self.inspector = widget
+            widget.overrides_requested.connect(self.reopen_with_overrides)
         if self.loaded is not None and hasattr(widget, "set_model"):
             widget.set_model(self.loaded)
         self._rebuild_view_menu()
@@ -239,12 +240,25 @@ class MainWindow(QMainWindow):
     def open_default_model(self) -> JobHandle:
         return self._start_load(self.bridge.open_default_model(), "Opening the built-in model…")
 
-    def _start_load(self, handle: JobHandle, text: str) -> JobHandle:
+    def reopen_with_overrides(self, overrides) -> JobHandle | None:
+        """Open the current model again with these metadata overrides (`--override-kv`; none: as
+        the file says). On failure the model stays as it was and the error shows."""
+        if self.loaded is None:
+            self.show_error("Open a model first: metadata overrides apply to the open model.")
+            return None
+        overrides = tuple(overrides)
+        path, n = self.loaded.path, len(overrides)
+        text = (f"Reopening {path.name} with {n} metadata override{'s' if n != 1 else ''}…" if n
+                else f"Reopening {path.name} without overrides…")
+        return self._start_load(self.bridge.open_model(path, overrides), text,
+                                "Could not reopen the model with these overrides.")
+
+    def _start_load(self, handle: JobHandle, text: str, failure: str = "Could not open the model.") -> JobHandle:
         if self._load_job is not None and not self._load_job.done:
             self._load_job.cancel()     # the newest request wins
         self._load_job = handle
         handle.returned.connect(partial(self._on_model_returned, handle))
-        handle.errored.connect(partial(self._on_model_errored, handle))
+        handle.errored.connect(partial(self._on_model_errored, handle, failure))
         self.track_job(handle, text)
         return handle
 
@@ -258,9 +272,9 @@ class MainWindow(QMainWindow):
         self.rebuild_recent_menu()
         self.statusBar().showMessage(f"Opened {loaded.path.name} in {loaded.load_s:.2f} s", 5000)
 
-    def _on_model_errored(self, handle: JobHandle, message: str) -> None:
+    def _on_model_errored(self, handle: JobHandle, failure: str, message: str) -> None:
         if handle is self._load_job:
-            self.show_error(f"Could not open the model. {message}")
+            self.show_error(f"{failure} {message}")
 
     def set_loaded_model(self, loaded: LoadedModel | None) -> None:
         """Make `loaded` the open model and tell every panel."""

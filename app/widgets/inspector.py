@@ -1,16 +1,18 @@
 """The inspector panel: what a GGUF holds — a tensor table (searchable with `-ot`-style regexes,
-with the bytes of whatever matches) beside the metadata table."""
+with the bytes of whatever matches) beside the metadata table, and the model options (metadata
+overrides) in a tab next to it."""
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from PySide6.QtCore import QSortFilterProxyModel, Qt, QTimer
+from PySide6.QtCore import QSortFilterProxyModel, Qt, QTimer, Signal
 from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLabel, QLineEdit, QSplitter,
-                               QStackedWidget, QTableView, QVBoxLayout, QWidget)
+                               QStackedWidget, QTableView, QTabWidget, QVBoxLayout, QWidget)
 
 from app.bridge import LoadedModel
 from app.models import BytesRole
 from app.models.inspector import MetadataModel, SearchFilterProxy, TensorTableModel
+from app.widgets.model_options import ModelOptionsWidget
 from engine.units import format_bytes
 
 DEBOUNCE_ROWS = 5000        # above this many tensors, filter after a pause in typing, not per key
@@ -41,7 +43,12 @@ def _search_box(placeholder: str) -> QLineEdit:
 
 
 class InspectorPanel(QWidget):
-    """Binds a `MetadataModel` and a `TensorTableModel` to two searchable tables."""
+    """Binds a `MetadataModel` and a `TensorTableModel` to two searchable tables.
+
+    `overrides_requested(tuple[MetadataOverride, ...])`: the model options ask for the model to be
+    reopened with these overrides (the window does it)."""
+
+    overrides_requested = Signal(object)
 
     def __init__(self, parent: QWidget | None = None, device_of: Callable[[str], str] | None = None):
         super().__init__(parent)
@@ -94,9 +101,15 @@ class InspectorPanel(QWidget):
         header.resizeSection(MetadataModel.COL_TYPE, 116)
         header.setStretchLastSection(True)
 
+        self.model_options = ModelOptionsWidget()
+        self.model_options.apply_requested.connect(self.overrides_requested)
+        self.side_tabs = QTabWidget(documentMode=True, objectName="inspectorSideTabs")
+        self.side_tabs.addTab(self._section(None, self.metadata_search, self.metadata_view), "Metadata")
+        self.side_tabs.addTab(self.model_options, "Model options")
+
         splitter = QSplitter(Qt.Horizontal, childrenCollapsible=False)
         splitter.addWidget(self._section("Tensors", self.tensor_search, self.tensor_view, self.match_summary))
-        splitter.addWidget(self._section("Metadata", self.metadata_search, self.metadata_view))
+        splitter.addWidget(self.side_tabs)
         splitter.setStretchFactor(0, 1)
         splitter.setStretchFactor(1, 1)
         splitter.setSizes([660, 640])
@@ -113,17 +126,19 @@ class InspectorPanel(QWidget):
         return content
 
     @staticmethod
-    def _section(title: str, search: QLineEdit, view: QTableView, footer: QLabel | None = None) -> QWidget:
+    def _section(title: str | None, search: QLineEdit, view: QTableView, footer: QLabel | None = None) -> QWidget:
+        """A search box over a table, under a heading unless `title` is None (a tab names it)."""
         section = QWidget()
-        heading_row = QHBoxLayout()
-        heading_row.addWidget(QLabel(title, objectName="sectionTitle"))
-        heading_row.addStretch(1)
-        if footer is not None:
-            heading_row.addWidget(footer)
         layout = QVBoxLayout(section)
         layout.setContentsMargins(0, 0, 6, 0)
         layout.setSpacing(6)
-        layout.addLayout(heading_row)
+        if title is not None:
+            heading_row = QHBoxLayout()
+            heading_row.addWidget(QLabel(title, objectName="sectionTitle"))
+            heading_row.addStretch(1)
+            if footer is not None:
+                heading_row.addWidget(footer)
+            layout.addLayout(heading_row)
         layout.addWidget(search)
         layout.addWidget(view, 1)
         return section
@@ -134,6 +149,7 @@ class InspectorPanel(QWidget):
         self.loaded = loaded
         self.metadata_model.set_metadata(loaded.model_file.metadata if loaded else None)
         self.tensor_model.set_inventory(loaded.inventory if loaded else None)
+        self.model_options.set_model(loaded)
         self.stack.setCurrentIndex(1 if loaded else 0)
         if loaded is None:
             return
