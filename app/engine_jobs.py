@@ -33,12 +33,7 @@ def default_model_factory(model_file, run_config: RunConfig, placement: Any):
     """The engine model over an open GGUF, each weight on the device the placement gives it (none,
     or all on the CPU: the plain CPU backend). Weights are memory-mapped, so this is quick."""
     from engine.model import Model
-    return Model(model_file, run_config, placement=None if _all_on_cpu(placement) else placement)
-
-
-def _all_on_cpu(placement: Any) -> bool:
-    return placement is None or all(device == "CPU" for device, n_bytes in placement.weight_bytes().items()
-                                    if n_bytes)
+    return Model(model_file, run_config, placement=placement)
 
 
 # ---- chat ---------------------------------------------------------------------------------------

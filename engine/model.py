@@ -76,6 +76,9 @@ class Model:
         self._check_tensors()
         self.run_config = run_config or RunConfig()
         self.ops = backend or CpuBackend(self.run_config.activations)
+        # a placement with everything on the CPU runs straight from the memory map
+        if placement is not None and not any(n for d, n in placement.weight_bytes().items() if d != "CPU"):
+            placement = None
         self.placement = placement
         tensor_devices = {}
         if placement is not None:

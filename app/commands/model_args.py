@@ -50,6 +50,5 @@ def load_model(args, n_ctx_default: int | None = None) -> LoadedModel:
         if status == "ignored":
             print(f"note: {flag} ignored{': ' + message if message else ''}", file=sys.stderr)
     run_config = parsed.run_config.replace(n_threads=args.threads)
-    on_cpu_only = all(d == "CPU" for d in parsed.placement.weight_bytes() if parsed.placement.weight_bytes()[d])
-    model = Model.load(mf, run_config, placement=None if on_cpu_only else parsed.placement)
+    model = Model.load(mf, run_config, placement=parsed.placement)
     return LoadedModel(model, Tokenizer.from_metadata(mf.metadata), parsed)
