@@ -14,12 +14,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from PySide6.QtCore import (QAbstractTableModel, QModelIndex, QObject, QPersistentModelIndex, QSortFilterProxyModel,
+from PySide6.QtCore import (QModelIndex, QObject, QPersistentModelIndex, QSortFilterProxyModel,
                             Qt, Signal, Slot)
 from PySide6.QtWidgets import (QAbstractItemView, QDialog, QDialogButtonBox, QHBoxLayout, QHeaderView, QLabel,
                                QLineEdit, QPushButton, QTableView, QVBoxLayout, QWidget)
 
-from app.models import BytesRole, PathRole, SortRole
+from app.models import BytesRole, PathRole, RowTableModel, SortRole
 from engine.gguf_file import SPLIT_NAME_RE
 from engine.units import format_bytes
 
@@ -230,27 +230,17 @@ class ModelScanner(QObject):
             self.scan_finished.emit()
 
 
-class FoundModelsModel(QAbstractTableModel):
+class FoundModelsModel(RowTableModel):
     COL_NAME, COL_SIZE, COL_SOURCE, COL_PATH = range(4)
     HEADERS = ("Model", "Size", "Source", "Path")
+    RIGHT_ALIGNED = frozenset({COL_SIZE})
 
     def __init__(self, parent: QObject | None = None):
         super().__init__(parent)
         self._models: list[FoundModel] = []
 
-    def rowCount(self, parent: QModelIndex | QPersistentModelIndex = QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self._models)
-
-    def columnCount(self, parent: QModelIndex | QPersistentModelIndex = QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self.HEADERS)
-
-    def headerData(self, section: int, orientation: Qt.Orientation, role: int = Qt.DisplayRole):
-        if orientation == Qt.Horizontal and 0 <= section < len(self.HEADERS):
-            if role == Qt.DisplayRole:
-                return self.HEADERS[section]
-            if role == Qt.TextAlignmentRole and section == self.COL_SIZE:
-                return int(Qt.AlignRight | Qt.AlignVCenter)
-        return None
+    def rows(self):
+        return self._models
 
     def data(self, index: QModelIndex | QPersistentModelIndex, role: int = Qt.DisplayRole):
         if not index.isValid():

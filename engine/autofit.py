@@ -27,7 +27,7 @@ from engine.memory import (MemoryEstimate, MemoryOptions, estimate_memory, exper
                            flash_attention_on, kv_layer_bytes, layer_compute_bytes, output_compute_bytes)
 from engine.placement import INPUT_SLOT, Placement, TensorRef, tensor_slot
 from engine.run_config import RunConfig
-from engine.units import format_bytes
+from engine.units import format_bytes, format_ranges
 
 # expert groups that must share a device: llama.cpp fuses gate and up in one matmul pass
 PAIRED_GROUPS = ("ffn_gate_exps", "ffn_up_exps")
@@ -243,17 +243,7 @@ def _gpus_fit(estimate: MemoryEstimate, gpus: list) -> bool:
 
 def layer_ranges(layers: Sequence[int]) -> str:
     """[3, 4, 5, 9] -> '3–5, 9'."""
-    out, run = [], []
-    for il in sorted(layers):
-        if run and il == run[-1] + 1:
-            run.append(il)
-            continue
-        if run:
-            out.append(f"{run[0]}–{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [il]
-    if run:
-        out.append(f"{run[0]}–{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ", ".join(out)
+    return format_ranges(layers, dash="–", sep=", ")
 
 
 def _plural(n: int, word: str) -> str:

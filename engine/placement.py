@@ -22,6 +22,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 from engine.devices import Device
 from engine.inventory import Inventory, Role
+from engine.units import format_ranges
 # the rule search, re-exported: callers import these names from here
 from engine.rule_search import LAYER_NAME_RE, MAX_PINS, OT_OVERHEAD, RuleMacro  # noqa: F401
 from engine.rule_search import layers_regex, range_regex, synthesize_rules  # noqa: F401
@@ -113,17 +114,7 @@ def compile_rules(rules: Sequence[Rule]) -> list[tuple[re.Pattern, str]]:
 
 def expert_ranges(experts: Iterable[int]) -> str:
     """{0, 1, 2, 7} -> '0-2,7'."""
-    out, run = [], []
-    for e in sorted(experts):
-        if run and e == run[-1] + 1:
-            run.append(e)
-            continue
-        if run:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [e]
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(out)
+    return format_ranges(experts)
 
 
 def parse_expert_ranges(text: str) -> list[int]:

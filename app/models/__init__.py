@@ -3,7 +3,7 @@
 Custom roles shared by every model of the app, so a delegate or a proxy can ask any of them
 for the same thing: exact byte counts, the device a row sits on, a key to sort by.
 """
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, Qt
 
 BytesRole = Qt.UserRole + 1      # int: exact bytes of the row's tensor/file
 DeviceRole = Qt.UserRole + 2     # str: llama.cpp buffer name of the row's device: CPU, CUDA0, ...
@@ -11,4 +11,34 @@ SortRole = Qt.UserRole + 3       # what QSortFilterProxyModel sorts by: numbers 
 PathRole = Qt.UserRole + 4       # str: a file path
 TensorRole = Qt.UserRole + 5     # engine.inventory.InventoryTensor of the row
 
-__all__ = ["BytesRole", "DeviceRole", "SortRole", "PathRole", "TensorRole"]
+ALIGN_RIGHT = int(Qt.AlignRight | Qt.AlignVCenter)
+Index = QModelIndex | QPersistentModelIndex
+
+
+class RowTableModel(QAbstractTableModel):
+    """A flat table: one column per entry of HEADERS, one row per item of `rows()`. Columns in
+    RIGHT_ALIGNED (numbers) get right-aligned headers."""
+
+    HEADERS: tuple[str, ...] = ()
+    RIGHT_ALIGNED: frozenset[int] = frozenset()
+
+    def rows(self):
+        return self._rows
+
+    def rowCount(self, parent: Index = QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(self.rows())
+
+    def columnCount(self, parent: Index = QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(self.HEADERS)
+
+    def headerData(self, section: int, orientation: Qt.Orientation, role: int = Qt.DisplayRole):
+        if orientation != Qt.Horizontal or not 0 <= section < len(self.HEADERS):
+            return None
+        if role == Qt.DisplayRole:
+            return self.HEADERS[section]
+        if role == Qt.TextAlignmentRole and section in self.RIGHT_ALIGNED:
+            return ALIGN_RIGHT
+        return None
+
+
+__all__ = ["BytesRole", "DeviceRole", "SortRole", "PathRole", "TensorRole", "RowTableModel", "ALIGN_RIGHT"]

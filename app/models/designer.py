@@ -13,7 +13,7 @@ import numpy as np
 from PySide6.QtCore import QAbstractTableModel, QByteArray, QMimeData, QModelIndex, QObject, QPersistentModelIndex, Qt
 from PySide6.QtGui import QColor
 
-from app.models import BytesRole, DeviceRole
+from app.models import BytesRole, DeviceRole, RowTableModel
 from engine.inventory import Inventory, InventoryTensor, Role
 from engine.memory import MemoryEstimate
 from engine.placement import INPUT_SLOT, Moved, Placement, TensorRef, expert_ranges, tensor_slot
@@ -98,7 +98,7 @@ def _sorted_devices(by_device: dict[str, int]) -> dict[str, int]:
 
 # --- device lanes ----------------------------------------------------------------------------
 
-class DeviceLaneModel(QAbstractTableModel):
+class DeviceLaneModel(RowTableModel):
     """One row per device: its capacity and the estimate's parts; a hovering drag's preview if any."""
 
     (COL_DEVICE, COL_CAPACITY, COL_WEIGHTS, COL_KV, COL_COMPUTE, COL_OVERHEAD, COL_MARGIN, COL_TOTAL,
@@ -133,16 +133,8 @@ class DeviceLaneModel(QAbstractTableModel):
         if self.devices:
             self.dataChanged.emit(self.index(0, 0), self.index(len(self.devices) - 1, len(self.HEADERS) - 1))
 
-    def rowCount(self, parent: Index = QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self.devices)
-
-    def columnCount(self, parent: Index = QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self.HEADERS)
-
-    def headerData(self, section: int, orientation: Qt.Orientation, role: int = Qt.DisplayRole):
-        if orientation == Qt.Horizontal and role == Qt.DisplayRole and 0 <= section < len(self.HEADERS):
-            return self.HEADERS[section]
-        return None
+    def rows(self):
+        return self.devices
 
     def device_estimate(self, row: int):
         """The row's DeviceEstimate: the preview's while a drag hovers, else the current one."""

@@ -6,10 +6,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from PySide6.QtCore import QAbstractTableModel, QModelIndex, QObject, QPersistentModelIndex, QSortFilterProxyModel, Qt
+from PySide6.QtCore import QObject, QSortFilterProxyModel, Qt
 from PySide6.QtGui import QFontDatabase
 
-from app.models import BytesRole, DeviceRole, SortRole, TensorRole
+from app.models import ALIGN_RIGHT, BytesRole, DeviceRole, Index, RowTableModel, SortRole, TensorRole
 from engine.inventory import Inventory, InventoryTensor
 from engine.units import format_bytes
 
@@ -18,9 +18,6 @@ ARRAY_PREVIEW = 3           # ... by their first few items
 MAX_DISPLAY_CHARS = 160     # one table line; the tooltip shows more
 MAX_TOOLTIP_CHARS = 4000    # chat templates run to several kB
 DIGITS_RE = re.compile(r"\d+")
-
-Index = QModelIndex | QPersistentModelIndex
-ALIGN_RIGHT = int(Qt.AlignRight | Qt.AlignVCenter)
 
 
 def value_type_name(value: Any) -> str:
@@ -72,7 +69,7 @@ def natural_key(text: str) -> str:
     return DIGITS_RE.sub(lambda m: m.group().zfill(8), text)
 
 
-class MetadataModel(QAbstractTableModel):
+class MetadataModel(RowTableModel):
     """One row per GGUF metadata key, in file order."""
 
     COL_KEY, COL_TYPE, COL_VALUE = range(3)
@@ -86,17 +83,6 @@ class MetadataModel(QAbstractTableModel):
         self.beginResetModel()
         self._rows = list((metadata or {}).items())
         self.endResetModel()
-
-    def rowCount(self, parent: Index = QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self._rows)
-
-    def columnCount(self, parent: Index = QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self.HEADERS)
-
-    def headerData(self, section: int, orientation: Qt.Orientation, role: int = Qt.DisplayRole):
-        if orientation == Qt.Horizontal and role == Qt.DisplayRole and 0 <= section < len(self.HEADERS):
-            return self.HEADERS[section]
-        return None
 
     def data(self, index: Index, role: int = Qt.DisplayRole):
         if not index.isValid():
@@ -134,7 +120,7 @@ class MetadataModel(QAbstractTableModel):
         return self._rows[row][1]
 
 
-class TensorTableModel(QAbstractTableModel):
+class TensorTableModel(RowTableModel):
     """One row per tensor, in file order, with the device it is placed on.
 
     `device_of(name)` says where a tensor lives; without one every tensor is on the CPU. When a
@@ -143,6 +129,7 @@ class TensorTableModel(QAbstractTableModel):
 
     COL_NAME, COL_TYPE, COL_SHAPE, COL_BYTES, COL_DEVICE = range(5)
     HEADERS = ("Name", "Type", "Shape", "Bytes", "Device")
+    RIGHT_ALIGNED = frozenset({COL_BYTES})
 
     sorts_itself = True     # SearchFilterProxy hands sorting to `sort` below: one C-level sorted() call
 
@@ -196,19 +183,8 @@ class TensorTableModel(QAbstractTableModel):
             self.dataChanged.emit(self.index(first, self.COL_DEVICE), self.index(last, self.COL_DEVICE),
                                   [Qt.DisplayRole, DeviceRole, SortRole])
 
-    def rowCount(self, parent: Index = QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self._tensors)
-
-    def columnCount(self, parent: Index = QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self.HEADERS)
-
-    def headerData(self, section: int, orientation: Qt.Orientation, role: int = Qt.DisplayRole):
-        if orientation == Qt.Horizontal and 0 <= section < len(self.HEADERS):
-            if role == Qt.DisplayRole:
-                return self.HEADERS[section]
-            if role == Qt.TextAlignmentRole and section == self.COL_BYTES:
-                return ALIGN_RIGHT
-        return None
+    def rows(self):
+        return self._tensors
 
     def data(self, index: Index, role: int = Qt.DisplayRole):
         if not index.isValid():

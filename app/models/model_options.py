@@ -11,16 +11,16 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from gguf.constants import Keys
-from PySide6.QtCore import QAbstractTableModel, QModelIndex, QObject, QPersistentModelIndex, Qt
+from PySide6.QtCore import QModelIndex, QObject, Qt
 from PySide6.QtGui import QFontDatabase
 
+from app.models import Index, RowTableModel
 from app.models.inspector import format_value
 from engine.overrides import MetadataOverride, OverrideError, known_key_kind, parse_override_kv
 
 # one role for this model alone, past the app-wide roles of app.models
 OverrideRole = Qt.UserRole + 32      # engine.overrides.MetadataOverride of the row
 
-Index = QModelIndex | QPersistentModelIndex
 NOT_IN_FILE = "—"
 
 
@@ -83,7 +83,7 @@ def override_kv_flags(overrides: Iterable[MetadataOverride]) -> str:
 
 # --- the model -----------------------------------------------------------------------------------
 
-class OverridesModel(QAbstractTableModel):
+class OverridesModel(RowTableModel):
     """One row per overridden key: key, type, value, and the value the file holds.
 
     The value cell is editable; an edit that does not parse as the row's type is refused."""
@@ -131,17 +131,6 @@ class OverridesModel(QAbstractTableModel):
                 self.endRemoveRows()
 
     # --- QAbstractItemModel ------------------------------------------------------------------------
-
-    def rowCount(self, parent: Index = QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self._rows)
-
-    def columnCount(self, parent: Index = QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self.HEADERS)
-
-    def headerData(self, section: int, orientation: Qt.Orientation, role: int = Qt.DisplayRole):
-        if orientation == Qt.Horizontal and role == Qt.DisplayRole and 0 <= section < len(self.HEADERS):
-            return self.HEADERS[section]
-        return None
 
     def flags(self, index: Index) -> Qt.ItemFlag:
         if not index.isValid():

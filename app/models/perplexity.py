@@ -4,12 +4,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from PySide6.QtCore import QAbstractTableModel, QModelIndex, QObject, QPersistentModelIndex, Qt
+from PySide6.QtCore import QObject, Qt
 from PySide6.QtGui import QColor, QFont, QFontDatabase
 
+from app.models import Index, RowTableModel
 from engine.perplexity import KLDivergenceStats
 
-Index = QModelIndex | QPersistentModelIndex
 SECTION_BACKGROUND = QColor("#25272c")
 
 
@@ -50,7 +50,7 @@ def kld_rows(stats: KLDivergenceStats) -> list[KldRow]:
     return rows
 
 
-class KldStatsModel(QAbstractTableModel):
+class KldStatsModel(RowTableModel):
     """The final KL-divergence statistics: section rows (bold) and statistic rows."""
 
     COL_NAME, COL_VALUE, COL_ERROR = range(3)
@@ -67,17 +67,6 @@ class KldStatsModel(QAbstractTableModel):
 
     def row(self, row: int) -> KldRow:
         return self._rows[row]
-
-    def rowCount(self, parent: Index = QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self._rows)
-
-    def columnCount(self, parent: Index = QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self.HEADERS)
-
-    def headerData(self, section: int, orientation: Qt.Orientation, role: int = Qt.DisplayRole):
-        if orientation == Qt.Horizontal and role == Qt.DisplayRole and 0 <= section < len(self.HEADERS):
-            return self.HEADERS[section]
-        return None
 
     def data(self, index: Index, role: int = Qt.DisplayRole):
         if not index.isValid():
