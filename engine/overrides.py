@@ -195,7 +195,8 @@ def known_key_kind(arch: str, key: str) -> str | None:
     return next((kind for pattern, kind in patterns if pattern.match(key)), None)
 
 
-def _kind_of_value(value: Any) -> str:
+def value_kind(value: Any) -> str:
+    """The override type of a parsed metadata value: int, float, bool, str, or array."""
     if isinstance(value, bool):
         return "bool"
     if isinstance(value, int):
@@ -230,7 +231,7 @@ def apply_overrides(metadata: Mapping[str, Any], overrides: Iterable[MetadataOve
 
 def _checked_value(metadata: Mapping[str, Any], arch: str, o: MetadataOverride) -> int | float | bool | str:
     if o.key in metadata:
-        kind = _kind_of_value(metadata[o.key])
+        kind = value_kind(metadata[o.key])
         if kind == "int" and known_key_kind(arch, o.key) == "int32":
             kind = "int32"
     else:

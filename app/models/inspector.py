@@ -11,6 +11,7 @@ from PySide6.QtGui import QFontDatabase
 
 from app.models import ALIGN_RIGHT, BytesRole, DeviceRole, Index, RowTableModel, SortRole, TensorRole
 from engine.inventory import Inventory, InventoryTensor
+from engine.overrides import value_kind
 from engine.units import format_bytes
 
 LONG_ARRAY = 16             # arrays longer than this (vocabularies, merges) are summarised
@@ -22,18 +23,10 @@ DIGITS_RE = re.compile(r"\d+")
 
 def value_type_name(value: Any) -> str:
     """GGUF-style type of a metadata value as parsed: string, int, float, bool or array[...]."""
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, str):
-        return "string"
     if isinstance(value, list):
-        inner = value_type_name(value[0]) if value else "?"
-        return f"array[{inner}]"
-    return type(value).__name__
+        return f"array[{value_type_name(value[0]) if value else '?'}]"
+    kind = value_kind(value)
+    return "string" if kind == "str" else kind
 
 
 def format_scalar(value: Any) -> str:

@@ -16,7 +16,7 @@ from PySide6.QtGui import QFontDatabase
 
 from app.models import Index, RowTableModel
 from app.models.inspector import format_value
-from engine.overrides import MetadataOverride, OverrideError, known_key_kind, parse_override_kv
+from engine.overrides import MetadataOverride, OverrideError, known_key_kind, parse_override_kv, value_kind
 
 # one role for this model alone, past the app-wide roles of app.models
 OverrideRole = Qt.UserRole + 32      # engine.overrides.MetadataOverride of the row
@@ -41,14 +41,7 @@ def override_type_of(arch: str, metadata: Mapping[str, Any], key: str) -> str | 
     """The override type a key takes ('int', 'float', 'bool', 'str'), 'array' for a key that cannot
     be overridden, or None for a key that is neither in the file nor known for `arch`."""
     if key in metadata:
-        value = metadata[key]
-        if isinstance(value, bool):
-            return "bool"
-        if isinstance(value, int):
-            return "int"
-        if isinstance(value, float):
-            return "float"
-        return "str" if isinstance(value, str) else "array"
+        return value_kind(metadata[key])
     kind = known_key_kind(arch, key)
     return "int" if kind == "int32" else kind
 
