@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from engine import layers
-from engine.layers import Routing, moe_feed_forward, qkv_projections, rms_norm
-
 from engine.arch.base import (HyperParams, RopeType, TensorSpec, attention_tensors, dense_ffn_tensors,
                               global_tensors, norm_tensor, routed_expert_tensors)
+# the FFN, dense or routed (softmax over all experts, top-k, renormalised), is llama's own
+from engine.arch.llama import feed_forward
+from engine.layers import qkv_projections, rms_norm
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,3 @@ def attention(m, il: int, x, batch):
     out = batch.attend(il, q, k, v, kq_scale=1.0 / math.sqrt(hp.n_embd_head_k))
     return m.ops.matmul(out, lw.attn_output)
 
-
-def feed_forward(m, il: int, x):
-    hp, lw = m.hparams, m.layers[il]
-    if hp.n_expert:
-        routing = Routing(hp.n_expert_used, gating="softmax", norm_weights=True)
-        return moe_feed_forward(m.ops, x, lw, routing, m.expert_counts[il])
-    return layers.feed_forward(m.ops, x, lw.ffn_gate, lw.ffn_up, lw.ffn_down)
