@@ -12,7 +12,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QFont, QPalette
 from PySide6.QtWidgets import QApplication
 
-from engine.default_model import APP_NAME
+from engine.synth.default_model import APP_NAME
 
 log = logging.getLogger(__name__)
 

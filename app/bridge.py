@@ -29,9 +29,9 @@ from typing import Any
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 
 from engine.errors import user_error_message
-from engine.gguf_file import ModelFile
-from engine.inventory import Inventory
-from engine.overrides import MetadataOverride, apply_overrides, parse_override_kv
+from engine.gguf.model_file import ModelFile
+from engine.plan.inventory import Inventory
+from engine.arch.overrides import MetadataOverride, apply_overrides, parse_override_kv
 from engine.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def load_model(path: str | Path, ctx: JobContext,
 
 def load_default_model(ctx: JobContext) -> LoadedModel:
     """The built-in model; the first run may assemble or write it into the cache (slow, once)."""
-    from engine.default_model import default_model_path
+    from engine.synth.default_model import default_model_path
     ctx.note("finding the built-in model")
     path = default_model_path(progress=ctx.note)
     ctx.check_cancelled()

@@ -25,7 +25,7 @@ from typing import Any
 
 from platformdirs import user_data_dir
 
-from engine.default_model import APP_NAME
+from engine.synth.default_model import APP_NAME
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ file's name and size, and comes back when that model is opened again.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -26,24 +25,20 @@ from platformdirs import user_config_dir
 from PySide6.QtCore import QObject, QTimer, Signal
 from PySide6.QtGui import QUndoCommand, QUndoStack
 
-from engine.autofit import AutoFitOptions, auto_fit
-from engine.default_model import APP_NAME
+from engine.plan.autofit import AutoFitOptions, auto_fit
+from engine.synth.default_model import APP_NAME
 from engine.devices import Device
-from engine.inventory import Inventory
-from engine.llama_args import emit_llama_args, parse_llama_args
-from engine.memory import MemoryEstimate, MemoryOptions, estimate_memory
-from engine.placement import Moved, Placement, TensorRef
+from engine.plan.inventory import Inventory
+from engine.plan.llama_args import emit_llama_args, parse_llama_args
+from engine.plan.memory import MemoryEstimate, MemoryOptions, estimate_memory
+from engine.plan.placement import Moved, Placement, TensorRef
+from engine.plan.plan_file import MissingDeviceError, Plan, PlanFileError, read_plan, write_plan
 from engine.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
-PLAN_FORMAT = "offload-studio-plan"
 SYNC_DELAY_MS = 60          # the command line follows a burst of moves once, not on every one
 CPU = "CPU"
-
-
-class MissingDeviceError(ValueError):
-    """A saved plan names a real GPU this machine does not have (or has not found yet)."""
 
 
 @dataclass(frozen=True)
@@ -372,46 +367,26 @@ class DesignerState(QObject):
 
     # --- saving --------------------------------------------------------------------------------
 
-    def plan_dict(self) -> dict:
-        return {"format": PLAN_FORMAT, "version": 1, "model": self.inventory.name if self.inventory else "",
-                "devices": [{"name": d.name, "kind": d.kind, "total_bytes": d.total_bytes,
-                             "simulated": d.simulated} for d in self.devices],
-                "placement": self.placement.to_dict(), "run_config": dataclasses.asdict(self.run_config),
-                "gpu_margin_bytes": self.memory_options.gpu_margin_bytes,
-                "allow_expert_split": self.allow_expert_split}
+    def plan(self) -> Plan:
+        return Plan(self.placement, self.run_config, list(self.devices), self.memory_options.gpu_margin_bytes,
+                    self.allow_expert_split)
 
     def save_plan(self, path: str | Path) -> None:
-        from app.settings import write_json_atomic
-        write_json_atomic(Path(path), self.plan_dict())
+        write_plan(path, self.plan(), self.inventory.name if self.inventory else "")
 
     def load_plan(self, path: str | Path) -> None:
-        """Load a saved plan as one undo step; raises ValueError (or OSError) and changes nothing on failure."""
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        placement, run_config, devices = self._plan_from_dict(data)
-        if devices != self.devices:
-            self.devices = devices
+        """Load a saved plan as one undo step; raises PlanFileError (or OSError) and changes nothing on failure."""
+        plan = read_plan(path, self.inventory, self.devices)
+        self._adopt_options(plan)
+        if plan.devices != self.devices:
+            self.devices = plan.devices
             self.model_changed.emit()
             self.devices_changed.emit(self.devices)
-        self._push_snapshot(Snapshot(placement, run_config, ""), f"Load {Path(path).name}")
+        self._push_snapshot(Snapshot(plan.placement, plan.run_config, ""), f"Load {Path(path).name}")
 
-    def _plan_from_dict(self, data: dict) -> tuple[Placement, RunConfig, list[Device]]:
-        """A saved plan's placement, run settings and devices (ours plus the simulated GPUs it used)."""
-        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
-            raise ValueError("not an Offload Studio plan")
-        have = {d.name for d in self.devices}
-        missing = [d for d in data.get("devices", []) if d.get("name") not in have]
-        real_missing = [d["name"] for d in missing if not d.get("simulated")]
-        if real_missing:
-            raise MissingDeviceError(f"the plan uses {', '.join(real_missing)}, which this machine does not have")
-        devices = self.devices + [Device(d["name"], "gpu", int(d["total_bytes"]), "simulated", simulated=True)
-                                  for d in missing]
-        placement = Placement.from_dict(self.inventory, devices, data["placement"])
-        fields = {f.name for f in dataclasses.fields(RunConfig)}
-        run_config = RunConfig(**{k: v for k, v in data.get("run_config", {}).items() if k in fields})
-        self.memory_options = dataclasses.replace(self.memory_options,
-                                                  gpu_margin_bytes=int(data.get("gpu_margin_bytes", 0)))
-        self.allow_expert_split = bool(data.get("allow_expert_split", False))
-        return placement, run_config, devices
+    def _adopt_options(self, plan: Plan) -> None:
+        self.memory_options = dataclasses.replace(self.memory_options, gpu_margin_bytes=plan.gpu_margin_bytes)
+        self.allow_expert_split = plan.allow_expert_split
 
     def remembered_path(self) -> Path | None:
         return self.state_dir / f"{self.model_key}.json" if self.model_key else None
@@ -431,13 +406,14 @@ class DesignerState(QObject):
         if path is None or not path.is_file():
             return False
         try:
-            self.placement, self.run_config, self.devices = self._plan_from_dict(
-                json.loads(path.read_text(encoding="utf-8")))
+            plan = read_plan(path, self.inventory, self.devices)
         except MissingDeviceError:
             return False        # quietly: the GPUs may not have been found yet
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, PlanFileError) as e:
             self.message.emit(f"The last plan for this model could not be restored ({e}); auto-fit instead.")
             return False
+        self._adopt_options(plan)
+        self.placement, self.run_config, self.devices = plan.placement, plan.run_config, plan.devices
         self.placement_was_restored = True
         return True
 

@@ -4,7 +4,7 @@
   each turn evaluates only what changed since the last) and its chat template; it rebuilds them
   when the model, the run config or the placement changes. Only jobs touch it.
 * `run_perplexity` builds a model, reads and tokenizes the text there (never on the GUI thread),
-  and yields what `engine.perplexity` yields, after a `PerplexityStarted`.
+  and yields what `engine.eval.perplexity` yields, after a `PerplexityStarted`.
 
 The panels submit these through `app.bridge`; every payload that comes back is a frozen dataclass.
 """
@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from app.bridge import JobContext, LoadedModel
-from engine.generate import GenerationEvent, Session, generate
-from engine.perplexity import count_chunks, kl_divergence, perplexity, read_kl_base
+from engine.run.generate import GenerationEvent, Session, generate
+from engine.eval.perplexity import count_chunks, kl_divergence, perplexity, read_kl_base
 from engine.run_config import RunConfig
-from engine.sampling import SamplerSettings
+from engine.run.sampling import SamplerSettings
 
 MODE_PERPLEXITY, MODE_SAVE_BASE, MODE_COMPARE = "perplexity", "save_base", "compare"
 
@@ -32,7 +32,7 @@ ModelFactory = Callable[[Any, RunConfig, Any], Any]     # (model_file, run_confi
 def default_model_factory(model_file, run_config: RunConfig, placement: Any):
     """The engine model over an open GGUF, each weight on the device the placement gives it (none,
     or all on the CPU: the plain CPU backend). Weights are memory-mapped, so this is quick."""
-    from engine.model import Model
+    from engine.run.model import Model
     return Model(model_file, run_config, placement=placement)
 
 
@@ -46,7 +46,7 @@ class ChatTurnError(ValueError):
 class ChatRequest:
     loaded: LoadedModel
     run_config: RunConfig
-    placement: Any                          # engine.placement.Placement or None; a change rebuilds the session
+    placement: Any                          # engine.plan.placement.Placement or None; a change rebuilds the session
     messages: tuple[dict[str, str], ...]    # role/content, system prompt first when there is one
     settings: SamplerSettings
     max_tokens: int
@@ -76,7 +76,7 @@ class ChatRunner:
         self.session, self.template, self._key = None, None, None
 
     def _ensure_session(self, request: ChatRequest, ctx: JobContext) -> Session:
-        from engine.chat_template import ChatTemplate, ChatTemplateError
+        from engine.text.chat_template import ChatTemplate, ChatTemplateError
         key = (request.loaded.model_file, request.run_config, request.placement)
         if self._key is not None and self._key[0] is key[0] and self._key[1:] == key[1:] and self.session is not None:
             return self.session
@@ -92,7 +92,7 @@ class ChatRunner:
 
     def turn(self, request: ChatRequest, ctx: JobContext) -> Iterator[TurnStarted | GenerationEvent]:
         """One assistant reply: render, tokenize, then stream `generate`'s events."""
-        from engine.chat_template import ChatTemplateError
+        from engine.text.chat_template import ChatTemplateError
         session = self._ensure_session(request, ctx)
         try:
             prompt = self.template.render_prompt(list(request.messages), add_generation_prompt=True)
@@ -164,7 +164,7 @@ def _read_text(request: PerplexityRequest) -> str | None:
 def run_perplexity(request: PerplexityRequest, ctx: JobContext,
                    model_factory: ModelFactory = default_model_factory) -> Iterator:
     """The job: PerplexityStarted, then the engine's per-chunk events and its final result."""
-    from engine.tokenizer import Tokenizer
+    from engine.text.tokenizer import Tokenizer
     ctx.note(f"preparing {request.loaded.path.name}")
     base = read_kl_base(request.base_path) if request.mode == MODE_COMPARE else None
     n_ctx = base.n_ctx if base is not None else request.n_ctx     # a comparison runs at the base's context

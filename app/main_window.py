@@ -24,7 +24,7 @@ from app.widgets.chat import ChatPanel
 from app.widgets.designer import DesignerPanel
 from app.widgets.perplexity import PerplexityPanel
 from app.widgets.synth_dialog import SynthDialog, SynthRequest
-from engine.default_model import models_cache_dir
+from engine.synth.default_model import models_cache_dir
 from app.widgets.inspector import InspectorPanel
 from engine.units import format_bytes
 
@@ -226,7 +226,7 @@ class MainWindow(QMainWindow):
             return None
 
         def write(ctx):
-            from engine.synth import write_synthetic
+            from engine.synth.writer import write_synthetic
             write_synthetic(request.path, request.preset, quant=request.quant, sparse=request.sparse,
                             progress=lambda done, total: ctx.progress(done, total, "writing"))
             return request.path

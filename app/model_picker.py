@@ -20,7 +20,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QDialog, QDialogButtonBox, QHB
                                QLineEdit, QPushButton, QTableView, QVBoxLayout, QWidget)
 
 from app.models import BytesRole, PathRole, RowTableModel, SortRole
-from engine.gguf_file import SPLIT_NAME_RE
+from engine.gguf.model_file import SPLIT_NAME_RE
 from engine.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def llama_cpp_cache_dir() -> Path:
 
 
 def default_locations(extra_folders: Iterable[str | Path] = ()) -> list[ModelLocation]:
-    from engine.default_model import models_cache_dir
+    from engine.synth.default_model import models_cache_dir
     locations = [
         ModelLocation("Hugging Face", huggingface_hub_dir()),
         ModelLocation("llama.cpp", llama_cpp_cache_dir()),

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+
 
 from platformdirs import user_config_dir, user_state_dir
 
-from engine.default_model import APP_NAME
+from engine.files import write_json_atomic
+from engine.synth.default_model import APP_NAME
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +42,6 @@ def config_dir() -> Path:
 
 def state_dir() -> Path:
     return Path(user_state_dir(APP_NAME))
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def _read_dataclass(cls, path: Path):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from engine.arch import UnsupportedArchitectureError
 from engine.arch.base import HyperParamError
-from engine.gguf_file import ModelFileError
+from engine.gguf.model_file import ModelFileError
 
 USER_ERRORS = (ModelFileError, UnsupportedArchitectureError, HyperParamError, ValueError, FileNotFoundError,
                PermissionError, IsADirectoryError)

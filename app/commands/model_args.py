@@ -9,11 +9,11 @@ import sys
 from dataclasses import dataclass
 
 from engine.devices import available_devices
-from engine.gguf_file import ModelFile
-from engine.inventory import Inventory
-from engine.llama_args import ParsedArgs, parse_llama_args
-from engine.model import Model
-from engine.tokenizer import Tokenizer
+from engine.gguf.model_file import ModelFile
+from engine.plan.inventory import Inventory
+from engine.plan.llama_args import ParsedArgs, parse_llama_args
+from engine.run.model import Model
+from engine.text.tokenizer import Tokenizer
 
 ACCEPTS_LLAMA_ARGS = True
 
@@ -38,7 +38,7 @@ class LoadedModel:
 def load_model(args, n_ctx_default: int | None = None) -> LoadedModel:
     mf = ModelFile(args.model)
     if args.override_kv:
-        from engine.overrides import apply_overrides, parse_override_kv
+        from engine.arch.overrides import apply_overrides, parse_override_kv
         mf.metadata = apply_overrides(mf.metadata, [parse_override_kv(text) for text in args.override_kv])
     inventory = Inventory.from_model_file(mf)
     devices = available_devices(args.sim_gpus)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from app.commands.model_args import ACCEPTS_LLAMA_ARGS, add_model_arguments, load_model  # noqa: F401
-from engine import perplexity as ppl
+from engine.eval import perplexity as ppl
 
 
 def add_arguments(p) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from app.commands.common import open_inventory, print_json, print_table
 from engine.devices import available_devices
-from engine.llama_args import emit_llama_args, parse_llama_args
-from engine.memory import MemoryOptions, estimate_memory
+from engine.plan.llama_args import emit_llama_args, parse_llama_args
+from engine.plan.memory import MemoryOptions, estimate_memory
 from engine.devices import parse_size
 from engine.units import mib
 

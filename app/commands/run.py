@@ -4,8 +4,8 @@ from __future__ import annotations
 import sys
 
 from app.commands.model_args import ACCEPTS_LLAMA_ARGS, add_model_arguments, load_model  # noqa: F401
-from engine.generate import Session, generate
-from engine.sampling import SamplerSettings
+from engine.run.generate import Session, generate
+from engine.run.sampling import SamplerSettings
 
 DEFAULT_CTX = 4096
 

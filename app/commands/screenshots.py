@@ -15,7 +15,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     from app.screenshots import render_screenshots
-    from engine.default_model import default_model_path
+    from engine.synth.default_model import default_model_path
     default = str(default_model_path(print))
     run_model = args.run_model or default
     for path in render_screenshots(args.out, args.model or default, args.sim_gpus, run_model):

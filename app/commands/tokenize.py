@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.gguf_file import ModelFile
-from engine.tokenizer import Tokenizer
+from engine.gguf.model_file import ModelFile
+from engine.text.tokenizer import Tokenizer
 
 
 def add_arguments(p) -> None:

@@ -9,7 +9,7 @@ BytesRole = Qt.UserRole + 1      # int: exact bytes of the row's tensor/file
 DeviceRole = Qt.UserRole + 2     # str: llama.cpp buffer name of the row's device: CPU, CUDA0, ...
 SortRole = Qt.UserRole + 3       # what QSortFilterProxyModel sorts by: numbers for numeric columns
 PathRole = Qt.UserRole + 4       # str: a file path
-TensorRole = Qt.UserRole + 5     # engine.inventory.InventoryTensor of the row
+TensorRole = Qt.UserRole + 5     # engine.plan.inventory.InventoryTensor of the row
 
 ALIGN_RIGHT = int(Qt.AlignRight | Qt.AlignVCenter)
 Index = QModelIndex | QPersistentModelIndex

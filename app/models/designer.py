@@ -1,6 +1,6 @@
 """The designer's Qt models: device lanes, the layer × tensor-group grid, one layer's expert strip.
 
-They read an `engine.placement.Placement` and a `MemoryEstimate`; they never move anything
+They read an `engine.plan.placement.Placement` and a `MemoryEstimate`; they never move anything
 themselves. A move reaches them as `tensors_moved(moved)` and comes out as one `dataChanged`
 over the cells it touched, never a reset. Drags carry `TensorRef`s in `MIME_TYPE`.
 """
@@ -14,9 +14,9 @@ from PySide6.QtCore import QAbstractTableModel, QByteArray, QMimeData, QModelInd
 from PySide6.QtGui import QColor
 
 from app.models import BytesRole, DeviceRole, RowTableModel
-from engine.inventory import Inventory, InventoryTensor, Role
-from engine.memory import MemoryEstimate
-from engine.placement import INPUT_SLOT, Moved, Placement, TensorRef, expert_ranges, tensor_slot
+from engine.plan.inventory import Inventory, InventoryTensor, Role
+from engine.plan.memory import MemoryEstimate
+from engine.plan.placement import INPUT_SLOT, Moved, Placement, TensorRef, expert_ranges, tensor_slot
 from engine.units import format_bytes
 
 DevicesRole = Qt.UserRole + 20      # dict[str, int]: bytes of the cell (or tile) on each device, largest first

@@ -10,8 +10,8 @@ from PySide6.QtCore import QObject, QSortFilterProxyModel, Qt
 from PySide6.QtGui import QFontDatabase
 
 from app.models import ALIGN_RIGHT, BytesRole, DeviceRole, Index, RowTableModel, SortRole, TensorRole
-from engine.inventory import Inventory, InventoryTensor
-from engine.overrides import value_kind
+from engine.plan.inventory import Inventory, InventoryTensor
+from engine.arch.overrides import value_kind
 from engine.units import format_bytes
 
 LONG_ARRAY = 16             # arrays longer than this (vocabularies, merges) are summarised

@@ -1,7 +1,7 @@
 """The model options table: metadata overrides (llama.cpp's `--override-kv KEY=TYPE:VALUE`) as rows.
 
-Rows are `engine.overrides.MetadataOverride`s, one per key. The table only holds them; checking
-them against the model (`engine.overrides.apply_overrides`) is the widget's job, and reopening the
+Rows are `engine.arch.overrides.MetadataOverride`s, one per key. The table only holds them; checking
+them against the model (`engine.arch.overrides.apply_overrides`) is the widget's job, and reopening the
 model with them is the window's.
 """
 from __future__ import annotations
@@ -16,10 +16,10 @@ from PySide6.QtGui import QFontDatabase
 
 from app.models import Index, RowTableModel
 from app.models.inspector import format_value
-from engine.overrides import MetadataOverride, OverrideError, known_key_kind, parse_override_kv, value_kind
+from engine.arch.overrides import MetadataOverride, OverrideError, known_key_kind, parse_override_kv, value_kind
 
 # one role for this model alone, past the app-wide roles of app.models
-OverrideRole = Qt.UserRole + 32      # engine.overrides.MetadataOverride of the row
+OverrideRole = Qt.UserRole + 32      # engine.arch.overrides.MetadataOverride of the row
 
 NOT_IN_FILE = "—"
 

@@ -8,7 +8,7 @@ from PySide6.QtCore import QObject, Qt
 from PySide6.QtGui import QColor, QFont, QFontDatabase
 
 from app.models import Index, RowTableModel
-from engine.perplexity import KLDivergenceStats
+from engine.eval.perplexity import KLDivergenceStats
 
 SECTION_BACKGROUND = QColor("#25272c")
 

@@ -26,9 +26,9 @@ from app.engine_jobs import ChatRequest, ChatRunner, TurnStarted
 from app.models.chat import ConversationIdRole, ConversationListModel, MessageListModel
 from app.widgets import MessageBar
 from app.widgets.chat_widgets import CHAT_STYLE, ChatInput, ChatStats, MessageView, SamplingControls
-from engine.generate import FINISH_CANCELLED, GenerationEvent
+from engine.run.generate import FINISH_CANCELLED, GenerationEvent
 from engine.run_config import RunConfig
-from engine.sampling import SamplerSettings
+from engine.run.sampling import SamplerSettings
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class ChatPanel(QWidget):
         self._n_ctx = None
 
     def set_placement(self, placement: Any) -> None:
-        """A new `engine.placement.Placement` (None: all on the CPU); the next turn rebuilds the session."""
+        """A new `engine.plan.placement.Placement` (None: all on the CPU); the next turn rebuilds the session."""
         self.placement = placement.copy() if placement is not None else None     # later edits must not leak in
 
     # --- turns ----------------------------------------------------------------------------------

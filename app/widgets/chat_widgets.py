@@ -19,7 +19,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QDoubleSpinBox, QFormLayout, Q
                                QStyleOptionViewItem, QToolButton, QTreeView, QWidget)
 
 from app.models.chat import ErrorRole, SpeakerRole, StatsRole, StreamingRole
-from engine.sampling import SamplerSettings
+from engine.run.sampling import SamplerSettings
 
 # The panel's own look, on top of resources/style.qss (same palette).
 CHAT_STYLE = """

@@ -26,7 +26,7 @@ from app.widgets.designer_grid import ExpertStripView, LayerGridView
 from app.widgets.designer_lanes import DeviceLanesView, LaneLegend
 from app.widgets.designer_style import DESIGNER_QSS
 from engine.devices import Device, cpu_device, parse_size
-from engine.inventory import Inventory
+from engine.plan.inventory import Inventory
 from engine.units import format_bytes
 
 
@@ -43,8 +43,8 @@ class DesignerPanel(QWidget):
     """The designer. `set_model(loaded)` opens a model (as the main window calls it); `set_inventory`
     does the same from engine objects; `set_devices` changes the devices planned for."""
 
-    placement_changed = Signal(object)      # engine.placement.Placement, after every change
-    estimate_changed = Signal(object)       # engine.memory.MemoryEstimate
+    placement_changed = Signal(object)      # engine.plan.placement.Placement, after every change
+    estimate_changed = Signal(object)       # engine.plan.memory.MemoryEstimate
     command_line_changed = Signal(str)      # the llama.cpp command line of the plan
 
     def __init__(self, parent: QWidget | None = None, state_dir: Path | None = None,

@@ -21,8 +21,8 @@ from app.bridge import LoadedModel
 from app.models.inspector import format_value
 from app.models.model_options import (OverridesModel, override_key_candidates, override_kv_flags,
                                       override_type_of)
-from engine.overrides import (OVERRIDE_TYPES, MetadataOverride, OverrideError, apply_overrides, parse_override_kv,
-                              parse_override_kv_list)
+from engine.arch.overrides import (OVERRIDE_TYPES, MetadataOverride, OverrideError, apply_overrides, parse_override_kv,
+                                   parse_override_kv_list)
 
 # on top of resources/style.qss (same palette: error #e5484d)
 OPTIONS_STYLE = """

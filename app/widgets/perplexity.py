@@ -2,7 +2,7 @@
 
 A run goes to the engine thread as one job (`app.engine_jobs.run_perplexity`): it builds the
 model, reads and tokenizes the text there, then yields a `PerplexityStarted`, one event per chunk
-and the final result, exactly as `engine.perplexity` produces them. The panel prints
+and the final result, exactly as `engine.eval.perplexity` produces them. The panel prints
 llama-perplexity's log lines, plots the running estimate and shows the final `PPL = x +/- y`
 large. In "compare with base" mode the final KL-divergence statistics fill a table
 (`app.models.perplexity.KldStatsModel`).
@@ -28,9 +28,9 @@ from app.engine_jobs import (MODE_COMPARE, MODE_PERPLEXITY, MODE_SAVE_BASE, Mode
 from app.models.perplexity import KldStatsModel
 from app.widgets import MessageBar
 from app.widgets.ppl_plot import PerplexityPlot
-from engine.perplexity import (KLD_CHUNK_HEADER, MIN_TOKENS_FOR_STATISTICS, KLDivergenceEvent, KLDivergenceStats,
-                               PerplexityEvent, PerplexityResult, format_eta, format_final_estimate,
-                               format_kld_chunk_line, format_kld_report, format_perplexity_line)
+from engine.eval.perplexity import (KLD_CHUNK_HEADER, MIN_TOKENS_FOR_STATISTICS, KLDivergenceEvent, KLDivergenceStats,
+                                    PerplexityEvent, PerplexityResult, format_eta, format_final_estimate,
+                                    format_kld_chunk_line, format_kld_report, format_perplexity_line)
 from engine.run_config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ class PerplexityPanel(QWidget):
         self.run_config = run_config
 
     def set_placement(self, placement: Any) -> None:
-        """A new `engine.placement.Placement` (None: all on the CPU), used from the next run on."""
+        """A new `engine.plan.placement.Placement` (None: all on the CPU), used from the next run on."""
         self.placement = placement.copy() if placement is not None else None     # later edits must not leak in
 
     def set_text(self, text: str) -> None:

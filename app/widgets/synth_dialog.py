@@ -8,8 +8,8 @@ from pathlib import Path
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout, QLabel, QLineEdit,
                                QWidget)
 
-from engine.presets import PRESETS
-from engine.quant_recipe import FTYPE_BY_NAME
+from engine.synth.presets import PRESETS
+from engine.synth.quant_recipe import FTYPE_BY_NAME
 
 QUANTS = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q8_0", "Q3_K_M", "Q2_K", "IQ4_XS", "F16", "BF16")
 BIG_PARAMS = 2_000_000_000      # presets above this are written sparse by default

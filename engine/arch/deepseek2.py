@@ -19,7 +19,7 @@ from gguf.constants import Keys
 
 from engine.arch.base import (HyperParams, Metadata, TensorSpec, blk, dense_ffn_tensors, global_tensors,
                               norm_tensor, routed_expert_tensors, shared_expert_tensors)
-from engine.layers import RopeScaling, Routing, feed_forward, moe_feed_forward, rms_norm
+from engine.arch.layers import RopeScaling, Routing, feed_forward, moe_feed_forward, rms_norm
 
 
 class GatingFunc(IntEnum):      # llama.cpp's llama_expert_gating_func_type

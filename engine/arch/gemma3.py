@@ -17,10 +17,10 @@ import numpy as np
 
 from gguf.constants import Keys
 
-from engine import layers
+from engine.arch import layers
 from engine.arch.base import (AttentionKind, HyperParams, Metadata, RopeType, TensorSpec,
                               attention_tensors, dense_ffn_tensors, global_tensors, norm_tensor)
-from engine.layers import geglu, qkv_projections, rms_norm, softcap
+from engine.arch.layers import geglu, qkv_projections, rms_norm, softcap
 
 DEFAULT_SWA_PATTERN = 6
 DEFAULT_ROPE_BASE_SWA = 10000.0

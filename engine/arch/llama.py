@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from engine import layers
+from engine.arch import layers
 from engine.arch.base import (HyperParams, TensorSpec, attention_tensors, blk, dense_ffn_tensors,
                               global_tensors, norm_tensor, routed_expert_tensors)
-from engine.layers import Routing, moe_feed_forward, qkv_projections, rms_norm
+from engine.arch.layers import Routing, moe_feed_forward, qkv_projections, rms_norm
 
 
 @dataclass(frozen=True)

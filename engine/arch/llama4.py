@@ -18,7 +18,7 @@ from engine.arch.base import (AttentionKind, HyperParams, Metadata, TensorSpec, 
                               dense_ffn_tensors, global_tensors, norm_tensor, routed_expert_tensors,
                               shared_expert_tensors)
 from engine.arch.gemma3 import swa_layer_pattern
-from engine.layers import Routing, feed_forward, moe_feed_forward, qkv_projections, rms_norm
+from engine.arch.layers import Routing, feed_forward, moe_feed_forward, qkv_projections, rms_norm
 
 DEFAULT_CHUNK = 8192
 DEFAULT_PATTERN = 4

@@ -14,7 +14,7 @@ from engine.arch.base import (HyperParams, RopeType, TensorSpec, attention_tenso
                               global_tensors, norm_tensor, routed_expert_tensors)
 # the FFN, dense or routed (softmax over all experts, top-k, renormalised), is llama's own
 from engine.arch.llama import feed_forward
-from engine.layers import qkv_projections, rms_norm
+from engine.arch.layers import qkv_projections, rms_norm
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine import ggml_types
+from engine.gguf import ggml_types
 
 
 @dataclass(frozen=True, eq=False)

@@ -12,7 +12,7 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from engine import layers
+from engine.arch import layers
 from engine.backends import Weight
 
 try:    # the Numba kernels, once they are built
@@ -163,7 +163,7 @@ class CpuBackend:
         rows = w.data.reshape(-1, w.data.shape[-1])
         return dequantize_rows(rows, w.ggml_type, w.n_cols).reshape(w.shape)
 
-    # --- elementwise and attention ops (the math lives in engine.layers) --------------------
+    # --- elementwise and attention ops (the math lives in engine.arch.layers) --------------------
 
     rms_norm = staticmethod(layers.rms_norm)
     rope = staticmethod(layers.apply_rope)

@@ -27,7 +27,7 @@ def settings(tmp_path) -> Settings:
 @pytest.fixture
 def loaded_moe(moe_path):
     from app.bridge import LoadedModel
-    from engine.gguf_file import ModelFile
-    from engine.inventory import Inventory
+    from engine.gguf.model_file import ModelFile
+    from engine.plan.inventory import Inventory
     model_file = ModelFile(moe_path)
     return LoadedModel(moe_path, model_file, Inventory.from_model_file(model_file), 0.0)

@@ -164,7 +164,7 @@ def test_progress_is_throttled_but_keeps_the_last_step_and_64_bit_counts(qtbot, 
 
 
 def test_a_user_error_raised_by_the_engine_keeps_its_own_message():
-    from engine.gguf_file import ModelFileError
+    from engine.gguf.model_file import ModelFileError
     assert error_message(ModelFileError("/m.gguf", "truncated header")) == "/m.gguf: truncated header"
     assert error_message(KeyError("x")) == "KeyError: 'x'"
     assert error_message(JobCancelled()) == "JobCancelled"
@@ -194,7 +194,7 @@ def test_shutdown_stops_a_running_job(qtbot):
 def test_cancel_in_mid_generation_on_a_tiny_model(qtbot, bridge, moe_path, fixtures_dir):
     import numpy as np
 
-    from engine.model import Model
+    from engine.run.model import Model
     prompt = np.load(fixtures_dir / "llama-moe" / "tokens.npy")[:8]
     max_tokens = 40
 

@@ -12,7 +12,7 @@ from app.models.chat import (ConversationIdRole, ConversationListModel, ErrorRol
 from app.engine_jobs import ChatRunner, default_model_factory
 from app.widgets.chat import ChatPanel
 from engine.run_config import RunConfig
-from engine.tokenizer import Tokenizer
+from engine.text.tokenizer import Tokenizer
 
 TURN_TIMEOUT_MS = 60_000
 
@@ -21,8 +21,8 @@ TURN_TIMEOUT_MS = 60_000
 
 @pytest.fixture(scope="module")
 def loaded(fixtures_dir) -> LoadedModel:
-    from engine.gguf_file import ModelFile
-    from engine.inventory import Inventory
+    from engine.gguf.model_file import ModelFile
+    from engine.plan.inventory import Inventory
     path = fixtures_dir / "llama-moe" / "Q4_K_M.gguf"
     model_file = ModelFile(path)
     return LoadedModel(path, model_file, Inventory.from_model_file(model_file), 0.0)
@@ -349,7 +349,7 @@ def test_demo_fill_paints_a_conversation(qtbot, bridge, store, dialogs, tmp_path
 
 def sim_gpu_placement(loaded: LoadedModel):
     from engine.devices import available_devices
-    from engine.placement import Placement
+    from engine.plan.placement import Placement
     n_layer = loaded.model_file.metadata["llama.block_count"]
     return Placement(loaded.inventory, available_devices("1GiB"), ["CPU"] + ["CUDA0"] * n_layer)
 

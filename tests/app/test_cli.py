@@ -4,8 +4,8 @@ import shlex
 import pytest
 
 from app.cli import main, split_llama_args, command_parser
-from engine.gguf_file import ModelFile
-from engine.synth import write_synthetic
+from engine.gguf.model_file import ModelFile
+from engine.synth.writer import write_synthetic
 
 USER_LINES = [
     "-ngl 27 -ts 17,20,21,45",

@@ -11,12 +11,12 @@ from app.models import BytesRole, DeviceRole
 from app.models.designer import (MIME_TYPE, DeviceLaneModel, DevicesRole, ExpertCountRole, ExpertStripModel, FitsRole,
                                  HeatRole, LayerGridModel, SplitRole, decode_refs, device_color, encode_refs,
                                  short_bytes)
-from engine.autofit import auto_fit
+from engine.plan.autofit import auto_fit
 from engine.devices import Device, simulated_gpus
-from engine.gguf_file import ModelFile
-from engine.inventory import Inventory
-from engine.llama_args import parse_llama_args
-from engine.placement import Moved, Placement, TensorRef
+from engine.gguf.model_file import ModelFile
+from engine.plan.inventory import Inventory
+from engine.plan.llama_args import parse_llama_args
+from engine.plan.placement import Moved, Placement, TensorRef
 from engine.run_config import RunConfig
 
 GIB = 1 << 30
@@ -27,7 +27,7 @@ DOWN_Q6_BYTES = 3_082_813_440         # ffn_down_exps in Q6_K (every third layer
 
 @pytest.fixture(scope="module")
 def deepseek_path(tmp_path_factory):
-    from engine.synth import write_synthetic
+    from engine.synth.writer import write_synthetic
     return write_synthetic(tmp_path_factory.mktemp("designer") / "DeepSeek-V3-Q4_K_M.gguf", "deepseek-v3", sparse=True)
 
 
@@ -197,12 +197,12 @@ def test_heat_is_the_share_of_the_most_picked_expert(inventory, placement):
 # --- the lanes ---------------------------------------------------------------------------------
 
 def test_lane_model_passes_the_model_tester(qtmodeltester, inventory, devices, placement):
-    from engine.memory import estimate_memory
+    from engine.plan.memory import estimate_memory
     qtmodeltester.check(DeviceLaneModel(devices, estimate_memory(inventory, placement, RunConfig(), devices)))
 
 
 def test_lanes_show_each_part_of_the_estimate(inventory, devices, placement):
-    from engine.memory import estimate_memory
+    from engine.plan.memory import estimate_memory
     estimate = estimate_memory(inventory, placement, RunConfig(), devices)
     model = DeviceLaneModel(devices, estimate)
     m = DeviceLaneModel
@@ -222,7 +222,7 @@ def test_lanes_show_each_part_of_the_estimate(inventory, devices, placement):
 
 
 def test_a_lane_past_capacity_turns_red(inventory, devices, placement):
-    from engine.memory import estimate_memory
+    from engine.plan.memory import estimate_memory
     placement.assign(TensorRef("blk.50.ffn_down_exps.weight"), "CUDA0")
     estimate = estimate_memory(inventory, placement, RunConfig(), devices)
     model = DeviceLaneModel(devices, estimate)

@@ -10,12 +10,12 @@ from PySide6.QtGui import QDragEnterEvent, QDropEvent, QKeySequence
 
 from app.models.designer import HeatRole
 from app.widgets.designer import DesignerDialogs, DesignerPanel
-from engine.autofit import auto_fit
+from engine.plan.autofit import auto_fit
 from engine.devices import Device, simulated_gpus
-from engine.gguf_file import ModelFile
-from engine.inventory import Inventory
-from engine.llama_args import parse_llama_args
-from engine.placement import TensorRef
+from engine.gguf.model_file import ModelFile
+from engine.plan.inventory import Inventory
+from engine.plan.llama_args import parse_llama_args
+from engine.plan.placement import TensorRef
 from engine.run_config import RunConfig
 
 GIB = 1 << 30
@@ -40,7 +40,7 @@ class FakeDialogs(DesignerDialogs):
 
 @pytest.fixture(scope="module")
 def deepseek_file(tmp_path_factory) -> Path:
-    from engine.synth import write_synthetic
+    from engine.synth.writer import write_synthetic
     return write_synthetic(tmp_path_factory.mktemp("panel") / "DeepSeek-V3-Q4_K_M.gguf", "deepseek-v3", sparse=True)
 
 
@@ -340,7 +340,7 @@ def test_clicking_a_layer_opens_its_experts(qtbot, panel):
 
 @pytest.mark.parametrize("preset", ["tiny-gemma-3", "tiny-mixtral"])
 def test_small_dense_and_moe_models(qtbot, tmp_path, preset):
-    from engine.synth import write_synthetic
+    from engine.synth.writer import write_synthetic
     inventory = Inventory.from_model_file(ModelFile(write_synthetic(tmp_path / "m.gguf", preset, sparse=True)))
     panel = DesignerPanel(state_dir=tmp_path / "plans")
     qtbot.addWidget(panel)

@@ -138,13 +138,13 @@ def test_file_open_asks_the_dialog_and_opens_its_answer(qtbot, window, dialogs, 
 
 
 def test_the_default_model_opens_on_the_engine_thread_with_progress(qtbot, window, moe_path, monkeypatch):
-    import engine.default_model
+    import engine.synth.default_model
 
     def fake_default(progress=None):
         progress("assembling the built-in model (once)")
         return moe_path
 
-    monkeypatch.setattr(engine.default_model, "default_model_path", fake_default)
+    monkeypatch.setattr(engine.synth.default_model, "default_model_path", fake_default)
     texts = []
     handle = window.open_default_model()
     handle.progress.connect(lambda done, total, text: texts.append(text))

@@ -10,7 +10,7 @@ from app.main_window import Dialogs, MainWindow
 from app.models.model_options import (OverrideRole, OverridesModel, override_key_candidates, override_kv_flags,
                                       override_type_of)
 from app.widgets.model_options import ModelOptionsWidget
-from engine.overrides import MetadataOverride, OverrideError, parse_override_kv, parse_override_kv_list
+from engine.arch.overrides import MetadataOverride, OverrideError, parse_override_kv, parse_override_kv_list
 
 TIMEOUT_MS = 10_000
 USED = "llama.expert_used_count"

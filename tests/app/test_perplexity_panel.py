@@ -10,9 +10,9 @@ from app.engine_jobs import MODE_COMPARE, MODE_SAVE_BASE, default_model_factory
 from app.models.perplexity import KldStatsModel, kld_rows
 from app.widgets.perplexity import PerplexityPanel, format_big_result
 from app.widgets.ppl_plot import PerplexityPlot, nice_step, x_ticks, y_range
-from engine.perplexity import KLD_FRACTIONS, P_DIFF_FRACTIONS, KLDivergenceStats, PerplexityEvent, perplexity
+from engine.eval.perplexity import KLD_FRACTIONS, P_DIFF_FRACTIONS, KLDivergenceStats, PerplexityEvent, perplexity
 from engine.run_config import RunConfig
-from engine.tokenizer import Tokenizer
+from engine.text.tokenizer import Tokenizer
 
 RUN_TIMEOUT_MS = 120_000
 N_CTX = 64
@@ -22,8 +22,8 @@ TEXT = ("The quick brown fox jumps over the lazy dog while the engine counts eve
 
 @pytest.fixture(scope="module")
 def loaded(fixtures_dir) -> LoadedModel:
-    from engine.gguf_file import ModelFile
-    from engine.inventory import Inventory
+    from engine.gguf.model_file import ModelFile
+    from engine.plan.inventory import Inventory
     path = fixtures_dir / "llama-moe" / "Q4_K_M.gguf"
     model_file = ModelFile(path)
     return LoadedModel(path, model_file, Inventory.from_model_file(model_file), 0.0)
@@ -262,7 +262,7 @@ def test_what_is_missing_is_said_before_running(qtbot, bridge, loaded):
 
 
 def test_demo_fill_shows_a_finished_run(qtbot, bridge):
-    from engine.perplexity import PerplexityResult
+    from engine.eval.perplexity import PerplexityResult
     panel = PerplexityPanel(bridge)
     qtbot.addWidget(panel)
     result = PerplexityResult(8.1234, 0.0567, 1000, 512, (9.0, 8.5, 8.1234), (9.0, 8.0, 7.4))
@@ -274,7 +274,7 @@ def test_demo_fill_shows_a_finished_run(qtbot, bridge):
 
 def test_a_placement_on_a_simulated_gpu_gives_the_same_perplexity(qtbot, panel, loaded):
     from engine.devices import available_devices
-    from engine.placement import Placement
+    from engine.plan.placement import Placement
     panel.set_text(TEXT)
     assert run_to_end(qtbot, panel) == "done"
     on_cpu = panel.result

@@ -5,7 +5,7 @@ import pytest
 
 import forward_parity as parity
 from engine.arch import deepseek2
-from engine.layers import RopeScaling
+from engine.arch.layers import RopeScaling
 
 
 @pytest.mark.parametrize("variant", ["F16", "Q4_K_M"])

@@ -22,10 +22,10 @@ import pytest
 from gguf.constants import Keys
 
 import forward_parity as parity
-from engine.gguf_file import ModelFile
-from engine.inventory import Inventory
-from engine.memory import kv_cache_bytes
-from engine.model import Model
+from engine.gguf.model_file import ModelFile
+from engine.plan.inventory import Inventory
+from engine.plan.memory import kv_cache_bytes
+from engine.run.model import Model
 from engine.run_config import RunConfig
 
 ARCH = "deepseek2"

@@ -4,7 +4,7 @@ import pytest
 
 import forward_parity as parity
 from engine.run_config import RunConfig
-from engine.model import Model
+from engine.run.model import Model
 
 
 @pytest.mark.parametrize("variant", ["F16", "Q8_0"])

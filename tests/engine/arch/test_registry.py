@@ -2,9 +2,9 @@ import pytest
 
 from engine import arch
 from engine.arch.base import AttentionKind, HyperParamError, RopeType
-from engine.gguf_file import ModelFile
-from engine.inventory import Inventory, Role, role_of
-from engine.presets import PRESETS, preset
+from engine.gguf.model_file import ModelFile
+from engine.plan.inventory import Inventory, Role, role_of
+from engine.synth.presets import PRESETS, preset
 
 FIXTURE_FILES = ["llama-dense/F32", "llama-moe/F32", "qwen3/F32", "qwen3moe/F16", "gemma3/F16", "llama4/F16",
                  "deepseek2/F16"]

@@ -1,0 +1,330 @@
+"""Open GGUF files (single files and split sets) and expose metadata, tensors and raw bytes.
+
+Every count and size the header claims is checked against the file's real size before it is
+used, so a corrupt or hostile file gets a one-line `ModelFileError`, never a hang or a huge
+allocation. Constants (value types, keys, block sizes) come from the `gguf` package.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf.constants import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUFValueType, Keys
+
+from engine.gguf import ggml_types
+
+SPLIT_NAME_RE = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+# The smallest encodings a header entry can have; a count that needs more bytes than the file
+# holds is rejected before anything is parsed or allocated.
+MIN_KV_BYTES = 8 + 1 + 4 + 1          # key length, one key byte, value type, one value byte
+MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8   # name length, one byte, n_dims, one dim, type, offset
+HEADER_BYTES = 4 + 4 + 8 + 8          # magic, version, n_tensors, n_kv
+
+
+class ModelFileError(Exception):
+    """A GGUF file (or split set) that cannot be used; the message names the file and the problem."""
+
+    def __init__(self, path: os.PathLike[str] | str, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]      # numpy order: rows first; a routed-expert tensor is (n_expert, rows, cols)
+    n_bytes: int
+    file_index: int             # which part of a split set
+    offset: int                 # absolute byte offset in that file
+
+    @property
+    def type_name(self) -> str:
+        return ggml_types.type_name(self.ggml_type)
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def n_experts(self) -> int:
+        """Leading dimension of a 3-D expert tensor; 0 for ordinary tensors."""
+        return self.shape[0] if len(self.shape) == 3 else 0
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.n_bytes // self.shape[0] if len(self.shape) == 3 else 0
+
+
+def _check_header_counts(path: Path, file_bytes: int) -> None:
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+    if len(head) < 4 or struct.unpack("<I", head[:4])[0] != GGUF_MAGIC:
+        raise ModelFileError(path, f"not a GGUF file (starts with {head[:4]!r}, expected b'GGUF')")
+    if len(head) < HEADER_BYTES:
+        raise ModelFileError(path, f"truncated header: the file is only {file_bytes} bytes")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:])
+    if version not in (2, 3):
+        raise ModelFileError(path, f"unsupported GGUF version {version} (supported: 2, 3)")
+    room = file_bytes - HEADER_BYTES
+    if n_kv * MIN_KV_BYTES > room:
+        raise ModelFileError(path, f"header claims {n_kv} metadata entries, more than the {file_bytes}-byte file can hold")
+    if n_tensors * MIN_TENSOR_INFO_BYTES > room:
+        raise ModelFileError(path, f"header claims {n_tensors} tensors, more than the {file_bytes}-byte file can hold")
+
+
+class _HeaderParser:
+    """Bounds-checked reader of the GGUF header (key/values and tensor infos).
+
+    Written here rather than using `gguf.GGUFReader` because that reader takes ~10 s on a
+    262k-token vocabulary (one numpy view per string), refuses ggml types it does not know and
+    does not check sizes against the file; this one reads the same format in well under a second.
+    """
+
+    SCALARS = {
+        GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+        GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+        GGUFValueType.FLOAT32: "<f", GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q",
+        GGUFValueType.FLOAT64: "<d", GGUFValueType.BOOL: "<?",
+    }
+
+    def __init__(self, path: Path, buf):
+        self.path, self.buf, self.pos = path, buf, HEADER_BYTES
+
+    def need(self, n_bytes: int, what: str) -> None:
+        if n_bytes < 0 or self.pos + n_bytes > len(self.buf):
+            raise ModelFileError(self.path, f"truncated header: {what} at byte {self.pos} runs past the end "
+                                            f"of the {len(self.buf)}-byte file")
+
+    def scalar(self, fmt: str, what: str):
+        size = struct.calcsize(fmt)
+        self.need(size, what)
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += size
+        return value
+
+    def string(self, what: str) -> str:
+        n = self.scalar("<Q", what)
+        self.need(n, what)
+        raw = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int, key: str) -> Any:
+        if vtype == GGUFValueType.STRING:
+            return self.string(f"value of {key}")
+        if vtype == GGUFValueType.ARRAY:
+            return self.array(key)
+        fmt = self.SCALARS.get(vtype)
+        if fmt is None:
+            raise ModelFileError(self.path, f"metadata {key!r} has unknown value type {vtype}")
+        return self.scalar(fmt, f"value of {key}")
+
+    def array(self, key: str) -> list:
+        item_type = self.scalar("<I", f"array type of {key}")
+        count = self.scalar("<Q", f"array length of {key}")
+        if item_type == GGUFValueType.STRING:
+            self.need(count * 8, f"array {key} ({count} strings)")
+            return [self.string(f"element of {key}") for _ in range(count)]
+        fmt = self.SCALARS.get(item_type)
+        if fmt is None:
+            raise ModelFileError(self.path, f"metadata array {key!r} has unsupported element type {item_type}")
+        dtype = np.dtype(_NUMPY_OF[fmt])
+        self.need(count * dtype.itemsize, f"array {key} ({count} elements)")
+        values = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).tolist()
+        self.pos += count * dtype.itemsize
+        return values
+
+    def metadata(self, n_kv: int) -> dict[str, Any]:
+        md: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self.string("metadata key")
+            md[key] = self.value(self.scalar("<I", f"type of {key}"), key)
+        return md
+
+    def tensor_infos(self, n_tensors: int) -> list[tuple[str, list[int], int, int]]:
+        infos = []
+        for _ in range(n_tensors):
+            name = self.string("tensor name")
+            n_dims = self.scalar("<I", f"dimension count of {name}")
+            if n_dims > 8:
+                raise ModelFileError(self.path, f"tensor {name!r} claims {n_dims} dimensions (at most 8 are allowed)")
+            ne = [self.scalar("<Q", f"shape of {name}") for _ in range(n_dims)]
+            type_id = self.scalar("<I", f"type of {name}")
+            rel_offset = self.scalar("<Q", f"offset of {name}")
+            infos.append((name, ne, type_id, rel_offset))
+        return infos
+
+
+_NUMPY_OF = {"<B": "<u1", "<b": "<i1", "<H": "<u2", "<h": "<i2", "<I": "<u4", "<i": "<i4",
+             "<f": "<f4", "<Q": "<u8", "<q": "<i8", "<d": "<f8", "<?": "?"}
+
+
+def _read_part(path: Path, file_index: int) -> tuple[dict[str, Any], list[TensorInfo], int]:
+    try:
+        file_bytes = path.stat().st_size
+    except OSError as e:
+        raise ModelFileError(path, f"cannot open: {e.strerror or e}") from None
+    _check_header_counts(path, file_bytes)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        _version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        parser = _HeaderParser(path, buf)
+        metadata = parser.metadata(n_kv)
+        infos = parser.tensor_infos(n_tensors)
+        header_end = parser.pos
+    alignment = metadata.get(Keys.General.ALIGNMENT, GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise ModelFileError(path, f"invalid general.alignment {alignment!r}: must be a power of two")
+    data_offset = -(-header_end // alignment) * alignment
+    return metadata, [_tensor_info(path, file_index, info, data_offset, file_bytes) for info in infos], data_offset
+
+
+def _tensor_info(path: Path, file_index: int, info, data_offset: int, file_bytes: int) -> TensorInfo:
+    name, ne, type_id, rel_offset = info     # ne: ggml order, ne[0] is the row length
+    if not ggml_types.is_known(type_id):
+        raise ModelFileError(path, f"tensor {name!r} has unknown ggml type id {type_id}")
+    if any(d <= 0 or d > 1 << 40 for d in ne):
+        raise ModelFileError(path, f"tensor {name!r} has an invalid shape {ne}")
+    row = ggml_types.row_bytes(type_id, ne[0]) if ne else None
+    n_bytes = -1 if row is None else row * int(np.prod(ne[1:], dtype=object))   # -1: layout unknown
+    offset = data_offset + rel_offset
+    if n_bytes > 0 and offset + n_bytes > file_bytes:
+        raise ModelFileError(path, f"tensor {name!r} data ({n_bytes} bytes at offset {offset}) lies past the "
+                                   f"end of the file ({file_bytes} bytes): the file is truncated")
+    return TensorInfo(name, type_id, tuple(reversed(ne)), n_bytes, file_index, offset)
+
+
+def split_paths(path: Path) -> list[Path]:
+    """All parts of a split set named like `model-00001-of-00005.gguf`, or just `path`."""
+    m = SPLIT_NAME_RE.match(path.name)
+    if not m:
+        return [path]
+    count = int(m["count"])
+    return [path.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+class ModelFile:
+    """A GGUF model: one file or a split set opened through its first (or any) part."""
+
+    def __init__(self, path: os.PathLike[str] | str):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelFileError(self.path, "no such file" if not self.path.exists() else "not a regular file")
+        self.paths = split_paths(self.path)
+        missing = [p.name for p in self.paths if not p.exists()]
+        if missing:
+            raise ModelFileError(self.path, f"split set is missing part(s): {', '.join(missing)}")
+        self.metadata: dict[str, Any] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        self._data_offsets: list[int] = []
+        for index, part in enumerate(self.paths):
+            metadata, tensors, data_offset = _read_part(part, index)
+            self._data_offsets.append(data_offset)
+            self._check_split_part(part, index, metadata)
+            if index == 0:
+                self.metadata = metadata
+            for t in tensors:
+                if t.name in self.tensors:
+                    raise ModelFileError(part, f"tensor {t.name!r} appears twice in the split set")
+                self.tensors[t.name] = t
+        self._check_split_tensor_count()
+        self._maps: dict[int, mmap.mmap] = {}
+
+    def _check_split_part(self, part: Path, index: int, metadata: dict[str, Any]) -> None:
+        if len(self.paths) == 1:
+            if metadata.get(Keys.Split.LLM_KV_SPLIT_COUNT, 1) > 1:
+                raise ModelFileError(part, f"is part of a split set of {metadata[Keys.Split.LLM_KV_SPLIT_COUNT]} "
+                                           "files but its name does not say which (expected NAME-00001-of-0000N.gguf)")
+            return
+        count = metadata.get(Keys.Split.LLM_KV_SPLIT_COUNT)
+        number = metadata.get(Keys.Split.LLM_KV_SPLIT_NO)
+        if count != len(self.paths) or number != index:
+            raise ModelFileError(part, f"split metadata says part {number} of {count}, but the file name says "
+                                       f"part {index + 1} of {len(self.paths)}: parts from different sets?")
+
+    def _check_split_tensor_count(self) -> None:
+        expected = self.metadata.get(Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
+        if expected is not None and expected != len(self.tensors):
+            raise ModelFileError(self.path, f"split set holds {len(self.tensors)} tensors but its first part "
+                                            f"announces {expected}")
+
+    # --- metadata -------------------------------------------------------------------------
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get(Keys.General.ARCHITECTURE, "unknown"))
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get(Keys.General.NAME, self.path.stem))
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.paths)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(max(t.n_bytes, 0) for t in self.tensors.values())
+
+    def unsupported_types(self) -> dict[str, str]:
+        """Tensors whose type we cannot run, with the reason, e.g. ik_llama.cpp-only types."""
+        reasons = {}
+        for t in self.tensors.values():
+            if ggml_types.is_ik_only(t.ggml_type):
+                reasons[t.name] = f"uses ik_llama.cpp's {t.type_name} type; only ik_llama.cpp can run it"
+            elif not ggml_types.is_runnable(t.ggml_type):
+                reasons[t.name] = f"uses ggml type {t.type_name}, which this engine cannot run"
+        return reasons
+
+    # --- bytes ----------------------------------------------------------------------------
+
+    def _map(self, file_index: int) -> mmap.mmap:
+        if file_index not in self._maps:
+            with open(self.paths[file_index], "rb") as f:
+                self._maps[file_index] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._maps[file_index]
+
+    @property
+    def data_offsets(self) -> list[int]:
+        """Where each part's tensor data section starts."""
+        return list(self._data_offsets)
+
+    def tensor_data(self, name: str) -> np.ndarray:
+        """Read-only uint8 view of a tensor's bytes, shaped (rows..., row_bytes), memory-mapped."""
+        t = self.tensors[name]
+        if t.n_bytes < 0:
+            raise ModelFileError(self.path, f"tensor {name!r}: byte layout of {t.type_name} is unknown")
+        flat = np.frombuffer(self._map(t.file_index), dtype=np.uint8, count=t.n_bytes, offset=t.offset)
+        rows = t.shape[:-1] if len(t.shape) > 1 else (1,)
+        return flat.reshape(*rows, -1)
+
+    def expert_byte_range(self, name: str, expert: int) -> tuple[Path, int, int]:
+        """(file, offset, length) of one expert's matrix inside a 3-D `ffn_*_exps` tensor."""
+        t = self.tensors[name]
+        if t.n_experts == 0:
+            raise ValueError(f"{name} is not a routed-expert tensor")
+        if not 0 <= expert < t.n_experts:
+            raise IndexError(f"{name} has {t.n_experts} experts; no expert {expert}")
+        return self.paths[t.file_index], t.offset + expert * t.expert_bytes, t.expert_bytes
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:
+                pass    # a view is still alive; the map closes when it is collected
+        self._maps.clear()
+
+    def __enter__(self) -> ModelFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

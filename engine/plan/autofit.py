@@ -1,0 +1,311 @@
+"""Auto-fit: the placement that runs fastest within each GPU's memory, and one line saying why.
+
+What earns GPU memory first, in order:
+
+1. per layer, everything but the routed experts — attention (with its KV cache, which never
+   leaves it), norms, router, shared experts, dense FFN — for all layers, and the output layer;
+2. routed experts, layer by layer from the first MoE layer (`ffn_gate_exps` and `ffn_up_exps`
+   of a layer travel together, `ffn_down_exps` on its own), so the last layers spill first;
+3. optionally, single experts of the first tensors that did not fit whole (a per-expert split,
+   which llama.cpp cannot express: off unless asked for).
+
+Layers go to GPUs in order, each GPU taking a contiguous run as `-ngl`/`-ts` would, and a
+layer's experts sit on its own GPU when they can; space a whole expert tensor cannot use is
+filled by a later, smaller one (in the Q4_K_M mix some `ffn_down_exps` are Q4_K, some Q6_K).
+Before any expert, each GPU keeps the CUDA context, the user's margin and the largest compute
+buffer the estimate may charge it. When even (1) does not fit, whole layers go to the CPU, the
+first layers first, exactly as lowering `-ngl` does (llama.cpp offloads the last layers), so the
+plan stays one short command line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from engine.plan.inventory import Inventory, Role
+from engine.plan.memory import (MemoryEstimate, MemoryOptions, estimate_memory, expert_compute_bytes,
+                                flash_attention_on, kv_layer_bytes, layer_compute_bytes, output_compute_bytes)
+from engine.plan.placement import INPUT_SLOT, Placement, TensorRef, tensor_slot
+from engine.run_config import RunConfig
+from engine.units import format_bytes, format_ranges
+
+# expert groups that must share a device: llama.cpp fuses gate and up in one matmul pass
+PAIRED_GROUPS = ("ffn_gate_exps", "ffn_up_exps")
+CPU_NAME = "CPU"
+
+
+@dataclass(frozen=True)
+class AutoFitOptions:
+    memory: MemoryOptions = MemoryOptions()
+    allow_expert_split: bool = False    # per-expert splits: ours only, llama.cpp cannot express them
+
+
+@dataclass(frozen=True)
+class AutoFitResult:
+    placement: Placement
+    explanation: str
+    estimate: MemoryEstimate
+
+
+@dataclass
+class _Unit:
+    """Routed-expert tensors of one layer that move together."""
+    slot: int
+    names: tuple[str, ...]
+    n_bytes: int
+    n_experts: int
+    expert_bytes: int                   # one expert across all `names`
+    gpu: int = -1                       # whole on this GPU; -1: not on a GPU
+    split: dict[int, range] = field(default_factory=dict)     # GPU -> experts there (per-expert split)
+
+
+@dataclass
+class _Slot:
+    """A llama.cpp layer slot: a repeating layer, or n_layer for the output layer."""
+    index: int
+    dense_bytes: int                    # weights that are not routed experts, plus the KV cache
+    units: list[_Unit]
+
+
+@dataclass
+class _Plan:
+    first_gpu_slot: int                 # slots before it are on the CPU (what -ngl decides)
+    homes: dict[int, int]               # slot -> GPU holding its dense part
+    free: list[int]                     # per GPU, bytes still free
+
+
+def auto_fit(inventory: Inventory, devices: Sequence, run_config: RunConfig,
+             options: AutoFitOptions = AutoFitOptions()) -> AutoFitResult:
+    """A placement of `inventory` on `devices` that fits every GPU and keeps the fastest parts there."""
+    gpus = [d for d in devices if d.is_gpu]
+    cpu = CPU_NAME if any(d.name == CPU_NAME for d in devices) else devices[0].name
+    slots = _slots(inventory, run_config)
+    compute_bytes = _compute_reserve(inventory, run_config, bool(gpus))
+    budgets = [max(d.total_bytes - options.memory.gpu_overhead_bytes - options.memory.gpu_margin_bytes
+                   - compute_bytes, 0) for d in gpus]
+    min_slot = 0
+    while True:
+        plan, units = _best_plan(slots, budgets, min_slot)
+        if options.allow_expert_split:
+            _split_experts([u for u in units if u.slot >= plan.first_gpu_slot], plan.free)
+        placement = _placement(inventory, devices, gpus, cpu, slots, plan, units)
+        estimate = estimate_memory(inventory, placement, run_config, devices, options.memory)
+        if _gpus_fit(estimate, gpus) or plan.first_gpu_slot > len(slots) - 1:
+            break
+        min_slot = plan.first_gpu_slot + 1      # a safety net: the budgets are meant to make this unreachable
+    return AutoFitResult(placement, explain(inventory, placement, estimate, devices, plan.first_gpu_slot), estimate)
+
+
+# --- what there is to place -----------------------------------------------------------------
+
+def _slots(inventory: Inventory, rc: RunConfig) -> list[_Slot]:
+    n_layer = inventory.n_layer
+    hp = inventory.hparams
+    dense = [0] * (n_layer + 1)
+    expert_tensors: list[list] = [[] for _ in range(n_layer + 1)]
+    for t in inventory.tensors:
+        slot = tensor_slot(t.name, t.layer, n_layer)
+        if slot == INPUT_SLOT:
+            continue                    # llama.cpp keeps the input layer on the CPU
+        if t.role is Role.ROUTED_EXPERTS and t.n_experts:
+            expert_tensors[slot].append(t)
+        else:
+            dense[slot] += t.n_bytes
+    if hp is not None:
+        for il in range(n_layer):
+            dense[il] += sum(kv_layer_bytes(hp, il, rc))
+        if "output.weight" in inventory.by_name:    # the logits buffer sits with the output matrix
+            dense[n_layer] += output_compute_bytes(hp, rc)
+    return [_Slot(s, dense[s], _units(s, expert_tensors[s])) for s in range(n_layer + 1)]
+
+
+def _units(slot: int, tensors: list) -> list[_Unit]:
+    by_key: dict[str, list] = {}
+    for t in tensors:
+        by_key.setdefault("ffn_gate_up" if t.group in PAIRED_GROUPS else t.group, []).append(t)
+    return [_Unit(slot, tuple(t.name for t in ts), sum(t.n_bytes for t in ts), ts[0].n_experts,
+                  sum(t.expert_bytes for t in ts)) for ts in by_key.values()]
+
+
+def _compute_reserve(inventory: Inventory, rc: RunConfig, has_gpu: bool) -> int:
+    """The largest compute buffer the estimate may charge a GPU, whichever layers or experts it gets."""
+    hp = inventory.hparams
+    if hp is None:
+        return 0
+    flash_attn = flash_attention_on(rc, has_gpu)
+    compute = 0
+    for il in range(hp.n_layer):
+        compute = max(compute, layer_compute_bytes(hp, il, rc, flash_attn))
+        if hp.n_expert and hp.is_moe_layer(il):
+            compute = max(compute, expert_compute_bytes(hp, il, rc))
+    return compute
+
+
+# --- packing ---------------------------------------------------------------------------------
+
+def _best_plan(slots: list[_Slot], budgets: list[int], min_slot: int) -> tuple[_Plan, list[_Unit]]:
+    """The fewest CPU layers, then the longest run of expert units (in priority order) that packs."""
+    units = [u for s in slots for u in s.units]
+    for u in units:
+        u.gpu, u.split = -1, {}
+    first = min_slot
+    while first < len(slots) and _pack(slots, budgets, first, []) is None:
+        first += 1
+    if first == len(slots):
+        return _Plan(first, {}, list(budgets)), units
+    gpu_units = [u for u in units if u.slot >= first]
+    lo, hi = 0, len(gpu_units)          # the longest packing prefix: packing more never packs better
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _pack(slots, budgets, first, gpu_units[:mid]) is None:
+            hi = mid - 1
+        else:
+            lo = mid
+    plan = _pack(slots, budgets, first, gpu_units[:lo])
+    _fill_holes(gpu_units[lo:], plan)
+    return plan, units
+
+
+def _pack(slots: list[_Slot], budgets: list[int], first: int, planned: list[_Unit]) -> _Plan | None:
+    """Slots from `first` on go to GPUs in order; each slot's planned units follow it. None: no fit."""
+    for u in planned:
+        u.gpu = -1
+    on_gpu = {id(u) for u in planned}
+    free, g, homes = list(budgets), 0, {}
+    for slot in slots[first:]:
+        while g < len(free) and free[g] < slot.dense_bytes:
+            g += 1
+        if g == len(free):
+            return None
+        free[g] -= slot.dense_bytes
+        homes[slot.index] = g
+        for u in slot.units:
+            if id(u) not in on_gpu:
+                continue
+            while g < len(free) and free[g] < u.n_bytes:
+                g += 1
+            if g == len(free):
+                return None
+            free[g] -= u.n_bytes
+            u.gpu = g
+    return _Plan(first, homes, free)
+
+
+def _fill_holes(rest: list[_Unit], plan: _Plan) -> None:
+    """Units past the packed run, into what the packing left free: their own GPU first, else the roomiest."""
+    for u in rest:
+        u.gpu = -1
+        home = plan.homes.get(u.slot, -1)
+        fits = [g for g, free in enumerate(plan.free) if free >= u.n_bytes]
+        if not fits:
+            continue
+        u.gpu = home if home in fits else max(fits, key=lambda g: plan.free[g])
+        plan.free[u.gpu] -= u.n_bytes
+
+
+def _split_experts(units: list[_Unit], free: list[int]) -> None:
+    """Single experts of the first units left on the CPU, into the space whole units left free."""
+    for u in units:
+        if u.gpu >= 0 or not u.expert_bytes:
+            continue
+        start = 0
+        for g in sorted(range(len(free)), key=lambda g: -free[g]):
+            count = min(free[g] // u.expert_bytes, u.n_experts - start)
+            if count > 0:
+                u.split[g] = range(start, start + count)
+                free[g] -= count * u.expert_bytes
+                start += count
+        if start < u.n_experts:
+            return                      # later units would only find crumbs
+
+
+# --- building the placement ------------------------------------------------------------------
+
+def _placement(inventory: Inventory, devices: Sequence, gpus: list, cpu: str, slots: list[_Slot],
+               plan: _Plan, units: list[_Unit]) -> Placement:
+    layer_devices = [gpus[plan.homes[s.index]].name if s.index in plan.homes else cpu for s in slots]
+    placement = Placement(inventory, devices, layer_devices)
+    for u in units:
+        target = gpus[u.gpu].name if u.gpu >= 0 else cpu
+        for name in u.names:
+            placement.assign(TensorRef(name), target)
+            for g, experts in u.split.items():
+                placement.assign(TensorRef(name, frozenset(experts)), gpus[g].name)
+    return placement
+
+
+def _gpus_fit(estimate: MemoryEstimate, gpus: list) -> bool:
+    names = {d.name for d in gpus}
+    return all(d.fits for d in estimate.devices if d.device in names)
+
+
+# --- the one-line explanation ----------------------------------------------------------------
+
+def layer_ranges(layers: Sequence[int]) -> str:
+    """[3, 4, 5, 9] -> '3–5, 9'."""
+    return format_ranges(layers, dash="–", sep=", ")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def explain(inventory: Inventory, placement: Placement, estimate: MemoryEstimate, devices: Sequence,
+            first_gpu_slot: int) -> str:
+    """One line: where the dense part, the KV cache and the routed experts ended up, and what is left."""
+    gpus = [d for d in devices if d.is_gpu]
+    if not gpus:
+        return "No GPU: everything on the CPU."
+    n_layer = inventory.n_layer
+    used = sorted({placement.layer_devices[s] for s in range(first_gpu_slot, n_layer + 1)} & {d.name for d in gpus})
+    if first_gpu_slot > n_layer:
+        parts = ["Nothing fits on the GPUs (each needs room for its CUDA context and compute buffers): "
+                 "everything on the CPU"]
+    elif first_gpu_slot == n_layer:
+        parts = [f"Only the output layer fits on {used[0]}; all layers on the CPU"]
+    elif first_gpu_slot > 0:
+        parts = [f"Layers {first_gpu_slot}–{n_layer - 1} and the output on {_plural(len(used), 'GPU')}; "
+                 f"layers {layer_ranges(range(first_gpu_slot))} entirely on the CPU (-ngl {n_layer + 1 - first_gpu_slot})"]
+    else:
+        parts = [f"All attention, KV and dense weights on {_plural(len(used), 'GPU')}"]
+    experts = _expert_summary(inventory, placement, {d.name for d in gpus}) if first_gpu_slot <= n_layer else ""
+    if experts:
+        parts.append(experts)
+    fitting = [d for d in estimate.devices if d.device in {g.name for g in gpus}]
+    roomiest = max(fitting, key=lambda d: d.free_bytes)
+    if roomiest.free_bytes >= 0:
+        parts.append(f"{format_bytes(roomiest.free_bytes)} free on {roomiest.device}")
+    cpu = [d for d in estimate.devices if d.device not in {g.name for g in gpus}]
+    if cpu and not cpu[0].fits:
+        parts.append(f"the CPU needs {format_bytes(-cpu[0].free_bytes)} more than its RAM")
+    return "; ".join(parts) + "."
+
+
+def _expert_summary(inventory: Inventory, placement: Placement, gpu_names: set[str]) -> str:
+    on_gpu, total, full, partial, cpu_only = 0, 0, [], [], []
+    for layer in inventory.layers:
+        layer_total = layer_gpu = 0
+        for t in layer.tensors:
+            if t.role is Role.ROUTED_EXPERTS and t.n_experts:
+                layer_total += t.n_bytes
+                layer_gpu += sum(n for d, n in placement.device_bytes(t.name).items() if d in gpu_names)
+        if not layer_total:
+            continue
+        total += layer_total
+        on_gpu += layer_gpu
+        (full if layer_gpu == layer_total else cpu_only if layer_gpu == 0 else partial).append(layer.index)
+    if not total:
+        return ""
+    if not partial and not cpu_only:
+        return "all routed experts on GPUs"
+    if not partial and not full:
+        return "routed experts on the CPU"
+    pieces = []
+    if full:
+        pieces.append(f"{layer_ranges(full)} on GPUs")
+    if partial:
+        pieces.append(f"{layer_ranges(partial)} partly")
+    if cpu_only:
+        pieces.append(f"{layer_ranges(cpu_only)} on CPU")
+    pieces[0] = f"routed experts of layer{'s' if len(full) + len(partial) + len(cpu_only) > 1 else ''} " + pieces[0]
+    return ", ".join(pieces) + f" ({100 * on_gpu / total:.0f}% of expert bytes on GPU)"

@@ -1,0 +1,131 @@
+"""Text generation as an iterator of small frozen events (mlx-lm's `stream_generate` shape).
+
+A `Session` holds a model, its tokenizer and one KV cache, and remembers which tokens the cache
+holds, so a chat turn re-evaluates only what changed since the last one. Nothing here knows Qt:
+the GUI runs these iterators on its engine thread and cancels them through a threading.Event.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from engine.run.sampling import SamplerSettings, StopChecker, check_finite, make_sampler
+from engine.text.tokenizer import StreamingDetokenizer, Tokenizer
+
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    text: str                       # new text since the previous event
+    token: int | None
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    context_used: int               # positions the cache holds after this step
+    finish_reason: str | None = None
+
+
+class Session:
+    """A model, its tokenizer and a KV cache that remembers the tokens it holds."""
+
+    def __init__(self, model, tokenizer: Tokenizer | None = None, n_ctx: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer or Tokenizer.from_metadata(model.metadata)
+        self.cache = model.new_cache(n_ctx)
+        self.tokens: list[int] = []
+
+    @property
+    def n_ctx(self) -> int:
+        return self.cache.n_ctx
+
+    def reuse_prefix(self, tokens: Sequence[int]) -> int:
+        """Keep the cached prefix shared with `tokens` (leaving at least one token to evaluate)."""
+        keep = 0
+        for cached, new in zip(self.tokens, tokens):
+            if cached != new:
+                break
+            keep += 1
+        keep = min(keep, len(tokens) - 1)
+        try:
+            self.cache.truncate(keep)
+        except ValueError:      # a sliding-window cache cannot rewind that far: start over
+            keep = 0
+            self.cache.reset()
+        del self.tokens[keep:]
+        return keep
+
+    def prefill(self, tokens: Sequence[int], progress: Callable[[int, int], None] | None = None,
+                cancel: threading.Event | None = None) -> np.ndarray | None:
+        """Evaluate `tokens` after the reusable prefix; the logits of the last one (None if cancelled)."""
+        if len(tokens) > self.n_ctx:
+            raise ValueError(f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; "
+                             "raise the context length (-c) or shorten the conversation")
+        keep = self.reuse_prefix(tokens)
+        todo = np.asarray(tokens[keep:], dtype=np.int32)
+        step = self.cache.n_ubatch
+        logits = None
+        for start in range(0, len(todo), step):
+            if cancel is not None and cancel.is_set():
+                return None
+            chunk = todo[start:start + step]
+            logits = self.model.eval_logits(chunk, self.cache, last_only=True)
+            self.tokens.extend(int(t) for t in chunk)
+            if progress is not None:
+                progress(keep + start + len(chunk), len(tokens))
+        return logits[-1]
+
+    def step(self, token: int) -> np.ndarray:
+        if len(self.tokens) >= self.n_ctx:
+            raise ValueError(f"the context of {self.n_ctx} tokens is full")
+        logits = self.model.eval_logits(np.array([token], dtype=np.int32), self.cache, last_only=True)
+        self.tokens.append(int(token))
+        return logits[-1]
+
+
+def generate(session: Session, prompt_tokens: Sequence[int], settings: SamplerSettings = SamplerSettings(),
+             max_tokens: int = 256, stop_strings: Sequence[str] = (), cancel: threading.Event | None = None,
+             progress: Callable[[int, int], None] | None = None) -> Iterator[GenerationEvent]:
+    """Prefill the prompt, then sample and yield one event per token; the last event carries
+    the finish reason (`stop`, `length` or `cancelled`)."""
+    tokenizer = session.tokenizer
+    sampler = make_sampler(settings)
+    detokenizer = StreamingDetokenizer(tokenizer)
+    stops = StopChecker(stop_strings, tokenizer.eog_ids)
+    start = time.perf_counter()
+    logits = session.prefill(list(prompt_tokens), progress, cancel)
+    prompt_s = time.perf_counter() - start
+    n_prompt = len(prompt_tokens)
+    prompt_tps = n_prompt / prompt_s if prompt_s > 0 else 0.0
+    generated: list[int] = []
+    gen_start = time.perf_counter()
+
+    def event(text: str, token: int | None, finish: str | None = None) -> GenerationEvent:
+        elapsed = time.perf_counter() - gen_start
+        return GenerationEvent(text, token, n_prompt, prompt_tps, len(generated),
+                               len(generated) / elapsed if elapsed > 0 else 0.0, len(session.tokens), finish)
+
+    if logits is None:
+        yield event("", None, FINISH_CANCELLED)
+        return
+    while True:
+        if cancel is not None and cancel.is_set():
+            yield event(stops.flush(), None, FINISH_CANCELLED)
+            return
+        check_finite(logits, session.model.kv_hint.strip(" ()"))
+        token = sampler(logits, session.tokens)
+        generated.append(token)
+        step = stops.feed(detokenizer.add_token(token), token)
+        if step.stop:
+            yield event(step.text, token, FINISH_STOP)
+            return
+        if len(generated) >= max_tokens or len(session.tokens) >= session.n_ctx:
+            yield event(step.text + stops.feed(detokenizer.finalize()).text + stops.flush(), token, FINISH_LENGTH)
+            return
+        yield event(step.text, token)
+        logits = session.step(token)

@@ -1,0 +1,226 @@
+"""A loaded model: hyperparameters, weights as memory-mapped views in their GGUF encoding, and
+`eval_logits` over a KV cache.
+
+Nothing here knows a family. The family module (`engine.arch.family(arch)`) provides
+
+    forward_layer(model, il, x, batch) -> x     one block (required)
+    embed(model, tokens) -> x                   optional; default: token_embd rows
+    output(model, x) -> logits                  optional; default: output_norm, then output
+
+and reads its tensors through `model.layers[il]` and `model.tensor(name)`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+
+from engine import arch
+from engine.backends import Weight
+from engine.backends.cpu import CpuBackend, dequantize_rows
+from engine.gguf.model_file import ModelFile, ModelFileError
+from engine.run.kv_cache import KVCache
+from engine.arch.layers import RopeScaling, UBatch, rms_norm
+from engine.backends.dispatch import PlacedOps, make_backends, place_weight
+from engine.run_config import RunConfig
+
+OUTPUT_FALLBACK = "token_embd.weight"   # llama.cpp's tied output when output.weight is absent
+
+
+class UnsupportedTensorTypeError(ValueError):
+    pass
+
+
+class NonFiniteError(FloatingPointError):
+    """A layer produced NaN or infinity; the message names the first one."""
+
+
+class LayerTensors:
+    """The tensors of one block, by GGUF name without `blk.N.` and `.weight`: `lw.attn_q`,
+    `lw.get("attn_q.bias")`. Matrices are `Weight`s; 1-D tensors are float32 arrays."""
+
+    def __init__(self, il: int, tensors: dict[str, Weight | np.ndarray]):
+        self.il = il
+        self.tensors = tensors
+
+    def __getattr__(self, name: str):
+        try:
+            return self.__dict__["tensors"][name]
+        except KeyError:
+            raise AttributeError(f"layer {self.__dict__.get('il')} has no tensor {name!r}") from None
+
+    def get(self, name: str, default=None):
+        return self.tensors.get(name, default)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+
+def _short_name(name: str) -> tuple[int, str] | None:
+    """("blk.3.attn_q.weight") -> (3, "attn_q"); ("blk.3.attn_q.bias") -> (3, "attn_q.bias")."""
+    parts = name.split(".")
+    if len(parts) < 3 or parts[0] != "blk" or not parts[1].isdigit():
+        return None
+    short = ".".join(parts[2:])
+    return int(parts[1]), short[: -len(".weight")] if short.endswith(".weight") else short
+
+
+class Model:
+    def __init__(self, model_file: ModelFile, run_config: RunConfig | None = None, backend=None, placement=None):
+        self.file = model_file
+        self.metadata = model_file.metadata
+        self.family = arch.family(model_file.architecture)
+        self._check_types()
+        self.hparams = self.family.hyperparams(self.metadata)
+        self._check_tensors()
+        self.run_config = run_config or RunConfig()
+        self.ops = backend or CpuBackend(self.run_config.activations)
+        # a placement with everything on the CPU runs straight from the memory map
+        if placement is not None and not any(n for d, n in placement.weight_bytes().items() if d != "CPU"):
+            placement = None
+        self.placement = placement
+        tensor_devices = {}
+        if placement is not None:
+            self.ops = PlacedOps(make_backends(placement.devices, self.run_config.activations))
+            tensor_devices = placement.tensor_devices()
+        self.globals: dict[str, Weight | np.ndarray] = {}
+        self.layers = [LayerTensors(il, {}) for il in range(self.hparams.n_layer)]
+        for name, info in model_file.tensors.items():
+            tensor = self._load_tensor(name, info)
+            if name in tensor_devices and isinstance(tensor, Weight):
+                tensor = place_weight(tensor, tensor_devices[name], self.ops.backends)
+            where = _short_name(name)
+            if where is not None and where[0] < self.hparams.n_layer:
+                self.layers[where[0]].tensors[where[1]] = tensor
+            else:
+                self.globals[name] = tensor
+        self.rope_scaling = RopeScaling.from_metadata(self.metadata, self.hparams)
+        self.expert_counts = np.zeros((self.hparams.n_layer, self.hparams.n_expert), dtype=np.int64)   # router selections
+
+    @classmethod
+    def load(cls, source: ModelFile | str | os.PathLike, run_config: RunConfig | None = None, backend=None,
+             placement=None) -> Model:
+        """A model over memory-mapped weights; with a placement, each weight on its device."""
+        model_file = source if isinstance(source, ModelFile) else ModelFile(source)
+        return cls(model_file, run_config, backend, placement)
+
+    # --- loading --------------------------------------------------------------------------------
+
+    def _check_types(self) -> None:
+        reasons = self.file.unsupported_types()
+        if reasons:
+            shown = "; ".join(f"{name} {why}" for name, why in list(reasons.items())[:3])
+            more = f" (and {len(reasons) - 3} more tensors)" if len(reasons) > 3 else ""
+            raise UnsupportedTensorTypeError(f"{self.file.path}: cannot run this model: {shown}{more}")
+
+    def _check_tensors(self) -> None:
+        tied = "output.weight" not in self.file.tensors
+        for spec in self.family.tensor_specs(self.hparams, tied):
+            info = self.file.tensors.get(spec.name)
+            if info is None:
+                if not spec.optional:
+                    raise ModelFileError(self.file.path, f"tensor {spec.name!r} is missing")
+            elif info.shape != spec.shape:
+                raise ModelFileError(self.file.path, f"tensor {spec.name!r} has shape {info.shape}; "
+                                                     f"the hyperparameters call for {spec.shape}")
+
+    def _load_tensor(self, name: str, info) -> Weight | np.ndarray:
+        data = self.file.tensor_data(name)
+        if len(info.shape) == 1:        # norms, biases, rope factors: small, used whole on the host
+            return dequantize_rows(data, info.ggml_type, info.shape[0]).reshape(info.shape)
+        return Weight(name, data, info.ggml_type, info.shape)
+
+    def tensor(self, name: str) -> Weight | np.ndarray | None:
+        return self.globals.get(name)
+
+    @property
+    def output_weight(self) -> Weight:
+        return self.globals.get("output.weight") or self.globals[OUTPUT_FALLBACK]
+
+    # --- the default embedding and head (families may replace them) -----------------------------
+
+    def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        return self.ops.embedding(self.globals["token_embd.weight"], tokens)
+
+    def output_logits(self, x: np.ndarray) -> np.ndarray:
+        x = rms_norm(x, self.globals["output_norm.weight"], self.hparams.rms_eps)
+        return self.ops.matmul(x, self.output_weight)
+
+    # --- running ----------------------------------------------------------------------------------
+
+    def new_cache(self, n_ctx: int | None = None) -> KVCache:
+        config = self.run_config if n_ctx is None else self.run_config.replace(n_ctx=n_ctx)
+        return KVCache(self.hparams, config)
+
+    def eval_logits(self, tokens, cache: KVCache | None = None, positions=None, *, last_only: bool = False,
+                    progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Logits float32 (n_tokens, n_vocab) for every token (or (1, n_vocab) for the last one with
+        last_only), evaluated in ubatches through the cache. Without a cache, a fresh one is used;
+        positions default to continuing after the cache's n_past."""
+        tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
+        if len(tokens) == 0:
+            raise ValueError("no tokens to evaluate")
+        bad = tokens[(tokens < 0) | (tokens >= self.hparams.n_vocab)]
+        if len(bad):
+            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary of {self.hparams.n_vocab}")
+        if cache is None:
+            cache = self.new_cache(len(tokens) if positions is None else int(np.max(positions)) + 1)
+        positions = (cache.n_past + np.arange(len(tokens))) if positions is None else np.asarray(positions)
+        positions = positions.astype(np.int64).reshape(-1)
+        if len(positions) != len(tokens):
+            raise ValueError(f"{len(tokens)} tokens but {len(positions)} positions")
+        cache.check_positions(positions)
+        self.ops.set_threads(self.run_config.n_threads)
+        step = cache.n_ubatch
+        chunks = []
+        for start in range(0, len(tokens), step):
+            end = min(len(tokens), start + step)
+            logits = self._eval_ubatch(tokens[start:end], positions[start:end], cache,
+                                       skip_output=last_only and end < len(tokens), last_only=last_only)
+            if logits is not None:
+                chunks.append(logits)
+            if progress is not None:
+                progress(end, len(tokens))
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+    def _eval_ubatch(self, tokens, positions, cache: KVCache, skip_output: bool, last_only: bool):
+        batch = UBatch(self.hparams, positions, cache)
+        embed = getattr(self.family, "embed", None)
+        x = embed(self, tokens) if embed else self.embed_tokens(tokens)
+        for il in range(self.hparams.n_layer):
+            x = self.family.forward_layer(self, il, x, batch)
+            check_finite(x, f"layer {il}", self.kv_hint)
+        cache.n_past = max(cache.n_past, int(positions.max()) + 1)
+        if skip_output:
+            return None
+        if last_only:
+            x = x[-1:]
+        output = getattr(self.family, "output", None)
+        logits = output(self, x) if output else self.output_logits(x)
+        check_finite(logits, "the output layer", self.kv_hint)
+        return logits
+
+    @property
+    def kv_hint(self) -> str:
+        """What to try when values blow up: a quantized KV cache is the usual cause."""
+        rc = self.run_config
+        if {rc.type_k, rc.type_v} <= {"f32", "f16"}:
+            return f" (KV cache {rc.type_k}/{rc.type_v})"
+        return f" (KV cache {rc.type_k}/{rc.type_v}: try -ctk q8_0 -ctv q8_0, or f16)"
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_finite(x: np.ndarray, where: str, hint: str = "") -> None:
+    # one reduction per layer: any NaN or inf anywhere makes the sum non-finite
+    if not np.isfinite(x.sum(dtype=np.float64)):
+        raise NonFiniteError(f"{where} produced non-finite values (NaN or inf); the weights, the "
+                             f"quantization or the inputs are bad from there on{hint}")

@@ -1,0 +1,114 @@
+"""The shared smoke runner and llama.cpp parity checks for every architecture family's tests.
+
+Check 1 (fixtures README): F32 math on exactly dequantized weights against
+`<variant>.logits_batch_f32ref.npy`, batched and through the KV cache (prefill T-8, then 8
+single-token steps). Check 2: the F16-cache engine against llama.cpp's default-settings logits
+within each file's recommended tolerance.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from engine.run.model import Model
+from engine.run_config import RunConfig
+
+INCR_STEPS = 8
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def row_rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def kl_mean(logits: np.ndarray, ref: np.ndarray) -> float:
+    """Mean over rows of KL(softmax(ref) || softmax(logits)), in nats."""
+    def log_softmax(x):
+        x = x.astype(np.float64) - x.max(axis=1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    lr, ll = log_softmax(ref), log_softmax(logits)
+    return float((np.exp(lr) * (lr - ll)).sum(axis=1).mean())
+
+
+@lru_cache(maxsize=None)
+def meta(fixture_dir: Path) -> dict:
+    return json.loads((fixture_dir / "meta.json").read_text())
+
+
+def tokens(fixture_dir: Path) -> np.ndarray:
+    return np.load(fixture_dir / "tokens.npy")
+
+
+def load(fixture_dir: Path, variant: str, kv_type: str = "f32", n_ubatch: int = 512,
+         activations: str = "f32") -> Model:
+    config = RunConfig(n_ctx=512, n_ubatch=n_ubatch, type_k=kv_type, type_v=kv_type, activations=activations)
+    return Model.load(fixture_dir / f"{variant}.gguf", config)
+
+
+def batch_and_incremental(model: Model, toks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All rows at once, and the last INCR_STEPS rows through the cache one token at a time."""
+    batch = model.eval_logits(toks)
+    cache = model.new_cache()
+    model.eval_logits(toks[:-INCR_STEPS], cache)
+    steps = [model.eval_logits(toks[i:i + 1], cache) for i in range(len(toks) - INCR_STEPS, len(toks))]
+    return batch, np.concatenate(steps)
+
+
+def check_f32ref(fixture_dir: Path, variant: str) -> dict:
+    """Check 1: rel <= 1e-3 over all rows and every row <= 3e-3, batched and incremental; the
+    engine's own cache path agrees with its batch to 1e-4 (check 3)."""
+    model = load(fixture_dir, variant, "f32")
+    batch, incr = batch_and_incremental(model, tokens(fixture_dir))
+    ref = np.load(fixture_dir / f"{variant}.logits_batch_f32ref.npy")
+    assert batch.shape == ref.shape and batch.dtype == np.float32
+    found = dict(batch_rel=rel(batch, ref), batch_worst=float(row_rel(batch, ref).max()),
+                 incr_rel=rel(incr, ref[-INCR_STEPS:]), incr_worst=float(row_rel(incr, ref[-INCR_STEPS:]).max()),
+                 self_rel=rel(incr, batch[-INCR_STEPS:]))
+    assert found["batch_rel"] <= 1e-3 and found["batch_worst"] <= 3e-3, found
+    assert found["incr_rel"] <= 1e-3 and found["incr_worst"] <= 3e-3, found
+    assert found["self_rel"] <= 1e-4, found
+    return found
+
+
+def check_llama_cpp_default(fixture_dir: Path, variant: str) -> None:
+    """Check 2: the F16-cache engine against llama.cpp's default-settings logits."""
+    model = load(fixture_dir, variant, "f16", activations="llama.cpp")
+    batch, incr = batch_and_incremental(model, tokens(fixture_dir))
+    tolerance = meta(fixture_dir)["variants"][variant]["recommended_tolerance"]
+    for name, mine in (("logits_batch", batch), ("logits_incr", incr)):
+        ref = np.load(fixture_dir / f"{variant}.{name}.npy")
+        tol = tolerance[name]
+        keep = [r for r in range(len(ref)) if r not in tol["exclude_rows"]]
+        a, b = mine[keep], ref[keep]
+        found = (rel(a, b), float(np.median(row_rel(a, b))), kl_mean(a, b))
+        assert found[0] <= tol["rel"] and found[1] <= tol["row_median_rel"] and found[2] <= tol["kl_mean"], \
+            (name, found, tol)
+
+
+def smoke(fixture_dir: Path, variant: str) -> None:
+    """Shapes, no-cache vs cache agreement, one decode step, and a chunked prefill."""
+    model = load(fixture_dir, variant, "f32")
+    toks = tokens(fixture_dir)[:24]
+    hp = model.hparams
+    no_cache = model.eval_logits(toks)
+    assert no_cache.shape == (len(toks), hp.n_vocab) and np.isfinite(no_cache).all()
+
+    cache = model.new_cache(256)
+    prefill = model.eval_logits(toks[:-1], cache)
+    assert cache.n_past == len(toks) - 1
+    step = model.eval_logits(toks[-1:], cache)
+    assert step.shape == (1, hp.n_vocab) and cache.n_past == len(toks)
+    assert rel(prefill, no_cache[:-1]) < 1e-5
+    assert rel(step, no_cache[-1:]) < 1e-4
+
+    last = model.eval_logits(toks, model.new_cache(256), last_only=True)
+    assert last.shape == (1, hp.n_vocab) and rel(last, no_cache[-1:]) < 1e-5
+
+    chunked = load(fixture_dir, variant, "f32", n_ubatch=7).eval_logits(toks)
+    assert rel(chunked, no_cache) < 1e-5
