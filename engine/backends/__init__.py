@@ -1,18 +1,10 @@
-"""Compute backends: one small op set that every device implements.
+"""Backends: the devices a forward pass runs on.
 
-A backend runs the ops of a forward pass over weights that stay in their GGUF encoding:
-
-    matmul(x, weight)               x @ W.T for a 2-D weight
-    expert_matmul(x, weight, e, rows=None)
-                                    x @ W[e].T for one expert of a 3-D `*_exps` tensor (or a row range)
-    head_matmul(x, weight)          one matrix per head of a 3-D tensor (MLA's attn_k_b/attn_v_b)
-    embedding(weight, ids)          rows of a (possibly quantized) table, as float32
-    rms_norm, rope, attention, swiglu, geglu, add
-    to_host(x) / from_host(x)       copies between this device and host memory
-    set_threads(n)                  worker threads for the calling thread (-t)
-
-The CPU backend (`engine.backends.cpu`) works on NumPy arrays; a CUDA backend implements the same
-names over device arrays.
+`protocol.py` says what a device does (upload, transfers, quantized matmuls, embedding lookup,
+the KV cache of its layers and attention over it, its array namespace); `cpu.py` is the host,
+`strict.py` the simulated GPU that holds its arrays in a strict non-NumPy array type, and
+`dispatch.py` routes each op of a placed model to the device of its weight, moving activations
+between devices and counting the moves.
 """
 from __future__ import annotations
 
@@ -25,16 +17,17 @@ from engine.gguf import ggml_types
 
 @dataclass(frozen=True, eq=False)
 class Weight:
-    """A tensor as stored in the file: its bytes, ggml type and numpy-order shape.
+    """A tensor as stored in the file: its bytes, ggml type, numpy-order shape and device.
 
     `data` is a read-only uint8 view shaped (rows..., row_bytes): (rows, row_bytes) for a matrix,
     (n_expert, rows, row_bytes) for a routed-expert tensor.
     """
 
     name: str
-    data: np.ndarray
+    data: np.ndarray        # or the device's own array type, on a device other than the CPU
     ggml_type: int
     shape: tuple[int, ...]
+    device: str = "CPU"
 
     @property
     def n_cols(self) -> int:
