@@ -18,8 +18,12 @@ import numpy as np
 from gguf.constants import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUFValueType, Keys
 
 from engine.gguf import ggml_types
+from engine.gguf.quoting import printable
 
 SPLIT_NAME_RE = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+MAX_QUOTED_PATH_CHARS = 300       # what an error quotes of a path or of a problem found in a file
+MAX_QUOTED_PROBLEM_CHARS = 400
+MAX_LISTED_PARTS = 3
 
 # The smallest encodings a header entry can have; a count that needs more bytes than the file
 # holds is rejected before anything is parsed or allocated.
@@ -33,8 +37,8 @@ class ModelFileError(Exception):
 
     def __init__(self, path: os.PathLike[str] | str, problem: str):
         self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        self.problem = printable(problem, MAX_QUOTED_PROBLEM_CHARS)
+        super().__init__(f"{printable(self.path, MAX_QUOTED_PATH_CHARS)}: {self.problem}")
 
 
 @dataclass(frozen=True)
@@ -145,8 +149,13 @@ class _HeaderParser:
 
     def metadata(self, n_kv: int) -> dict[str, Any]:
         md: dict[str, Any] = {}
-        for _ in range(n_kv):
+        for i in range(n_kv):
             key = self.string("metadata key")
+            # gguf_init_from_file_impl refuses both: a later duplicate would silently win here
+            if not key:
+                raise ModelFileError(self.path, f"metadata key {i} is empty")
+            if key in md:
+                raise ModelFileError(self.path, f"duplicate metadata key {key!r} (entry {i})")
             md[key] = self.value(self.scalar("<I", f"type of {key}"), key)
         return md
 
@@ -181,10 +190,29 @@ def _read_part(path: Path, file_index: int) -> tuple[dict[str, Any], list[Tensor
         infos = parser.tensor_infos(n_tensors)
         header_end = parser.pos
     alignment = metadata.get(Keys.General.ALIGNMENT, GGUF_DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
         raise ModelFileError(path, f"invalid general.alignment {alignment!r}: must be a power of two")
     data_offset = -(-header_end // alignment) * alignment
-    return metadata, [_tensor_info(path, file_index, info, data_offset, file_bytes) for info in infos], data_offset
+    tensors = [_tensor_info(path, file_index, info, data_offset, file_bytes) for info in infos]
+    _check_data_layout(path, tensors, data_offset, alignment)
+    return metadata, tensors, data_offset
+
+
+def _check_data_layout(path: Path, tensors: list[TensorInfo], data_offset: int, alignment: int) -> None:
+    """Each tensor's data starts where the previous one's ends, padded to the alignment, as
+    gguf_init_from_file_impl requires: data that overlaps another tensor's, or is misaligned, is
+    refused rather than read as two tensors sharing bytes."""
+    expected = 0           # relative to the data section; None once a size is unknown (ik types)
+    for t in tensors:
+        rel_offset = t.offset - data_offset
+        if rel_offset % alignment:
+            raise ModelFileError(path, f"tensor {t.name!r} data at offset {rel_offset} is not aligned to "
+                                       f"{alignment} bytes")
+        if expected is not None and rel_offset != expected:
+            how = "overlaps the previous tensor's data" if rel_offset < expected else "leaves a gap after the previous tensor"
+            raise ModelFileError(path, f"tensor {t.name!r} data at offset {rel_offset} {how} "
+                                       f"(expected offset {expected})")
+        expected = None if expected is None or t.n_bytes < 0 else expected + -(-t.n_bytes // alignment) * alignment
 
 
 def _tensor_info(path: Path, file_index: int, info, data_offset: int, file_bytes: int) -> TensorInfo:
@@ -194,6 +222,9 @@ def _tensor_info(path: Path, file_index: int, info, data_offset: int, file_bytes
     if any(d <= 0 or d > 1 << 40 for d in ne):
         raise ModelFileError(path, f"tensor {name!r} has an invalid shape {ne}")
     row = ggml_types.row_bytes(type_id, ne[0]) if ne else None
+    if row is None and ne and not ggml_types.is_ik_only(type_id):
+        raise ModelFileError(path, f"tensor {name!r} of type {ggml_types.type_name(type_id)} has {ne[0]} elements "
+                                   f"per row, not a multiple of the block size {ggml_types.block_size(type_id)}")
     n_bytes = -1 if row is None else row * int(np.prod(ne[1:], dtype=object))   # -1: layout unknown
     offset = data_offset + rel_offset
     if n_bytes > 0 and offset + n_bytes > file_bytes:
@@ -207,8 +238,16 @@ def split_paths(path: Path) -> list[Path]:
     m = SPLIT_NAME_RE.match(path.name)
     if not m:
         return [path]
-    count = int(m["count"])
+    number, count = int(m["no"]), int(m["count"])
+    if count == 0 or not 1 <= number <= count:
+        raise ModelFileError(path, f"the name says part {number} of {count}, which no split set has")
     return [path.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+def _listed(names: list[str]) -> str:
+    """A few names and how many more: a split set can claim 99,999 parts."""
+    shown = ", ".join(names[:MAX_LISTED_PARTS])
+    return shown + (f" (and {len(names) - MAX_LISTED_PARTS} more)" if len(names) > MAX_LISTED_PARTS else "")
 
 
 class ModelFile:
@@ -221,7 +260,8 @@ class ModelFile:
         self.paths = split_paths(self.path)
         missing = [p.name for p in self.paths if not p.exists()]
         if missing:
-            raise ModelFileError(self.path, f"split set is missing part(s): {', '.join(missing)}")
+            raise ModelFileError(self.path, f"split set of {len(self.paths)} files is missing {len(missing)} "
+                                            f"part(s): {_listed(missing)}")
         self.metadata: dict[str, Any] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._data_offsets: list[int] = []
@@ -239,6 +279,10 @@ class ModelFile:
         self._maps: dict[int, mmap.mmap] = {}
 
     def _check_split_part(self, part: Path, index: int, metadata: dict[str, Any]) -> None:
+        for key in (Keys.Split.LLM_KV_SPLIT_COUNT, Keys.Split.LLM_KV_SPLIT_NO, Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT):
+            # llama.cpp reads these as integers (get_key refuses another type)
+            if key in metadata and type(metadata[key]) is not int:
+                raise ModelFileError(part, f"{key} must be an integer, not {metadata[key]!r}")
         if len(self.paths) == 1:
             if metadata.get(Keys.Split.LLM_KV_SPLIT_COUNT, 1) > 1:
                 raise ModelFileError(part, f"is part of a split set of {metadata[Keys.Split.LLM_KV_SPLIT_COUNT]} "

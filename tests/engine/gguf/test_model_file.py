@@ -169,7 +169,7 @@ def test_split_set_opens_from_any_part(tmp_path):
 def test_split_set_missing_part(tmp_path):
     first, second = write_split(tmp_path)
     second.unlink()
-    assert "missing part(s): model-00002-of-00002.gguf" in error_of(first)
+    assert "missing 1 part(s): model-00002-of-00002.gguf" in error_of(first)
 
 
 def test_split_set_mismatched_parts(tmp_path):
