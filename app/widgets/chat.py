@@ -1,38 +1,30 @@
 """The chat panel: saved conversations, a streaming message view, sampling controls and live speed.
 
-The panel sends one `ChatRequest` per turn to the engine thread, where `app.engine_jobs.ChatRunner`
-keeps the model and its KV cache between turns, and receives a `TurnStarted` and then
-`GenerationEvent`s. Streamed text is buffered and appended to the open message a few dozen times
-a second, so a fast model never floods the view.
-
-Conversations are saved through `app.conversations` on a background writer thread (atomic
-writes with fsync; never on the GUI thread).
+The turns, the conversation and the saved list live in `app.chat_controller.ChatController`; the
+panel binds its models, forwards what the user asks for and shows what the controller signals.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
-from PySide6.QtCore import QCoreApplication, QItemSelectionModel, QModelIndex, QPoint, Qt, QTimer, Signal
+from PySide6.QtCore import QCoreApplication, QItemSelectionModel, QModelIndex, QPoint, Qt, Signal
 from PySide6.QtGui import QAction, QGuiApplication, QKeySequence
 from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QLabel, QListView, QMenu, QMessageBox,
                                QPlainTextEdit, QPushButton, QSplitter, QToolButton, QVBoxLayout, QWidget)
 
-from app.bridge import Bridge, JobHandle, LoadedModel
-from app.conversations import BackgroundWriter, Conversation, ConversationStore, Message, title_from_text
-from app.engine_jobs import ChatRequest, ChatRunner, TurnStarted
-from app.models.chat import ConversationIdRole, ConversationListModel, MessageListModel
+from app.bridge import Bridge
+from app.chat_controller import ChatController, TurnStats
+from app.conversations import Conversation, ConversationStore, Message
+from app.engine_jobs import ChatRunner, LoadedModel
+from app.models.chat import ConversationIdRole
 from app.widgets import MessageBar
 from app.widgets.chat_widgets import CHAT_STYLE, ChatInput, ChatStats, MessageView, SamplingControls
-from engine.run.generate import FINISH_CANCELLED, GenerationEvent
-from engine.run_config import RunConfig
 from engine.run.sampling import SamplerSettings
+from engine.run_config import RunConfig
 
 log = logging.getLogger(__name__)
-
-FLUSH_INTERVAL_MS = 33          # streamed text reaches the view ~30 times a second
 
 
 class ChatDialogs:
@@ -47,12 +39,12 @@ class ChatDialogs:
 class ChatPanel(QWidget):
     """Chat with the open model. Public API: `set_model`, `set_run_config`, `set_placement`, `send`,
     `stop`, `regenerate`, `edit_and_resend`, `new_conversation`, `open_conversation`,
-    `rename_conversation`, `delete_conversation`, `flush_saves`, `shutdown`."""
+    `rename_conversation`, `delete_conversation`, `flush_saves`, `shutdown`; the state is the
+    `controller`'s."""
 
     error_occurred = Signal(str)            # one line, also shown in the panel's own message bar
     turn_finished = Signal(str)             # "stop", "length", "cancelled" or "error"
     expert_counts = Signal(object)          # int64 (n_layer, n_expert): router selections of the session
-    _save_failed = Signal(str)              # from the writer thread
 
     def __init__(self, bridge: Bridge, store: ConversationStore | None = None, dialogs: ChatDialogs | None = None,
                  runner: ChatRunner | None = None, parent: QWidget | None = None):
@@ -60,35 +52,34 @@ class ChatPanel(QWidget):
         self.setObjectName("chatPanel")
         self.setStyleSheet(CHAT_STYLE)
         self.bridge = bridge
-        self.store = store or ConversationStore()
         self.dialogs = dialogs or ChatDialogs()
-        self.runner = runner or ChatRunner()
-        self.loaded: LoadedModel | None = None
-        self.run_config = RunConfig()
-        self.placement: Any = None
-        self.conversation = Conversation()
-        self._job: JobHandle | None = None
-        self._pending_text = ""
-        self._last_event: GenerationEvent | None = None
-        self._n_ctx: int | None = None
-        self.last_turn: TurnStarted | None = None      # what the engine said about the latest turn's prompt
+        self.controller = ChatController(bridge, store, runner, parent=self)
         self._edit_row: int | None = None
         self._selecting = False
-        self._writer = BackgroundWriter(on_error=lambda error: self._save_failed.emit(str(error)))
-        self._flush_timer = QTimer(self, interval=FLUSH_INTERVAL_MS)
-        self._flush_timer.timeout.connect(self._flush_pending)
-        self._save_failed.connect(self._on_save_failed)
-
-        self.messages = MessageListModel(parent=self)
-        self.conversations = ConversationListModel(parent=self)
-        self.conversations.title_edited.connect(self.rename_conversation)
+        self._following = True
         self._build()
-        self._load_conversation_list()
-        self._show_conversation(self.conversation)
-        self._update_actions()
+        self._connect_controller()
+        self.controller.load_conversation_list()
+        self._on_conversation_shown(self.conversation)
         app = QCoreApplication.instance()
         if app is not None:
             app.aboutToQuit.connect(self.shutdown)
+
+    def _connect_controller(self) -> None:
+        c = self.controller
+        c.busy_changed.connect(self._update_actions)
+        c.status_changed.connect(self.stats.state_label.setText)
+        c.stats_changed.connect(self._show_stats)
+        c.reply_started.connect(self.message_view.scrollToBottom)
+        c.reply_growing.connect(self._on_reply_growing)
+        c.reply_grew.connect(self._on_reply_grew)
+        c.conversation_shown.connect(self._on_conversation_shown)
+        c.title_changed.connect(self.title_label.setText)
+        c.conversation_saved.connect(self._select_in_list)
+        c.error_occurred.connect(self.show_error)
+        c.error_occurred.connect(self.error_occurred)
+        c.turn_finished.connect(self.turn_finished)
+        c.expert_counts.connect(self.expert_counts)
 
     # --- building -------------------------------------------------------------------------------
 
@@ -220,80 +211,65 @@ class ChatPanel(QWidget):
 
     def set_model(self, loaded: LoadedModel | None) -> None:
         """A new model (or none): stop any reply and let the engine drop the old session."""
-        if loaded is self.loaded:
+        if not self.controller.set_model(loaded):
             return
-        self.stop()
-        self.loaded = loaded
-        self._n_ctx = None
-        self.bridge.submit(self.runner.release, "releasing the chat session")
         self.model_label.setText(f"{loaded.name}" if loaded else "No model open")
         self.model_label.setToolTip(str(loaded.path) if loaded else "")
-        self.stats.show_stats()
         self._update_actions()
 
     def set_run_config(self, run_config: RunConfig) -> None:
         """New run settings (context length, KV cache types...): the next turn rebuilds the session."""
-        self.run_config = run_config
-        self._n_ctx = None
+        self.controller.set_run_config(run_config)
 
     def set_placement(self, placement: Any) -> None:
         """A new `engine.plan.placement.Placement` (None: all on the CPU); the next turn rebuilds the session."""
-        self.placement = placement.copy() if placement is not None else None     # later edits must not leak in
+        self.controller.set_placement(placement)
+
+    # the controller's state, read by the window and the tests
+    messages = property(lambda self: self.controller.messages)
+    conversations = property(lambda self: self.controller.conversations)
+    conversation = property(lambda self: self.controller.conversation)
+    runner = property(lambda self: self.controller.runner)
+    store = property(lambda self: self.controller.store)
+    loaded = property(lambda self: self.controller.loaded)
+    run_config = property(lambda self: self.controller.run_config)
+    placement = property(lambda self: self.controller.placement)
+    last_turn = property(lambda self: self.controller.last_turn)
 
     # --- turns ----------------------------------------------------------------------------------
 
     @property
     def is_generating(self) -> bool:
-        return self._job is not None
+        return self.controller.is_generating
 
     def send(self, text: str | None = None) -> bool:
         """Send `text` (default: the input box) as the next user message; False when it cannot go now."""
         text = self.input.toPlainText() if text is None else text
-        if not text.strip() or self.is_generating or self.loaded is None:
+        if not self.controller.can_send(text):
             return False
         if self._edit_row is not None:
             return self.edit_and_resend(self._edit_row, text)
         self.input.clear()
-        self._append_user_message(text)
-        self._start_turn()
-        return True
+        return self.controller.send(text, self.sampler_settings(), self.sampling.max_tokens.value())
 
     def regenerate(self) -> bool:
         """Drop the last reply and generate a new one for the same conversation."""
-        if self.is_generating or self.loaded is None:
-            return False
-        messages = self.messages.messages()
-        n_keep = len(messages)
-        while n_keep and messages[n_keep - 1].role == "assistant":
-            n_keep -= 1
-        if n_keep == 0:
-            return False
-        self.messages.truncate(n_keep)
-        self._start_turn()
-        return True
+        return self.controller.regenerate(self.sampler_settings(), self.sampling.max_tokens.value())
 
     def edit_and_resend(self, row: int, text: str) -> bool:
         """Replace user message `row` with `text`, drop everything after it and generate again."""
-        if self.is_generating or self.loaded is None or not text.strip():
-            return False
-        if not 0 <= row < self.messages.rowCount() or self.messages.message(row).role != "user":
+        if not self.controller.can_send(text) or not self.controller.can_edit(row):
             return False
         self._end_edit()
         self.input.clear()
-        self.messages.truncate(row)
-        self._append_user_message(text)
-        self._start_turn()
-        return True
+        return self.controller.edit_and_resend(row, text, self.sampler_settings(), self.sampling.max_tokens.value())
 
     def begin_edit(self, row: int) -> bool:
         """Put user message `row` in the input box; sending then resends from there."""
-        if self.is_generating or not 0 <= row < self.messages.rowCount():
-            return False
-        message = self.messages.message(row)
-        if message.role != "user":
+        if not self.controller.can_edit(row):
             return False
         self._edit_row = row
-        self.input.setPlainText(message.content)
+        self.input.setPlainText(self.messages.message(row).content)
         self.input.setFocus()
         self.edit_banner.setText("Editing an earlier message: Enter resends from there (later messages are "
                                  "dropped), Esc cancels.")
@@ -313,177 +289,52 @@ class ChatPanel(QWidget):
 
     def stop(self) -> None:
         """Stop the reply being generated; what was written so far stays."""
-        if self._job is not None:
-            self._job.cancel()
-            self.stats.state_label.setText("Stopping…")
+        self.controller.stop()
 
     def sampler_settings(self) -> SamplerSettings:
         return self.sampling.settings()
 
-    def _append_user_message(self, text: str) -> None:
-        if not self.conversation.titled_by_user and not any(m.role == "user" for m in self.messages.messages()):
-            self.conversation.title = title_from_text(text)
-            self.title_label.setText(self.conversation.title)
-        self.messages.append_message(Message("user", text))
+    def _show_stats(self, stats: TurnStats) -> None:
+        self.stats.show_stats(stats.prompt_tps, stats.generation_tps, stats.context_used, stats.n_ctx)
 
-    def _start_turn(self) -> None:
-        self._sync_conversation()
-        request = ChatRequest(self.loaded, self.run_config, self.placement,
-                              tuple(self.conversation.chat_messages()), self.sampler_settings(),
-                              self.sampling.max_tokens.value())
-        self._save_conversation()
-        self.messages.append_message(Message("assistant", ""), streaming=True)
-        self.message_view.scrollToBottom()
-        self._pending_text, self._last_event = "", None
-        handle = self.bridge.submit(partial(self.runner.turn, request), "chat reply")
-        self._job = handle
-        handle.started.connect(lambda: self.stats.state_label.setText("Reading the prompt…"))
-        handle.progress.connect(self._on_progress)
-        handle.yielded.connect(self._on_yielded)
-        handle.returned.connect(lambda result: self._on_turn_returned(handle, result))
-        handle.cancelled.connect(lambda: self._end_turn(handle, FINISH_CANCELLED))
-        handle.errored.connect(lambda message: self._end_turn(handle, "error", message))
-        self._flush_timer.start()
-        self._update_actions()
+    def _on_reply_growing(self) -> None:
+        self._following = self.message_view.is_at_bottom()
 
-    def _on_turn_returned(self, handle, counts) -> None:
-        if counts is not None and counts.size:
-            self.expert_counts.emit(counts)
-        self._end_turn(handle, self._finish_reason())
-
-    def _finish_reason(self) -> str:
-        return (self._last_event.finish_reason if self._last_event is not None else None) or "stop"
-
-    def _on_progress(self, done: int, total: int, text: str) -> None:
-        if total > 0:
-            self.stats.state_label.setText(f"Reading the prompt: {done:,} / {total:,} tokens")
-        elif text:
-            self.stats.state_label.setText(text[0].upper() + text[1:] + "…")
-
-    def _on_yielded(self, item: object) -> None:
-        if isinstance(item, TurnStarted):
-            self.last_turn = item
-            self._n_ctx = item.n_ctx
-            self.stats.show_stats(None, None, item.reused_tokens, item.n_ctx)
-            return
-        if isinstance(item, GenerationEvent):
-            self._pending_text += item.text
-            if self._last_event is None:
-                self.stats.state_label.setText("Writing…")
-            self._last_event = item
-
-    def _flush_pending(self) -> None:
-        row = self.messages.streaming_row
-        if row < 0:
-            return
-        event = self._last_event
-        if event is not None:
-            self.stats.show_stats(event.prompt_tps, event.generation_tps, event.context_used, self._n_ctx)
-        if not self._pending_text:
-            return
-        follow = self.message_view.is_at_bottom()
-        self.messages.append_text(row, self._pending_text)
-        self._pending_text = ""
-        if follow:
+    def _on_reply_grew(self) -> None:
+        if self._following:
             self.message_view.scrollToBottom()
 
-    def _end_turn(self, handle: JobHandle, reason: str, error: str = "") -> None:
-        """The reply is over: keep what was written (a turn that wrote nothing leaves no bubble)."""
-        if handle is not self._job:
-            return
-        self._flush_pending()
-        self._flush_timer.stop()
-        row = self.messages.streaming_row
-        event = self._last_event
-        stats = {}
-        if event is not None:
-            stats = {"prompt_tokens": event.prompt_tokens, "prompt_tps": round(event.prompt_tps, 2),
-                     "generation_tokens": event.generation_tokens,
-                     "generation_tps": round(event.generation_tps, 2), "context_used": event.context_used}
-        stats["finish_reason"] = reason
-        self.messages.finish_streaming(stats, error)
-        if row >= 0 and not self.messages.message(row).content:
-            self.messages.truncate(row)
-        if error:
-            self.show_error(error)
-        self.stats.state_label.setText({"cancelled": "Stopped", "error": "Failed"}.get(reason, ""))
-        self._sync_conversation()
-        self._save_conversation()
-        self._job = None
-        self._update_actions()
-        self.turn_finished.emit(reason)
-
     def show_error(self, text: str) -> None:
-        log.info("chat: %s", text)
         self.message_bar.show_message(text, MessageBar.ERROR)
-        self.error_occurred.emit(text)
 
     # --- conversations --------------------------------------------------------------------------
 
     def new_conversation(self) -> None:
-        if self.is_generating:
-            return
-        self._sync_conversation()
-        self._show_conversation(Conversation())
+        self.controller.new_conversation()
 
     def open_conversation(self, conversation_id: str) -> bool:
-        if self.is_generating:
-            return False
-        if conversation_id == self.conversation.id:
-            return True
-        try:
-            conversation = self.store.load(conversation_id)
-        except ValueError as e:
-            self.show_error(str(e))
-            return False
-        self._sync_conversation()
-        self._show_conversation(conversation)
-        return True
+        return self.controller.open_conversation(conversation_id)
 
     def rename_conversation(self, conversation_id: str, title: str) -> None:
-        title = title.strip()
-        if not title:
-            return
-        row = self.conversations.row_of(conversation_id)
-        if row >= 0 and self.conversations.summary_at(row).title != title:
-            self.conversations.setData(self.conversations.index(row), title)   # comes back here through title_edited
-            return
-        if conversation_id == self.conversation.id:
-            self.conversation.title, self.conversation.titled_by_user = title, True
-            self.title_label.setText(title)
-            if self.conversation.messages:
-                self._save_conversation()
-        else:
-            self._write(partial(self.store.rename, conversation_id, title))
+        self.controller.rename_conversation(conversation_id, title)
 
     def delete_conversation(self, conversation_id: str) -> bool:
-        if self.is_generating:
-            return False
-        row = self.conversations.row_of(conversation_id)
-        title = self.conversations.summary_at(row).title if row >= 0 else self.conversation.title
-        if row < 0 and conversation_id != self.conversation.id:
-            return False
-        if not self.dialogs.confirm_delete(self, title):
+        title = self.controller.title_of(conversation_id)
+        if self.is_generating or title is None or not self.dialogs.confirm_delete(self, title):
             return False
         self._selecting = True      # the list moves its selection to a neighbour: that is not a choice
         try:
-            self.conversations.remove(conversation_id)
+            return self.controller.delete_conversation(conversation_id)
         finally:
             self._selecting = False
-        self._write(partial(self.store.delete, conversation_id))
-        if conversation_id == self.conversation.id:
-            self._show_conversation(Conversation())
-        return True
 
     def _rename_current(self) -> None:
         row = self.conversations.row_of(self.conversation.id)
         if row >= 0:
             self.conversation_view.edit(self.conversations.index(row))
 
-    def _show_conversation(self, conversation: Conversation) -> None:
+    def _on_conversation_shown(self, conversation: Conversation) -> None:
         self._end_edit()
-        self.conversation = conversation
-        self.messages.set_messages(conversation.messages)
         self.system_prompt.blockSignals(True)
         self.system_prompt.setPlainText(conversation.system_prompt)
         self.system_prompt.blockSignals(False)
@@ -511,48 +362,15 @@ class ChatPanel(QWidget):
             self._select_in_list(self.conversation.id)
 
     def _on_system_prompt_changed(self) -> None:
-        self.conversation.system_prompt = self.system_prompt.toPlainText()
-
-    def _load_conversation_list(self) -> None:
-        try:
-            self.store.remove_stale_temps()
-            self.conversations.set_conversations(self.store.list())
-        except OSError as e:
-            self.show_error(f"Cannot read the saved conversations in {self.store.directory}: {e}")
-
-    def _sync_conversation(self) -> None:
-        self.conversation.messages = self.messages.messages()
-        self.conversation.system_prompt = self.system_prompt.toPlainText()
-
-    def _save_conversation(self) -> None:
-        """Save a snapshot of the open conversation on the writer thread; empty ones are not kept."""
-        if not self.conversation.messages:
-            return
-        self.conversation.touch()
-        snapshot = Conversation.from_dict(self.conversation.to_dict())
-        self.conversations.upsert(snapshot.summary())
-        self._select_in_list(snapshot.id)
-        self._write(partial(self.store.save, snapshot))
-
-    def _write(self, action) -> None:
-        self._writer.submit(action)
-
-    def _on_save_failed(self, message: str) -> None:
-        self.show_error(f"Could not save the conversation: {message}")
+        self.controller.set_system_prompt(self.system_prompt.toPlainText())
 
     def flush_saves(self, timeout_s: float = 10.0) -> bool:
         """Wait for pending saves; True when all are on disk."""
-        return self._writer.flush(timeout_s)
+        return self.controller.flush_saves(timeout_s)
 
     def shutdown(self) -> None:
         """Stop a reply, save the open conversation and wait for the writer (the app is quitting)."""
-        self.stop()
-        if self.messages.streaming_row >= 0:
-            self._flush_pending()
-        self._sync_conversation()
-        if self.conversation.messages:
-            self._save_conversation()
-        self._writer.close()
+        self.controller.shutdown()
 
     # --- menus and small actions ------------------------------------------------------------------
 
@@ -585,10 +403,10 @@ class ChatPanel(QWidget):
         if index.isValid():
             QGuiApplication.clipboard().setText(self.messages.message(index.row()).content)
 
-    def _update_actions(self) -> None:
+    def _update_actions(self, *_args) -> None:
         busy = self.is_generating
         has_model = self.loaded is not None
-        has_user_turn = any(m.role == "user" for m in self.messages.messages())
+        has_user_turn = self.controller.has_user_turn
         self.send_button.setVisible(not busy)
         self.stop_button.setVisible(busy)
         self.send_button.setEnabled(has_model and bool(self.input.toPlainText().strip()))
@@ -609,7 +427,7 @@ class ChatPanel(QWidget):
         """Show a conversation without a model (for screenshots): (role, text) pairs or Messages."""
         conversation = Conversation(title=title or "Demo conversation")
         conversation.messages = [m if isinstance(m, Message) else Message(m[0], m[1]) for m in messages]
-        self._show_conversation(conversation)
+        self.controller.show_conversation(conversation)
         if model_name:
             self.model_label.setText(model_name)
         if stats is not None:

@@ -1,6 +1,3 @@
-import time
-
-import numpy as np
 import pytest
 from gguf.constants import Keys
 from PySide6.QtCore import Qt
@@ -9,10 +6,10 @@ from app.bridge import LoadedModel
 from app.conversations import ConversationStore, ConversationSummary, Message
 from app.models.chat import (ConversationIdRole, ConversationListModel, ErrorRole, MessageListModel, SpeakerRole,
                              StatsRole, StreamingRole, format_stats)
-from app.engine_jobs import ChatRunner, default_model_factory
+from app.engine_jobs import ChatRunner
 from app.widgets.chat import ChatPanel
 from engine.run_config import RunConfig
-from engine.text.tokenizer import Tokenizer
+from slow_model import factory
 
 TURN_TIMEOUT_MS = 60_000
 
@@ -26,34 +23,6 @@ def loaded(fixtures_dir) -> LoadedModel:
     path = fixtures_dir / "llama-moe" / "Q4_K_M.gguf"
     model_file = ModelFile(path)
     return LoadedModel(path, model_file, Inventory.from_model_file(model_file), 0.0)
-
-
-class ModelForTests:
-    """The real model, slowed down per evaluation and, when `endless`, never picking an
-    end-of-generation token: replies run to max_tokens or a Stop, whatever the random weights say."""
-
-    def __init__(self, model, delay_s: float, endless: bool, metadata_overrides: dict | None = None):
-        self._model = model
-        self._delay_s = delay_s
-        self._eog_ids = sorted(Tokenizer.from_metadata(model.metadata).eog_ids) if endless else []
-        self.metadata = {**model.metadata, **(metadata_overrides or {})}
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def eval_logits(self, tokens, cache=None, positions=None, **kwargs):
-        time.sleep(self._delay_s)
-        logits = self._model.eval_logits(tokens, cache, positions, **kwargs)
-        if self._eog_ids:
-            logits[:, self._eog_ids] = np.float32(-1e9)
-        return logits
-
-
-def factory(delay_s: float = 0.0, endless: bool = True, metadata_overrides: dict | None = None):
-    def make(model_file, run_config, placement):
-        return ModelForTests(default_model_factory(model_file, run_config, placement), delay_s, endless,
-                             metadata_overrides)
-    return make
 
 
 class FakeDialogs:
@@ -198,7 +167,7 @@ def test_stop_cancels_mid_generation_and_keeps_the_partial_reply(qtbot, panel):
     panel.runner.model_factory = factory(delay_s=0.03)
     panel.sampling.max_tokens.setValue(100_000)
     assert panel.send("Tell me a long story")
-    handle = panel._job
+    handle = panel.controller.job
     assert panel.stop_button.isVisible() and not panel.regenerate_button.isEnabled()
     qtbot.waitUntil(lambda: len(panel.messages.message(1).content) > 0, timeout=TURN_TIMEOUT_MS)
     with qtbot.waitSignals([handle.cancelled, panel.turn_finished], timeout=10_000):
