@@ -11,7 +11,18 @@ overrides in command-line order; the first pattern found in a tensor's name wins
 
 Emission finds the shortest `-ngl`/`-ts` that reproduces the plan's layer devices and covers
 the tensors placed elsewhere with as few, as short `-ot` regexes as it can, then checks itself
-by parsing what it wrote.
+by parsing what it wrote. The line is complete: `-m`, the run settings that differ from the
+tool's defaults and any `--override-kv` are part of it, so parsing it back gives the same
+placement and the same settings. A line is read from the tool's own defaults, never merged into
+earlier settings.
+
+Two dialects: "llama.cpp" and "ik_llama.cpp". ik_llama.cpp turns flash attention on unless told
+otherwise and reads `--n-cpu-moe` with its own layer choice over several GPUs, so its lines
+say `-fa off` where needed and never use `--n-cpu-moe`.
+
+Settings llama.cpp refuses or changes at context creation (`llama_init_from_model` in
+src/llama-context.cpp) are reported by `refused_combinations`: a quantized V cache with flash
+attention off, different K and V cache types on an MLA model, an ubatch above the batch.
 """
 from __future__ import annotations
 
@@ -23,6 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
+from engine.arch.overrides import OverrideError, parse_override_kv_list
 from engine.gguf import ggml_types
 from engine.plan.inventory import Inventory
 from engine.plan.placement import Placement, Rule, compile_rules
@@ -31,6 +43,12 @@ from engine.run_config import KV_CACHE_TYPES, RunConfig
 
 # llama.cpp's defaults where they differ from a RunConfig(): -c 0 is the training context
 LLAMA_CPP_DEFAULTS = RunConfig(n_ctx=0)
+# ik_llama.cpp (common/common.h): flash attention on by default; its "-fa auto" also means on
+IK_LLAMA_CPP_DEFAULTS = LLAMA_CPP_DEFAULTS.replace(flash_attn="on")
+LLAMA_CPP, IK_LLAMA_CPP = "llama.cpp", "ik_llama.cpp"
+DIALECTS = {LLAMA_CPP: LLAMA_CPP_DEFAULTS, IK_LLAMA_CPP: IK_LLAMA_CPP_DEFAULTS}
+# KV cache types stored in blocks (ggml_is_quantized): llama.cpp needs flash attention for such a V
+QUANTIZED_KV_TYPES = frozenset(("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"))
 
 # common.h: LLM_FFN_EXPS_REGEX / LLM_FFN_DENSE_REGEX, behind "blk\.<il>" for --n-cpu-moe
 CPU_MOE_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
@@ -48,7 +66,7 @@ for _key, _arity, _spellings in [
         ("dev", 1, "-dev --device"), ("c", 1, "-c --ctx-size"), ("ctk", 1, "-ctk --cache-type-k"),
         ("ctv", 1, "-ctv --cache-type-v"), ("b", 1, "-b --batch-size"), ("ub", 1, "-ub --ubatch-size"),
         ("fa", OPTIONAL, "-fa --flash-attn"), ("nofa", 0, "-no-fa --no-flash-attn"), ("t", 1, "-t --threads"),
-        ("np", 1, "-np --parallel"), ("m", 1, "-m --model")]:
+        ("np", 1, "-np --parallel"), ("m", 1, "-m --model"), ("okv", 1, "-okv --override-kv")]:
     HANDLED.update({s: (_key, _arity) for s in _spellings.split()})
 
 # ik_llama.cpp-only flags (its common/common.cpp): recognised, reported, not modelled.
@@ -89,7 +107,7 @@ OTHER_KNOWN.update({s: 1 for s in (
     "--reasoning-format --reasoning-budget --spec-type -ns --sequences --keep --chunks --cache-reuse "
     "--slot-save-path --log-file --verbosity -cram --cache-ram -ctxcp --ctx-checkpoints -fitt --fit-target "
     "--grammar --grammar-file -j --json-schema -r --reverse-prompt --in-prefix --in-suffix -l --logit-bias "
-    "-okv --override-kv --rpc --path -sys --system-prompt").split()})
+    "--rpc --path -sys --system-prompt").split()})
 OTHER_KNOWN.update({"-fit": OPTIONAL, "--fit": OPTIONAL})
 
 FLAG_VALUES = {"fa": {"on", "off", "auto", "1", "0", "-1", "true", "false", "enabled", "disabled"},
@@ -108,6 +126,9 @@ class ParsedArgs:
     overrides: list[Rule]                     # -ot, --cpu-moe, --n-cpu-moe in command-line order
     n_gpu_layers: int                         # as given; negative: all ('auto', 'all')
     tensor_split: list[float] | None
+    model_path: str | None = None             # -m
+    override_kv: tuple[str, ...] = ()         # --override-kv, one KEY=TYPE:VALUE each, in order
+    warnings: tuple[str, ...] = ()            # settings llama.cpp refuses or changes (refused_combinations)
 
 
 @dataclass
@@ -122,6 +143,8 @@ class _State:
     gpu_filter: list[str] | None = None
     overrides: list[Rule] = field(default_factory=list)
     run: dict = field(default_factory=dict)
+    model_path: str | None = None
+    override_kv: list[str] = field(default_factory=list)
 
     def note(self, flag: str, status: str, message: str) -> None:
         self.report.append((flag, status, message))
@@ -142,8 +165,12 @@ def _looks_like_flag(token: str) -> bool:
 
 
 def parse_llama_args(args: str | Sequence[str], inventory: Inventory, devices: Sequence,
-                     base: RunConfig = LLAMA_CPP_DEFAULTS) -> ParsedArgs:
-    """A llama.cpp / ik_llama.cpp command line -> placement, run settings and a per-flag report."""
+                     base: RunConfig | None = None, dialect: str = LLAMA_CPP) -> ParsedArgs:
+    """A llama.cpp / ik_llama.cpp command line -> placement, run settings and a per-flag report.
+
+    Settings the line does not give are the tool's defaults (`base`, normally left out), not
+    whatever was set before: a pasted line means what it means to llama.cpp."""
+    base = DIALECTS[dialect] if base is None else base
     tokens = shlex.split(args) if isinstance(args, str) else list(args)
     names = [d.name for d in devices]
     state = _State(cpu="CPU" if "CPU" in names else names[0], device_names=names, run={})
@@ -307,7 +334,18 @@ def _parallel(state: _State, flag: str, value: str) -> None:
 
 
 def _model(state: _State, flag: str, value: str) -> None:
-    state.note(flag, IGNORED, f"model file {value}; the plan is for the loaded model")
+    state.model_path = value
+    state.note(flag, NOT_PLACEMENT, f"model file {value}; kept in the line, the plan is for the open model")
+
+
+def _override_kv(state: _State, flag: str, value: str) -> None:
+    try:
+        overrides = parse_override_kv_list(value)
+    except (OverrideError, ValueError) as e:
+        raise ValueError(f"{flag}: {e}") from None
+    state.override_kv.extend(str(o) for o in overrides)
+    state.note(flag, APPLIED, f"{len(overrides)} metadata override(s) kept in the line: "
+                              + ", ".join(str(o) for o in overrides))
 
 
 _HANDLERS = {
@@ -316,7 +354,7 @@ _HANDLERS = {
     "c": _run_int("n_ctx", 0, "context"), "b": _run_int("n_batch", 1, "batch"),
     "ub": _run_int("n_ubatch", 1, "ubatch"), "t": _threads,
     "ctk": _cache_type("type_k"), "ctv": _cache_type("type_v"), "fa": _flash_attn, "nofa": _no_flash_attn,
-    "np": _parallel, "m": _model,
+    "np": _parallel, "m": _model, "okv": _override_kv,
 }
 
 
@@ -350,8 +388,25 @@ def _finish(state: _State, inventory: Inventory, devices: Sequence, base: RunCon
         state.run["split_mode"] = state.split_mode
     layer_devices = llama_layer_devices(inventory.n_layer, n_gpu_layers, gpus, state.tensor_split, state.cpu)
     placement = Placement.from_rules(inventory, devices, layer_devices, state.overrides)
-    return ParsedArgs(placement, base.replace(**state.run), state.report, layer_devices, list(state.overrides),
-                      n_gpu_layers, state.tensor_split)
+    run_config = base.replace(**state.run)
+    return ParsedArgs(placement, run_config, state.report, layer_devices, list(state.overrides),
+                      n_gpu_layers, state.tensor_split, state.model_path, tuple(state.override_kv),
+                      tuple(refused_combinations(run_config, inventory.hparams)))
+
+
+def refused_combinations(rc: RunConfig, hparams=None) -> list[str]:
+    """Settings llama.cpp refuses, or silently changes, when it creates the context
+    (llama_init_from_model and the llama_context constructor)."""
+    problems = []
+    if rc.type_v in QUANTIZED_KV_TYPES and rc.flash_attn == "off":
+        problems.append(f"llama.cpp refuses a quantized V cache (-ctv {rc.type_v}) with flash attention off "
+                        f"(-fa off): use -fa on or auto, or -ctv f16")
+    if getattr(hparams, "is_mla", False) and rc.type_k != rc.type_v:
+        problems.append(f"llama.cpp refuses different K and V cache types on an MLA model "
+                        f"(-ctk {rc.type_k} -ctv {rc.type_v}): give both the same type")
+    if rc.n_ubatch > rc.n_batch:
+        problems.append(f"-ub {rc.n_ubatch} is above -b {rc.n_batch}: llama.cpp runs with -ub {rc.n_batch}")
+    return problems
 
 
 def split_points(gpus: Sequence, tensor_split: Sequence[float] | None) -> list[np.float32]:
@@ -396,32 +451,48 @@ class EmittedArgs:
     text: str           # shell-quoted
     exact: bool         # parsing `args` gives every tensor the device the placement gives it
     notes: list[str]
+    run_config: RunConfig | None = None     # the settings as written (what parsing `args` gives back)
 
 
 def emit_llama_args(placement: Placement, run_config: RunConfig, devices: Sequence,
-                    use_n_cpu_moe: bool = True) -> EmittedArgs:
-    """The shortest command line we find that places every tensor as `placement` does."""
+                    use_n_cpu_moe: bool = True, model_path: str | None = None,
+                    override_kv: Sequence[str] = (), dialect: str = LLAMA_CPP) -> EmittedArgs:
+    """The shortest command line we find that places every tensor as `placement` does, with
+    `-m`, the run settings and the metadata overrides, for llama.cpp or ik_llama.cpp."""
     missing = set(placement.device_names) - {d.name for d in devices}
     if missing:
         raise ValueError(f"the placement uses {', '.join(sorted(missing))}, which is not among the devices")
+    defaults = DIALECTS[dialect]
     notes: list[str] = []
     targets = _whole_tensor_devices(placement, notes)
     gpus = [d for d in devices if d.is_gpu]
     layer_args, layer_devices, run_config = _layer_args(placement, targets, gpus, run_config, notes)
+    run_config = _as_written(run_config, dialect)
     base = _base_devices(placement, layer_devices)
-    rules, macros = synthesize_rules(placement, targets, base, _moe_macros(placement, use_n_cpu_moe))
+    macros = _moe_macros(placement, use_n_cpu_moe and dialect == LLAMA_CPP)
+    rules, macros = synthesize_rules(placement, targets, base, macros)
     moe_args = [arg for macro in macros for arg in macro.text.split()]
-    args = _assemble(layer_args, rules, moe_args, run_config)
-    mismatched = _mismatches(args, placement, devices, targets)
+    head = (["-m", str(model_path)] if model_path else []) + layer_args
+    tail = _run_args(run_config, defaults) + [a for kv in override_kv for a in ("--override-kv", kv)]
+    args = _assemble(head, rules, moe_args, tail)
+    mismatched = _mismatches(args, placement, devices, targets, dialect)
     if mismatched:      # a safety net: pin each one with an exact pattern ahead of the others
         notes.append(f"{len(mismatched)} tensors the rule search missed are pinned by name")
         rules = [(f"^{re.escape(name)}$", device) for name, device in mismatched] + rules
-        args = _assemble(layer_args, rules, moe_args, run_config)
-        if _mismatches(args, placement, devices, targets):
+        args = _assemble(head, rules, moe_args, tail)
+        if _mismatches(args, placement, devices, targets, dialect):
             notes.append("the command line does not reproduce every tensor's device")
-            return EmittedArgs(args, shlex.join(args), False, notes)
+            return EmittedArgs(args, shlex.join(args), False, notes, run_config)
     _note_kv_homes(placement, layer_devices, notes)
-    return EmittedArgs(args, shlex.join(args), not placement.split_tensors(), notes)
+    notes += refused_combinations(run_config, placement.inventory.hparams)
+    return EmittedArgs(args, shlex.join(args), not placement.split_tensors(), notes, run_config)
+
+
+def _as_written(rc: RunConfig, dialect: str) -> RunConfig:
+    """The settings a line can carry: ik_llama.cpp has no 'auto' flash attention (it means on)."""
+    if dialect == IK_LLAMA_CPP and rc.flash_attn == "auto":
+        return rc.replace(flash_attn="on")
+    return rc
 
 
 def _moe_macros(placement: Placement, use_n_cpu_moe: bool) -> list[RuleMacro]:
@@ -481,16 +552,17 @@ def _layer_args(placement: Placement, targets: list[str], gpus: list, rc: RunCon
                 notes: list[str]) -> tuple[list[str], list[str], RunConfig]:
     """-ngl, -ts and -sm for the best layer split; the layer devices; the run config as written."""
     n_layer, cpu = placement.n_layer, placement.input_device
-    if not gpus:
-        return [], [cpu] * (n_layer + 1), rc
+    if not gpus:        # -sm and -mg mean nothing without a GPU: llama.cpp's defaults
+        return [], [cpu] * (n_layer + 1), rc.replace(split_mode="layer", main_gpu=0)
     path = _layer_states(placement, targets, [cpu] + [d.name for d in gpus])
     first_gpu = next((p for p, s in enumerate(path) if s), n_layer + 1)
     n_gpu_layers = n_layer + 1 - first_gpu
     want = [cpu if s == 0 else gpus[s - 1].name for s in path]
     args = ["-ngl", str(n_gpu_layers)]
     used = sorted({s - 1 for s in path if s})
-    if rc.split_mode == "none" and len(used) == 1:
-        return args + ["-sm", "none"], want, rc.replace(main_gpu=used[0])
+    if rc.split_mode == "none" and len(used) <= 1:
+        main_gpu = used[0] if used else min(max(rc.main_gpu, 0), len(gpus) - 1)
+        return args + ["-sm", "none"], want, rc.replace(main_gpu=main_gpu)
     if rc.split_mode == "none":
         notes.append("split mode 'none' keeps one GPU; this plan uses several, so it is written as a layer split")
         rc = rc.replace(split_mode="layer")
@@ -520,26 +592,26 @@ def _shortest_split(n_layer: int, n_gpu_layers: int, gpus: list, path: list[int]
     return counts
 
 
-def _assemble(layer_args: list[str], rules: list[Rule], moe_args: list[str], rc: RunConfig) -> list[str]:
-    args = list(layer_args)
+def _assemble(head: list[str], rules: list[Rule], moe_args: list[str], tail: list[str]) -> list[str]:
+    args = list(head)
     if rules:
         args += ["-ot", ",".join(f"{pattern}={device}" for pattern, device in rules)]
-    return args + moe_args + _run_args(rc)
+    return args + moe_args + tail
 
 
-def _run_args(rc: RunConfig) -> list[str]:
-    d = LLAMA_CPP_DEFAULTS
+def _run_args(rc: RunConfig, defaults: RunConfig = LLAMA_CPP_DEFAULTS) -> list[str]:
     args = []
     for flag, name in (("-mg", "main_gpu"), ("-c", "n_ctx"), ("-b", "n_batch"), ("-ub", "n_ubatch"),
                        ("-ctk", "type_k"), ("-ctv", "type_v"), ("-fa", "flash_attn"), ("-np", "n_seq"),
                        ("-t", "n_threads")):
-        if getattr(rc, name) != getattr(d, name):
+        if getattr(rc, name) != getattr(defaults, name):
             args += [flag, str(getattr(rc, name))]
     return args
 
 
-def _mismatches(args: list[str], placement: Placement, devices: Sequence, targets: list[str]) -> list[tuple[str, str]]:
-    parsed = parse_llama_args(args, placement.inventory, devices)
+def _mismatches(args: list[str], placement: Placement, devices: Sequence, targets: list[str],
+                dialect: str = LLAMA_CPP) -> list[tuple[str, str]]:
+    parsed = parse_llama_args(args, placement.inventory, devices, dialect=dialect)
     got = parsed.placement
     return [(name, want) for name, want in zip(placement.names, targets) if got.device_of(name) != want]
 

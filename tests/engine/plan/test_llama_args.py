@@ -7,7 +7,10 @@ from fractions import Fraction
 import pytest
 
 from engine.devices import Device, simulated_gpus
-from engine.plan.llama_args import LLAMA_CPP_DEFAULTS, emit_llama_args, llama_layer_devices, parse_llama_args
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from engine.plan.llama_args import (IK_LLAMA_CPP_DEFAULTS, KV_CACHE_TYPES, LLAMA_CPP_DEFAULTS, emit_llama_args,
+                                    llama_layer_devices, parse_llama_args, refused_combinations)
 from engine.plan.placement import Placement, TensorRef
 from preset_inventory import make_inventory
 from engine.run_config import RunConfig
@@ -247,7 +250,7 @@ def test_program_name_model_and_unknown_flags_are_reported_not_fatal():
                               make_inventory("tiny-deepseek-v3"), ONE_GPU)
     report = {flag: (status, message) for flag, status, message in parsed.report}
     assert report["llama-cli"] == ("ignored", "program name")
-    assert report["-m"][0] == "ignored"
+    assert report["-m"][0] == "not-placement" and parsed.model_path == "/models/x.gguf"
     assert report["--frobnicate"] == ("ignored", "unknown flag; took '3' as its value")
     assert report["--wibble"] == ("ignored", "unknown flag")
     assert report["--seed"][0] == report["--jinja"][0] == "not-placement"
@@ -339,3 +342,95 @@ def test_emitted_lines_parse_back_to_the_same_placement(preset_name):
             assert not any("missed" in note for note in emitted.notes), emitted.text
             again = parse_llama_args(emitted.args, inventory, devices).placement
             assert again.tensor_devices() == placement.tensor_devices(), emitted.text
+
+
+# --- the whole line round-trips: placement, settings, -m and --override-kv ----------------------
+
+def run_configs():
+    return st.builds(
+        RunConfig, n_ctx=st.sampled_from([0, 512, 4096, 8192, 131072]), n_batch=st.sampled_from([512, 2048, 4096]),
+        n_ubatch=st.sampled_from([128, 512, 1024]), type_k=st.sampled_from(KV_CACHE_TYPES),
+        type_v=st.sampled_from(KV_CACHE_TYPES), flash_attn=st.sampled_from(["auto", "on", "off"]),
+        n_seq=st.integers(1, 4), split_mode=st.sampled_from(["layer", "row", "none"]), main_gpu=st.integers(0, 2),
+        n_threads=st.integers(0, 64))
+
+
+OVERRIDES = ["deepseek2.expert_used_count=int:6", "general.name=str:My Model", "tokenizer.ggml.add_bos_token=bool:false"]
+ROUND_TRIP_PRESETS = {name: make_inventory(name) for name in ("tiny-deepseek-v3", "tiny-llama-4", "tiny-qwen3-moe")}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(preset_name=st.sampled_from(sorted(ROUND_TRIP_PRESETS)), devices=st.sampled_from([THREE_GPUS, ONE_GPU, [CPU]]),
+       seed=st.integers(0, 2**32 - 1), rc=run_configs(), model=st.sampled_from([None, "/models/My Model-Q4_K_M.gguf"]),
+       override_kv=st.lists(st.sampled_from(OVERRIDES), max_size=2, unique=True),
+       dialect=st.sampled_from(["llama.cpp", "ik_llama.cpp"]))
+def test_any_plan_round_trips_through_its_line(preset_name, devices, seed, rc, model, override_kv, dialect):
+    inventory = ROUND_TRIP_PRESETS[preset_name]
+    placement = random_placement(inventory, devices, random.Random(seed))
+    emitted = emit_llama_args(placement, rc, devices, model_path=model, override_kv=override_kv, dialect=dialect)
+    assert emitted.exact, emitted.notes
+    again = parse_llama_args(emitted.text, inventory, devices, dialect=dialect)
+    assert again.placement.tensor_devices() == placement.tensor_devices(), emitted.text
+    assert again.run_config == emitted.run_config, emitted.text
+    assert again.model_path == model and list(again.override_kv) == override_kv
+    # the line changes only what llama.cpp cannot mean: -sm none over several GPUs (a layer split,
+    # noted), -sm/-mg without a GPU, and ik_llama.cpp's 'auto' flash attention (on)
+    written = emitted.run_config
+    assert written.replace(split_mode=rc.split_mode, main_gpu=rc.main_gpu, flash_attn=rc.flash_attn) == rc
+    if (written.split_mode, written.main_gpu) != (rc.split_mode, rc.main_gpu):
+        assert rc.split_mode == "none" or len(devices) == 1
+    if rc.split_mode == "none" and written.split_mode == "layer" and len(devices) > 1:
+        assert any("split mode 'none'" in note for note in emitted.notes)
+    assert written.flash_attn == ("on" if dialect == "ik_llama.cpp" and rc.flash_attn == "auto" else rc.flash_attn)
+    if dialect == "ik_llama.cpp":
+        assert "--n-cpu-moe" not in emitted.args
+
+
+def test_a_line_starts_from_llama_cpp_defaults_not_earlier_settings():
+    inventory = make_inventory("tiny-deepseek-v3")
+    earlier = parse_llama_args("-ngl 0 -ctk q8_0 -ctv q8_0 -fa off -c 8192", inventory, ONE_GPU).run_config
+    pasted = parse_llama_args("-ngl 99 --n-cpu-moe 3", inventory, ONE_GPU)
+    assert earlier.type_k == "q8_0" and earlier.flash_attn == "off"
+    assert pasted.run_config == LLAMA_CPP_DEFAULTS
+    assert parse_llama_args("-ngl 99", inventory, ONE_GPU, dialect="ik_llama.cpp").run_config == IK_LLAMA_CPP_DEFAULTS
+
+
+def test_model_path_and_override_kv_are_kept_in_the_line():
+    inventory = make_inventory("tiny-deepseek-v3")
+    parsed = parse_llama_args("llama-server -m '/m/DeepSeek V3.gguf' -ngl 99 --override-kv "
+                              "deepseek2.expert_used_count=int:6,general.name=str:x -c 4096", inventory, ONE_GPU)
+    assert parsed.override_kv == ("deepseek2.expert_used_count=int:6", "general.name=str:x")
+    emitted = emit_llama_args(parsed.placement, parsed.run_config, ONE_GPU, model_path=parsed.model_path,
+                              override_kv=parsed.override_kv)
+    assert emitted.text == ("-m '/m/DeepSeek V3.gguf' -ngl 5 -c 4096 --override-kv deepseek2.expert_used_count=int:6 "
+                            "--override-kv general.name=str:x")
+    with pytest.raises(ValueError, match="--override-kv: .*int:, float:, bool: or str:"):
+        parse_llama_args("--override-kv deepseek2.expert_used_count=6", inventory, ONE_GPU)
+
+
+def test_ik_lines_turn_flash_attention_off_explicitly_and_avoid_n_cpu_moe():
+    inventory = make_inventory("deepseek-v3")
+    parsed = parse_llama_args("-ngl 99 -ts 1,1,1,1 --n-cpu-moe 10 -fa off", inventory, FOUR_GPUS)
+    emitted = emit_llama_args(parsed.placement, parsed.run_config, FOUR_GPUS, dialect="ik_llama.cpp")
+    assert emitted.text == r"-ngl 62 -ts 1,1,1,1 -ot 'blk\.[3-9]\.ffn_.*_exps=CPU' -fa off"
+    default_fa = emit_llama_args(parsed.placement, LLAMA_CPP_DEFAULTS, FOUR_GPUS, dialect="ik_llama.cpp")
+    assert "-fa" not in default_fa.args and default_fa.run_config.flash_attn == "on"
+
+
+@pytest.mark.parametrize("line, preset_name, words", [
+    ("-ctv q8_0 -fa off", "tiny-qwen3-moe", "quantized V cache (-ctv q8_0) with flash attention off"),
+    ("-ctk q8_0 -ctv f16", "tiny-deepseek-v3", "different K and V cache types on an MLA model"),
+    ("-b 256 -ub 512", "tiny-qwen3-moe", "-ub 512 is above -b 256"),
+])
+def test_combinations_llama_cpp_refuses_are_warned_about_both_ways(line, preset_name, words):
+    inventory = make_inventory(preset_name)
+    parsed = parse_llama_args(line, inventory, ONE_GPU)
+    assert any(words in w for w in parsed.warnings), parsed.warnings
+    emitted = emit_llama_args(parsed.placement, parsed.run_config, ONE_GPU)
+    assert any(words in n for n in emitted.notes), emitted.notes
+
+
+def test_allowed_combinations_carry_no_warning():
+    hparams = make_inventory("tiny-deepseek-v3").hparams
+    assert refused_combinations(RunConfig(type_k="q8_0", type_v="q8_0", flash_attn="auto"), hparams) == []
+    assert refused_combinations(RunConfig(type_k="q8_0", flash_attn="off"), make_inventory("tiny-qwen3-moe").hparams) == []
