@@ -3,8 +3,11 @@ so that none of them imports PySide6."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import os
 import sys
+from pathlib import Path
 
 # subcommand -> (module, one-line help). Each module has add_arguments(parser) and run(args) -> int.
 COMMANDS = {
@@ -29,6 +32,8 @@ def app_parser() -> argparse.ArgumentParser:
         epilog=f"commands (offload-studio COMMAND --help):\n{commands}")
     parser.add_argument("model", nargs="?", help="GGUF file to open in the app (default: the built-in model)")
     parser.add_argument("--sim-gpus", help="simulated GPUs, e.g. 24GiB,24GiB,48GiB")
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help="show the full traceback of an error instead of its one-line message")
     return parser
 
 
@@ -65,30 +70,59 @@ def split_llama_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[
     return ours, theirs
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in COMMANDS:
-        module, parser = command_parser(argv[0])
-        if getattr(module, "ACCEPTS_LLAMA_ARGS", False):
-            ours, theirs = split_llama_args(parser, argv[1:])
-            args = parser.parse_args(ours)
-            args.llama_args = theirs
-        else:
-            args = parser.parse_args(argv[1:])
-        from engine.errors import user_error_message
-        try:
+DEBUG_FLAG = "--debug"      # keeps the traceback of an error that would be reported in one line
+
+
+def mistyped_command(argv: list[str]) -> str | None:
+    """The first argument when it can only be a misspelt subcommand: not an option, not an
+    existing file, not something that looks like a path to a model."""
+    if not argv or argv[0].startswith("-") or argv[0] in COMMANDS:
+        return None
+    word = argv[0]
+    if os.sep in word or "." in word or Path(word).exists():
+        return None
+    return word
+
+
+def run_command(name: str, argv: list[str], debug: bool) -> int:
+    module, parser = command_parser(name)
+    if getattr(module, "ACCEPTS_LLAMA_ARGS", False):
+        ours, theirs = split_llama_args(parser, argv)
+        args = parser.parse_args(ours)
+        args.llama_args = theirs
+    else:
+        args = parser.parse_args(argv)
+    from app.commands.common import escaped_stdout
+    from engine.errors import user_error_message
+    try:
+        with escaped_stdout():
             return module.run(args) or 0
-        except KeyboardInterrupt:
-            return 130
-        except BrokenPipeError:         # output piped into `head` and the like
-            sys.stderr.close()
-            return 0
-        except Exception as e:      # a user-facing command reports errors in one line
-            message = user_error_message(e)
-            if message is None:
-                raise
-            print(f"offload-studio {argv[0]}: error: {message}", file=sys.stderr)
-            return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:         # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
+    except Exception as e:      # a user-facing command reports errors in one line
+        message = user_error_message(e)
+        if message is None or debug:
+            raise
+        print(f"offload-studio {name}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    if argv and argv[0] in COMMANDS:
+        return run_command(argv[0], argv[1:], debug)
+    word = mistyped_command(argv)
+    if word is not None:
+        close = difflib.get_close_matches(word, COMMANDS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        print(f"offload-studio: error: unknown command {word!r}: {hint}commands: {', '.join(COMMANDS)} "
+              f"(a model to open needs a path, e.g. ./{word})", file=sys.stderr)
+        return 2
     args = app_parser().parse_args(argv)
     from app.main import open_app
     return open_app(args.model, args.sim_gpus)

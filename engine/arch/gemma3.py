@@ -18,7 +18,7 @@ import numpy as np
 from gguf.constants import Keys
 
 from engine.arch import layers
-from engine.arch.base import (AttentionKind, HyperParams, Metadata, RopeType, TensorSpec,
+from engine.arch.base import (AttentionKind, HyperParamError, HyperParams, Metadata, RopeType, TensorSpec,
                               attention_tensors, dense_ffn_tensors, global_tensors, norm_tensor)
 from engine.arch.layers import geglu, qkv_projections, rms_norm, softcap
 
@@ -47,6 +47,9 @@ def swa_layer_pattern(md, n_layer: int, default_pattern: int) -> tuple[bool, ...
     m = Metadata(md)
     value = m.get(Keys.Attention.SLIDING_WINDOW_PATTERN, default_pattern)
     if isinstance(value, list):
+        if len(value) != n_layer:
+            raise HyperParamError(f"{m.key(Keys.Attention.SLIDING_WINDOW_PATTERN)} has {len(value)} values "
+                                  f"for {n_layer} layers")
         return tuple(bool(v) for v in value)
     n = int(value)
     return tuple(n == 0 or il % n < n - 1 for il in range(n_layer))

@@ -13,7 +13,8 @@ from typing import Iterable
 
 from engine import arch as arch_registry
 from engine.arch.base import HyperParamError, HyperParams
-from engine.gguf.model_file import ModelFile, TensorInfo
+from engine.arch.plausible import checked_hyperparams, layer_count_of_tensors
+from engine.gguf.model_file import ModelFile, ModelFileError, TensorInfo
 
 LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+?)(?:\.(weight|bias|scale))?$")
 
@@ -134,12 +135,16 @@ class Inventory:
     def from_model_file(cls, mf: ModelFile) -> Inventory:
         notes: list[str] = []
         hparams = None
+        if layer_count_of_tensors(mf.tensors) > len(mf.tensors):     # blk.1000000000.x: nothing to size from
+            raise ModelFileError(mf.path, f"tensor names go up to blk.{layer_count_of_tensors(mf.tensors) - 1}, "
+                                          f"but the file holds only {len(mf.tensors)} tensors")
         if not arch_registry.is_supported(mf.architecture):
             notes.append(f"architecture {mf.architecture!r} cannot run here (supported: "
                          f"{', '.join(sorted(arch_registry.ARCHITECTURES))}); sizes and placement still work")
         else:
             try:
-                hparams = arch_registry.family(mf.architecture).hyperparams(mf.metadata)
+                hparams = checked_hyperparams(arch_registry.family(mf.architecture), mf.metadata,
+                                              {name: t.shape for name, t in mf.tensors.items()})
             except (HyperParamError, ValueError, TypeError) as e:
                 notes.append(f"cannot read {mf.architecture} hyperparameters: {e}")
         for tensor_name, reason in list(mf.unsupported_types().items())[:1]:

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from engine import arch
+from engine.arch.plausible import checked_hyperparams
 from engine.backends import Weight
 from engine.backends.cpu import CpuBackend, dequantize_rows
 from engine.gguf.model_file import ModelFile, ModelFileError
@@ -72,7 +73,8 @@ class Model:
         self.metadata = model_file.metadata
         self.family = arch.family(model_file.architecture)
         self._check_types()
-        self.hparams = self.family.hyperparams(self.metadata)
+        self.hparams = checked_hyperparams(self.family, self.metadata,
+                                           {name: t.shape for name, t in model_file.tensors.items()})
         self._check_tensors()
         self.run_config = run_config or RunConfig()
         self.ops = backend or CpuBackend(self.run_config.activations)

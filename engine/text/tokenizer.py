@@ -53,6 +53,22 @@ SPM_SPACE = "\u2581"            # "▁"
 _CACHE_LIMIT = 200_000
 
 
+def _check_vocab_arrays(md: dict[str, Any]) -> None:
+    """The token list is there and made of strings; scores and types, when present, are numbers
+    with one per token (llama_vocab::impl::load refuses the same files)."""
+    tokens = md.get(Keys.Tokenizer.LIST)
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise ValueError(f"the vocabulary ({Keys.Tokenizer.LIST}) is missing or is not a list of strings")
+    for key in (Keys.Tokenizer.SCORES, Keys.Tokenizer.TOKEN_TYPE):
+        values = md.get(key)
+        if values is None:
+            continue
+        if not isinstance(values, list) or len(values) != len(tokens) or \
+                not all(isinstance(v, (int, float)) for v in values):
+            count = len(values) if isinstance(values, list) else "no list of"
+            raise ValueError(f"{key} has {count} numbers for {len(tokens)} tokens")
+
+
 class Tokenizer:
     """A GGUF vocabulary; build it with `Tokenizer.from_metadata(md)`."""
 
@@ -61,6 +77,7 @@ class Tokenizer:
         if self.model not in SUPPORTED_MODELS:
             raise ValueError(f"unsupported tokenizer model {self.model!r} (tokenizer.ggml.model); "
                              f"supported: {', '.join(SUPPORTED_MODELS)}")
+        _check_vocab_arrays(md)
         self.tokens: list[str] = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(md[Keys.Tokenizer.LIST])]
         self.token_to_id: dict[str, int] = {t: i for i, t in enumerate(self.tokens)}
         scores = md.get(Keys.Tokenizer.SCORES)

@@ -89,3 +89,27 @@ class RawGGUF:
         with open(path, "wb") as f:
             f.write(self.to_bytes())
         return path
+
+
+def rewrite_gguf(src, dst, set_kv: dict | None = None, drop_kv=(), rename_tensors: dict | None = None,
+                 drop_tensors=()) -> object:
+    """A copy of the GGUF `src` at `dst` with metadata entries replaced, added or dropped and tensors
+    renamed or dropped; tensor data is copied as it is. `set_kv` values are typed as in `auto_kv`,
+    except that an existing key keeps its type when the new value has the same Python kind."""
+    from engine.gguf.model_file import ModelFile
+    set_kv, rename_tensors = dict(set_kv or {}), dict(rename_tensors or {})
+    mf = ModelFile(src)
+    raw = RawGGUF()
+    for key, value in mf.metadata.items():
+        if key in drop_kv:
+            continue
+        raw.kvs.append(auto_kv(key, set_kv.pop(key, value)))
+    raw.kvs += [auto_kv(key, value) for key, value in set_kv.items()]
+    for name, t in mf.tensors.items():
+        if name in drop_tensors:
+            continue
+        data = bytes(mf.tensor_data(name).reshape(-1))
+        raw.tensors.append(RawTensor(rename_tensors.get(name, name), list(reversed(t.shape)), t.ggml_type,
+                                     data=data))
+    mf.close()
+    return raw.write(dst)
