@@ -8,6 +8,10 @@ every change comes back out as a signal:
     estimate_changed(estimate)   after every change, synchronously (it costs about a millisecond)
     preview_changed(estimate)    while a drag hovers a device: the estimate if it were dropped; None after
     command_line_changed(cl)     CommandLine, a moment after the last change (emission is the slow part)
+    verdict_changed(text, fits)  the one-line verdict for the plan as it stands, after every change
+
+A pasted command line starts from llama.cpp's (or ik_llama.cpp's) defaults, as the tool would
+run it; the line shown is complete (`-m`, settings, `--override-kv`), so copying it runs this plan.
 
 The last plan of each model is remembered under the user's config folder, keyed by the model
 file's name and size, and comes back when that model is opened again.
@@ -25,11 +29,11 @@ from platformdirs import user_config_dir
 from PySide6.QtCore import QObject, QTimer, Signal
 from PySide6.QtGui import QUndoCommand, QUndoStack
 
-from engine.plan.autofit import AutoFitOptions, auto_fit
+from engine.plan.autofit import DEFAULT_GPU_MARGIN_BYTES, AutoFitOptions, auto_fit, verdict
 from engine.synth.default_model import APP_NAME
 from engine.devices import Device
 from engine.plan.inventory import Inventory
-from engine.plan.llama_args import emit_llama_args, parse_llama_args
+from engine.plan.llama_args import DIALECTS, LLAMA_CPP, emit_llama_args, parse_llama_args
 from engine.plan.memory import MemoryEstimate, MemoryOptions, estimate_memory
 from engine.plan.placement import Moved, Placement, TensorRef
 from engine.plan.plan_file import MissingDeviceError, Plan, PlanFileError, read_plan, write_plan
@@ -147,6 +151,7 @@ class DesignerState(QObject):
     command_error = Signal(str)             # a command line that could not be read; the plan is unchanged
     explanation_changed = Signal(str)       # auto-fit's one line ("" when the plan was edited since)
     devices_changed = Signal(object)        # list[Device]
+    verdict_changed = Signal(str, bool)     # "Fits: ..." / "Does not fit: CUDA2 over by 5.6 GiB", fits
     message = Signal(str)                   # a notice for the user (a plan restored, a plan not loadable)
 
     def __init__(self, state_dir: Path | None = None, parent: QObject | None = None):
@@ -156,12 +161,16 @@ class DesignerState(QObject):
         self.devices: list[Device] = []
         self.placement: Placement | None = None
         self.run_config = RunConfig()
-        self.memory_options = MemoryOptions()
+        self.memory_options = MemoryOptions(gpu_margin_bytes=DEFAULT_GPU_MARGIN_BYTES)
         self.allow_expert_split = False
         self.estimate: MemoryEstimate | None = None
         self.command_line = CommandLine("", True, ())
         self.explanation = ""
         self.model_key: str | None = None
+        self.model_path: str | None = None          # -m of the emitted line
+        self.override_kv: tuple[str, ...] = ()      # --override-kv the open model was opened with
+        self.dialect = LLAMA_CPP                    # or "ik_llama.cpp"
+        self.verdict = ""
         self.placement_was_restored = False
         self.undo_stack = QUndoStack(self)
         self._sync_timer = QTimer(self, singleShot=True, interval=SYNC_DELAY_MS)
@@ -169,10 +178,13 @@ class DesignerState(QObject):
 
     # --- opening -------------------------------------------------------------------------------
 
-    def set_model(self, inventory: Inventory | None, devices: Sequence[Device], model_key: str | None = None) -> None:
+    def set_model(self, inventory: Inventory | None, devices: Sequence[Device], model_key: str | None = None,
+                  model_path: str | Path | None = None, override_kv: Sequence[str] = ()) -> None:
         """Show `inventory` on `devices`: the remembered plan for `model_key` if there is one, else auto-fit."""
         self._sync_timer.stop()
         self.inventory, self.devices, self.model_key = inventory, list(devices), model_key
+        self.model_path = str(model_path) if model_path else None
+        self.override_kv = tuple(str(o) for o in override_kv)
         self.undo_stack.clear()
         self.placement, self.estimate, self.explanation = None, None, ""
         self.command_line = CommandLine("", True, ())
@@ -294,16 +306,29 @@ class DesignerState(QObject):
         if self.inventory is None:
             return False
         text = text.replace("\\\r\n", " ").replace("\\\n", " ")     # shell line continuations
+        # the tool's defaults, not the settings before: the line means what it means to llama.cpp
+        base = DIALECTS[self.dialect].replace(activations=self.run_config.activations)
         try:
-            parsed = parse_llama_args(text, self.inventory, self.devices, base=self.run_config)
+            parsed = parse_llama_args(text, self.inventory, self.devices, base=base, dialect=self.dialect)
         except ValueError as e:
             self.command_error.emit(str(e))
             return False
         ignored = [f"{flag}: {message}" for flag, status, message in parsed.report
                    if status in ("ignored", "default") and message != "program name"]
+        if parsed.override_kv != self.override_kv:
+            ignored.append("--override-kv differs from the open model's overrides; the Inspector's model "
+                           "options reopen the model with them" if parsed.override_kv or self.override_kv else "")
         self._push_snapshot(Snapshot(parsed.placement, parsed.run_config, ""), "Apply command line")
-        self.sync_command_line(extra_notes=ignored)
+        self.sync_command_line(extra_notes=[n for n in ignored if n])
         return True
+
+    def set_dialect(self, dialect: str) -> None:
+        """Write (and read) the line for llama.cpp or ik_llama.cpp."""
+        if dialect not in DIALECTS:
+            raise ValueError(f"unknown dialect {dialect!r}; choose one of {', '.join(DIALECTS)}")
+        if dialect != self.dialect:
+            self.dialect = dialect
+            self.sync_command_line()
 
     def _push_snapshot(self, after: Snapshot, text: str) -> None:
         before = Snapshot(self.placement.copy(), self.run_config, self.explanation)
@@ -349,13 +374,28 @@ class DesignerState(QObject):
         self.estimate = estimate_memory(self.inventory, self.placement, self.run_config, self.devices,
                                         self.memory_options)
         self.estimate_changed.emit(self.estimate)
+        self.verdict = verdict(self.estimate)
+        self.verdict_changed.emit(self.verdict, self.estimate.fits)
+
+    @property
+    def fits(self) -> bool:
+        return self.estimate is not None and self.estimate.fits
+
+    def refusal(self) -> str:
+        """Why the plan may not run, with the ways out; "" when it fits."""
+        if self.estimate is None or self.estimate.fits:
+            return ""
+        context = f"{self.run_config.n_ctx:,} tokens" if self.run_config.n_ctx else "the model's own"
+        return (f"{self.verdict} Loading it would run out of memory. Ways out: Auto-fit in the Designer, "
+                f"a smaller context (now {context}), a smaller KV cache type, or a smaller quant of the model.")
 
     def sync_command_line(self, extra_notes: Sequence[str] = ()) -> CommandLine:
         """Emit the command line for the current plan now (normally a moment after the last change)."""
         self._sync_timer.stop()
         if self.placement is None:
             return self.command_line
-        emitted = emit_llama_args(self.placement, self.run_config, self.devices)
+        emitted = emit_llama_args(self.placement, self.run_config, self.devices, model_path=self.model_path,
+                                  override_kv=self.override_kv, dialect=self.dialect)
         # a per-expert split is ours only: say so first, with what llama.cpp gets instead
         notes = [("ours only: " + n if n.startswith("llama.cpp cannot split") else n) for n in emitted.notes]
         notes = sorted(notes, key=lambda n: not n.startswith("ours only")) + list(extra_notes)

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 from PySide6.QtCore import QItemSelection, QItemSelectionModel, QPoint, Qt, QTimer, Signal
 from PySide6.QtGui import QKeySequence
-from PySide6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QMenu, QPushButton, QScrollArea, QSplitter,
+from PySide6.QtWidgets import (QComboBox, QFrame, QHBoxLayout, QLabel, QMenu, QPushButton, QScrollArea, QSplitter,
                                QStackedWidget, QToolButton, QVBoxLayout, QWidget)
 
 from app.designer_state import DesignerState, model_key
@@ -33,6 +33,8 @@ from engine.units import format_bytes
 STRIP_CHROME_HEIGHT = 30      # the strip's title row and margins
 STRIP_SHARE = 0.36            # at most this much of the panel's height goes to the expert strip
 NOTICE_MS = 12_000            # a notice stays this long
+PLAN_STATUS_CHROME = 30       # padding and borders of the verdict and the line under it
+DIALECTS = ("llama.cpp", "ik_llama.cpp")
 
 
 def _section(title: str) -> QLabel:
@@ -80,11 +82,7 @@ class DesignerPanel(QWidget):
         layout.setContentsMargins(14, 10, 14, 10)
         layout.setSpacing(8)
         layout.addLayout(self._build_header())
-        self.notice = QLabel(objectName="designerNotice", wordWrap=True)
-        self.notice.hide()
-        self._notice_timer = QTimer(self, singleShot=True, interval=NOTICE_MS)
-        self._notice_timer.timeout.connect(self.hide_notice)
-        layout.addWidget(self.notice)
+        layout.addWidget(self._build_plan_status())
         splitter = QSplitter(Qt.Horizontal)
         splitter.setChildrenCollapsible(False)
         splitter.addWidget(self._build_left_column())
@@ -116,12 +114,31 @@ class DesignerPanel(QWidget):
             row.addWidget(w)
         row.addSpacing(8)
         row.addWidget(self.auto_fit_button)
-        self.explanation = QLabel(objectName="explanationLabel", wordWrap=True,
-                                  textInteractionFlags=Qt.TextSelectableByMouse)
         box = QVBoxLayout()
         box.setSpacing(8)
         box.addLayout(row)
-        box.addWidget(self.explanation)
+        return box
+
+    def _build_plan_status(self) -> QWidget:
+        """The verdict (always there), auto-fit's line or a notice under it, in a box of fixed height
+        so that nothing below moves when they come and go."""
+        self.verdict_label = QLabel(objectName="verdictLabel", textInteractionFlags=Qt.TextSelectableByMouse)
+        self.explanation = QLabel(objectName="explanationLabel", wordWrap=True,
+                                  textInteractionFlags=Qt.TextSelectableByMouse)
+        self.explanation.hide()
+        self.notice = QLabel(objectName="designerNotice", wordWrap=True)
+        self.notice.hide()
+        self._notice_timer = QTimer(self, singleShot=True, interval=NOTICE_MS)
+        self._notice_timer.timeout.connect(self.hide_notice)
+        box = QWidget(objectName="planStatus")
+        layout = QVBoxLayout(box)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(4)
+        for w in (self.verdict_label, self.explanation, self.notice):
+            layout.addWidget(w)
+        layout.addStretch(1)
+        line = self.fontMetrics().lineSpacing()
+        box.setFixedHeight(3 * line + PLAN_STATUS_CHROME)
         return box
 
     def _build_left_column(self) -> QWidget:
@@ -186,7 +203,12 @@ class DesignerPanel(QWidget):
         self.ours_only.hide()
         head = QHBoxLayout()
         head.setSpacing(8)
-        head.addWidget(_section("llama.cpp command line"))
+        head.addWidget(_section("Command line for"))
+        self.dialect_box = QComboBox(objectName="dialectBox")
+        self.dialect_box.addItems(DIALECTS)
+        self.dialect_box.setToolTip("ik_llama.cpp turns flash attention on by default and reads --n-cpu-moe "
+                                    "its own way: the line is written (and a pasted line read) for the one chosen")
+        head.addWidget(self.dialect_box)
         head.addWidget(self.ours_only)
         head.addStretch(1)
         box = QWidget(objectName="commandBox")
@@ -237,6 +259,7 @@ class DesignerPanel(QWidget):
         self.run_settings.margin_edited.connect(self.state.set_gpu_margin)
         self.run_settings.split_toggled.connect(self.state.set_allow_expert_split)
         self.command_editor.apply_requested.connect(self.apply_command_line)
+        self.dialect_box.currentTextChanged.connect(self.state.set_dialect)
 
     def _connect_state(self) -> None:
         s = self.state
@@ -249,6 +272,7 @@ class DesignerPanel(QWidget):
         s.command_error.connect(self.command_editor.show_error)
         s.explanation_changed.connect(self._show_explanation)
         s.message.connect(self.show_notice)
+        s.verdict_changed.connect(self._show_verdict)
 
     # --- opening -------------------------------------------------------------------------------
 
@@ -257,16 +281,19 @@ class DesignerPanel(QWidget):
         if loaded is None:
             self.set_inventory(None)
             return
-        self.set_inventory(loaded.inventory, model_key=model_key(loaded.path))
+        overrides = tuple(str(o) for o in getattr(loaded, "overrides", ()))
+        self.set_inventory(loaded.inventory, model_key=model_key(loaded.path), model_path=loaded.path,
+                           override_kv=overrides)
 
     def set_inventory(self, inventory: Inventory | None, devices: Sequence[Device] | None = None,
-                      model_key: str | None = None) -> None:
+                      model_key: str | None = None, model_path: str | Path | None = None,
+                      override_kv: Sequence[str] = ()) -> None:
         if devices is not None:
             self.devices = list(devices)
         if self.devices is None:
             self.devices = [cpu_device()]       # until the window has found the GPUs
         self.hide_notice()
-        self.state.set_model(inventory, self.devices, model_key)
+        self.state.set_model(inventory, self.devices, model_key, model_path, override_kv)
         self.devices = list(self.state.devices)     # a remembered plan brings back its simulated GPUs
         self.stack.setCurrentIndex(1 if inventory is not None else 0)
 
@@ -470,7 +497,14 @@ class DesignerPanel(QWidget):
 
     def _show_explanation(self, text: str) -> None:
         self.explanation.setText(text)
-        self.explanation.setVisible(bool(text))
+        self.explanation.setToolTip(text)
+        self.explanation.setVisible(bool(text) and self.notice.isHidden())
+
+    def _show_verdict(self, text: str, fits: bool) -> None:
+        self.verdict_label.setText(text)
+        self.verdict_label.setProperty("fits", "true" if fits else "false")
+        self.verdict_label.style().unpolish(self.verdict_label)
+        self.verdict_label.style().polish(self.verdict_label)
 
     def _update_strip_title(self) -> None:
         model = self.strip_model
@@ -508,11 +542,14 @@ class DesignerPanel(QWidget):
     def show_notice(self, text: str) -> None:
         """A notice above the designer (a move that cannot be made, a plan that cannot be read)."""
         self.notice.setText(text)
+        self.notice.setToolTip(text)
+        self.explanation.hide()         # the notice takes the explanation's place for a while
         self.notice.show()
         self._notice_timer.start()
 
     def hide_notice(self) -> None:
         self.notice.hide()
+        self.explanation.setVisible(bool(self.explanation.text()))
 
     def select_grid_column(self, group: str) -> None:
         self.grid.select_column(self.grid_model.groups.index(group))

@@ -19,6 +19,7 @@ from engine.run_config import KV_CACHE_TYPES, RunConfig
 MIB = 1 << 20
 FLASH_ATTN_MODES = ("auto", "on", "off")
 MAX_CONTEXT = 10_485_760
+STATUS_LINES = 3                # lines of notes shown under the command line
 
 
 def _spin(minimum: int, maximum: int, step: int, suffix: str = "", special: str = "") -> QSpinBox:
@@ -161,8 +162,10 @@ class CommandLineEditor(QWidget):
         self.apply_button.setToolTip("Read this command line into the plan (Enter)")
         self.copy_button = QPushButton("Copy")
         self.copy_button.setToolTip("Copy the command line")
-        self.status = QLabel(objectName="commandStatus", wordWrap=True,
+        self.status = QLabel(objectName="commandStatus", wordWrap=True, alignment=Qt.AlignLeft | Qt.AlignTop,
                              textInteractionFlags=Qt.TextSelectableByMouse)
+        # a fixed height: notes coming and going must not move the grid above (the whole text is the tooltip)
+        self.status.setFixedHeight(STATUS_LINES * self.status.fontMetrics().lineSpacing() + 4)
         buttons = QVBoxLayout()
         buttons.setSpacing(6)
         buttons.addWidget(self.apply_button)
@@ -203,7 +206,9 @@ class CommandLineEditor(QWidget):
         self.apply_requested.emit(self.text)
 
     def applied(self) -> None:
+        """The line was read into the plan: show the plan's own line and its notes at once."""
         self.edited = False
+        self.set_command_line(self.current, force=True)
 
     def revert(self) -> None:
         self.edited = False
@@ -229,10 +234,10 @@ class CommandLineEditor(QWidget):
 
     def _show_status(self, text: str, level: str) -> None:
         self.status.setText(text)
+        self.status.setToolTip(text)
         self.status.setProperty("level", level)
         self.status.style().unpolish(self.status)
         self.status.style().polish(self.status)
-        self.status.setVisible(bool(text))
 
 
 class DesignerDialogs:

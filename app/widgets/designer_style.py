@@ -19,6 +19,9 @@ QLabel#explanationLabel {
     border-radius: 6px;
     padding: 6px 10px;
 }
+QLabel#verdictLabel { font-weight: 600; padding: 2px 0; }
+QLabel#verdictLabel[fits="true"] { color: #7fd19b; }
+QLabel#verdictLabel[fits="false"] { color: #ff6b70; }
 QLabel#designerNotice {
     color: #f2c879;
     background: rgba(230, 162, 60, 0.08);

@@ -29,6 +29,11 @@ from engine.plan.placement import INPUT_SLOT, Placement, TensorRef, tensor_slot
 from engine.run_config import RunConfig
 from engine.units import format_bytes, format_ranges
 
+# What auto-fit leaves free on each GPU unless the user says otherwise, on top of the CUDA
+# context and cuBLAS workspace the estimate already charges: the allocator's slack and what the
+# desktop and other programs hold. llama.cpp's own --fit keeps the same by default (-fitt 1024).
+DEFAULT_GPU_MARGIN_BYTES = 1024 << 20
+
 # expert groups that must share a device: llama.cpp fuses gate and up in one matmul pass
 PAIRED_GROUPS = ("ffn_gate_exps", "ffn_up_exps")
 CPU_NAME = "CPU"
@@ -309,3 +314,12 @@ def _expert_summary(inventory: Inventory, placement: Placement, gpu_names: set[s
         pieces.append(f"{layer_ranges(cpu_only)} on CPU")
     pieces[0] = f"routed experts of layer{'s' if len(full) + len(partial) + len(cpu_only) > 1 else ''} " + pieces[0]
     return ", ".join(pieces) + f" ({100 * on_gpu / total:.0f}% of expert bytes on GPU)"
+
+
+def verdict(estimate: MemoryEstimate) -> str:
+    """One line for the plan as it stands: "Fits: ..." or "Does not fit: CUDA2 over by 5.6 GiB, ..."."""
+    over = [d for d in estimate.devices if not d.fits]
+    if over:
+        return "Does not fit: " + ", ".join(f"{d.device} over by {format_bytes(-d.free_bytes)}" for d in over) + "."
+    tightest = min(estimate.devices, key=lambda d: d.free_bytes)
+    return f"Fits: every device within its memory; least room on {tightest.device}, {format_bytes(tightest.free_bytes)} free."

@@ -11,7 +11,8 @@ from app.models import BytesRole, DeviceRole
 from app.models.designer import (MIME_TYPE, DeviceLaneModel, DevicesRole, ExpertCountRole, ExpertStripModel, FitsRole,
                                  HeatRole, LayerGridModel, SplitRole, decode_refs, device_color, encode_refs,
                                  short_bytes)
-from engine.plan.autofit import auto_fit
+from engine.plan.autofit import DEFAULT_GPU_MARGIN_BYTES, AutoFitOptions, auto_fit
+from engine.plan.memory import MemoryOptions
 from engine.devices import Device, simulated_gpus
 from engine.gguf.model_file import ModelFile
 from engine.plan.inventory import Inventory
@@ -20,6 +21,12 @@ from engine.plan.placement import Moved, Placement, TensorRef
 from engine.run_config import RunConfig
 
 GIB = 1 << 30
+
+
+def designer_fit(inventory, devices, run_config=RunConfig()):
+    """Auto-fit as the designer runs it: with the default GPU margin (llama.cpp's --fit target)."""
+    options = AutoFitOptions(MemoryOptions(gpu_margin_bytes=DEFAULT_GPU_MARGIN_BYTES))
+    return auto_fit(inventory, devices, run_config, options).placement
 UP_40 = "blk.40.ffn_up_exps.weight"
 UP_EXPERT_BYTES = 8_257_536           # Q4_K, 2048 x 7168
 DOWN_Q6_BYTES = 3_082_813_440         # ffn_down_exps in Q6_K (every third layer in Q4_K_M): 256 x 7168 x 2048
@@ -240,7 +247,7 @@ def test_short_bytes():
 # --- the controller ----------------------------------------------------------------------------
 
 def test_opening_a_model_auto_fits_and_emits_the_command_line(state, inventory, devices):
-    assert state.placement == auto_fit(inventory, devices, RunConfig()).placement
+    assert state.placement == designer_fit(inventory, devices)
     assert state.explanation.startswith("All attention, KV and dense weights on 4 GPUs")
     assert state.command_line.text.startswith("-ngl 62 -ts ")
     assert parse_llama_args(state.command_line.text, inventory, devices).placement == state.placement
@@ -309,7 +316,7 @@ def test_a_pasted_command_line_becomes_the_plan_and_round_trips(state, inventory
     assert again.placement == state.placement and again.run_config == state.run_config
     assert state.undo_stack.undoText() == "Apply command line"
     state.undo_stack.undo()
-    assert state.placement == auto_fit(inventory, devices, RunConfig()).placement
+    assert state.placement == designer_fit(inventory, devices)
     assert state.run_config == RunConfig()
 
 
@@ -415,7 +422,7 @@ def test_the_last_plan_of_a_model_comes_back(qtbot, state, inventory, devices, t
     assert again.placement == state.placement and again.placement_was_restored
     fresh = DesignerState(tmp_path / "plans")
     fresh.set_model(inventory, devices, "another-model.gguf-1")
-    assert fresh.placement == auto_fit(inventory, devices, RunConfig()).placement
+    assert fresh.placement == designer_fit(inventory, devices)
 
 
 def test_an_untouched_plan_is_refit_when_the_gpus_arrive(qtbot, inventory, devices, tmp_path):
@@ -423,7 +430,7 @@ def test_an_untouched_plan_is_refit_when_the_gpus_arrive(qtbot, inventory, devic
     cpu_only.set_model(inventory, devices[:1], None)
     assert [d.device for d in cpu_only.estimate.devices] == ["CPU"]
     cpu_only.set_devices(devices)
-    assert cpu_only.placement == auto_fit(inventory, devices, RunConfig()).placement
+    assert cpu_only.placement == designer_fit(inventory, devices)
 
 
 def test_model_key_is_the_file_name_and_size(deepseek_path):
@@ -457,3 +464,57 @@ def test_adding_a_gpu_keeps_the_undo_history(state):
     state.undo_stack.undo()
     assert state.placement.device_of("blk.40.ffn_down_exps.weight") == "CPU"
     assert state.placement.device_names[-1] == "CUDA4"
+
+
+# --- one verdict for the plan as it stands ------------------------------------------------------
+
+def over_by(estimate) -> dict:
+    return {d.device: -d.free_bytes for d in estimate.devices if not d.fits}
+
+
+def expected_verdict(estimate) -> str:
+    from engine.units import format_bytes
+    over = over_by(estimate)
+    if over:
+        return "Does not fit: " + ", ".join(f"{d} over by {format_bytes(n)}" for d, n in over.items()) + "."
+    tightest = min(estimate.devices, key=lambda d: d.free_bytes)
+    return f"Fits: every device within its memory; least room on {tightest.device}, " \
+           f"{format_bytes(tightest.free_bytes)} free."
+
+
+def test_the_verdict_follows_every_kind_of_change(qtbot, state, inventory, devices, tmp_path):
+    verdicts = changes(state.verdict_changed)
+    assert state.verdict.startswith("Fits: ") and state.verdict == expected_verdict(state.estimate)
+    # a manual move past CUDA1's memory: up and gate experts of layers 50..57, 2 GiB each
+    state.move([TensorRef(f"blk.{il}.ffn_{g}_exps.weight") for il in range(50, 58) for g in ("up", "gate")], "CUDA1")
+    assert not state.estimate.fits and set(over_by(state.estimate)) == {"CUDA1"}
+    assert verdicts[-1] == (expected_verdict(state.estimate), False)
+    assert verdicts[-1][0].startswith("Does not fit: CUDA1 over by ")
+    state.auto_fit()
+    assert verdicts[-1] == (expected_verdict(state.estimate), True)
+    state.apply_command_line("-ngl 99 -ts 1,1,1,1")         # everything on four GPUs: far over
+    assert verdicts[-1][1] is False and set(over_by(state.estimate)) == {"CUDA0", "CUDA1", "CUDA2", "CUDA3"}
+    assert verdicts[-1][0] == expected_verdict(state.estimate)
+    state.sync_command_line()                               # remembered: the user's plan
+    restored = DesignerState(tmp_path / "plans")
+    restored_verdicts = changes(restored.verdict_changed)
+    restored.set_model(inventory, devices, "DeepSeek-V3-Q4_K_M.gguf-123")
+    assert restored.placement_was_restored
+    assert restored_verdicts[-1] == (state.verdict, False) and restored.verdict == state.verdict
+
+
+def test_a_plan_that_does_not_fit_is_refused_with_the_ways_out(state):
+    assert state.refusal() == ""
+    state.apply_command_line("-ngl 99 -ts 1,1,1,1 -c 32768")
+    refusal = state.refusal()
+    assert refusal.startswith(state.verdict) and "Does not fit" in refusal
+    assert "Auto-fit" in refusal and "smaller context (now 32,768 tokens)" in refusal and "quant" in refusal
+
+
+def test_auto_fit_leaves_the_default_margin_on_every_gpu(state):
+    from engine.plan.autofit import DEFAULT_GPU_MARGIN_BYTES
+    assert DEFAULT_GPU_MARGIN_BYTES == 1024 << 20           # llama.cpp's --fit target
+    assert state.memory_options.gpu_margin_bytes == DEFAULT_GPU_MARGIN_BYTES
+    for d in state.estimate.devices[1:]:
+        assert d.margin_bytes == DEFAULT_GPU_MARGIN_BYTES
+        assert d.total_bytes + DEFAULT_GPU_MARGIN_BYTES <= d.capacity_bytes

@@ -10,7 +10,8 @@ from PySide6.QtGui import QDragEnterEvent, QDropEvent, QKeySequence
 
 from app.models.designer import HeatRole
 from app.widgets.designer import DesignerDialogs, DesignerPanel
-from engine.plan.autofit import auto_fit
+from engine.plan.autofit import DEFAULT_GPU_MARGIN_BYTES, AutoFitOptions, auto_fit
+from engine.plan.memory import MemoryOptions
 from engine.devices import Device, simulated_gpus
 from engine.gguf.model_file import ModelFile
 from engine.plan.inventory import Inventory
@@ -19,6 +20,12 @@ from engine.plan.placement import TensorRef
 from engine.run_config import RunConfig
 
 GIB = 1 << 30
+
+
+def designer_fit(inventory, devices, run_config=RunConfig()):
+    """Auto-fit as the designer runs it: with the default GPU margin (llama.cpp's --fit target)."""
+    options = AutoFitOptions(MemoryOptions(gpu_margin_bytes=DEFAULT_GPU_MARGIN_BYTES))
+    return auto_fit(inventory, devices, run_config, options).placement
 UP_40 = "blk.40.ffn_up_exps.weight"
 GATE_40 = "blk.40.ffn_gate_exps.weight"
 UP_EXPERT_BYTES = 8_257_536
@@ -93,7 +100,7 @@ def test_the_panel_shows_lanes_grid_and_strip(panel, inventory, devices):
     assert panel.strip_model.layer == 40 and panel.strip_model.columnCount() == 256
     assert panel.strip_title.text() == "Experts of blk.40"
     assert panel.explanation.text().startswith("All attention, KV and dense weights on 4 GPUs")
-    assert panel.placement == auto_fit(inventory, devices, RunConfig()).placement
+    assert panel.placement == designer_fit(inventory, devices)
     assert parse_llama_args(panel.command_editor.text, inventory, devices).placement == panel.placement
     assert panel.title.text() == "DeepSeek-V3 (shape)"
 
@@ -218,17 +225,41 @@ def test_undo_and_redo(qtbot, panel):
 
 def test_a_pasted_command_line_round_trips_through_the_field(qtbot, panel, inventory, devices):
     edit = panel.command_editor.edit
-    edit.setPlainText("-ngl 27 -ts 17,20,21,45")
+    edit.setPlainText("-ngl 27 -ts 17,20,21,45 -fmoe -mla 3 -amb 512")
     assert panel.command_editor.edited
     qtbot.keyClick(edit, Qt.Key_Return)
     expected = parse_llama_args("-ngl 27 -ts 17,20,21,45", inventory, devices).placement
     assert panel.placement == expected
+    # at once, without Esc: the box holds the plan's own line and the notes on what was ignored
     assert not panel.command_editor.edited
-    panel.state.sync_command_line()
     text = panel.command_editor.text
-    assert text == "-ngl 27 -ts 3,3,4,7 -c 4096"
+    assert text == "-ngl 27 -ts 3,3,4,7"
+    status = panel.command_editor.status.text()
+    assert "Edited" not in status
+    assert all(f"{flag}: ik_llama.cpp option" in status for flag in ("-fmoe", "-mla", "-amb"))
     assert parse_llama_args(text, inventory, devices).placement == expected
     assert panel.explanation.isHidden()
+
+
+def test_a_pasted_line_starts_from_llama_cpp_defaults(qtbot, panel):
+    panel.apply_command_line("-ngl 99 -ctk q8_0 -ctv q8_0 -fa off -c 8192")
+    assert (panel.run_config.type_k, panel.run_config.flash_attn, panel.run_config.n_ctx) == ("q8_0", "off", 8192)
+    assert any("quantized V cache (-ctv q8_0) with flash attention off" in n for n in panel.state.command_line.notes)
+    panel.apply_command_line("-ngl 99 --n-cpu-moe 30")
+    rc = panel.run_config
+    assert (rc.type_k, rc.type_v, rc.flash_attn, rc.n_ctx) == ("f16", "f16", "auto", 0)
+    assert panel.run_settings.type_k.currentText() == "f16" and panel.run_settings.flash_attn.currentText() == "auto"
+
+
+def test_the_line_carries_the_model_file_and_its_overrides(qtbot, panel, deepseek_file, inventory, devices):
+    loaded = SimpleNamespace(path=deepseek_file, inventory=inventory,
+                             overrides=("deepseek2.expert_used_count=int:6",))
+    panel.set_model(loaded)
+    text = panel.state.sync_command_line().text
+    assert text.startswith(f"-m {deepseek_file} -ngl 62 ")
+    assert text.endswith(" --override-kv deepseek2.expert_used_count=int:6")
+    panel.dialect_box.setCurrentText("ik_llama.cpp")
+    assert panel.state.dialect == "ik_llama.cpp" and "-fa" not in panel.command_editor.text.split()
 
 
 def test_an_unreadable_command_line_is_shown_in_red_and_the_plan_stays(qtbot, panel):
@@ -352,3 +383,21 @@ def test_small_dense_and_moe_models(qtbot, tmp_path, preset):
     panel.grid.selectRow(layer_rows.start)
     qtbot.keyClick(panel.grid, Qt.Key_Backspace)
     assert all(panel.placement.device_of(t.name) == "CPU" for t in inventory.layers[0].tensors)
+
+
+def test_the_verdict_is_always_shown_and_nothing_shifts_the_grid(qtbot, panel):
+    panel.show()
+    qtbot.waitExposed(panel)
+    grid_top = panel.grid.mapTo(panel, QPoint(0, 0)).y()
+    command_top = panel.command_editor.mapTo(panel, QPoint(0, 0)).y()
+    assert panel.verdict_label.isVisible() and panel.verdict_label.text().startswith("Fits: ")
+    assert panel.verdict_label.property("fits") == "true"
+    panel.move_refs([TensorRef(f"blk.{il}.ffn_up_exps.weight") for il in range(40, 60)], "CUDA0")
+    assert panel.verdict_label.text().startswith("Does not fit: CUDA0 over by ")
+    assert panel.verdict_label.property("fits") == "false"
+    panel.show_notice("A notice that takes two lines of text in the designer's notice area " * 3)
+    panel.apply_command_line("-ngl 99 -fmoe -mla 3 -amb 512 --frobnicate")
+    qtbot.wait(10)
+    assert panel.verdict_label.text() == panel.state.verdict
+    assert panel.grid.mapTo(panel, QPoint(0, 0)).y() == grid_top
+    assert panel.command_editor.mapTo(panel, QPoint(0, 0)).y() == command_top
