@@ -17,6 +17,9 @@ ARCHITECTURES: dict[str, str] = {
     "gemma3": "engine.arch.gemma3",
     "llama4": "engine.arch.llama4",
     "deepseek2": "engine.arch.deepseek2",
+    "qwen35moe": "engine.arch.qwen35",
+    "qwen35": "engine.arch.qwen35",
+    "qwen3next": "engine.arch.qwen35",
 }
 
 

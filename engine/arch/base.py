@@ -148,6 +148,20 @@ class HyperParams:
     def is_moe_layer(self, il: int) -> bool:
         return self.n_expert > 0
 
+    # --- what the recurrent state needs (hybrid DeltaNet families override these) ---------------
+
+    def is_recurrent(self, il: int) -> bool:
+        """Layer il keeps a recurrent state instead of a KV cache."""
+        return False
+
+    def n_embd_r(self) -> int:
+        """Conv-state values per sequence in a recurrent layer (llama_hparams::n_embd_r)."""
+        return 0
+
+    def n_embd_s(self) -> int:
+        """Recurrent-state values per sequence in a recurrent layer (llama_hparams::n_embd_s)."""
+        return 0
+
 
 # Tensor tables: name -> numpy-order shape. `optional` marks tensors llama.cpp does not require.
 
@@ -156,6 +170,10 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]
     optional: bool = False
+    also: tuple[int, ...] | None = None     # a second shape llama.cpp accepts ({n} and {n, 1} alike)
+
+    def accepts(self, shape) -> bool:
+        return tuple(shape) == self.shape or (self.also is not None and tuple(shape) == self.also)
 
 
 def blk(il: int, name: str) -> str:

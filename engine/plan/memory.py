@@ -61,6 +61,25 @@ def kv_cache_bytes(hp: HyperParams, rc: RunConfig) -> int:
     return sum(sum(kv_layer_bytes(hp, il, rc)) for il in range(hp.n_layer))
 
 
+def recurrent_sequences(rc: RunConfig) -> int:
+    """Rows of the recurrent cache: one per sequence (llama.cpp's rs_size = max(1, n_seq_max))."""
+    return max(1, rc.n_seq)
+
+
+def recurrent_layer_bytes(hp: HyperParams, il: int, rc: RunConfig) -> tuple[int, int]:
+    """(conv-state bytes, delta-rule-state bytes) of layer il, F32 as llama_memory_recurrent
+    allocates them; (0, 0) for a layer without a recurrent state."""
+    if not hp.is_recurrent(il):
+        return 0, 0
+    rows = recurrent_sequences(rc)
+    return hp.n_embd_r() * rows * F32_BYTES, hp.n_embd_s() * rows * F32_BYTES
+
+
+def recurrent_state_bytes(hp: HyperParams, rc: RunConfig) -> int:
+    """llama.cpp's `RS buffer size` over all layers."""
+    return sum(sum(recurrent_layer_bytes(hp, il, rc)) for il in range(hp.n_layer))
+
+
 def flash_attention_on(rc: RunConfig, has_gpu: bool) -> bool:
     # llama.cpp's "auto" turns flash attention on where the backend supports it (all CUDA GPUs)
     return rc.flash_attn == "on" or (rc.flash_attn == "auto" and has_gpu)
@@ -163,7 +182,8 @@ def estimate_memory(inventory, placement, rc: RunConfig, devices, options: Memor
         flash_attn = flash_attention_on(rc, any(d.is_gpu for d in devices))
         for il in range(hp.n_layer):
             home = placement.layer_home_device(il)
-            kv[home] += sum(kv_layer_bytes(hp, il, rc))
+            # the layer's home holds its KV cache or, on a recurrent layer, its recurrent state
+            kv[home] += sum(kv_layer_bytes(hp, il, rc)) + sum(recurrent_layer_bytes(hp, il, rc))
             compute[home] = max(compute[home], layer_compute_bytes(hp, il, rc, flash_attn))
             for device in expert_devices_away_from(inventory, placement, il, home):
                 compute[device] = max(compute[device], expert_compute_bytes(hp, il, rc))

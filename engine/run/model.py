@@ -22,6 +22,7 @@ from engine.backends import Weight
 from engine.backends.cpu import CpuBackend, dequantize_rows
 from engine.gguf.model_file import ModelFile, ModelFileError
 from engine.run.kv_cache import KVCache
+from engine.run.recurrent_state import HybridCache
 from engine.arch.layers import RopeScaling, UBatch, rms_norm
 from engine.backends.dispatch import PlacedOps, make_backends, place_weight
 from engine.run_config import RunConfig
@@ -123,7 +124,7 @@ class Model:
             if info is None:
                 if not spec.optional:
                     raise ModelFileError(self.file.path, f"tensor {spec.name!r} is missing")
-            elif info.shape != spec.shape:
+            elif not spec.accepts(info.shape):
                 raise ModelFileError(self.file.path, f"tensor {spec.name!r} has shape {info.shape}; "
                                                      f"the hyperparameters call for {spec.shape}")
 
@@ -153,7 +154,10 @@ class Model:
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         config = self.run_config if n_ctx is None else self.run_config.replace(n_ctx=n_ctx)
-        return KVCache(self.hparams, config)
+        hp = self.hparams
+        if any(hp.is_recurrent(il) for il in range(hp.n_layer)):
+            return HybridCache(hp, config)      # KV for the attention layers, recurrent state for the rest
+        return KVCache(hp, config)
 
     def eval_logits(self, tokens, cache: KVCache | None = None, positions=None, *, last_only: bool = False,
                     progress: Callable[[int, int], None] | None = None) -> np.ndarray:

@@ -1,0 +1,118 @@
+"""qwen35moe, qwen35 and qwen3next (hybrid Gated DeltaNet) against the llama.cpp fixtures, and the
+delta rule's chunked form against its recurrence."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import forward_parity as parity
+from engine import arch
+from engine.arch import delta_net
+from engine.gguf.model_file import ModelFile
+
+HYBRID_FIXTURES = Path(__file__).resolve().parents[4] / "shared" / "fixtures-hybrid"
+
+VARIANTS = [("qwen35moe", "F16"), ("qwen35moe", "Q8_0"), ("qwen35moe", "Q4_K_M"),
+            ("qwen3next", "F16"), ("qwen3next", "Q4_K_M"), ("qwen35", "F16"), ("qwen35", "Q6_K")]
+
+
+@pytest.fixture(scope="session")
+def hybrid_dir() -> Path:
+    if not HYBRID_FIXTURES.is_dir():
+        pytest.skip(f"hybrid reference fixtures not found at {HYBRID_FIXTURES}")
+    return HYBRID_FIXTURES
+
+
+@pytest.mark.parametrize("fixture,variant", VARIANTS)
+def test_matches_llama_cpp_f32_reference(hybrid_dir, fixture, variant):
+    parity.check_f32ref(hybrid_dir / fixture, variant)
+
+
+@pytest.mark.parametrize("fixture,variant", VARIANTS)
+def test_matches_llama_cpp_default_settings(hybrid_dir, fixture, variant):
+    parity.check_llama_cpp_default(hybrid_dir / fixture, variant)
+
+
+@pytest.mark.parametrize("fixture", ["qwen35moe", "qwen3next", "qwen35"])
+def test_smoke(hybrid_dir, fixture):
+    parity.smoke(hybrid_dir / fixture, "F16")
+
+
+@pytest.mark.parametrize("name", [f"{f}/{v}" for f, v in VARIANTS])
+def test_fixture_tensors_match_the_family_tables(hybrid_dir, name):
+    mf = ModelFile(hybrid_dir / f"{name}.gguf")
+    family = arch.family(mf.architecture)
+    hp = family.hyperparams(mf.metadata)
+    specs = {s.name: s for s in family.tensor_specs(hp, tied_output="output.weight" not in mf.tensors)}
+    assert set(mf.tensors) == set(specs)
+    assert all(specs[n].accepts(mf.tensors[n].shape) for n in mf.tensors)
+
+
+def test_hyperparams_and_layer_kinds(hybrid_dir):
+    for fixture, grouped in (("qwen35moe", False), ("qwen3next", True), ("qwen35", False)):
+        hp = arch.family(fixture).hyperparams(ModelFile(hybrid_dir / fixture / "F16.gguf").metadata)
+        assert hp.recurrent == (True, True, True, False)
+        assert [hp.n_embd_k_gqa(il) for il in range(4)] == [0, 0, 0, 64 * hp.n_head_kv[3]]
+        assert (hp.ssm_n_group, hp.ssm_dt_rank, hp.ssm_d_state, hp.conv_channels) == (2, 4, 64, 512)
+        assert hp.grouped_heads == grouped and hp.joint_beta_alpha == grouped
+        assert hp.n_embd_r() == 3 * 512 and hp.n_embd_s() == 64 * 256
+
+
+def test_recurrent_layers_key_overrides_the_interval(hybrid_dir):
+    md = dict(ModelFile(hybrid_dir / "qwen35" / "F16.gguf").metadata)
+    md["qwen35.attention.recurrent_layers"] = [False, True, True, True]
+    assert arch.family("qwen35").hyperparams(md).recurrent == (False, True, True, True)
+
+
+def test_only_attention_layers_have_a_kv_cache(hybrid_dir):
+    model = parity.load(hybrid_dir / "qwen35moe", "F16")
+    cache = model.new_cache()
+    assert [k.shape[1] for k in cache.k] == [0, 0, 0, 128]
+    assert [c is None for c in cache.recurrent.conv] == [False, False, False, True]
+    assert cache.recurrent.ssm[0].shape == (1, 64 * 64 * 4)
+
+
+def random_delta_inputs(rng, n_tokens, n_heads=3, d_k=8, d_v=6):
+    q = rng.standard_normal((n_tokens, n_heads, d_k)).astype(np.float32)
+    k = delta_net.l2_normalize(rng.standard_normal((n_tokens, n_heads, d_k)).astype(np.float32), 1e-6)
+    v = rng.standard_normal((n_tokens, n_heads, d_v)).astype(np.float32)
+    g = -rng.uniform(0.001, 3.0, (n_tokens, n_heads)).astype(np.float32)
+    beta = rng.uniform(0.0, 1.0, (n_tokens, n_heads)).astype(np.float32)
+    state = rng.standard_normal((n_heads, d_k, d_v)).astype(np.float32)
+    return q, k, v, g, beta, state
+
+
+@pytest.mark.parametrize("n_tokens,chunk", [(1, 4), (5, 4), (16, 4), (70, 64), (130, 64)])
+def test_chunked_delta_rule_equals_the_recurrence(n_tokens, chunk):
+    q, k, v, g, beta, state = random_delta_inputs(np.random.default_rng(n_tokens), n_tokens)
+    state_step, state_chunk = state.copy(), state.copy()
+    out_step = delta_net.delta_rule_recurrent(q, k, v, g, beta, state_step)
+    out_chunk = delta_net.delta_rule_chunked(q, k, v, g, beta, state_chunk, chunk=chunk)
+    assert parity.rel(out_chunk.reshape(n_tokens, -1), out_step.reshape(n_tokens, -1)) < 1e-5
+    assert parity.rel(state_chunk.reshape(1, -1), state_step.reshape(1, -1)) < 1e-5
+
+
+def test_delta_rule_against_the_definition_in_float64():
+    """S <- exp(g) S; S <- S + k (beta (v - S^T k))^T; o = S^T q, written out per head."""
+    q, k, v, g, beta, state = random_delta_inputs(np.random.default_rng(7), 9)
+    expected = np.zeros(v.shape)
+    for h in range(q.shape[1]):
+        s = state[h].astype(np.float64)
+        for t in range(len(q)):
+            s = np.exp(g[t, h]) * s
+            s = s + np.outer(k[t, h], beta[t, h] * (v[t, h] - s.T @ k[t, h]))
+            expected[t, h] = s.T @ q[t, h]
+    out = delta_net.delta_rule_chunked(q, k, v, g, beta, state.copy(), chunk=4)
+    assert parity.rel(out.reshape(9, -1), expected.reshape(9, -1)) < 1e-5
+
+
+def test_causal_conv_continues_from_its_state():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((10, 5)).astype(np.float32)
+    w = rng.standard_normal((5, 4)).astype(np.float32)
+    whole, _ = delta_net.causal_conv(x, np.zeros((3, 5), np.float32), w)
+    first, state = delta_net.causal_conv(x[:6], np.zeros((3, 5), np.float32), w)
+    rest, _ = delta_net.causal_conv(x[6:], state, w)
+    np.testing.assert_allclose(np.concatenate([first, rest]), whole, rtol=1e-6)
+    t, c = 5, 2     # y_t[c] = sum_j w[c, j] x_{t-3+j}[c]
+    assert whole[t, c] == pytest.approx(sum(w[c, j] * x[t - 3 + j, c] for j in range(4)), rel=1e-5)
