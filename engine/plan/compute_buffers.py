@@ -1,0 +1,799 @@
+"""Compute buffers as llama.cpp's scheduler sizes them, derived from its graph allocator.
+
+llama.cpp reserves one compute buffer per backend: it builds the worst-case graph (one ubatch of
+`min(n_ctx, n_ubatch)` tokens against the whole KV cache, `min(n_tokens, n_batch)` output rows),
+splits it by backend and runs `ggml_gallocr` over it without allocating anything; the buffer
+size is the allocator's high-water mark. Here the same graph is built symbolically (shapes,
+types, sources and views of every tensor, in the order `ggml_build_forward_expand` visits them)
+and a port of the allocator's policy is run over it:
+
+- leafs first, then every node in graph order; a node reuses its parent's memory in place when
+  the op allows it, the parent has no other consumer and the layouts agree (`ggml_op_can_inplace`);
+- a tensor is freed when its last consumer has run, a view's source when its last view has;
+  graph outputs (logits, the final norm) are never freed;
+- free space is a sorted list of blocks; a request takes the best-fitting block other than the
+  last, else the tail, which grows the buffer (`ggml_dyn_tallocr_alloc`).
+
+Nothing here is fitted: the sizes follow from the graph, so they move with ubatch, context,
+flash attention, KV types, output rows and the placement exactly as llama.cpp's do. See
+docs/memory-model.md for the per-family graphs and the measured comparison.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from engine import arch
+from engine.arch.base import AttentionKind, HyperParams
+from engine.gguf import ggml_types
+from engine.run_config import RunConfig
+
+CPU_NAME = "CPU"
+TENSOR_ALIGNMENT = {"cpu": 32, "cuda": 128}      # ggml-cpu TENSOR_ALIGNMENT, ggml-cuda's buffer alignment
+MIN_OFFLOAD_BATCH = 32                          # ggml-cuda offload_op: CPU weights go to the GPU from 32 tokens
+SCALAR_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "i32": 4, "i64": 8}
+# ops whose result may overwrite a source (ggml_op_can_inplace)
+INPLACE_OPS = frozenset({"SCALE", "ADD", "SUB", "MUL", "DIV", "SQR", "SQRT", "LOG", "UNARY", "ROPE",
+                         "RMS_NORM", "CLAMP", "SOFT_MAX", "FILL", "ADD1", "ADD_ID"})
+
+
+# --- symbolic tensors ------------------------------------------------------------------------
+
+def row_bytes(type_name: str, n: int) -> int:
+    if type_name in SCALAR_BYTES:
+        return SCALAR_BYTES[type_name] * n
+    return ggml_types.row_bytes(ggml_types.type_id_by_name(type_name), n)
+
+
+def is_quantized(type_name: str) -> bool:
+    return type_name not in SCALAR_BYTES
+
+
+def is_contiguous(t: Tensor) -> bool:
+    return t.nb == contiguous_strides(t.type, t.ne)
+
+
+def contiguous_strides(type_name: str, ne: tuple[int, ...]) -> tuple[int, ...]:
+    nb0 = SCALAR_BYTES.get(type_name, 1)
+    nb1 = row_bytes(type_name, ne[0])
+    return (nb0, nb1, nb1 * ne[1], nb1 * ne[1] * ne[2])
+
+
+class Tensor:
+    """One ggml tensor of the graph: shape in ggml's ne order (ne0 = the contiguous dimension)."""
+    __slots__ = ("ne", "nb", "type", "op", "src", "view_src", "external", "is_input", "is_output", "device", "name")
+
+    def __init__(self, ne, type_name, op="NONE", src=(), view_src=None, nb=None, external=False,
+                 device=None, name=""):
+        ne = tuple(ne) + (1,) * (4 - len(ne))
+        self.ne: tuple[int, int, int, int] = ne
+        self.type: str = type_name
+        self.nb = tuple(nb) if nb is not None else contiguous_strides(type_name, ne)
+        self.op = op
+        self.src: tuple[Tensor, ...] = tuple(s for s in src if s is not None)
+        self.view_src: Tensor | None = view_src.view_src or view_src if view_src is not None else None
+        self.external = external            # weights and the KV cache: memory of their own
+        self.is_input = False
+        self.is_output = False
+        self.device = device
+        self.name = name
+
+    @property
+    def n_bytes(self) -> int:
+        return row_bytes(self.type, self.ne[0]) * self.ne[1] * self.ne[2] * self.ne[3]
+
+    def same_layout(self, other: Tensor) -> bool:
+        return self.type == other.type and self.ne == other.ne and self.nb == other.nb
+
+
+class Graph:
+    """ggml_cgraph: nodes and leafs in the order ggml_visit_parents_graph adds them."""
+
+    def __init__(self):
+        self.nodes: list[Tensor] = []
+        self.leafs: list[Tensor] = []
+        self._visited: set[int] = set()
+
+    def expand(self, tensor: Tensor) -> None:
+        """ggml_build_forward_expand: sources depth-first, left to right, then the tensor."""
+        stack = [(tensor, 0)]
+        while stack:
+            t, i = stack.pop()
+            if i == 0:
+                if id(t) in self._visited:
+                    continue
+                self._visited.add(id(t))
+            if i < len(t.src):
+                stack.append((t, i + 1))
+                stack.append((t.src[i], 0))
+                continue
+            (self.leafs if t.op == "NONE" else self.nodes).append(t)
+
+
+# --- the ops of the graphs (ggml.c's shape rules) ---------------------------------------------
+
+class Ops:
+    """ggml's graph-building functions, shapes and views only."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+
+    @staticmethod
+    def weight(ne, device: str, name: str, type_name: str = "f16") -> Tensor:
+        return Tensor(ne, type_name, external=True, device=device, name=name)
+
+    @staticmethod
+    def input(ne, type_name: str, name: str) -> Tensor:
+        t = Tensor(ne, type_name, name=name)
+        t.is_input = True
+        return t
+
+    @staticmethod
+    def new(ne, type_name, op, *src) -> Tensor:
+        return Tensor(ne, type_name, op=op, src=src)
+
+    @staticmethod
+    def dup(a: Tensor, op: str, *src) -> Tensor:
+        return Tensor(a.ne, a.type, op=op, src=(a,) + src)
+
+    @staticmethod
+    def view(a: Tensor, ne, nb=None, op="VIEW") -> Tensor:
+        ne = tuple(ne) + (1,) * (4 - len(ne))
+        return Tensor(ne, a.type, op=op, src=(a,), view_src=a, nb=nb or contiguous_strides(a.type, ne))
+
+    def reshape(self, a: Tensor, *ne) -> Tensor:
+        return self.view(a, ne, op="RESHAPE")
+
+    def permute(self, a: Tensor, *axes) -> Tensor:
+        ne, nb = [0] * 4, [0] * 4
+        for i, ax in enumerate(axes + tuple(range(len(axes), 4))):
+            ne[ax], nb[ax] = a.ne[i], a.nb[i]
+        return self.view(a, ne, nb, op="PERMUTE")
+
+    def transpose(self, a: Tensor) -> Tensor:
+        return self.permute(a, 1, 0, 2, 3)
+
+    def view_nb(self, a: Tensor, ne, nb_rows) -> Tensor:
+        """ggml_view_Nd with explicit row strides (nb1, nb2, ...)."""
+        ne = tuple(ne) + (1,) * (4 - len(ne))
+        nb = (a.nb[0],) + tuple(nb_rows) + (0,) * (3 - len(nb_rows))
+        return self.view(a, ne, nb)
+
+    def mul_mat(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.new((a.ne[1], b.ne[1], b.ne[2], b.ne[3]), "f32", "MUL_MAT", a, b)
+
+    def mul_mat_id(self, a: Tensor, b: Tensor, ids: Tensor) -> Tensor:
+        return self.new((a.ne[1], ids.ne[0], b.ne[2], 1), "f32", "MUL_MAT_ID", a, b, ids)
+
+    def get_rows(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.new((a.ne[0], b.ne[0], b.ne[1], b.ne[2]), "i32" if a.type == "i32" else "f32",
+                        "GET_ROWS", a, b)
+
+    def rms_norm(self, a):
+        return self.dup(a, "RMS_NORM")
+
+    def mul(self, a, b):
+        return self.dup(a, "MUL", b)
+
+    def add(self, a, b):
+        return self.dup(a, "ADD", b)
+
+    def div(self, a, b):
+        return self.dup(a, "DIV", b)
+
+    def scale(self, a):
+        return self.dup(a, "SCALE")
+
+    def clamp(self, a):
+        return self.dup(a, "CLAMP")
+
+    def unary(self, a):
+        return self.dup(a, "UNARY")
+
+    def rope(self, a, pos, factors=None):
+        return self.dup(a, "ROPE", pos, factors)
+
+    def cont(self, a, *ne):
+        return self.new(ne or a.ne, a.type, "CONT", a)
+
+    def glu_split(self, a, b):
+        return self.new(a.ne, a.type, "GLU", a, b)
+
+    def sum_rows(self, a):
+        return self.new((1,) + a.ne[1:], a.type, "SUM_ROWS", a)
+
+    def concat(self, a, b, dim: int):
+        ne = list(a.ne)
+        ne[dim] += b.ne[dim]
+        return self.new(ne, a.type, "CONCAT", a, b)
+
+    def repeat(self, a, *ne):
+        return self.new(ne, a.type, "REPEAT", a)
+
+    def argsort_top_k(self, a, k: int):
+        order = self.new(a.ne, "i32", "ARGSORT", a)
+        return self.view(order, (k,) + a.ne[1:], order.nb, op="VIEW")
+
+    def soft_max(self, a, mask=None):
+        return self.dup(a, "SOFT_MAX", mask)
+
+    def set_rows(self, cache: Tensor, b: Tensor, idxs: Tensor) -> Tensor:
+        t = Tensor(cache.ne, cache.type, op="SET_ROWS", src=(b, idxs, cache), view_src=cache, nb=cache.nb)
+        return t
+
+    def flash_attn(self, q, k, v, mask):
+        return self.new((v.ne[0], q.ne[2], q.ne[1], q.ne[3]), "f32", "FLASH_ATTN_EXT", q, k, v, mask)
+
+
+# --- the allocator (ggml-alloc.c) -------------------------------------------------------------
+
+class DynAllocator:
+    """ggml_dyn_tallocr with one chunk: sorted free blocks, the last one open-ended."""
+
+    def __init__(self, alignment: int):
+        self.alignment = alignment
+        self.blocks: list[list[int]] = [[0, 1 << 62]]       # [offset, size], sorted by offset
+        self.max_size = 0
+
+    def _aligned(self, size: int) -> int:
+        return -(-size // self.alignment) * self.alignment
+
+    def alloc(self, size: int) -> int:
+        size = self._aligned(size)
+        best, best_size = -1, None
+        for i, (offset, block_size) in enumerate(self.blocks[:-1]):
+            if block_size >= size and (best_size is None or block_size <= best_size):
+                best, best_size = i, block_size
+        if best < 0:
+            best = len(self.blocks) - 1
+        block = self.blocks[best]
+        offset = block[0]
+        block[0] += size
+        block[1] -= size
+        if block[1] == 0:
+            del self.blocks[best]
+        self.max_size = max(self.max_size, offset + size)
+        return offset
+
+    def free(self, offset: int, size: int) -> None:
+        size = self._aligned(size)
+        blocks = self.blocks
+        for i, block in enumerate(blocks):
+            if block[0] + block[1] == offset:
+                block[1] += size
+                if i + 1 < len(blocks) and block[0] + block[1] == blocks[i + 1][0]:
+                    block[1] += blocks[i + 1][1]
+                    del blocks[i + 1]
+                return
+            if offset + size == block[0]:
+                block[0] = offset
+                block[1] += size
+                if i > 0 and blocks[i - 1][0] + blocks[i - 1][1] == block[0]:
+                    blocks[i - 1][1] += block[1]
+                    del blocks[i]
+                return
+        pos = 0
+        while pos < len(blocks) and blocks[pos][0] < offset:
+            pos += 1
+        blocks.insert(pos, [offset, size])
+
+
+class _State:
+    __slots__ = ("n_children", "n_views", "allocated", "offset", "device")
+
+    def __init__(self):
+        self.n_children = 0
+        self.n_views = 0
+        self.allocated = False
+        self.offset = 0
+        self.device = None
+
+
+def allocate(graph_nodes: Sequence[Tensor], graph_leafs: Sequence[Tensor],
+             alignment_of: Callable[[str], int]) -> dict[str, int]:
+    """ggml_gallocr_alloc_graph_impl over a graph whose tensors carry their device: the
+    high-water mark of every device's buffer."""
+    allocators: dict[str, DynAllocator] = {}
+    state: dict[int, _State] = {}
+
+    def st(t: Tensor) -> _State:
+        s = state.get(id(t))
+        if s is None:
+            s = state[id(t)] = _State()
+        return s
+
+    def allocator(device: str) -> DynAllocator:
+        if device not in allocators:
+            allocators[device] = DynAllocator(alignment_of(device))
+        return allocators[device]
+
+    def free_extra(node: Tensor, parent: Tensor, p: _State) -> None:
+        a = allocator(p.device)
+        parent_size, node_size = a._aligned(parent.n_bytes), a._aligned(node.n_bytes)
+        if parent_size > node_size:
+            a.free(p.offset + node_size, parent_size - node_size)
+
+    def allocate_node(node: Tensor, device: str) -> None:
+        s = st(node)
+        if node.external or s.allocated or node.view_src is not None:
+            return
+        s.allocated = True
+        if node.op in INPLACE_OPS:
+            for parent in node.src:
+                p = st(parent)
+                # a view is never "own" memory of the allocator, so only whole tensors are reused
+                if parent.view_src is not None or not p.allocated or parent.is_output:
+                    continue
+                if node.same_layout(parent) and p.n_children == 1 and p.n_views == 0:
+                    s.device, s.offset = p.device, p.offset
+                    p.allocated = False
+                    free_extra(node, parent, p)
+                    return
+        s.device = device
+        s.offset = allocator(device).alloc(node.n_bytes)
+
+    def free_node(node: Tensor) -> None:
+        if node.is_output:
+            return
+        s = st(node)
+        allocator(s.device).free(s.offset, node.n_bytes)
+        s.allocated = False
+
+    for leaf in graph_leafs:
+        allocate_node(leaf, leaf.device)
+    for node in graph_nodes:
+        if node.view_src is not None and node.op != "NONE":
+            st(node.view_src).n_views += 1
+        if node.is_input:
+            allocate_node(node, node.device)
+        for src in node.src:
+            st(src).n_children += 1
+            if src.is_input:
+                allocate_node(src, node.device)
+    for node in graph_nodes:
+        for parent in node.src:
+            allocate_node(parent, node.device)
+        allocate_node(node, node.device)
+        for parent in node.src:
+            p = st(parent)
+            p.n_children -= 1
+            if p.n_children == 0 and p.n_views == 0:
+                if parent.view_src is not None:
+                    vs = st(parent.view_src)
+                    vs.n_views -= 1
+                    if vs.n_views == 0 and vs.n_children == 0 and vs.allocated:
+                        free_node(parent.view_src)
+                elif p.allocated:
+                    free_node(parent)
+    return {device: a.max_size for device, a in allocators.items()}
+
+
+# --- the worst-case graph of each family (llama.cpp src/models/*.cpp, src/llama-graph.cpp) --
+
+@dataclass(frozen=True)
+class GraphShape:
+    """What the reserved graph depends on besides the hyperparameters."""
+    n_tokens: int           # min(n_ctx, n_ubatch)
+    n_outputs: int          # rows of logits: min(n_tokens, n_batch)
+    flash_attn: bool
+    type_k: str
+    type_v: str
+    n_kv: tuple[int, ...]   # cache cells each layer attends over (its cache's size)
+
+    @classmethod
+    def of(cls, hp: HyperParams, rc: RunConfig, flash_attn: bool, kv_cells) -> GraphShape:
+        n_ctx = rc.context_length(hp.n_ctx_train)
+        n_tokens = min(n_ctx, rc.n_ubatch, rc.n_batch)
+        return cls(n_tokens=n_tokens, n_outputs=min(n_tokens, rc.n_batch), flash_attn=flash_attn,
+                   type_k=rc.type_k, type_v=rc.type_v,
+                   n_kv=tuple(kv_cells(hp, il, rc) for il in range(hp.n_layer)))
+
+
+class GraphBuilder(Ops):
+    """llm_graph_context for the families the planner knows, with weights on their devices."""
+
+    def __init__(self, hp: HyperParams, shape: GraphShape, device_of: Callable[[str], str],
+                 layer_device: Callable[[int], str]):
+        super().__init__(Graph())
+        self.hp = hp
+        self.shape = shape
+        self.T = shape.n_tokens
+        self.device_of = device_of
+        self.layer_device = layer_device
+        family = arch.family(hp.arch)
+        specs = family.tensor_specs(hp)
+        self.shapes = {s.name: tuple(reversed(s.shape)) for s in specs}     # ggml ne order
+        self._weights: dict[str, Tensor] = {}
+        self.v_trans = not shape.flash_attn
+
+    # inputs ---------------------------------------------------------------------------------
+
+    def w(self, name: str) -> Tensor | None:
+        if name not in self.shapes:
+            return None
+        if name not in self._weights:
+            self._weights[name] = self.weight(self.shapes[name], self.device_of(name), name)
+        return self._weights[name]
+
+    def lw(self, il: int, name: str) -> Tensor | None:
+        return self.w(f"blk.{il}.{name}.weight")
+
+    def inp_embd(self) -> Tensor:
+        tokens = self.input((self.T,), "i32", "inp_tokens")
+        embd = self.input((self.hp.n_embd, self.T), "f32", "inp_embd")
+        tok_embd = self.w("token_embd.weight")
+        cur = self.get_rows(tok_embd, tokens)
+        self.graph.expand(cur)
+        self.graph.expand(embd)
+        return cur
+
+    def attn_inputs(self, swa: bool) -> dict:
+        """k/v index and mask inputs of one KV cache (the base one, or the window one)."""
+        layers = [il for il in range(self.hp.n_layer)
+                  if (self.hp.attention_kind(il) is not AttentionKind.FULL) == swa]
+        if not layers:
+            return {}
+        n_kv = self.shape.n_kv[layers[0]]
+        v_rows = self.T * max(self.hp.n_embd_v_gqa(il) for il in range(self.hp.n_layer)) if self.v_trans else self.T
+        inputs = {"k_idxs": self.input((self.T,), "i64", "k_idxs"),
+                  "v_idxs": self.input((v_rows,), "i64", "v_idxs"),
+                  "mask": self.input((n_kv, self.T), "f16" if self.shape.flash_attn else "f32", "kq_mask")}
+        # llama_kv_cache's attention rotation: quantized caches store Hadamard-rotated K and V
+        if is_quantized(self.shape.type_k) and self.hp.n_embd_head_k % 64 == 0:
+            n = 64
+            while self.hp.n_embd_head_k % (n * 2) == 0:
+                n *= 2
+            inputs["k_rot"] = self.input((n, n), "f32", "k_rot")
+        if is_quantized(self.shape.type_v) and self.hp.n_embd_head_v % 64 == 0:
+            inputs["v_rot"] = self.input((64, 64), "f32", "v_rot")
+        return inputs
+
+    def hadamard(self, cur: Tensor, rot: Tensor) -> Tensor:
+        """llama_mul_mat_hadamard: rows of rot.ne0 values times the rotation matrix."""
+        n = rot.ne[0]
+        n_values = cur.ne[0] * cur.ne[1] * cur.ne[2] * cur.ne[3]
+        rows = self.reshape(cur, n, n_values // n) if is_contiguous(cur) else self.cont(cur, n, n_values // n)
+        return self.reshape(self.mul_mat(rot, rows), *cur.ne)
+
+    # blocks ---------------------------------------------------------------------------------
+
+    def norm(self, x: Tensor, weight: Tensor | None) -> Tensor:
+        cur = self.rms_norm(x)
+        return self.mul(cur, weight) if weight is not None else cur
+
+    def linear(self, il: int, name: str, x: Tensor) -> Tensor:
+        cur = self.mul_mat(self.lw(il, name), x)
+        bias = self.w(f"blk.{il}.{name}.bias")
+        return self.add(cur, bias) if bias is not None else cur
+
+    def qkv(self, il: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        hp = self.hp
+        q = self.linear(il, "attn_q", x)
+        k = self.linear(il, "attn_k", x)
+        v = self.linear(il, "attn_v", x)
+        return (self.reshape(q, hp.n_embd_head_k, hp.n_head, self.T),
+                self.reshape(k, hp.n_embd_head_k, hp.n_head_kv[il], self.T),
+                self.reshape(v, hp.n_embd_head_v, hp.n_head_kv[il], self.T))
+
+    def cache(self, il: int, which: str, n_embd: int) -> Tensor:
+        cells = self.shape.n_kv[il]
+        type_name = self.shape.type_k if which == "k" else self.shape.type_v
+        return self.weight((n_embd, cells), self.layer_device(il), f"cache_{which}_l{il}", type_name)
+
+    def attention(self, il: int, inputs: dict, q: Tensor, k: Tensor, v: Tensor, order: str,
+                  v_mla: Tensor | None = None) -> Tensor:
+        """build_attn (KV cache) + build_attn_mha; `order` is the expand order of q, k, v. With
+        `v_mla` (absorbed MLA) only K is cached and V is a view of its latent part."""
+        hp = self.hp
+        g = self.graph
+        mla = v_mla is not None
+        k_rot, v_rot = (None, None) if mla else (inputs.get("k_rot"), inputs.get("v_rot"))
+        if k_rot is not None:
+            q, k = self.hadamard(q, k_rot), self.hadamard(k, k_rot)
+        if v_rot is not None:
+            v = self.hadamard(v, v_rot)
+        for name in order:
+            g.expand({"q": q, "k": k, "v": v}[name])
+        cells = self.shape.n_kv[il]
+        n_embd_k = hp.n_embd_k_gqa(il)
+        k_cache = self.cache(il, "k", n_embd_k)
+        g.expand(self.set_rows(k_cache, self.view(k, (n_embd_k, self.T)), inputs["k_idxs"]))
+        rk = row_bytes(self.shape.type_k, 1) if self.shape.type_k in SCALAR_BYTES else None
+        head_k = n_embd_k if mla else hp.n_embd_head_k
+        n_head_kv = 1 if mla else hp.n_head_kv[il]
+        k_view = self.view(k_cache, (head_k, n_head_kv, cells),
+                           (rk or 1, row_bytes(self.shape.type_k, head_k), row_bytes(self.shape.type_k, n_embd_k),
+                            row_bytes(self.shape.type_k, n_embd_k * cells)))
+        if mla:             # V is the latent part of the cached K rows
+            v_view = self.view(k_cache, (hp.kv_lora_rank, 1, cells), k_view.nb)
+        else:
+            n_embd_v = hp.n_embd_v_gqa(il)
+            v_cache = self.cache(il, "v", n_embd_v)
+            tv = self.shape.type_v
+            if not self.v_trans:
+                g.expand(self.set_rows(v_cache, self.view(v, (n_embd_v, self.T)), inputs["v_idxs"]))
+                v_view = self.view(v_cache, (hp.n_embd_head_v, hp.n_head_kv[il], cells),
+                                   (SCALAR_BYTES.get(tv, 1), row_bytes(tv, hp.n_embd_head_v),
+                                    row_bytes(tv, n_embd_v), row_bytes(tv, n_embd_v * cells)))
+            else:
+                flat = self.reshape(v_cache, 1, n_embd_v * cells)
+                g.expand(self.set_rows(flat, self.reshape(self.reshape(v, n_embd_v, self.T), 1, n_embd_v * self.T),
+                                       inputs["v_idxs"]))
+                v_view = self.view(v_cache, (cells, hp.n_head_kv[il], hp.n_embd_head_v),
+                                   (SCALAR_BYTES.get(tv, 1), row_bytes(tv, cells * hp.n_embd_head_v),
+                                    row_bytes(tv, cells), row_bytes(tv, cells * n_embd_v)))
+        cur = self.mha(q, k_view, v_view, inputs["mask"], v_mla)
+        return self.hadamard(cur, v_rot) if v_rot is not None else cur
+
+    def mha(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, v_mla: Tensor | None) -> Tensor:
+        v_trans = v.nb[1] > v.nb[2]
+        q = self.permute(self.view(q, q.ne, q.nb), 0, 2, 1, 3)
+        k = self.permute(k, 0, 2, 1, 3)
+        v = self.permute(v, 0, 2, 1, 3)
+        if self.shape.flash_attn:
+            if v_trans:
+                v = self.transpose(v)
+            cur = self.flash_attn(q, k, v, mask)
+            if v_mla is not None:
+                cur = self.permute(cur, 0, 2, 1, 3)
+                cur = self.mul_mat(v_mla, cur)
+                cur = self.permute(cur, 0, 2, 1, 3)
+                cur = self.cont(cur)
+            cur = self.reshape(cur, cur.ne[0] * cur.ne[1], cur.ne[2] * cur.ne[3])
+        else:
+            kq = self.mul_mat(k, q)
+            kq = self.soft_max(kq, mask)
+            if not v_trans:
+                v = self.cont(self.transpose(v))
+            kqv = self.mul_mat(v, kq)
+            if v_mla is not None:
+                kqv = self.mul_mat(v_mla, kqv)
+            cur = self.permute(kqv, 0, 2, 1, 3)
+            cur = self.cont(cur, cur.ne[0] * cur.ne[1], cur.ne[2] * cur.ne[3])
+        self.graph.expand(cur)
+        return cur
+
+    def ffn(self, il: int, x: Tensor, suffix: str = "", gelu: bool = False) -> Tensor:
+        up = self.mul_mat(self.lw(il, f"ffn_up{suffix}"), x)
+        gate = self.mul_mat(self.lw(il, f"ffn_gate{suffix}"), x)
+        cur = self.glu_split(gate, up)
+        return self.mul_mat(self.lw(il, f"ffn_down{suffix}"), cur)
+
+    def moe(self, il: int, x: Tensor, gating: str, norm_w: bool, w_scale: float,
+            weight_before_ffn: bool = False, groups: tuple[int, int] = (0, 0)) -> Tensor:
+        """build_moe_ffn."""
+        hp = self.hp
+        T, n_expert, n_used = self.T, hp.n_expert, hp.n_expert_used
+        logits = self.mul_mat(self.lw(il, "ffn_gate_inp"), x)
+        probs = self.soft_max(logits) if gating == "softmax" else self.unary(logits)
+        selection = probs
+        bias = self.w(f"blk.{il}.exp_probs_b.bias")
+        if bias is not None:
+            selection = self.add(probs, bias)
+        if weight_before_ffn:
+            selection = logits
+        n_groups, n_group_used = groups
+        if n_groups > 1:
+            per_group = n_expert // n_groups
+            sel_groups = self.reshape(selection, per_group, n_groups, T)
+            scores = self.argsort_top_k(sel_groups, 2)
+            scores = self.get_rows(self.reshape(sel_groups, 1, per_group, n_groups, T), scores)
+            scores = self.sum_rows(self.reshape(scores, scores.ne[1], scores.ne[2], scores.ne[3]))
+            scores = self.reshape(scores, scores.ne[1], scores.ne[2])
+            expert_groups = self.argsort_top_k(scores, n_group_used)
+            picked = self.get_rows(sel_groups, expert_groups)
+            filled = self.dup(sel_groups, "FILL")
+            selection = self.reshape(self.set_rows(filled, picked, expert_groups), n_expert, T)
+        selected = self.argsort_top_k(selection, n_used)
+        weights = self.get_rows(self.reshape(probs, 1, n_expert, T), selected)
+        if norm_w:
+            weights = self.reshape(weights, n_used, T)
+            total = self.clamp(self.sum_rows(weights))
+            weights = self.reshape(self.div(weights, total), 1, n_used, T)
+        if w_scale not in (0.0, 1.0):
+            weights = self.scale(weights)
+        self.graph.expand(weights)
+        cur = self.reshape(x, hp.n_embd, 1, T)
+        if weight_before_ffn:
+            cur = self.mul(self.repeat(cur, hp.n_embd, n_used, T, 1), weights)
+        up = self.mul_mat_id(self.lw(il, "ffn_up_exps"), cur, selected)
+        gate = self.mul_mat_id(self.lw(il, "ffn_gate_exps"), cur, selected)
+        experts = self.mul_mat_id(self.lw(il, "ffn_down_exps"), self.glu_split(gate, up), selected)
+        if not weight_before_ffn:
+            experts = self.mul(experts, weights)
+        self.graph.expand(experts)
+        parts = [self.view_nb(experts, (hp.n_embd, T), (experts.nb[2],)) for _ in range(n_used)]
+        for part in parts:
+            self.graph.expand(part)
+        out = parts[0]
+        for part in parts[1:]:
+            out = self.add(out, part)
+            self.graph.expand(out)
+        return self.cont(out) if n_used == 1 else out
+
+    def finish(self, x: Tensor, out_norm: str = "output_norm.weight", softcap: bool = False) -> None:
+        embd = self.norm(x, self.w(out_norm))
+        embd.is_output = True
+        output = self.w("output.weight") or self.weight(self.shapes["token_embd.weight"],
+                                                       self.device_of("output.weight"), "output.weight")
+        logits = self.mul_mat(output, embd)
+        if softcap:
+            logits = self.scale(self.unary(self.scale(logits)))
+        logits.is_output = True
+        self.graph.expand(logits)
+
+
+def _is_swa(hp: HyperParams, il: int) -> bool:
+    return hp.attention_kind(il) is not AttentionKind.FULL
+
+
+def _last_layer_rows(b: GraphBuilder, il: int, out_ids: Tensor, *tensors: Tensor) -> list[Tensor]:
+    """The last layer keeps only the output rows (ggml_get_rows on inp_out_ids)."""
+    if il != b.hp.n_layer - 1:
+        return list(tensors)
+    return [b.get_rows(t, out_ids) for t in tensors]
+
+
+def _llama_like(b: GraphBuilder) -> None:
+    """llama (with Mixtral's routed FFN), qwen2, qwen3, qwen3moe: src/models/llama.cpp, qwen*.cpp."""
+    hp = b.hp
+    qk_norm = getattr(hp, "qk_norm", False)
+    x = b.inp_embd()
+    pos = b.input((b.T,), "i32", "inp_pos")
+    inputs = b.attn_inputs(swa=False)
+    out_ids = b.input((b.shape.n_outputs,), "i32", "out_ids")
+    for il in range(hp.n_layer):
+        cur = b.norm(x, b.lw(il, "attn_norm"))
+        q, k, v = b.qkv(il, cur)
+        if qk_norm:
+            q = b.norm(q, b.lw(il, "attn_q_norm"))
+        q = b.rope(q, pos)
+        if qk_norm:
+            k = b.norm(k, b.lw(il, "attn_k_norm"))
+        k = b.rope(k, pos)
+        cur = b.attention(il, inputs, q, k, v, order="qvk")
+        cur = b.mul_mat(b.lw(il, "attn_output"), cur)
+        cur, residual = _last_layer_rows(b, il, out_ids, cur, x)
+        ffn_inp = b.add(cur, residual)
+        cur = b.norm(ffn_inp, b.lw(il, "ffn_norm"))
+        if b.lw(il, "ffn_gate_inp") is None:
+            cur = b.ffn(il, cur)
+        else:
+            cur = b.moe(il, cur, "softmax", norm_w=hp.arch == "qwen3moe" or hp.arch == "llama",
+                        w_scale=0.0)
+        x = b.add(cur, ffn_inp)
+    b.finish(x)
+
+
+def _gemma3(b: GraphBuilder) -> None:
+    """src/models/gemma3.cpp (the iswa graph when the model has window layers)."""
+    hp = b.hp
+    x = b.scale(b.inp_embd())
+    pos = b.input((b.T,), "i32", "inp_pos")
+    base, window = b.attn_inputs(swa=False), b.attn_inputs(swa=True)
+    iswa = bool(window)
+    out_ids = b.input((b.shape.n_outputs,), "i32", "out_ids")
+    for il in range(hp.n_layer):
+        cur = b.norm(x, b.lw(il, "attn_norm"))
+        q, k, v = b.qkv(il, cur)
+        q = b.rope(b.norm(q, b.lw(il, "attn_q_norm")), pos)
+        k = b.rope(b.norm(k, b.lw(il, "attn_k_norm")), pos)
+        q = b.scale(q)
+        cur = b.attention(il, window if _is_swa(hp, il) else base, q, k, v, order="qkv" if iswa else "qvk")
+        cur = b.mul_mat(b.lw(il, "attn_output"), cur)
+        cur, x = _last_layer_rows(b, il, out_ids, cur, x)
+        cur = b.norm(cur, b.lw(il, "post_attention_norm"))
+        sa_out = b.add(cur, x)
+        cur = b.norm(sa_out, b.lw(il, "ffn_norm"))
+        cur = b.ffn(il, cur)
+        cur = b.norm(cur, b.lw(il, "post_ffw_norm"))
+        x = b.add(cur, sa_out)
+    b.finish(x, softcap=bool(getattr(hp, "final_logit_softcapping", 0.0)))
+
+
+def _llama4(b: GraphBuilder) -> None:
+    """src/models/llama4.cpp: chunked layers on the window cache, no-rope layers temperature-scaled."""
+    hp = b.hp
+    x = b.inp_embd()
+    pos = b.input((b.T,), "i32", "inp_pos")
+    attn_scale = b.input((1, 1, b.T), "f32", "inp_attn_scale")
+    base, window = b.attn_inputs(swa=False), b.attn_inputs(swa=True)
+    iswa = bool(window)
+    out_ids = b.input((b.shape.n_outputs,), "i32", "out_ids")
+    for il in range(hp.n_layer):
+        residual = x
+        cur = b.norm(x, b.lw(il, "attn_norm"))
+        q, k, v = b.qkv(il, cur)
+        if hp.uses_rope(il):
+            q, k = b.rope(q, pos), b.rope(k, pos)
+            if hp.use_kq_norm:
+                q, k = b.rms_norm(q), b.rms_norm(k)
+        else:
+            q = b.mul(q, attn_scale)
+        cur = b.attention(il, window if _is_swa(hp, il) else base, q, k, v, order="qkv" if iswa else "qvk")
+        cur = b.mul_mat(b.lw(il, "attn_output"), cur)
+        cur, residual = _last_layer_rows(b, il, out_ids, cur, residual)
+        ffn_inp = b.add(cur, residual)
+        normed = b.norm(ffn_inp, b.lw(il, "ffn_norm"))
+        if b.lw(il, "ffn_gate_inp") is None:
+            cur = b.ffn(il, normed)
+        else:
+            moe_out = b.moe(il, normed, "sigmoid", norm_w=False, w_scale=0.0, weight_before_ffn=True)
+            cur = b.add(moe_out, b.ffn(il, normed, "_shexp"))
+        x = b.add(cur, ffn_inp)
+    b.finish(x)
+
+
+def _deepseek2(b: GraphBuilder) -> None:
+    """src/models/deepseek2.cpp: MLA (the absorbed form when the GGUF caches the latent)."""
+    hp = b.hp
+    T = b.T
+    n_head = hp.n_head
+    head_k, rope_dims = hp.n_embd_head_k_mla, hp.n_rot
+    nope = head_k - rope_dims
+    rank = hp.kv_lora_rank
+    x = b.inp_embd()
+    pos = b.input((T,), "i32", "inp_pos")
+    inputs = b.attn_inputs(swa=False)
+    out_ids = b.input((b.shape.n_outputs,), "i32", "out_ids")
+    gating = "softmax" if int(hp.expert_gating_func) == 1 else "sigmoid"
+    for il in range(hp.n_layer):
+        residual = x
+        cur = b.norm(x, b.lw(il, "attn_norm"))
+        if b.lw(il, "attn_q") is None:
+            q = b.mul_mat(b.lw(il, "attn_q_a"), cur)
+            q = b.norm(q, b.lw(il, "attn_q_a_norm"))
+            q = b.mul_mat(b.lw(il, "attn_q_b"), q)
+        else:
+            q = b.mul_mat(b.lw(il, "attn_q"), cur)
+        q = b.reshape(q, head_k, n_head, T)
+        kv_pe = b.mul_mat(b.lw(il, "attn_kv_a_mqa"), cur)
+        row = kv_pe.nb[1]
+        kv_cmpr = b.view_nb(kv_pe, (rank, T), (row,))
+        k_pe = b.rope(b.view_nb(kv_pe, (rope_dims, 1, T), (row, row)), pos)
+        kv_cmpr = b.norm(kv_cmpr, b.lw(il, "attn_kv_a_norm"))
+        if hp.is_mla:
+            q_nope = b.view_nb(q, (nope, n_head, T), (q.nb[1], q.nb[2]))
+            q_pe = b.rope(b.view_nb(q, (rope_dims, n_head, T), (q.nb[1], q.nb[2])), pos)
+            absorbed = b.mul_mat(b.lw(il, "attn_k_b"), b.permute(q_nope, 0, 2, 1, 3))
+            q_cur = b.concat(b.permute(absorbed, 0, 2, 1, 3), q_pe, 0)
+            kv_cmpr = b.reshape(kv_cmpr, rank, 1, T)
+            k_cur = b.concat(kv_cmpr, k_pe, 0)
+            cur = b.attention(il, inputs, q_cur, k_cur, kv_cmpr, order="qvk", v_mla=b.lw(il, "attn_v_b"))
+        else:
+            kv = b.mul_mat(b.lw(il, "attn_kv_b"), kv_cmpr)
+            width = nope + hp.n_embd_head_v_mla
+            k_nope = b.view_nb(kv, (nope, n_head, T), (kv.nb[0] * width, kv.nb[0] * width * n_head))
+            v_cur = b.cont(b.view_nb(kv, (hp.n_embd_head_v_mla, n_head, T),
+                                     (kv.nb[0] * width, kv.nb[0] * width * n_head)))
+            q_cur = b.rope(q, pos)
+            k_cur = b.concat(k_nope, b.repeat(k_pe, rope_dims, n_head, T, 1), 0)
+            cur = b.attention(il, inputs, q_cur, k_cur, v_cur, order="qvk")
+        cur = b.mul_mat(b.lw(il, "attn_output"), cur)
+        cur, residual = _last_layer_rows(b, il, out_ids, cur, residual)
+        ffn_inp = b.add(cur, residual)
+        cur = b.norm(ffn_inp, b.lw(il, "ffn_norm"))
+        if not hp.is_moe_layer(il):
+            cur = b.ffn(il, cur)
+        else:
+            moe_out = b.moe(il, cur, gating, norm_w=hp.expert_weights_norm, w_scale=hp.expert_weights_scale,
+                            groups=(hp.n_expert_groups, hp.n_group_used))
+            cur = b.add(moe_out, b.ffn(il, cur, "_shexp"))
+        x = b.add(cur, ffn_inp)
+    b.finish(x)
+
+
+GRAPHS = {"llama": _llama_like, "qwen2": _llama_like, "qwen3": _llama_like, "qwen3moe": _llama_like,
+          "gemma3": _gemma3, "llama4": _llama4, "deepseek2": _deepseek2}
+
+
+def build_graph(hp: HyperParams, shape: GraphShape, device_of: Callable[[str], str] = lambda name: CPU_NAME,
+                layer_device: Callable[[int], str] = lambda il: CPU_NAME) -> Graph:
+    b = GraphBuilder(hp, shape, device_of, layer_device)
+    GRAPHS[hp.arch](b)
+    return b.graph
+
+
+def has_graph(arch_name: str) -> bool:
+    return arch_name in GRAPHS
