@@ -112,15 +112,25 @@ def run_app(model_path: str | None, sim_gpus: str | None) -> int:
     app = make_application()
     bridge = Bridge()
     bridge.start()
-    window = MainWindow(bridge, Settings.load())
-    install_excepthook(window.show_error)
-    window.show()
-    window.detect_devices(sim_gpus)
-    if model_path:
-        window.open_model(model_path)
-    else:
-        window.open_default_model()
-    try:
+    try:        # the engine thread is stopped whatever happens, or Qt aborts the process on exit
+        settings = Settings.load()
+        window = MainWindow(bridge, settings)
+        install_excepthook(window.show_error)
+        window.show()
+        show_startup_problems(window, settings)
+        window.detect_devices(sim_gpus)
+        if model_path:
+            window.open_model(model_path)
+        else:
+            window.open_default_model()
         return app.exec()
     finally:
         bridge.shutdown()
+
+
+def show_startup_problems(window, settings) -> None:
+    """Saved files that could not be used were set aside while loading; say so once, in the window."""
+    store = getattr(getattr(window.chat, "controller", None), "store", None)
+    problems = settings.take_problems() + (store.take_problems() if store is not None else [])
+    if problems:
+        window.show_message(" ".join(problems), "warning")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -25,6 +26,7 @@ from typing import Any
 
 from platformdirs import user_data_dir
 
+from engine.files import SavedFileError, read_json, set_aside
 from engine.synth.default_model import APP_NAME
 
 log = logging.getLogger(__name__)
@@ -78,11 +80,14 @@ class Message:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Message:
+        _require(isinstance(data, dict), f"a message must be an object, found {type(data).__name__}")
         role, content = data.get("role"), data.get("content")
-        if role not in ROLES or not isinstance(content, str):
-            raise ConversationError(f"a message needs a role ({', '.join(ROLES)}) and text content, got {data!r:.80}")
-        stats = data.get("stats") or {}
-        return cls(role, content, dict(stats) if isinstance(stats, dict) else {}, str(data.get("error") or ""))
+        _require(role in ROLES and isinstance(content, str),
+                 f"a message needs a role ({', '.join(ROLES)}) and text content")
+        stats, error = data.get("stats", {}), data.get("error", "")
+        _require(isinstance(stats, dict) and isinstance(error, str), "a message's stats must be an object and "
+                                                                     "its error a string")
+        return cls(role, content, dict(stats), error)
 
 
 @dataclass
@@ -110,22 +115,38 @@ class Conversation:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Conversation:
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ConversationError("not an Offload Studio conversation")
-        if data.get("version", 0) > FORMAT_VERSION:
-            raise ConversationError(f"written by a newer version (format {data.get('version')})")
-        conversation_id = str(data.get("id", ""))
-        if not ID_RE.match(conversation_id):
-            raise ConversationError(f"bad conversation id {conversation_id!r}")
-        messages = data.get("messages") or []
-        if not isinstance(messages, list):
-            raise ConversationError("messages must be a list")
-        return cls(conversation_id, str(data.get("title") or "New chat"), str(data.get("system_prompt") or ""),
-                   [Message.from_dict(m) for m in messages], float(data.get("created_s") or 0.0),
-                   float(data.get("updated_s") or 0.0), bool(data.get("titled_by_user", False)))
+        """A conversation from its saved form; ConversationError names the first field that does
+        not match the schema (no other exception escapes, whatever the file holds)."""
+        _require(isinstance(data, dict) and data.get("format") == FORMAT, "not an Offload Studio conversation")
+        version = data.get("version", 0)
+        _require(type(version) is int, f"version should be a whole number, found {type(version).__name__}")
+        _require(version <= FORMAT_VERSION, f"written by a newer version (format {version})")
+        conversation_id = data.get("id", "")
+        _require(isinstance(conversation_id, str) and ID_RE.match(conversation_id) is not None,
+                 f"bad conversation id {str(conversation_id)[:40]!r}")
+        for key, kind in _FIELD_TYPES.items():
+            _require(key not in data or isinstance(data[key], kind) and not (kind is _NUMBER and
+                                                                            isinstance(data[key], bool)),
+                     f"{key} should be {_KIND_NAMES[kind]}, found {type(data.get(key)).__name__}")
+        for key in ("created_s", "updated_s"):
+            _require(math.isfinite(data.get(key, 0.0)), f"{key} is not a finite time")
+        return cls(conversation_id, data.get("title") or "New chat", data.get("system_prompt", ""),
+                   [Message.from_dict(m) for m in data.get("messages", [])], float(data.get("created_s", 0.0)),
+                   float(data.get("updated_s", 0.0)), data.get("titled_by_user", False))
 
     def summary(self) -> ConversationSummary:
         return ConversationSummary(self.id, self.title, self.updated_s, len(self.messages))
+
+
+_NUMBER = (int, float)
+_FIELD_TYPES = {"title": str, "system_prompt": str, "messages": list, "created_s": _NUMBER, "updated_s": _NUMBER,
+                "titled_by_user": bool}
+_KIND_NAMES = {str: "a string", list: "a list", _NUMBER: "a number", bool: "true or false"}
+
+
+def _require(ok: bool, problem: str) -> None:
+    if not ok:
+        raise ConversationError(problem)
 
 
 @dataclass(frozen=True)
@@ -178,6 +199,11 @@ class ConversationStore:
 
     def __init__(self, directory: str | os.PathLike | None = None):
         self.directory = Path(directory) if directory is not None else default_conversations_dir()
+        self.problems: list[str] = []       # files `list` set aside, for the user, once
+
+    def take_problems(self) -> list[str]:
+        problems, self.problems = self.problems, []
+        return problems
 
     def path_of(self, conversation_id: str) -> Path:
         if not ID_RE.match(conversation_id):
@@ -193,25 +219,38 @@ class ConversationStore:
     def load(self, conversation_id: str) -> Conversation:
         path = self.path_of(conversation_id)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = read_json(path)
         except FileNotFoundError:
             raise ConversationError(f"no conversation {conversation_id} in {self.directory}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConversationError(f"{path}: cannot read the conversation ({e})") from None
-        conversation = Conversation.from_dict(data)
+        except SavedFileError as e:
+            raise ConversationError(str(e)) from None
+        try:
+            conversation = Conversation.from_dict(data)
+        except ConversationError as e:
+            raise ConversationError(f"{path}: {e}") from None
         if conversation.id != conversation_id:
             raise ConversationError(f"{path} holds conversation {conversation.id}, not {conversation_id}")
         return conversation
 
     def list(self) -> list[ConversationSummary]:
-        """Every readable conversation, the most recently updated first; unreadable files are logged and skipped."""
+        """Every readable conversation, the most recently updated first. A file that cannot be read
+        is set aside as NAME.json.bad (an earlier .bad is kept) and noted in `problems`."""
         summaries = []
         for path in self._files():
             try:
                 summaries.append(self.load(path.stem).summary())
             except ConversationError as e:
-                log.warning("skipping %s: %s", path.name, e)
+                self._set_aside(path, str(e))
         return sorted(summaries, key=lambda s: s.updated_s, reverse=True)
+
+    def _set_aside(self, path: Path, problem: str) -> None:
+        try:
+            kept = set_aside(path)
+            note = f"A saved conversation could not be read and was kept as {kept.name}: {problem}"
+        except OSError as e:
+            note = f"A saved conversation could not be read ({problem}) nor set aside ({e.strerror})"
+        log.warning("%s", note)
+        self.problems.append(note)
 
     def rename(self, conversation_id: str, title: str) -> Conversation:
         conversation = self.load(conversation_id)

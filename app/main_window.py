@@ -26,11 +26,13 @@ from app.widgets.perplexity import PerplexityPanel
 from app.widgets.synth_dialog import SynthDialog, SynthRequest
 from engine.synth.default_model import models_cache_dir
 from app.widgets.inspector import InspectorPanel
+from engine.gguf.quoting import printable
 from engine.units import format_bytes
 
 log = logging.getLogger(__name__)
 
 APP_TITLE = "Offload Studio"
+MAX_NAME_CHARS = 120
 DESIGNER, CHAT, PERPLEXITY, INSPECTOR = "Designer", "Chat", "Perplexity", "Inspector"
 
 
@@ -283,8 +285,9 @@ class MainWindow(QMainWindow):
             self.setWindowTitle(APP_TITLE)
             self.model_label.setText("No model")
         else:
-            self.setWindowTitle(f"{loaded.name} — {APP_TITLE}")
-            self.model_label.setText(f"{loaded.name}  ·  {format_bytes(loaded.total_bytes)}")
+            name = printable(loaded.name, MAX_NAME_CHARS)      # general.name is the file's to choose
+            self.setWindowTitle(f"{name} — {APP_TITLE}")
+            self.model_label.setText(f"{name}  ·  {format_bytes(loaded.total_bytes)}")
             self.model_label.setToolTip(f"{loaded.summary()}\n{loaded.path}")
             self.message_bar.dismiss()
         for widget in self._panels.values():

@@ -3,11 +3,12 @@
 `settings.json` (user config dir) holds choices the user made: folders to search for models.
 `state.json` (user state dir) holds what the app noticed: recent files, window geometry, the
 last panel. Both are written atomically (temporary file, then rename), so a crash mid-write
-leaves the previous file intact; an unreadable file is set aside and defaults are used.
+leaves the previous file intact. A file that cannot be read or does not match the schema is set
+aside as NAME.bad (an earlier .bad is kept), defaults are used and the user is told once
+(`take_problems`): the app always starts.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from platformdirs import user_config_dir, user_state_dir
 
-from engine.files import write_json_atomic
+from engine.files import SavedFileError, read_json, set_aside, write_json_atomic
 from engine.synth.default_model import APP_NAME
 
 log = logging.getLogger(__name__)
@@ -44,25 +45,60 @@ def state_dir() -> Path:
     return Path(user_state_dir(APP_NAME))
 
 
-def _read_dataclass(cls, path: Path):
-    """An instance of `cls` from a JSON file; defaults when missing, and for unknown or mistyped keys."""
+MAX_PATH_CHARS = 4096
+MAX_PATH_PART_BYTES = 255        # longer parts make every file-system call on the path fail
+
+
+def usable_path(value: object) -> bool:
+    """A path string the file system can be asked about without an error."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_PATH_CHARS and "\0" not in value and \
+        all(len(part.encode("utf-8", "surrogateescape")) <= MAX_PATH_PART_BYTES for part in Path(value).parts)
+
+
+def _field_problem(name: str, value: object, expected: type) -> str | None:
+    if not isinstance(value, expected):
+        return f"{name} should be a {expected.__name__}, found {type(value).__name__}"
+    if isinstance(value, list) and not all(usable_path(item) for item in value):
+        return f"{name} holds an entry that is not a usable path"
+    return None
+
+
+def _read_dataclass(cls, path: Path, problems: list[str]):
+    """An instance of `cls` from a JSON file; defaults when it is missing. Fields that do not
+    match the schema get their defaults (the others are kept); a file that is unreadable or had
+    such a field is set aside as NAME.bad (never overwriting an earlier one) and `problems` gets
+    one line for the user. Unknown keys are allowed: a newer version may have written them."""
     defaults = cls()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)
     except FileNotFoundError:
         return defaults
-    except (OSError, ValueError) as e:
-        log.warning("ignoring unreadable %s (%s); it is kept as %s.bad", path, e, path.name)
-        path.replace(path.with_name(path.name + ".bad"))
-        return defaults
-    if not isinstance(data, dict):
-        return defaults
+    except SavedFileError as e:
+        data, problem = {}, str(e)
+    else:
+        problem = None if isinstance(data, dict) else f"expected a JSON object, found {type(data).__name__}"
+        data = data if isinstance(data, dict) else {}
     values = {}
     for f in fields(cls):
-        value = data.get(f.name, getattr(defaults, f.name))
-        if isinstance(value, type(getattr(defaults, f.name))):
-            values[f.name] = value
+        if f.name in data:
+            field_problem = _field_problem(f.name, data[f.name], type(getattr(defaults, f.name)))
+            if field_problem is None:
+                values[f.name] = data[f.name]
+            problem = problem or field_problem
+    if problem is not None:
+        _set_aside(path, problem, problems)
     return cls(**values)
+
+
+def _set_aside(path: Path, problem: str, problems: list[str]) -> None:
+    try:
+        kept = set_aside(path)
+        problems.append(f"{path.name} could not be used as it was ({problem}); it was kept as {kept.name} "
+                        "and defaults are used where needed")
+    except OSError as e:
+        problems.append(f"{path.name} could not be used as it was ({problem}) nor set aside ({e.strerror}); "
+                        "defaults are used where needed")
+    log.warning("%s", problems[-1])
 
 
 class Settings:
@@ -71,14 +107,18 @@ class Settings:
     def __init__(self, settings_path: Path, state_path: Path):
         self.settings_path = settings_path
         self.state_path = state_path
-        self.user = _read_dataclass(UserSettings, settings_path)
-        self.state = _read_dataclass(AppState, state_path)
-        self.state.recent_files = [p for p in self.state.recent_files if isinstance(p, str)]
-        self.user.model_folders = [f for f in self.user.model_folders if isinstance(f, str)]
+        self.problems: list[str] = []     # what went wrong reading the files, for the user, once
+        self.user = _read_dataclass(UserSettings, settings_path, self.problems)
+        self.state = _read_dataclass(AppState, state_path, self.problems)
 
     @classmethod
     def load(cls) -> Settings:
         return cls(config_dir() / "settings.json", state_dir() / "state.json")
+
+    def take_problems(self) -> list[str]:
+        """The problems found while loading, each returned once."""
+        problems, self.problems = self.problems, []
+        return problems
 
     def save(self) -> None:
         write_json_atomic(self.settings_path, asdict(self.user))

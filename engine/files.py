@@ -34,3 +34,44 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     with atomic_write(path, "w") as f:
         json.dump(data, f, indent=2)
+
+
+MAX_SAVED_JSON_BYTES = 64 << 20     # conversations and settings are far smaller; more is not ours
+
+
+class SavedFileError(ValueError):
+    """A saved file (settings, a conversation, a plan) that cannot be used; the message says why."""
+
+
+def read_json(path: str | os.PathLike, max_bytes: int = MAX_SAVED_JSON_BYTES) -> Any:
+    """The JSON value in `path`. A missing file raises FileNotFoundError; anything else that keeps
+    it from being read (too large, not UTF-8, not JSON, nested too deeply) raises SavedFileError."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise SavedFileError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if len(raw) > max_bytes:
+        raise SavedFileError(f"{path}: larger than {max_bytes >> 20} MiB")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SavedFileError(f"{path}: not valid JSON ({str(e)[:120]})") from None
+    except RecursionError:
+        raise SavedFileError(f"{path}: nested too deeply") from None
+
+
+def set_aside(path: str | os.PathLike) -> Path:
+    """Rename an unusable file to `NAME.bad` (or `NAME.bad.1`, `.bad.2`, ... so an earlier bad file
+    is never overwritten) and return the new name; the user can still recover it."""
+    path = Path(path)
+    candidate = path.with_name(path.name + ".bad")
+    n = 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.bad.{n}")
+    os.replace(path, candidate)
+    return candidate

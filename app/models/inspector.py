@@ -10,6 +10,7 @@ from PySide6.QtCore import QObject, QSortFilterProxyModel, Qt
 from PySide6.QtGui import QFontDatabase
 
 from app.models import ALIGN_RIGHT, BytesRole, DeviceRole, Index, RowTableModel, SortRole, TensorRole
+from engine.gguf.quoting import printable
 from engine.plan.inventory import Inventory, InventoryTensor
 from engine.arch.overrides import value_kind
 from engine.units import format_bytes
@@ -47,7 +48,7 @@ def format_value(value: Any) -> str:
         else:
             text = "[" + ", ".join(format_scalar(v) for v in value) + "]"
     elif isinstance(value, str):
-        text = value.replace("\r\n", "⏎").replace("\n", "⏎")
+        text = printable(value.replace("\r\n", "⏎").replace("\n", "⏎"), MAX_DISPLAY_CHARS)
     else:
         text = format_scalar(value)
     return text if len(text) <= MAX_DISPLAY_CHARS else text[:MAX_DISPLAY_CHARS - 1] + "…"
@@ -84,7 +85,7 @@ class MetadataModel(RowTableModel):
         column = index.column()
         if role in (Qt.DisplayRole, SortRole):
             if column == self.COL_KEY:
-                return key
+                return printable(key, MAX_DISPLAY_CHARS)       # keys, like values, are the file's to choose
             if column == self.COL_TYPE:
                 return value_type_name(value)
             if role == SortRole and isinstance(value, (int, float)) and not isinstance(value, bool):

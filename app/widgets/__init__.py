@@ -7,6 +7,10 @@ from __future__ import annotations
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QToolButton, QWidget
 
+from engine.gguf.quoting import printable
+
+MAX_MESSAGE_CHARS = 2000
+
 
 class MessageBar(QFrame):
     """A dismissible strip at the top of the window for errors and notices; never modal."""
@@ -19,7 +23,8 @@ class MessageBar(QFrame):
         self.setObjectName("messageBar")
         self.level = self.INFO
         self.icon = QLabel(objectName="messageIcon")
-        self.label = QLabel(objectName="messageText", wordWrap=True,
+        # plain text: messages quote model files, whose names must not become markup
+        self.label = QLabel(objectName="messageText", wordWrap=True, textFormat=Qt.PlainText,
                             textInteractionFlags=Qt.TextSelectableByMouse)
         close = QToolButton(objectName="messageClose", text="✕", autoRaise=True)
         close.setToolTip("Dismiss")
@@ -35,7 +40,7 @@ class MessageBar(QFrame):
         self.level = level
         self.setProperty("level", level)
         self.icon.setText("i" if level == self.INFO else "!")
-        self.label.setText(text)
+        self.label.setText(printable(text, MAX_MESSAGE_CHARS))     # a 2 MB message would stall the layout
         for widget in (self, self.icon):    # re-read the style sheet: it styles by the `level` property
             widget.style().unpolish(widget)
             widget.style().polish(widget)

@@ -180,3 +180,43 @@ def test_the_background_writer_keeps_order_reports_errors_and_flushes(store):
     future = writer.submit(lambda: store.delete(conversation.id))      # after close: runs at once
     assert future.result() is True and store.list() == []
     assert writer.flush()
+
+
+HOSTILE_FIELDS = [
+    {"created_s": "yesterday"}, {"version": "1"}, {"messages": [5]}, {"messages": [{"role": "user"}]},
+    {"messages": "hello"}, {"title": ["x"]}, {"updated_s": float("nan")}, {"titled_by_user": "yes"},
+    {"messages": [{"role": "user", "content": "hi", "stats": [1]}]}, {"id": ["a"]},
+]
+
+
+@pytest.mark.parametrize("change", HOSTILE_FIELDS, ids=lambda c: next(iter(c)))
+def test_a_file_that_breaks_the_schema_is_set_aside_once(store, change):
+    good, bad = make_conversation("good"), make_conversation("bad")
+    store.save(good)
+    path = store.save(bad)
+    data = json.loads(path.read_text())
+    data.update(change)
+    path.write_text(json.dumps(data, allow_nan=True))
+    assert [s.id for s in store.list()] == [good.id]
+    problems = store.take_problems()
+    assert len(problems) == 1 and f"{bad.id}.json.bad" in problems[0]
+    assert store.take_problems() == [] and [s.id for s in store.list()] == [good.id]
+    assert path.with_name(path.name + ".bad").exists()
+
+
+def test_deeply_nested_json_is_set_aside(store):
+    conversation = make_conversation()
+    path = store.save(conversation)
+    path.write_text('{"format": "offload-studio-conversation", "x": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    assert store.list() == []
+    assert "nested too deeply" in store.take_problems()[0]
+
+
+def test_set_aside_keeps_an_earlier_bad_file(store):
+    conversation = make_conversation()
+    path = store.save(conversation)
+    for text in ("{one", "{two"):
+        path.write_text(text)
+        store.list()
+    assert path.with_name(path.name + ".bad").read_text() == "{one"
+    assert path.with_name(path.name + ".bad.1").read_text() == "{two"

@@ -75,3 +75,36 @@ def test_save_is_atomic_and_leaves_no_temporary_files(app_dirs):
     s.save()
     assert sorted(p.name for p in s.state_path.parent.iterdir()) == ["state.json"]
     assert json.loads(s.state_path.read_text())["current_panel"] == "Inspector"
+
+
+HOSTILE_STATE = [
+    "[" * 100_000 + "]" * 100_000,                              # nested deeper than the parser recurses
+    json.dumps({"recent_files": [{"nested": {"settings": [1]}}]}),
+    json.dumps({"recent_files": ["/models/" + "x" * 300 + ".gguf"]}),    # a part longer than 255 bytes
+    json.dumps({"recent_files": ["/models/a\0b.gguf"]}),
+    json.dumps([1, 2, 3]),
+    "\xff\xfe not utf-8",
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE_STATE)
+def test_a_hostile_state_file_is_set_aside_and_reported_once(app_dirs, text):
+    s = Settings.load()
+    s.state_path.parent.mkdir(parents=True)
+    s.state_path.write_bytes(text.encode("utf-8", "surrogateescape") if text.startswith("\xff") else text.encode())
+    s = Settings.load()
+    assert s.recent_files == []
+    problems = s.take_problems()
+    assert len(problems) == 1 and "state.json.bad" in problems[0] and "\n" not in problems[0]
+    assert s.take_problems() == []
+    assert s.state_path.with_name("state.json.bad").exists() and not s.state_path.exists()
+
+
+def test_a_second_bad_file_does_not_overwrite_the_first(app_dirs):
+    s = Settings.load()
+    s.settings_path.parent.mkdir(parents=True)
+    for text in ("{first", "{second"):
+        s.settings_path.write_text(text)
+        Settings.load()
+    assert s.settings_path.with_name("settings.json.bad").read_text() == "{first"
+    assert s.settings_path.with_name("settings.json.bad.1").read_text() == "{second"
