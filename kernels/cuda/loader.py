@@ -12,7 +12,8 @@ import re
 from importlib import resources
 
 PACKAGE = "kernels.cuda"
-KERNEL_RE = re.compile(r'extern\s+"C"\s+__global__\s+(?:__launch_bounds__\([^)]*\)\s+)?void\s+(\w+)\s*\(')
+KERNEL_RE = re.compile(r'extern\s+"C"\s+__global__\s+(?:__launch_bounds__\([^)]*\)\s+)?void\s+'
+                       r'(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(')
 INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
 

@@ -22,7 +22,7 @@ from kernels.cuda import loader
 
 CXX_FLAGS = ("-std=c++17", "-O2", "-g0", "-shared", "-fPIC", "-fno-weak", "-fvisibility=hidden",
              "-fno-strict-aliasing", "-fwrapv", "-Wall", "-Wno-sign-compare", "-Wno-unused-function",
-             "-Wno-unused-variable")
+             "-Wno-unused-variable", "-Wno-unknown-pragmas")
 ENTRY = ('extern "C" __attribute__((visibility("default"))) int {symbol}('
          'const emu::LaunchConfig* c, void** a, const long* s, int n) {{ return emu::launch(c, &{expr}, a, s, n); }}\n')
 

@@ -40,6 +40,7 @@
 #define __forceinline__ inline __attribute__((always_inline))
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
 // Static storage: blocks run one at a time, so one copy per kernel is one copy per block. The
 // section lets the launcher find and poison all of it between blocks.
 #define __shared__ static __attribute__((section("emu_shared"), aligned(16)))
@@ -505,11 +506,11 @@ inline unsigned __dp4a(unsigned a, unsigned b, unsigned c) {
     memcpy(y, &b, 4);
     return c + x[0] * y[0] + x[1] * y[1] + x[2] * y[2] + x[3] * y[3];
 }
-inline int __vsub4(int a, int b) {           // per-byte wrapping subtraction
+inline unsigned __vsub4(unsigned a, unsigned b) {    // per-byte wrapping subtraction
     uint8_t x[4], y[4], r[4];
     memcpy(x, &a, 4); memcpy(y, &b, 4);
     for (int i = 0; i < 4; ++i) r[i] = (uint8_t)(x[i] - y[i]);
-    int out; memcpy(&out, r, 4); return out;
+    unsigned out; memcpy(&out, r, 4); return out;
 }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
