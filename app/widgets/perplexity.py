@@ -1,18 +1,13 @@
 """The perplexity panel: llama-perplexity in the window, with a live plot and KL-divergence.
 
-A run goes to the engine thread as one job (`app.engine_jobs.run_perplexity`): it builds the
-model, reads and tokenizes the text there, then yields a `PerplexityStarted`, one event per chunk
-and the final result, exactly as `engine.eval.perplexity` produces them. The panel prints
-llama-perplexity's log lines, plots the running estimate and shows the final `PPL = x +/- y`
-large. In "compare with base" mode the final KL-divergence statistics fill a table
-(`app.models.perplexity.KldStatsModel`).
+Runs belong to `app.perplexity_controller.PerplexityController`: the panel builds a request from
+its controls, prints the controller's llama-perplexity log lines, plots the running estimate and
+shows the final `PPL = x +/- y` large. In "compare with base" mode the final KL-divergence
+statistics fill a table (the controller's `kld_model`).
 """
 from __future__ import annotations
 
 import logging
-import math
-import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +17,14 @@ from PySide6.QtWidgets import (QButtonGroup, QComboBox, QFileDialog, QFormLayout
                                QLineEdit, QPlainTextEdit, QProgressBar, QPushButton, QRadioButton, QSpinBox,
                                QSplitter, QStackedWidget, QTableView, QTabWidget, QVBoxLayout, QWidget)
 
-from app.bridge import Bridge, JobHandle, LoadedModel
-from app.engine_jobs import (MODE_COMPARE, MODE_PERPLEXITY, MODE_SAVE_BASE, ModelFactory, PerplexityRequest,
-                             PerplexityStarted, default_model_factory, run_perplexity)
+from app.bridge import Bridge, JobHandle
+from app.engine_jobs import (MODE_COMPARE, MODE_PERPLEXITY, MODE_SAVE_BASE, LoadedModel, ModelFactory,
+                             PerplexityRequest, default_model_factory)
 from app.models.perplexity import KldStatsModel
+from app.perplexity_controller import PerplexityController
 from app.widgets import MessageBar
 from app.widgets.ppl_plot import PerplexityPlot
-from engine.eval.perplexity import (KLD_CHUNK_HEADER, MIN_TOKENS_FOR_STATISTICS, KLDivergenceEvent, KLDivergenceStats,
-                                    PerplexityEvent, PerplexityResult, format_eta, format_final_estimate,
-                                    format_kld_chunk_line, format_kld_report, format_perplexity_line)
+from engine.eval.perplexity import KLDivergenceStats, PerplexityResult
 from engine.run_config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -71,11 +65,6 @@ class PerplexityDialogs:
         return path or None
 
 
-def format_big_result(ppl: float, ppl_error: float) -> str:
-    error = f"{ppl_error:.4f}" if math.isfinite(ppl_error) else "?"
-    return f"PPL = {ppl:.4f} +/- {error}"
-
-
 class PerplexityPanel(QWidget):
     """Measure perplexity (and KL-divergence against a saved base) of the open model on a text."""
 
@@ -90,19 +79,44 @@ class PerplexityPanel(QWidget):
         self.setStyleSheet(PANEL_STYLE)
         self.bridge = bridge
         self.dialogs = dialogs or PerplexityDialogs()
-        self.model_factory = model_factory
-        self.loaded: LoadedModel | None = None
-        self.run_config = RunConfig()
-        self.placement: Any = None
-        self.result: PerplexityResult | KLDivergenceStats | None = None
-        self.kld_model = KldStatsModel(self)
-        self._job: JobHandle | None = None
-        self.started: PerplexityStarted | None = None     # the current (or last) run's size
-        self._run_started_s = 0.0
+        self.controller = PerplexityController(bridge, model_factory, parent=self)
+        self.kld_model = self.controller.kld_model
         self._line_open = False     # the [i]ppl values share one log line, as in llama-perplexity
-        self._last_chunk_event: PerplexityEvent | KLDivergenceEvent | None = None
         self._build()
+        self._connect_controller()
         self._update_actions()
+
+    def _connect_controller(self) -> None:
+        c = self.controller
+        c.busy_changed.connect(self._update_actions)
+        c.cleared.connect(self._reset_view)
+        c.log_line.connect(self._log)
+        c.log_inline.connect(self._log_inline)
+        c.status_changed.connect(self.progress_label.setText)
+        c.progress_changed.connect(self._show_progress)
+        c.plot_reset.connect(self.plot.clear)
+        c.chunk_scored.connect(self.plot.append)
+        c.result_changed.connect(self._show_result)
+        c.perplexity_result.connect(self._on_perplexity_result)
+        c.kld_result.connect(self._on_kld_result)
+        c.error_occurred.connect(self.show_error)
+        c.job_started.connect(self.job_started)
+        c.run_finished.connect(self._on_run_finished)
+
+    # the controller's state, read by the window and the tests
+    loaded = property(lambda self: self.controller.loaded)
+    run_config = property(lambda self: self.controller.run_config)
+    placement = property(lambda self: self.controller.placement)
+    result = property(lambda self: self.controller.result)
+    started = property(lambda self: self.controller.started)
+
+    @property
+    def model_factory(self) -> ModelFactory:
+        return self.controller.model_factory
+
+    @model_factory.setter
+    def model_factory(self, factory: ModelFactory) -> None:
+        self.controller.model_factory = factory
 
     # --- building -------------------------------------------------------------------------------
 
@@ -258,19 +272,16 @@ class PerplexityPanel(QWidget):
     # --- inputs ---------------------------------------------------------------------------------
 
     def set_model(self, loaded: LoadedModel | None) -> None:
-        if loaded is self.loaded:
-            return
-        self.cancel()
-        self.loaded = loaded
-        self._update_actions()
+        if self.controller.set_model(loaded):
+            self._update_actions()
 
     def set_run_config(self, run_config: RunConfig) -> None:
         """Run settings other than the context (KV cache types, threads...); the context is the panel's own."""
-        self.run_config = run_config
+        self.controller.set_run_config(run_config)
 
     def set_placement(self, placement: Any) -> None:
         """A new `engine.plan.placement.Placement` (None: all on the CPU), used from the next run on."""
-        self.placement = placement.copy() if placement is not None else None     # later edits must not leak in
+        self.controller.set_placement(placement)
 
     def set_text(self, text: str) -> None:
         self.paste_radio.setChecked(True)
@@ -336,7 +347,7 @@ class PerplexityPanel(QWidget):
 
     @property
     def is_running(self) -> bool:
-        return self._job is not None
+        return self.controller.is_running
 
     def request(self) -> PerplexityRequest:
         """What a run would do now, from the panel's controls."""
@@ -345,169 +356,46 @@ class PerplexityPanel(QWidget):
         path = None if pasted else (self.file_edit.text().strip() or None)
         n_chunks = self.n_chunks_spin.value() or None
         base = self.base_edit.text().strip() or None
-        return PerplexityRequest(self.loaded, self.run_config, self.placement, text if text else None, path,
-                                 self.n_ctx_spin.value(), n_chunks, self.mode, base)
+        return self.controller.request(text if text else None, path, self.n_ctx_spin.value(), n_chunks, self.mode,
+                                       base)
 
     def can_run(self) -> str:
         """"" when a run can start now, otherwise why not."""
-        if self.loaded is None:
-            return "Open a model first."
-        if self.is_running:
-            return "A run is in progress."
-        mode = self.mode
-        if mode != MODE_PERPLEXITY and not self.base_edit.text().strip():
-            return "Choose the base file."
-        has_text = bool(self.paste_edit.toPlainText().strip()) if self.paste_radio.isChecked() \
-            else bool(self.file_edit.text().strip())
-        if not has_text and mode != MODE_COMPARE:
-            return "Choose a text file or paste some text."
-        return ""
+        return self.controller.why_not(self.request())
 
     def run(self) -> JobHandle | None:
-        reason = self.can_run()
-        if reason:
-            self.show_error(reason)
-            return None
-        self.message_bar.dismiss()
-        request = self.request()
-        self._reset_results()
-        program = "kl_divergence" if request.mode == MODE_COMPARE else "perplexity"
-        self._log(f"{program}: {request.loaded.path.name}, n_ctx={request.n_ctx}"
-                  + (f", chunks={request.n_chunks}" if request.n_chunks else ""))
-        handle = self.bridge.submit(partial(run_perplexity, request, model_factory=self.model_factory), "perplexity")
-        self._job = handle
-        self._run_started_s = time.perf_counter()
-        handle.progress.connect(self._on_progress)
-        handle.yielded.connect(self._on_yielded)
-        handle.returned.connect(lambda _result: self._end_run(handle, "done"))
-        handle.cancelled.connect(lambda: self._end_run(handle, "cancelled"))
-        handle.errored.connect(lambda message: self._end_run(handle, "error", message))
-        self.progress_bar.setRange(0, 0)
-        self.progress_label.setText("Starting…")
-        self._update_actions()
-        self.job_started.emit(handle, "Measuring perplexity…")
+        handle = self.controller.run(self.request())
+        if handle is not None:
+            self.message_bar.dismiss()
         return handle
 
     def cancel(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
-            self.progress_label.setText("Cancelling…")
+        self.controller.cancel()
 
-    def _reset_results(self) -> None:
-        self.result = None
-        self.started = None
-        self._last_chunk_event = None
+    def _show_progress(self, done: int, total: int) -> None:
+        self.progress_bar.setRange(0, total)
+        self.progress_bar.setValue(done)
+
+    def _show_result(self, headline: str, detail: str) -> None:
+        self.result_label.setText(headline)
+        self.result_detail.setText(detail)
+
+    def _reset_view(self) -> None:
         self._line_open = False
-        self.plot.clear()
         self.log_view.clear()
-        self.kld_model.set_stats(None)
         self.kld_note.hide()
-        self.result_label.setText("PPL = …")
-        self.result_detail.setText("")
-
-    def _on_progress(self, done: int, total: int, text: str) -> None:
-        if text and self.started is None:
-            self.progress_label.setText(text[0].upper() + text[1:] + "…")
-
-    def _on_yielded(self, item: object) -> None:
-        if isinstance(item, PerplexityStarted):
-            self._on_started(item)
-        elif isinstance(item, (PerplexityEvent, KLDivergenceEvent)):
-            self._on_chunk(item)
-        elif isinstance(item, PerplexityResult):
-            self._on_perplexity_result(item)
-        elif isinstance(item, KLDivergenceStats):
-            self._on_kld_stats(item)
-
-    def _on_started(self, started: PerplexityStarted) -> None:
-        self.started = started
-        self._log(f"perplexity: tokenization took {1000 * started.tokenize_s:.3f} ms")
-        verb = "calculating perplexity" if started.mode != MODE_COMPARE else "computing KL divergence"
-        self._log(f"perplexity: {verb} over {started.n_chunks} chunks, n_ctx={started.n_ctx}")
-        self.plot.clear(started.n_chunks)
-        self.progress_bar.setRange(0, started.n_chunks)
-        self.progress_bar.setValue(0)
-        self.progress_label.setText(f"Chunk 0 / {started.n_chunks}")
-        if started.mode == MODE_COMPARE:
-            self._log("")
-            self._log(KLD_CHUNK_HEADER)
-
-    def _on_chunk(self, event: PerplexityEvent | KLDivergenceEvent) -> None:
-        compare = isinstance(event, KLDivergenceEvent)
-        if event.chunk == 1:
-            self._log(format_eta(event, "kl_divergence" if compare else "perplexity"))
-        if compare:
-            self._log(format_kld_chunk_line(event))
-        else:
-            self._log_inline(format_perplexity_line(event))
-        self.plot.append(event.ppl, self._chunk_ppl(event))
-        self._last_chunk_event = event
-        self.progress_bar.setValue(event.chunk)
-        remaining_s = event.chunk_s * (event.n_chunks - event.chunk)
-        self.progress_label.setText(f"Chunk {event.chunk} / {event.n_chunks}  ·  about {remaining_s:.0f} s left")
-        self.result_label.setText(format_big_result(event.ppl, event.ppl_error))
-        self.result_detail.setText(f"running estimate after {event.chunk} of {event.n_chunks} chunks "
-                                   f"({event.n_scored:,} tokens scored)")
-
-    def _chunk_ppl(self, event: PerplexityEvent | KLDivergenceEvent) -> float:
-        """This chunk's own perplexity, from two running estimates: exp of the mean NLL the new
-        tokens added (running = exp(total NLL / tokens scored))."""
-        previous = self._last_chunk_event
-        n_before, log_before = (previous.n_scored, math.log(previous.ppl)) if previous is not None else (0, 0.0)
-        n_new = event.n_scored - n_before
-        if n_new <= 0 or not event.ppl > 0:
-            return float("nan")
-        return math.exp((event.n_scored * math.log(event.ppl) - n_before * log_before) / n_new)
 
     def _on_perplexity_result(self, result: PerplexityResult) -> None:
-        self.result = result
         self.plot.set_values(result.running_ppl, result.chunk_ppl)
-        self._close_line()
-        self._log("")
-        self._log(format_final_estimate(result))
-        self.result_label.setText(format_big_result(result.ppl, result.ppl_error))
-        self.result_detail.setText(f"{result.n_chunks} chunks  ·  {result.n_scored:,} tokens scored  ·  "
-                                   f"n_ctx {result.n_ctx}  ·  {time.perf_counter() - self._run_started_s:.1f} s")
 
-    def _on_kld_stats(self, stats: KLDivergenceStats) -> None:
-        self.result = stats
-        self._log("")
-        for line in format_kld_report(stats).splitlines():
-            self._log(line)
-        self.kld_model.set_stats(stats)
-        if stats.n_scored < MIN_TOKENS_FOR_STATISTICS:
-            self.kld_note.setText(f"Only {stats.n_scored} tokens were scored: llama-perplexity prints no "
-                                  f"statistics below {MIN_TOKENS_FOR_STATISTICS}; take these with care.")
+    def _on_kld_result(self, _stats: KLDivergenceStats, note: str) -> None:
+        if note:
+            self.kld_note.setText(note)
             self.kld_note.show()
-        self.result_label.setText(format_big_result(stats.ppl, stats.ppl_error))
-        self.result_detail.setText(f"Mean KLD {stats.kld:.6f}  ·  same top token {100 * stats.same_top:.2f} %  ·  "
-                                   f"PPL(Q)/PPL(base) {stats.ppl_ratio:.4f}  ·  {stats.n_scored:,} tokens scored")
         self.detail_tabs.setCurrentIndex(1)
 
-    def _end_run(self, handle: JobHandle, outcome: str, error: str = "") -> None:
-        if handle is not self._job:
-            return
-        self._job = None
+    def _on_run_finished(self, outcome: str) -> None:
         self._close_line()
-        if self.started is None:        # it ended before its first chunk: no bar to keep
-            self.progress_bar.setRange(0, 1)
-            self.progress_bar.setValue(0)
-        if outcome == "done":
-            self.progress_label.setText(f"Done in {time.perf_counter() - self._run_started_s:.1f} s")
-            if self.mode == MODE_SAVE_BASE:
-                self._log(f"saved the base log-probabilities to {self.base_edit.text().strip()}")
-        elif outcome == "cancelled":
-            self.progress_label.setText("Cancelled")
-            self._log("cancelled")
-            if self.result is None and not self.plot.running_values():
-                self.result_label.setText("PPL = —")
-        else:
-            self.progress_label.setText("Failed")
-            self._log(f"error: {error}")
-            self.show_error(error)
-            if self.result is None:
-                self.result_label.setText("PPL = —")
-        self._update_actions()
         self.run_finished.emit(outcome)
 
     def show_error(self, text: str) -> None:
@@ -551,14 +439,11 @@ class PerplexityPanel(QWidget):
 
     def demo_fill(self, result: PerplexityResult, log_text: str = "", stats: KLDivergenceStats | None = None) -> None:
         """Show a finished run without running one (for screenshots)."""
-        self._reset_results()
-        self._on_perplexity_result(result)
+        self.controller.reset_results()
+        self.controller.show_perplexity_result(result, elapsed=False)
         if log_text:
             self.log_view.setPlainText(log_text)
-        self.result_detail.setText(f"{result.n_chunks} chunks  ·  {result.n_scored:,} tokens scored  ·  "
-                                   f"n_ctx {result.n_ctx}")
         if stats is not None:
-            self._on_kld_stats(stats)
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(1)
+            self.controller.show_kld_stats(stats)
+        self._show_progress(1, 1)
         self.progress_label.setText(f"Done  ·  {result.n_chunks} chunks")

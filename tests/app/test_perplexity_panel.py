@@ -5,10 +5,11 @@ import time
 import numpy as np
 import pytest
 
-from app.bridge import LoadedModel
+from app.engine_jobs import LoadedModel
 from app.engine_jobs import MODE_COMPARE, MODE_SAVE_BASE, default_model_factory
 from app.models.perplexity import KldStatsModel, kld_rows
-from app.widgets.perplexity import PerplexityPanel, format_big_result
+from app.perplexity_controller import format_big_result
+from app.widgets.perplexity import PerplexityPanel
 from app.widgets.ppl_plot import PerplexityPlot, nice_step, x_ticks, y_range
 from engine.eval.perplexity import KLD_FRACTIONS, P_DIFF_FRACTIONS, KLDivergenceStats, PerplexityEvent, perplexity
 from engine.run_config import RunConfig
