@@ -21,18 +21,12 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 
 from engine.errors import user_error_message
-from engine.gguf.model_file import ModelFile
-from engine.plan.inventory import Inventory
-from engine.arch.overrides import MetadataOverride, apply_overrides, parse_override_kv
-from engine.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -43,38 +37,6 @@ SHUTDOWN_GRACE_MS = 30_000      # one that does not (a bug) gets this much more 
 
 class JobCancelled(Exception):
     """Raised inside a job (by `JobContext.check_cancelled`) to stop it where it stands."""
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A model opened on the engine thread, handed to the GUI. Treat every part as read-only.
-
-    With metadata overrides, `model_file.metadata` holds the overridden values (what the inventory,
-    chat and perplexity see) and `file_metadata` the file's own."""
-    path: Path
-    model_file: ModelFile
-    inventory: Inventory
-    load_s: float
-    overrides: tuple[MetadataOverride, ...] = ()
-    file_metadata: Mapping[str, Any] | None = None     # None: the same as model_file.metadata
-
-    @property
-    def metadata_in_file(self) -> Mapping[str, Any]:
-        return self.model_file.metadata if self.file_metadata is None else self.file_metadata
-
-    @property
-    def name(self) -> str:
-        return self.inventory.name
-
-    @property
-    def total_bytes(self) -> int:
-        return self.inventory.total_bytes
-
-    def summary(self) -> str:
-        n = len(self.overrides)
-        return (f"{self.name} · {self.inventory.arch} · {format_bytes(self.total_bytes)} · "
-                f"{len(self.inventory.tensors)} tensors"
-                + (f" · {n} metadata override{'s' if n != 1 else ''}" if n else ""))
 
 
 class JobContext:
@@ -109,35 +71,6 @@ class JobContext:
 
 
 Job = Callable[[JobContext], Any]
-
-
-def load_model(path: str | Path, ctx: JobContext,
-               overrides: Iterable[MetadataOverride | str] = ()) -> LoadedModel:
-    """Open a GGUF (or split set) and build its inventory; runs on the engine thread. Metadata
-    overrides (`--override-kv`) replace the file's values before anything reads them."""
-    start_s = time.perf_counter()
-    path = Path(path).expanduser()
-    overrides = tuple(parse_override_kv(o) if isinstance(o, str) else o for o in overrides)
-    ctx.progress(0, 2, f"reading {path.name}")
-    model_file = ModelFile(path)
-    file_metadata = model_file.metadata
-    if overrides:
-        model_file.metadata = apply_overrides(file_metadata, overrides)
-    ctx.check_cancelled()
-    ctx.progress(1, 2, f"building the inventory of {path.name}")
-    inventory = Inventory.from_model_file(model_file)
-    ctx.check_cancelled()
-    ctx.progress(2, 2, f"opened {path.name}")
-    return LoadedModel(path, model_file, inventory, time.perf_counter() - start_s, overrides, file_metadata)
-
-
-def load_default_model(ctx: JobContext) -> LoadedModel:
-    """The built-in model; the first run may assemble or write it into the cache (slow, once)."""
-    from engine.synth.default_model import default_model_path
-    ctx.note("finding the built-in model")
-    path = default_model_path(progress=ctx.note)
-    ctx.check_cancelled()
-    return load_model(path, ctx)
 
 
 def error_message(error: BaseException) -> str:
@@ -298,13 +231,6 @@ class Bridge(QObject):
         self.worker.cancel_event(job_id)       # exists before the job is queued, so cancel works at once
         self._run_requested.emit(job_id, job)
         return handle
-
-    def open_model(self, path: str | Path, overrides: Iterable[MetadataOverride | str] = ()) -> JobHandle:
-        overrides = tuple(overrides)
-        return self.submit(lambda ctx: load_model(path, ctx, overrides), f"opening {Path(path).name}")
-
-    def open_default_model(self) -> JobHandle:
-        return self.submit(load_default_model, "opening the built-in model")
 
     def cancel(self, job_id: int) -> None:
         self.worker.request_cancel(job_id)

@@ -1,5 +1,7 @@
-"""What the chat and perplexity panels run on the engine thread. No widgets here.
+"""What the window and its panels run on the engine thread. No widgets here.
 
+* `load_model` opens a GGUF (or split set) with its metadata overrides and builds its inventory;
+  the `LoadedModel` it returns is what every panel is handed.
 * `ChatRunner` owns the chat's model, its `Session` (the KV cache, reused across turns so that
   each turn evaluates only what changed since the last) and its chat template; it rebuilds them
   when the model, the run config or the placement changes. Only jobs touch it.
@@ -11,23 +13,92 @@ The panels submit these through `app.bridge`; every payload that comes back is a
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from app.bridge import JobContext, LoadedModel
-from engine.run.generate import GenerationEvent, Session, generate
+from app.bridge import JobContext
+from engine.arch.overrides import MetadataOverride, apply_overrides, parse_override_kv
+from engine.gguf.model_file import ModelFile
+from engine.plan.inventory import Inventory
 from engine.eval.perplexity import count_chunks, kl_divergence, perplexity, read_kl_base
-from engine.run_config import RunConfig
+from engine.run.generate import GenerationEvent, Session, generate
 from engine.run.sampling import SamplerSettings
+from engine.run_config import RunConfig
+from engine.units import format_bytes
 
 MODE_PERPLEXITY, MODE_SAVE_BASE, MODE_COMPARE = "perplexity", "save_base", "compare"
 
 ModelFactory = Callable[[Any, RunConfig, Any], Any]     # (model_file, run_config, placement) -> model
 
+
+# ---- opening models -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model opened on the engine thread, handed to the GUI. Treat every part as read-only.
+
+    With metadata overrides, `model_file.metadata` holds the overridden values (what the inventory,
+    chat and perplexity see) and `file_metadata` the file's own."""
+    path: Path
+    model_file: ModelFile
+    inventory: Inventory
+    load_s: float
+    overrides: tuple[MetadataOverride, ...] = ()
+    file_metadata: Mapping[str, Any] | None = None     # None: the same as model_file.metadata
+
+    @property
+    def metadata_in_file(self) -> Mapping[str, Any]:
+        return self.model_file.metadata if self.file_metadata is None else self.file_metadata
+
+    @property
+    def name(self) -> str:
+        return self.inventory.name
+
+    @property
+    def total_bytes(self) -> int:
+        return self.inventory.total_bytes
+
+    def summary(self) -> str:
+        n = len(self.overrides)
+        return (f"{self.name} · {self.inventory.arch} · {format_bytes(self.total_bytes)} · "
+                f"{len(self.inventory.tensors)} tensors"
+                + (f" · {n} metadata override{'s' if n != 1 else ''}" if n else ""))
+
+
+def load_model(path: str | Path, ctx: JobContext,
+               overrides: Iterable[MetadataOverride | str] = ()) -> LoadedModel:
+    """Open a GGUF (or split set) and build its inventory; runs on the engine thread. Metadata
+    overrides (`--override-kv`) replace the file's values before anything reads them."""
+    start_s = time.perf_counter()
+    path = Path(path).expanduser()
+    overrides = tuple(parse_override_kv(o) if isinstance(o, str) else o for o in overrides)
+    ctx.progress(0, 2, f"reading {path.name}")
+    model_file = ModelFile(path)
+    file_metadata = model_file.metadata
+    if overrides:
+        model_file.metadata = apply_overrides(file_metadata, overrides)
+    ctx.check_cancelled()
+    ctx.progress(1, 2, f"building the inventory of {path.name}")
+    inventory = Inventory.from_model_file(model_file)
+    ctx.check_cancelled()
+    ctx.progress(2, 2, f"opened {path.name}")
+    return LoadedModel(path, model_file, inventory, time.perf_counter() - start_s, overrides, file_metadata)
+
+
+def load_default_model(ctx: JobContext) -> LoadedModel:
+    """The built-in model; the first run may assemble or write it into the cache (slow, once)."""
+    from engine.synth.default_model import default_model_path
+    ctx.note("finding the built-in model")
+    path = default_model_path(progress=ctx.note)
+    ctx.check_cancelled()
+    return load_model(path, ctx)
+
+
+# ---- running them -------------------------------------------------------------------------------
 
 def default_model_factory(model_file, run_config: RunConfig, placement: Any):
     """The engine model over an open GGUF, each weight on the device the placement gives it (none,

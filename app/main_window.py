@@ -16,7 +16,8 @@ from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QDragEnterEvent, Q
 from PySide6.QtWidgets import (QDialog, QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar, QTabWidget,
                                QToolButton, QVBoxLayout, QWidget)
 
-from app.bridge import Bridge, JobHandle, LoadedModel
+from app.bridge import Bridge, JobHandle
+from app.engine_jobs import LoadedModel, load_default_model, load_model
 from app.model_picker import ModelFinderDialog, ModelLocation, default_locations
 from app.settings import Settings
 from app.widgets import MessageBar
@@ -219,7 +220,8 @@ class MainWindow(QMainWindow):
 
     def open_model(self, path: str | Path) -> JobHandle:
         """Open a GGUF on the engine thread; the window shows progress and, on failure, the error."""
-        return self._start_load(self.bridge.open_model(path), f"Opening {Path(path).name}…")
+        job = self.bridge.submit(partial(load_model, path), f"opening {Path(path).name}")
+        return self._start_load(job, f"Opening {Path(path).name}…")
 
     def create_synthetic_model(self) -> JobHandle | None:
         """Write a model of a real shape on the engine thread, then open it."""
@@ -240,7 +242,8 @@ class MainWindow(QMainWindow):
         return handle
 
     def open_default_model(self) -> JobHandle:
-        return self._start_load(self.bridge.open_default_model(), "Opening the built-in model…")
+        job = self.bridge.submit(load_default_model, "opening the built-in model")
+        return self._start_load(job, "Opening the built-in model…")
 
     def reopen_with_overrides(self, overrides) -> JobHandle | None:
         """Open the current model again with these metadata overrides (`--override-kv`; none: as
@@ -252,7 +255,8 @@ class MainWindow(QMainWindow):
         path, n = self.loaded.path, len(overrides)
         text = (f"Reopening {path.name} with {n} metadata override{'s' if n != 1 else ''}…" if n
                 else f"Reopening {path.name} without overrides…")
-        return self._start_load(self.bridge.open_model(path, overrides), text,
+        job = self.bridge.submit(partial(load_model, path, overrides=overrides), f"opening {path.name}")
+        return self._start_load(job, text,
                                 "Could not reopen the model with these overrides.")
 
     def _start_load(self, handle: JobHandle, text: str, failure: str = "Could not open the model.") -> JobHandle:

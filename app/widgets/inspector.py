@@ -9,7 +9,7 @@ from PySide6.QtCore import QSortFilterProxyModel, Qt, QTimer, Signal
 from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLabel, QLineEdit, QSplitter,
                                QStackedWidget, QTableView, QTabWidget, QVBoxLayout, QWidget)
 
-from app.bridge import LoadedModel
+from app.engine_jobs import LoadedModel
 from app.models import BytesRole
 from app.models.inspector import MetadataModel, SearchFilterProxy, TensorTableModel
 from app.widgets.model_options import ModelOptionsWidget

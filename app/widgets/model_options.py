@@ -17,7 +17,7 @@ from PySide6.QtGui import QGuiApplication, QKeySequence, QShortcut
 from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QCompleter, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
                                QPushButton, QSpinBox, QTableView, QVBoxLayout, QWidget)
 
-from app.bridge import LoadedModel
+from app.engine_jobs import LoadedModel
 from app.models.inspector import format_value
 from app.models.model_options import (OverridesModel, override_key_candidates, override_kv_flags,
                                       override_type_of)

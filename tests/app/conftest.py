@@ -26,7 +26,7 @@ def settings(tmp_path) -> Settings:
 
 @pytest.fixture
 def loaded_moe(moe_path):
-    from app.bridge import LoadedModel
+    from app.engine_jobs import LoadedModel
     from engine.gguf.model_file import ModelFile
     from engine.plan.inventory import Inventory
     model_file = ModelFile(moe_path)

@@ -4,29 +4,10 @@ import time
 import pytest
 from PySide6.QtCore import QThread
 
-from app.bridge import Bridge, JobCancelled, LoadedModel, error_message
+from app.bridge import Bridge, JobCancelled, error_message
+from job_recorder import Recorder
 
 TIMEOUT_MS = 10_000
-
-
-class Recorder:
-    """Every signal of one job, in arrival order."""
-
-    def __init__(self, handle):
-        self.events = []
-        handle.started.connect(lambda: self.events.append(("started",)))
-        handle.progress.connect(lambda done, total, text: self.events.append(("progress", done, total, text)))
-        handle.yielded.connect(lambda item: self.events.append(("yielded", item)))
-        handle.returned.connect(lambda result: self.events.append(("returned", result)))
-        handle.errored.connect(lambda message: self.events.append(("errored", message)))
-        handle.cancelled.connect(lambda: self.events.append(("cancelled",)))
-        handle.finished.connect(lambda: self.events.append(("finished",)))
-
-    def kinds(self) -> list[str]:
-        return [e[0] for e in self.events]
-
-    def of(self, kind: str) -> list[tuple]:
-        return [e for e in self.events if e[0] == kind]
 
 
 def run(qtbot, bridge: Bridge, job, description: str = "") -> Recorder:
@@ -34,34 +15,6 @@ def run(qtbot, bridge: Bridge, job, description: str = "") -> Recorder:
     recorder = Recorder(handle)
     qtbot.waitUntil(lambda: handle.done, timeout=TIMEOUT_MS)
     return recorder
-
-
-def test_open_model_returns_the_model_with_progress(qtbot, bridge, moe_path):
-    with qtbot.waitSignal(bridge.worker.returned, timeout=TIMEOUT_MS) as blocker:
-        handle = bridge.open_model(moe_path)
-        recorder = Recorder(handle)
-    job_id, loaded = blocker.args
-    assert job_id == handle.id
-    assert isinstance(loaded, LoadedModel)
-    assert loaded.path == moe_path
-    assert loaded.name == "fixture-llama-moe"
-    assert loaded.inventory.arch == "llama"
-    assert len(loaded.inventory.tensors) == 23
-    assert loaded.total_bytes == sum(t.n_bytes for t in loaded.model_file.tensors.values())
-    qtbot.waitUntil(lambda: handle.done, timeout=TIMEOUT_MS)
-    assert recorder.kinds()[0] == "started"
-    assert recorder.kinds()[-2:] == ["returned", "finished"]
-    last_progress = recorder.of("progress")[-1]
-    assert last_progress[1:3] == (2, 2)
-
-
-def test_a_missing_file_is_a_one_line_error(qtbot, bridge, tmp_path):
-    handle = bridge.open_model(tmp_path / "absent.gguf")
-    with qtbot.waitSignal(handle.errored, timeout=TIMEOUT_MS) as blocker:
-        pass
-    message = blocker.args[0]
-    assert "absent.gguf" in message and "no such file" in message
-    assert "\n" not in message
 
 
 def test_an_erroring_job_is_reported_and_the_worker_keeps_working(qtbot, bridge):

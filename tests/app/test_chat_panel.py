@@ -2,7 +2,7 @@ import pytest
 from gguf.constants import Keys
 from PySide6.QtCore import Qt
 
-from app.bridge import LoadedModel
+from app.engine_jobs import LoadedModel
 from app.conversations import ConversationStore, ConversationSummary, Message
 from app.models.chat import (ConversationIdRole, ConversationListModel, ErrorRole, MessageListModel, SpeakerRole,
                              StatsRole, StreamingRole, format_stats)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PySide6.QtCore import Qt
 
-from app.bridge import JobContext, load_model
+from app.bridge import JobContext
+from app.engine_jobs import load_model
 from app.main_window import Dialogs, MainWindow
 from app.models.model_options import (OverrideRole, OverridesModel, override_key_candidates, override_kv_flags,
                                       override_type_of)
