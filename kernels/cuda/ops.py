@@ -126,5 +126,59 @@ def matvec(rt, x, weight, type_name: str, n_cols: int, out=None):
     return out
 
 
+# ---- rows: embedding lookup and dequantization ---------------------------------------------------
+
+def _weight_format(weight, type_name: str, n_cols: int) -> QuantFormat:
+    fmt = FORMATS.get(type_name)
+    _require(fmt is not None, f"no CUDA kernels for {type_name} (have {', '.join(FORMATS)})")
+    _dtype(weight, np.uint8, "weight")
+    _contiguous(weight, "weight")
+    _require(n_cols % fmt.block_values == 0, f"{type_name} rows need a multiple of {fmt.block_values} columns")
+    expected = n_cols // fmt.block_values * fmt.block_bytes
+    _require(weight.shape[-1] == expected, f"{type_name} rows of {n_cols} values are {expected} bytes, got {weight.shape[-1]}")
+    _aligned(weight, 4 if fmt.name == "F32" else 2, "weight")
+    return fmt
+
+
+def get_rows(rt, table, ids, type_name: str, n_cols: int):
+    """Rows `ids` (device int64 (n,)) of a (n_rows, row_bytes) table as float32 (n, n_cols)."""
+    fmt = _weight_format(table, type_name, n_cols)
+    _dtype(ids, np.int64, "ids")
+    _contiguous(ids, "ids")
+    out = rt.alloc((ids.shape[0], n_cols), np.float32)
+    if ids.shape[0]:
+        _launch(rt, "rows.cu", f"get_rows<{fmt.ggml_type}>", (ids.shape[0], -(-n_cols // 256)), 256,
+                (table, ids, out, _i32(n_cols), _i32(table.shape[-1])))
+    return out
+
+
+def dequantize_rows(rt, weight, type_name: str, n_cols: int, out=None):
+    """A (n_rows, row_bytes) weight tile decoded to float32 (n_rows, n_cols)."""
+    fmt = _weight_format(weight, type_name, n_cols)
+    n_rows = weight.shape[0]
+    if out is None:
+        out = rt.alloc((n_rows, n_cols), np.float32)
+    _require(out.shape == (n_rows, n_cols) and out.dtype == np.float32, f"out must be f32 {(n_rows, n_cols)}")
+    if n_rows:
+        _launch(rt, "rows.cu", f"dequantize_rows<{fmt.ggml_type}>", (n_rows, -(-n_cols // 256)), 256,
+                (weight, out, _i32(n_cols), _i32(weight.shape[-1])))
+    return out
+
+
+def matmul_prefill(rt, x, weight, type_name: str, n_cols: int, tile_rows: int = 4096):
+    """x (n_tokens, n_cols) @ W.T for many tokens: weight tiles decoded to float32 on the device
+    and multiplied by cuBLAS (CuPy), or by NumPy on the emulator."""
+    _dtype(x, np.float32, "x")
+    n_rows = weight.shape[0]
+    parts = []
+    for r0 in range(0, n_rows, tile_rows):
+        tile = dequantize_rows(rt, weight[r0:r0 + tile_rows], type_name, n_cols)
+        parts.append(rt.gemm_nt(x, tile))
+    return parts[0] if len(parts) == 1 else rt.concat(parts, axis=1)
+
+
 # Template instances each source is built with (CuPy name_expressions; the emulator's entry points)
-NAME_EXPRESSIONS = {"matvec.cu": all_matvec_names()}
+NAME_EXPRESSIONS = {
+    "matvec.cu": all_matvec_names(),
+    "rows.cu": tuple(f"{kernel}<{f.ggml_type}>" for kernel in ("get_rows", "dequantize_rows") for f in FORMATS.values()),
+}

@@ -47,9 +47,16 @@ static __device__ __forceinline__ int iq4_lookup4(int v) {
 
 template <int TYPE> struct Quant;
 
+// value l (0..31) of a 32-value block whose nibbles are laid out as Q4_0's
+static __device__ __forceinline__ int nibble32(const uint8* qs, int l) { return l < 16 ? qs[l] & 0xF : qs[l - 16] >> 4; }
+
+
 // Q4_0: d (f16), qs[16]; value j = d*((qs[j] & 15) - 8), value j+16 = d*((qs[j] >> 4) - 8)
 template <> struct Quant<T_Q4_0> {
     enum { QK = 32, BLOCK_BYTES = 18 };
+    static __device__ __forceinline__ float value(const uint8* b, int s, int l) {
+        return load_f16(b) * (float)(nibble32(b + 2, l) - 8);
+    }
     static __device__ __forceinline__ float dot(const uint8* b, int, const block_q8_1& y) {
         const int* yq = (const int*)y.qs;
         int sum = 0;
@@ -66,6 +73,9 @@ template <> struct Quant<T_Q4_0> {
 // Q4_1: d, m (f16), qs[16]; value = d*q + m
 template <> struct Quant<T_Q4_1> {
     enum { QK = 32, BLOCK_BYTES = 20 };
+    static __device__ __forceinline__ float value(const uint8* b, int s, int l) {
+        return load_f16(b) * (float)nibble32(b + 4, l) + load_f16(b + 2);
+    }
     static __device__ __forceinline__ float dot(const uint8* b, int, const block_q8_1& y) {
         const int* yq = (const int*)y.qs;
         int sum = 0;
@@ -90,6 +100,10 @@ static __device__ __forceinline__ int fifth_bits(uint32 qh, int first) {
 // Q5_0: d, qh[4], qs[16]; q = nibble | fifth bit << 4; value = d*(q - 16)
 template <> struct Quant<T_Q5_0> {
     enum { QK = 32, BLOCK_BYTES = 22 };
+    static __device__ __forceinline__ float value(const uint8* b, int s, int l) {
+        int high = ((uint32)load_i32_a2(b + 2) >> l) & 1;
+        return load_f16(b) * (float)((nibble32(b + 6, l) | (high << 4)) - 16);
+    }
     static __device__ __forceinline__ float dot(const uint8* b, int, const block_q8_1& y) {
         const int* yq = (const int*)y.qs;
         uint32 qh = (uint32)load_i32_a2(b + 2);
@@ -107,6 +121,10 @@ template <> struct Quant<T_Q5_0> {
 // Q5_1: d, m, qh[4], qs[16]; value = d*q + m
 template <> struct Quant<T_Q5_1> {
     enum { QK = 32, BLOCK_BYTES = 24 };
+    static __device__ __forceinline__ float value(const uint8* b, int s, int l) {
+        int high = ((uint32)load_i32_a4(b + 4) >> l) & 1;
+        return load_f16(b) * (float)(nibble32(b + 8, l) | (high << 4)) + load_f16(b + 2);
+    }
     static __device__ __forceinline__ float dot(const uint8* b, int, const block_q8_1& y) {
         const int* yq = (const int*)y.qs;
         uint32 qh = (uint32)load_i32_a4(b + 4);
@@ -124,6 +142,9 @@ template <> struct Quant<T_Q5_1> {
 // Q8_0: d, qs[32] int8
 template <> struct Quant<T_Q8_0> {
     enum { QK = 32, BLOCK_BYTES = 34 };
+    static __device__ __forceinline__ float value(const uint8* b, int s, int l) {
+        return load_f16(b) * (float)((const int8*)(b + 2))[l];
+    }
     static __device__ __forceinline__ float dot(const uint8* b, int, const block_q8_1& y) {
         const int* yq = (const int*)y.qs;
         int sum = 0;
@@ -136,6 +157,9 @@ template <> struct Quant<T_Q8_0> {
 // IQ4_NL: d, qs[16]; nibbles as Q4_0, mapped through the 16-value table
 template <> struct Quant<T_IQ4_NL> {
     enum { QK = 32, BLOCK_BYTES = 18 };
+    static __device__ __forceinline__ float value(const uint8* b, int s, int l) {
+        return load_f16(b) * (float)iq4_value(nibble32(b + 2, l));
+    }
     static __device__ __forceinline__ float dot(const uint8* b, int, const block_q8_1& y) {
         const int* yq = (const int*)y.qs;
         int sum = 0;
@@ -163,6 +187,10 @@ static __device__ __forceinline__ int q8_sum16(const block_q8_1& y, int first) {
 // scale byte 2s + l/16; value = d*sc*q - dmin*m.
 template <> struct Quant<T_Q2_K> {
     enum { QK = 256, BLOCK_BYTES = 84 };
+    static __device__ __forceinline__ float value(const uint8* b, int s, int l) {
+        int q = (b[16 + 32 * (s / 4) + l] >> (2 * (s % 4))) & 3, sc = b[2 * s + l / 16];
+        return load_f16(b + 80) * (float)((sc & 0xF) * q) - load_f16(b + 82) * (float)(sc >> 4);
+    }
     static __device__ __forceinline__ float dot(const uint8* b, int s, const block_q8_1& y) {
         const int* yq = (const int*)y.qs;
         const uint8* qs = b + 16 + 32 * (s / 4);
@@ -191,6 +219,10 @@ static __device__ __forceinline__ int q3k_scale(const uint8* scales, int k) {
 
 template <> struct Quant<T_Q3_K> {
     enum { QK = 256, BLOCK_BYTES = 110 };
+    static __device__ __forceinline__ float value(const uint8* b, int s, int l) {
+        int low = (b[32 + 32 * (s / 4) + l] >> (2 * (s % 4))) & 3, high = (b[l] >> s) & 1;
+        return load_f16(b + 108) * (float)(q3k_scale(b + 96, 2 * s + l / 16) * (low - (high ? 0 : 4)));
+    }
     static __device__ __forceinline__ float dot(const uint8* b, int s, const block_q8_1& y) {
         const int* yq = (const int*)y.qs;
         const uint8* qs = b + 32 + 32 * (s / 4);
@@ -227,6 +259,11 @@ static __device__ __forceinline__ void k4_scale_min(const uint8* q, int j, int& 
 // value = d*sc*q - dmin*m.
 template <> struct Quant<T_Q4_K> {
     enum { QK = 256, BLOCK_BYTES = 144 };
+    static __device__ __forceinline__ float value(const uint8* b, int s, int l) {
+        int byte = b[16 + 32 * (s / 2) + l], q = s % 2 ? byte >> 4 : byte & 0xF, sc, m;
+        k4_scale_min(b + 4, s, sc, m);
+        return load_f16(b) * (float)(sc * q) - load_f16(b + 2) * (float)m;
+    }
     static __device__ __forceinline__ float dot(const uint8* b, int s, const block_q8_1& y) {
         const int* yq = (const int*)y.qs;
         const uint8* qs = b + 16 + 32 * (s / 2);
@@ -243,6 +280,11 @@ template <> struct Quant<T_Q4_K> {
 // Q5_K (256 values): d, dmin, scales[12], qh[32], qs[128]; Q4_K plus a fifth bit: bit s of qh[l].
 template <> struct Quant<T_Q5_K> {
     enum { QK = 256, BLOCK_BYTES = 176 };
+    static __device__ __forceinline__ float value(const uint8* b, int s, int l) {
+        int byte = b[48 + 32 * (s / 2) + l], q = (s % 2 ? byte >> 4 : byte & 0xF) | (((b[16 + l] >> s) & 1) << 4), sc, m;
+        k4_scale_min(b + 4, s, sc, m);
+        return load_f16(b) * (float)(sc * q) - load_f16(b + 2) * (float)m;
+    }
     static __device__ __forceinline__ float dot(const uint8* b, int s, const block_q8_1& y) {
         const int* yq = (const int*)y.qs;
         const uint8* qs = b + 48 + 32 * (s / 2);
@@ -264,6 +306,11 @@ template <> struct Quant<T_Q5_K> {
 // scale 8h + 2k + l/16.
 template <> struct Quant<T_Q6_K> {
     enum { QK = 256, BLOCK_BYTES = 210 };
+    static __device__ __forceinline__ float value(const uint8* b, int s, int l) {
+        int h = s / 4, k = s % 4, byte = b[64 * h + 32 * (k % 2) + l];
+        int q = ((k / 2 ? byte >> 4 : byte & 0xF) | (((b[128 + 32 * h + l] >> (2 * k)) & 3) << 4)) - 32;
+        return load_f16(b + 208) * (float)(((const int8*)(b + 192))[8 * h + 2 * k + l / 16] * q);
+    }
     static __device__ __forceinline__ float dot(const uint8* b, int s, const block_q8_1& y) {
         const int* yq = (const int*)y.qs;
         int h = s / 4, k = s % 4;
@@ -290,6 +337,11 @@ template <> struct Quant<T_Q6_K> {
 // = d*(ls - 32)*table[nibble], nibbles laid out as IQ4_NL over qs[16s..16s+15].
 template <> struct Quant<T_IQ4_XS> {
     enum { QK = 256, BLOCK_BYTES = 136 };
+    static __device__ __forceinline__ float value(const uint8* b, int s, int l) {
+        int scales_h = *(const uint16*)(b + 2);
+        int ls = ((b[4 + s / 2] >> (4 * (s % 2))) & 0xF) | (((scales_h >> (2 * s)) & 3) << 4);
+        return load_f16(b) * (float)(ls - 32) * (float)iq4_value(nibble32(b + 8 + 16 * s, l));
+    }
     static __device__ __forceinline__ float dot(const uint8* b, int s, const block_q8_1& y) {
         const int* yq = (const int*)y.qs;
         const uint8* qs = b + 8 + 16 * s;
@@ -305,3 +357,25 @@ template <> struct Quant<T_IQ4_XS> {
         return load_f16(b) * (float)(ls - 32) * y.d * sum;
     }
 };
+
+// Float weights: value i of a row.
+template <> struct Quant<T_F32> {
+    enum { QK = 1, BLOCK_BYTES = 4 };
+    static __device__ __forceinline__ float value(const uint8* b, int, int) { return *(const float*)b; }
+};
+template <> struct Quant<T_F16> {
+    enum { QK = 1, BLOCK_BYTES = 2 };
+    static __device__ __forceinline__ float value(const uint8* b, int, int) { return load_f16(b); }
+};
+template <> struct Quant<T_BF16> {
+    enum { QK = 1, BLOCK_BYTES = 2 };
+    static __device__ __forceinline__ float value(const uint8* b, int, int) { return bf16_to_f32(*(const uint16*)b); }
+};
+
+// Value i of a row of any type.
+template <int TYPE>
+static __device__ __forceinline__ float row_value(const uint8* row, int i) {
+    typedef Quant<TYPE> Q;
+    int in_block = i % Q::QK;
+    return Q::value(row + (i / Q::QK) * Q::BLOCK_BYTES, in_block / 32, in_block % 32);
+}

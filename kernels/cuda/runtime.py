@@ -181,7 +181,10 @@ class EmulatedRuntime:
     # compute
     def gemm_nt(self, a: EmuArray, b: EmuArray) -> EmuArray:
         """a @ b.T in float32 (the emulator's stand-in for cuBLAS)."""
-        return self.upload(np.matmul(a.host.astype(np.float32), b.host.astype(np.float32).T))
+        return self.upload(np.matmul(a.host.astype(np.float32), b.host.astype(np.float32).T).astype(np.float32))
+
+    def concat(self, parts, axis: int = 0) -> EmuArray:
+        return self.upload(np.concatenate([p.host for p in parts], axis=axis))
 
     def launch(self, source: str, kernel: str, grid, block, args, shared_bytes: int = 0,
                name_expressions: tuple[str, ...] = ()) -> None:
@@ -292,6 +295,10 @@ class CupyRuntime:
     def gemm_nt(self, a, b):
         with self.device, self.stream:
             return self.cp.matmul(a.astype(self.cp.float32, copy=False), b.astype(self.cp.float32, copy=False).T)
+
+    def concat(self, parts, axis: int = 0):
+        with self.device, self.stream:
+            return self.cp.concatenate(parts, axis=axis)
 
     def launch(self, source: str, kernel: str, grid, block, args, shared_bytes: int = 0,
                name_expressions: tuple[str, ...] = ()) -> None:
