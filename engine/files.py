@@ -13,22 +13,57 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 
+class OutputPathError(ValueError):
+    """An output path that cannot take a file (a device, a folder, a pipe)."""
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_NEW_FILE_MODE = 0o666 & ~_umask()      # what open() would give a new file; mkstemp gives 0600
+
+
+def check_output_path(path: Path) -> None:
+    """Refuse a target that is not a regular file before anything is computed or written: a
+    rename over /dev/full or a folder would fail late, or worse, succeed."""
+    if path.exists() and not path.is_file():
+        raise OutputPathError(f"{path}: not a regular file; outputs are written beside it and renamed over it")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` for a writer that opens files itself; on a clean exit the
+    file is synced and renamed over `path`, on any exception it is removed and `path` is left as
+    it was. An OSError without a file name (a full disk) is given the target's name."""
+    path = Path(path)
+    check_output_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp_name)
+        os.chmod(tmp_name, path.stat().st_mode & 0o7777 if path.exists() else _NEW_FILE_MODE)
+        with open(tmp_name, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException as e:
+        Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None and e.strerror:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside `path`; on a clean exit it is synced and renamed over `path`,
     on any exception it is removed and `path` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+    with atomic_path(path) as tmp_path:
+        with open(tmp_path, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

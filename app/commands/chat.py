@@ -5,6 +5,7 @@ import sys
 
 from app.commands.model_args import ACCEPTS_LLAMA_ARGS, add_model_arguments, load_model  # noqa: F401
 from app.commands.run import DEFAULT_CTX, add_sampling_arguments, print_stats, sampler_settings, stream
+from engine.gguf.quoting import printable
 from engine.text.chat_template import ChatTemplate
 from engine.run.generate import Session, generate
 
@@ -20,8 +21,8 @@ def run(args) -> int:
     template = ChatTemplate.from_metadata(loaded.model.metadata, loaded.model.file.architecture)
     session = Session(loaded.model, loaded.tokenizer)
     messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
-    print(f"chat with {loaded.model.file.name} ({template.name} template); an empty line or Ctrl-D ends",
-          file=sys.stderr)
+    print(f"chat with {printable(loaded.model.file.name, 200)} ({template.name} template); an empty line or "
+          "Ctrl-D ends", file=sys.stderr)
     while True:
         try:
             user = input("> ")

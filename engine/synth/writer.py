@@ -32,6 +32,7 @@ from gguf.quants import dequantize, quantize
 
 from engine import arch as arch_registry
 from engine.arch.base import HyperParams
+from engine.files import atomic_path
 from engine.synth.presets import PRESETS, preset as preset_metadata
 from engine.synth.quant_recipe import FTYPE_BY_NAME, ftype_name, parse_ftype, tensor_types
 
@@ -370,6 +371,13 @@ def write_synthetic(path: str | Path, preset: str | Mapping[str, Any], quant: st
     if vocab:
         metadata.update(vocab_metadata(hp.n_vocab))
 
+    with atomic_path(path) as tmp_path:     # a full disk or Ctrl-C leaves any earlier file as it was
+        _write_gguf(tmp_path, hp, metadata, tensors, sparse, seed, progress)
+    return path
+
+
+def _write_gguf(path: Path, hp: HyperParams, metadata: dict[str, Any], tensors: list[SynthTensor], sparse: bool,
+                seed: int, progress: Callable[[int, int], None] | None) -> None:
     writer = GGUFWriter(path, hp.arch)
     _add_metadata(writer, metadata)
     for t in tensors:
@@ -390,7 +398,6 @@ def write_synthetic(path: str | Path, preset: str | Mapping[str, Any], quant: st
             _write_data(f, tensors, hp, seed, alignment, total_bytes, progress)
     finally:
         writer.close()
-    return path
 
 
 def _write_data(f, tensors: list[SynthTensor], hp: HyperParams, seed: int, alignment: int, total_bytes: int,
