@@ -177,8 +177,103 @@ def matmul_prefill(rt, x, weight, type_name: str, n_cols: int, tile_rows: int = 
     return parts[0] if len(parts) == 1 else rt.concat(parts, axis=1)
 
 
+# ---- the KV cache and attention --------------------------------------------------------------------
+
+CACHE_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
+MASK_KINDS = {"full": 0, "sliding": 1, "chunked": 2}
+MAX_HEAD_DIM = 576              # attention.cu
+CELLS_PER_SPLIT = 256           # flash-decoding: keys per thread block when few queries attend
+MAX_SPLITS = 64
+
+
+def cache_row_bytes(type_name: str, n_values: int) -> int:
+    _require(type_name in CACHE_TYPES, f"no CUDA KV cache of type {type_name} (have {', '.join(CACHE_TYPES)})")
+    if type_name == "q8_0":
+        _require(n_values % 32 == 0, f"a q8_0 cache needs rows that are a multiple of 32 values, got {n_values}")
+        return n_values // 32 * 34
+    return n_values * (4 if type_name == "f32" else 2)
+
+
+def store_rows(rt, rows, cache, cells, type_name: str) -> None:
+    """rows (T, n_values) f32 written, in the cache type, to rows `cells` (device int64 (T,)) of
+    cache (n_cells, row_bytes) uint8."""
+    _dtype(rows, np.float32, "rows")
+    _contiguous(rows, "rows")
+    _dtype(cache, np.uint8, "cache")
+    _dtype(cells, np.int64, "cells")
+    n_tokens, n_values = rows.shape
+    row_bytes = cache_row_bytes(type_name, n_values)
+    _require(cache.shape[1] == row_bytes, f"cache rows of {n_values} {type_name} values are {row_bytes} bytes")
+    _require(cells.shape == (n_tokens,), "one cell per row")
+    if n_tokens:
+        _launch(rt, "attention.cu", f"store_rows_{type_name}", (n_tokens, -(-n_values // 256)), 256,
+                (rows, cache, cells, _i32(n_values), _i32(row_bytes)))
+
+
+def store_positions(rt, cell_pos, cells, positions) -> None:
+    _dtype(cell_pos, np.int64, "cell_pos")
+    _dtype(positions, np.int64, "positions")
+    n = cells.shape[0]
+    if n:
+        _launch(rt, "attention.cu", "store_positions", -(-n // 128), 128, (cell_pos, cells, positions, _i32(n)))
+
+
+def forget_cells(rt, cell_pos, n_past: int) -> None:
+    n = cell_pos.shape[0]
+    _launch(rt, "attention.cu", "forget_cells", -(-n // 256), 256, (cell_pos, _i32(n), np.int64(n_past)))
+
+
+def attention(rt, q, k_cache, v_cache, cell_pos, q_pos, n_filled: int, n_head_kv: int, type_k: str,
+              type_v: str, kq_scale: float, kind: str = "full", window: int = 0, v_from_k: int = 0,
+              cells_per_split: int | None = None):
+    """softmax(kq_scale * q K^T + mask) V over the first n_filled cells -> (T, n_head * d_v).
+
+    q (T, n_head, d_k) f32; k_cache (n_cells, n_head_kv * d_k) and v_cache (n_cells, n_head_kv *
+    d_v) as uint8 rows of their cache types; v_cache None: V is the first v_from_k values of each
+    key (MLA). cell_pos (n_cells,) int64, -1 for empty cells; q_pos (T,) int64."""
+    _dtype(q, np.float32, "q")
+    _contiguous(q, "q")
+    n_tokens, n_head, d_k = q.shape
+    _require(n_head % n_head_kv == 0, f"{n_head} query heads do not group over {n_head_kv} kv heads")
+    _require(kind in MASK_KINDS, f"mask kind must be one of {', '.join(MASK_KINDS)}")
+    _require(kind == "full" or window > 0, f"a {kind} mask needs a window")
+    _require(k_cache.shape[1] == cache_row_bytes(type_k, n_head_kv * d_k), "k_cache rows do not match q's head size")
+    _dtype(cell_pos, np.int64, "cell_pos")
+    _dtype(q_pos, np.int64, "q_pos")
+    _require(q_pos.shape == (n_tokens,), "one position per query")
+    _require(0 < n_filled <= min(k_cache.shape[0], cell_pos.shape[0]), f"n_filled {n_filled} outside the cache")
+    if v_cache is None:
+        _require(0 < v_from_k <= d_k and n_head_kv == 1, "V from K needs one kv head and 0 < v_from_k <= d_k")
+        v_cache, type_v, d_v, v_head_stride = k_cache, type_k, v_from_k, d_k
+    else:
+        d_v = _row_values(type_v, v_cache.shape[1]) // n_head_kv
+        _require(v_cache.shape[1] == cache_row_bytes(type_v, n_head_kv * d_v), "v_cache rows are not whole heads")
+        v_head_stride = d_v
+    _require(max(d_k, d_v) <= MAX_HEAD_DIM, f"head sizes above {MAX_HEAD_DIM} are not supported")
+    if cells_per_split is None:
+        few_queries = n_tokens <= MAX_DECODE_TOKENS
+        cells_per_split = max(CELLS_PER_SPLIT, -(-n_filled // MAX_SPLITS)) if few_queries else n_filled
+    n_splits = -(-n_filled // cells_per_split)
+    part_acc = rt.alloc((n_tokens, n_head, n_splits, d_v), np.float32)
+    part_ml = rt.alloc((n_tokens, n_head, n_splits, 2), np.float32)
+    name = f"attention_split<{CACHE_TYPES[type_k]},{CACHE_TYPES[type_v]}>"
+    _launch(rt, "attention.cu", name, (n_splits, n_head, n_tokens), 128,
+            (q, k_cache, v_cache, cell_pos, q_pos, part_acc, part_ml, _i32(n_filled), _i32(n_head), _i32(n_head_kv),
+             _i32(d_k), _i32(d_v), _i32(k_cache.shape[1]), _i32(v_cache.shape[1]), _i32(v_head_stride),
+             _i32(MASK_KINDS[kind]), _i32(window), _i32(cells_per_split), _i32(n_splits), _f32(kq_scale)))
+    out = rt.alloc((n_tokens, n_head * d_v), np.float32)
+    _launch(rt, "attention.cu", "attention_combine", (n_head, n_tokens), 128,
+            (part_acc, part_ml, out, _i32(n_head), _i32(n_splits), _i32(d_v)))
+    return out
+
+
+def _row_values(type_name: str, row_bytes: int) -> int:
+    return {"f32": row_bytes // 4, "f16": row_bytes // 2, "q8_0": row_bytes // 34 * 32}[type_name]
+
+
 # Template instances each source is built with (CuPy name_expressions; the emulator's entry points)
 NAME_EXPRESSIONS = {
     "matvec.cu": all_matvec_names(),
+    "attention.cu": tuple(f"attention_split<{k},{v}>" for k in CACHE_TYPES.values() for v in CACHE_TYPES.values()),
     "rows.cu": tuple(f"{kernel}<{f.ggml_type}>" for kernel in ("get_rows", "dequantize_rows") for f in FORMATS.values()),
 }

@@ -1,0 +1,174 @@
+// Attention over one layer's KV cache, read in its cache type (f32, f16 or q8_0) inside the kernel.
+//
+// attention_split: flash-decoding. The cached cells are cut into splits; block (split, head,
+// token) runs an online softmax over its split (one warp per key, lanes over the head
+// dimension) and writes an unnormalised partial result with its running max and sum.
+// attention_combine merges the splits of each (token, head). Grouped-query heads read kv head
+// h / (n_head / n_head_kv); the mask is built here from the cells' positions (-1: empty),
+// llama_hparams::is_masked_swa's rules for sliding windows and chunks.
+#include "quant.cuh"
+
+#define ATT_WARPS 4
+#define MAX_HEAD_DIM 576                    // MLA caches 512 latent + 64 rope values per key
+#define DIM_CHUNKS (MAX_HEAD_DIM / WARP_SIZE)
+
+enum MaskKind { MASK_FULL = 0, MASK_SLIDING = 1, MASK_CHUNKED = 2 };
+
+// Element e of a cached row of type T (0: f32, 1: f16, 8: q8_0 blocks of 34 bytes)
+template <int T> static __device__ __forceinline__ float cache_value(const uint8* row, int e);
+template <> __device__ __forceinline__ float cache_value<T_F32>(const uint8* row, int e) { return ((const float*)row)[e]; }
+template <> __device__ __forceinline__ float cache_value<T_F16>(const uint8* row, int e) { return load_f16(row + 2 * e); }
+template <> __device__ __forceinline__ float cache_value<T_Q8_0>(const uint8* row, int e) {
+    const uint8* block = row + (e / 32) * 34;
+    return load_f16(block) * (float)((const int8*)(block + 2))[e % 32];
+}
+
+static __device__ __forceinline__ bool visible(int64 key_pos, int64 query_pos, int kind, int window) {
+    if (key_pos < 0 || key_pos > query_pos) return false;
+    if (kind == MASK_SLIDING) return query_pos - key_pos < window;
+    if (kind == MASK_CHUNKED) return key_pos >= (query_pos / window) * window;
+    return true;
+}
+
+// q (T, n_head, d_k) f32 -> part_acc (T, n_head, n_splits, d_v), part_ml (T, n_head, n_splits, 2).
+// grid (n_splits, n_head, T), block ATT_WARPS * 32.
+template <int TK, int TV>
+__global__ void __launch_bounds__(ATT_WARPS * WARP_SIZE) attention_split(
+        const float* q, const uint8* K, const uint8* V, const int64* cell_pos, const int64* q_pos,
+        float* part_acc, float* part_ml, int n_filled, int n_head, int n_head_kv, int d_k, int d_v,
+        int k_row_bytes, int v_row_bytes, int v_head_stride, int kind, int window, int cells_per_split,
+        int n_splits, float kq_scale) {
+    // V element (c, h, j) is value h * v_head_stride + j of row c (MLA: V is the start of K)
+    __shared__ float warp_m[ATT_WARPS], warp_l[ATT_WARPS];
+    __shared__ float warp_acc[ATT_WARPS][MAX_HEAD_DIM];
+    int split = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
+    int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    int hk = h / (n_head / n_head_kv);
+    int64 query_pos = q_pos[t];
+    const float* qh = q + ((int64)t * n_head + h) * d_k;
+
+    float qr[DIM_CHUNKS], acc[DIM_CHUNKS];
+#pragma unroll
+    for (int c = 0; c < DIM_CHUNKS; ++c) {
+        int j = c * WARP_SIZE + lane;
+        qr[c] = j < d_k ? qh[j] * kq_scale : 0.0f;
+        acc[c] = 0.0f;
+    }
+    float m = NEG_INF, l = 0.0f;
+    int first = split * cells_per_split, last = min(n_filled, first + cells_per_split);
+    for (int cell = first + warp; cell < last; cell += ATT_WARPS) {
+        if (!visible(cell_pos[cell], query_pos, kind, window)) continue;      // uniform in the warp
+        const uint8* krow = K + (int64)cell * k_row_bytes;
+        float dot = 0.0f;
+#pragma unroll
+        for (int c = 0; c < DIM_CHUNKS; ++c) {
+            int j = c * WARP_SIZE + lane;
+            if (j < d_k) dot += qr[c] * cache_value<TK>(krow, hk * d_k + j);
+        }
+        dot = warp_sum(dot);
+        float m_new = fmaxf(m, dot);
+        float rescale = __expf(m - m_new), p = __expf(dot - m_new);
+        l = l * rescale + p;
+        const uint8* vrow = V + (int64)cell * v_row_bytes;
+#pragma unroll
+        for (int c = 0; c < DIM_CHUNKS; ++c) {
+            int j = c * WARP_SIZE + lane;
+            if (j < d_v) acc[c] = acc[c] * rescale + p * cache_value<TV>(vrow, hk * v_head_stride + j);
+        }
+        m = m_new;
+    }
+    // merge the warps: each warp's partial result weighted by exp(m_w - M)
+    if (lane == 0) {
+        warp_m[warp] = m;
+        warp_l[warp] = l;
+    }
+#pragma unroll
+    for (int c = 0; c < DIM_CHUNKS; ++c) {
+        int j = c * WARP_SIZE + lane;
+        if (j < d_v) warp_acc[warp][j] = acc[c];
+    }
+    __syncthreads();
+    float M = NEG_INF;
+    for (int w = 0; w < ATT_WARPS; ++w) M = fmaxf(M, warp_m[w]);
+    float weights[ATT_WARPS], L = 0.0f;
+    for (int w = 0; w < ATT_WARPS; ++w) {
+        weights[w] = warp_l[w] > 0.0f ? __expf(warp_m[w] - M) : 0.0f;
+        L += warp_l[w] * weights[w];
+    }
+    int64 part = ((int64)t * n_head + h) * n_splits + split;
+    for (int j = threadIdx.x; j < d_v; j += blockDim.x) {
+        float total = 0.0f;
+        for (int w = 0; w < ATT_WARPS; ++w) total += warp_acc[w][j] * weights[w];
+        part_acc[part * d_v + j] = total;
+    }
+    if (threadIdx.x == 0) {
+        part_ml[2 * part] = M;
+        part_ml[2 * part + 1] = L;
+    }
+}
+
+// out (T, n_head * d_v) from the splits. grid (n_head, T), block 128.
+extern "C" __global__ void __launch_bounds__(128) attention_combine(const float* part_acc, const float* part_ml,
+                                                                   float* out, int n_head, int n_splits, int d_v) {
+    int h = blockIdx.x, t = blockIdx.y;
+    int64 base = ((int64)t * n_head + h) * n_splits;
+    float M = NEG_INF;
+    for (int s = 0; s < n_splits; ++s)
+        if (part_ml[2 * (base + s) + 1] > 0.0f) M = fmaxf(M, part_ml[2 * (base + s)]);
+    float L = 0.0f;
+    for (int s = 0; s < n_splits; ++s) {
+        float l = part_ml[2 * (base + s) + 1];
+        if (l > 0.0f) L += l * __expf(part_ml[2 * (base + s)] - M);
+    }
+    float inv = L > 0.0f ? 1.0f / L : 0.0f;            // a query that sees no key gets zeros
+    for (int j = threadIdx.x; j < d_v; j += blockDim.x) {
+        float total = 0.0f;
+        for (int s = 0; s < n_splits; ++s) {
+            float l = part_ml[2 * (base + s) + 1];
+            if (l > 0.0f) total += part_acc[(base + s) * d_v + j] * __expf(part_ml[2 * (base + s)] - M);
+        }
+        out[((int64)t * n_head + h) * d_v + j] = total * inv;
+    }
+}
+
+// ---- writing the cache ------------------------------------------------------------------------
+
+// rows (T, n_values) f32 -> cells of a f32 cache. grid (T, ceil(n_values / 256)).
+extern "C" __global__ void __launch_bounds__(256) store_rows_f32(const float* rows, uint8* cache, const int64* cells,
+                                                                 int n_values, int row_bytes) {
+    int i = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i >= n_values) return;
+    ((float*)(cache + cells[blockIdx.x] * row_bytes))[i] = rows[(int64)blockIdx.x * n_values + i];
+}
+
+extern "C" __global__ void __launch_bounds__(256) store_rows_f16(const float* rows, uint8* cache, const int64* cells,
+                                                                 int n_values, int row_bytes) {
+    int i = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i >= n_values) return;
+    ((uint16*)(cache + cells[blockIdx.x] * row_bytes))[i] = f32_to_f16(rows[(int64)blockIdx.x * n_values + i]);
+}
+
+// q8_0 as ggml's quantize_row_q8_0_ref: d = amax / 127, q = roundf(x * (1 / d)), d stored as f16.
+// One warp per block of 32 values; n_values % 32 == 0. grid (T, ceil(n_values / 256)).
+extern "C" __global__ void __launch_bounds__(256) store_rows_q8_0(const float* rows, uint8* cache, const int64* cells,
+                                                                  int n_values, int row_bytes) {
+    int i = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i - (int)(threadIdx.x % WARP_SIZE) >= n_values) return;      // whole warps
+    float x = rows[(int64)blockIdx.x * n_values + i];
+    float amax = warp_max(fabsf(x));
+    float d = amax / 127.0f, inverse = d != 0.0f ? 1.0f / d : 0.0f;
+    uint8* block = cache + cells[blockIdx.x] * row_bytes + (i / 32) * 34;
+    ((int8*)(block + 2))[i % 32] = (int8)roundf(x * inverse);
+    if (i % 32 == 0) *(uint16*)block = f32_to_f16(d);
+}
+
+extern "C" __global__ void store_positions(int64* cell_pos, const int64* cells, const int64* positions, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) cell_pos[cells[i]] = positions[i];
+}
+
+// every cell holding a position >= n_past becomes empty
+extern "C" __global__ void forget_cells(int64* cell_pos, int n_cells, int64 n_past) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n_cells && cell_pos[i] >= n_past) cell_pos[i] = -1;
+}
