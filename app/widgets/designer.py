@@ -20,7 +20,10 @@ from PySide6.QtWidgets import (QComboBox, QFrame, QHBoxLayout, QLabel, QMenu, QP
                                QStackedWidget, QToolButton, QVBoxLayout, QWidget)
 
 from app.designer_state import DesignerState, model_key
-from app.models.designer import DeviceLaneModel, ExpertStripModel, LayerGridModel, short_bytes
+from app.models.device_lanes import DeviceLaneModel
+from app.models.expert_strip import ExpertStripModel
+from app.models.layer_grid import LayerGridModel
+from app.models.placement_items import short_bytes
 from app.widgets.designer_controls import CommandLineEditor, DesignerDialogs, RunSettingsForm
 from app.widgets.designer_grid import ExpertStripView, LayerGridView
 from app.widgets.designer_lanes import DeviceLanesView, LaneLegend

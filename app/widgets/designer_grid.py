@@ -15,7 +15,10 @@ from PySide6.QtGui import QColor, QDrag, QFont, QKeyEvent, QKeySequence, QMouseE
 from PySide6.QtWidgets import (QAbstractItemView, QApplication, QHeaderView, QRubberBand, QStyle,
                                QStyledItemDelegate, QStyleOptionViewItem, QTableView, QWidget)
 
-from app.models.designer import DevicesRole, ExpertStripModel, LayerGridModel, SplitRole, device_color, short_bytes
+from app.models.expert_strip import ExpertStripModel
+from app.models.layer_grid import LayerGridModel
+from app.models.placement_items import DevicesRole, SplitRole, short_bytes
+from app.theme import device_color
 
 BASE = QColor("#202126")
 CELL_TEXT = QColor("#eef0f3")

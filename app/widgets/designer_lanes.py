@@ -12,7 +12,9 @@ from PySide6.QtGui import (QBrush, QColor, QContextMenuEvent, QDragEnterEvent, Q
                            QPainter, QPainterPath, QPen)
 from PySide6.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
-from app.models.designer import MIME_TYPE, OVER_COLOR, DeviceLaneModel, decode_refs, device_color
+from app.models.device_lanes import DeviceLaneModel
+from app.models.placement_items import MIME_TYPE, decode_refs
+from app.theme import ERROR_FILL, device_color
 
 GIB = 1 << 30
 LANE_HEIGHT = 78
@@ -132,7 +134,7 @@ class DeviceLane(QWidget):
         name_width = painter.fontMetrics().horizontalAdvance(self.device.name)
         if est is not None:
             used = f"{gib_text(est.total_bytes + est.margin_bytes)} / {gib_text(self.device.total_bytes)}"
-            painter.setPen(TEXT if est.fits else QColor(OVER_COLOR))
+            painter.setPen(TEXT if est.fits else QColor(ERROR_FILL))
             painter.drawText(line, Qt.AlignRight | Qt.AlignVCenter, used)
         painter.setFont(self.font())
         painter.setPen(MUTED)
@@ -165,12 +167,12 @@ class DeviceLane(QWidget):
             x += width
         capacity_x = bar.left() + est.capacity_bytes * scale
         if used > est.capacity_bytes:
-            painter.setBrush(QBrush(QColor(OVER_COLOR), Qt.BDiagPattern))
+            painter.setBrush(QBrush(QColor(ERROR_FILL), Qt.BDiagPattern))
             painter.drawRect(QRectF(capacity_x, bar.top(), bar.right() - capacity_x, bar.height()))
             painter.setBrush(QColor(229, 72, 77, 110))
             painter.drawRect(QRectF(capacity_x, bar.top(), bar.right() - capacity_x, bar.height()))
         painter.restore()
-        painter.setPen(QPen(QColor(OVER_COLOR) if used > est.capacity_bytes else TEXT, 2))
+        painter.setPen(QPen(QColor(ERROR_FILL) if used > est.capacity_bytes else TEXT, 2))
         painter.drawLine(capacity_x - 1, bar.top() - 3, capacity_x - 1, bar.bottom() + 3)
 
     def _segments(self, colour: QColor, est) -> list[tuple[int, QBrush]]:
@@ -191,7 +193,7 @@ class DeviceLane(QWidget):
             painter.setPen(FREE_COLOR)
             status = f"{gib_text(est.free_bytes)} free"
         else:
-            painter.setPen(QColor(OVER_COLOR))
+            painter.setPen(QColor(ERROR_FILL))
             status = f"{gib_text(-est.free_bytes)} over"
         painter.drawText(rect, Qt.AlignRight | Qt.AlignVCenter, status)
         x = rect.left()

@@ -8,9 +8,12 @@ from PySide6.QtGui import QColor
 
 from app.designer_state import CommandLine, DesignerState, model_key, remap_placement
 from app.models import BytesRole, DeviceRole
-from app.models.designer import (MIME_TYPE, DeviceLaneModel, DevicesRole, ExpertCountRole, ExpertStripModel, FitsRole,
-                                 HeatRole, LayerGridModel, SplitRole, decode_refs, device_color, encode_refs,
-                                 short_bytes)
+from app.models.device_lanes import DeviceLaneModel
+from app.models.expert_strip import ExpertStripModel
+from app.models.layer_grid import LayerGridModel
+from app.models.placement_items import (MIME_TYPE, DevicesRole, ExpertCountRole, FitsRole, HeatRole, SplitRole, decode_refs,
+                                        encode_refs, short_bytes)
+from app.theme import device_color
 from engine.plan.autofit import DEFAULT_GPU_MARGIN_BYTES, AutoFitOptions, auto_fit
 from engine.plan.memory import MemoryOptions
 from engine.devices import Device, simulated_gpus

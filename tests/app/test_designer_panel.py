@@ -8,7 +8,7 @@ import pytest
 from PySide6.QtCore import QItemSelectionModel, QPoint, QPointF, Qt
 from PySide6.QtGui import QDragEnterEvent, QDropEvent, QKeySequence
 
-from app.models.designer import HeatRole
+from app.models.placement_items import HeatRole
 from app.widgets.designer import DesignerDialogs, DesignerPanel
 from engine.plan.autofit import DEFAULT_GPU_MARGIN_BYTES, AutoFitOptions, auto_fit
 from engine.plan.memory import MemoryOptions
