@@ -1,7 +1,8 @@
 // CUDA execution model on the host CPU, for running our .cu files where no GPU exists.
 //
 // A .cu file is compiled with `g++ -include cuda_emu.h`. A launch runs the blocks of the grid one
-// after another; the threads of a block run as fibers (ucontext) on one OS thread and switch only
+// after another; the threads of a block run as fibers (a small stack switch of our own on x86-64,
+// ucontext elsewhere) on one OS thread and switch only
 // where CUDA threads must meet: __syncthreads, __syncwarp, warp shuffles and votes, atomics. So
 // `__shared__` memory can be plain static storage (one block at a time), and a kernel that reads
 // another thread's shared value without a barrier sees a different answer when the thread order
@@ -70,6 +71,48 @@ extern "C" char __stop_emu_shared[] __attribute__((weak));
 
 namespace emu {
 
+// ---- fiber context switch ----------------------------------------------------------------------
+// swapcontext saves and restores the signal mask with a system call on every switch; kernels
+// switch at every shuffle, so on x86-64 a switch is only the callee-saved registers, the stack
+// pointer and the floating-point control words.
+#if defined(__x86_64__)
+struct Context { void* sp; };
+extern "C" void emu_fiber_switch(void** save_sp, void* load_sp);
+asm(".text\n.p2align 4\n.hidden emu_fiber_switch\n.type emu_fiber_switch,@function\nemu_fiber_switch:\n"
+    "pushq %rbp\npushq %rbx\npushq %r12\npushq %r13\npushq %r14\npushq %r15\n"
+    "subq $8, %rsp\nstmxcsr (%rsp)\nfnstcw 4(%rsp)\n"
+    "movq %rsp, (%rdi)\nmovq %rsi, %rsp\n"
+    "ldmxcsr (%rsp)\nfldcw 4(%rsp)\naddq $8, %rsp\n"
+    "popq %r15\npopq %r14\npopq %r13\npopq %r12\npopq %rbx\npopq %rbp\nret\n"
+    ".size emu_fiber_switch, .-emu_fiber_switch\n");
+
+inline void context_switch(Context& from, Context& to) { emu_fiber_switch(&from.sp, to.sp); }
+
+// A fresh stack that "returns" into entry() on its first switch, as if entry had been called.
+inline void context_make(Context& c, char* stack, size_t bytes, void (*entry)()) {
+    uintptr_t top = ((uintptr_t)(stack + bytes)) & ~(uintptr_t)15;
+    uint64_t* sp = (uint64_t*)top;
+    *--sp = 0;                           // the entry function's (never used) return address
+    *--sp = (uint64_t)entry;             // popped by ret
+    for (int i = 0; i < 6; ++i) *--sp = 0;   // rbp rbx r12 r13 r14 r15
+    uint32_t mxcsr;
+    uint16_t fpu_cw;
+    asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(mxcsr), "=m"(fpu_cw));
+    *--sp = (uint64_t)mxcsr | ((uint64_t)fpu_cw << 32);
+    c.sp = sp;
+}
+#else
+struct Context { ucontext_t uc; };
+inline void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+inline void context_make(Context& c, char* stack, size_t bytes, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = bytes;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+}
+#endif
+
 constexpr int kWarp = 32;
 constexpr int kMaxThreads = 1024;
 constexpr size_t kStackBytes = 128 * 1024;
@@ -91,8 +134,12 @@ struct Barrier {               // a generation barrier over a set of fibers
     int line = 0;
 };
 
+struct Barrier;
+
 struct Fiber {
-    ucontext_t context;
+    Context context;
+    const Barrier* waiting_on;     // the barrier this fiber waits at, or null
+    unsigned waiting_generation;
     uint3 tid;
     int warp, lane;
     bool done;
@@ -106,7 +153,7 @@ struct Warp {
 };
 
 struct State {
-    ucontext_t scheduler;
+    Context scheduler;
     Fiber fibers[kMaxThreads];
     Warp warps[kMaxThreads / kWarp];
     int order[kMaxThreads];
@@ -148,7 +195,7 @@ inline void shuffle(int* order, int n) {
 
 inline void yield() {
     State& s = state();
-    swapcontext(&s.current->context, &s.scheduler);
+    context_switch(s.current->context, s.scheduler);
 }
 
 // Stop the launch with an error from inside a fiber: the scheduler sees the error and returns.
@@ -183,7 +230,11 @@ inline void arrive_and_wait(Barrier& b, const char* what, const char* file, int 
         yield();                 // let the others run first: the releaser has no head start
         return;
     }
+    Fiber* f = s.current;
+    f->waiting_on = &b;                 // the scheduler skips this fiber until the barrier opens
+    f->waiting_generation = generation;
     while (b.generation == generation) yield();
+    f->waiting_on = nullptr;
     s.progress = true;
 }
 
@@ -228,7 +279,7 @@ inline void fiber_main() {
     s.progress = true;
     leave(s.block);
     leave(s.warps[f->warp].barrier);
-    // returning switches to uc_link, the scheduler
+    context_switch(f->context, s.scheduler);     // never resumed
 }
 
 inline void poison_shared() {
@@ -252,11 +303,8 @@ inline bool run_block(const LaunchConfig& c) {
         f.warp = i / kWarp;
         f.lane = i % kWarp;
         f.done = false;
-        getcontext(&f.context);
-        f.context.uc_stack.ss_sp = f.stack;
-        f.context.uc_stack.ss_size = kStackBytes;
-        f.context.uc_link = &s.scheduler;
-        makecontext(&f.context, fiber_main, 0);
+        f.waiting_on = nullptr;
+        context_make(f.context, f.stack, kStackBytes, fiber_main);
         s.order[i] = i;
     }
     int live = n;
@@ -265,10 +313,10 @@ inline bool run_block(const LaunchConfig& c) {
         s.progress = false;
         for (int k = 0; k < n; ++k) {
             Fiber& f = s.fibers[s.order[k]];
-            if (f.done) continue;
+            if (f.done || (f.waiting_on && f.waiting_on->generation == f.waiting_generation)) continue;
             s.current = &f;
             threadIdx = f.tid;
-            swapcontext(&s.scheduler, &f.context);
+            context_switch(s.scheduler, f.context);
             if (f.done) --live;
             if (s.error[0]) return false;
         }
