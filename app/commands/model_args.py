@@ -12,8 +12,10 @@ from engine.devices import available_devices
 from engine.gguf.model_file import ModelFile
 from engine.plan.inventory import Inventory
 from engine.plan.llama_args import ParsedArgs, parse_llama_args
+from engine.plan.memory import estimate_memory
 from engine.run.model import Model
 from engine.text.tokenizer import Tokenizer
+from engine.units import format_bytes
 
 ACCEPTS_LLAMA_ARGS = True
 
@@ -35,6 +37,19 @@ class LoadedModel:
     parsed: ParsedArgs
 
 
+def check_cache_fits(inventory: Inventory, parsed: ParsedArgs, run_config, devices) -> None:
+    """Refuse, with the planner's figures, a context whose KV cache and compute buffers alone
+    exceed a device, before anything is allocated (weights are memory-mapped, so they may
+    exceed RAM and still run)."""
+    estimate = estimate_memory(inventory, parsed.placement, run_config, devices)
+    for d in estimate.devices:
+        if d.kv_bytes + d.compute_bytes > d.capacity_bytes > 0:
+            raise ValueError(f"context {run_config.context_length(inventory.hparams.n_ctx_train)} needs "
+                             f"{format_bytes(d.kv_bytes)} of KV cache and {format_bytes(d.compute_bytes)} of "
+                             f"compute buffers on {d.device}, which has {format_bytes(d.capacity_bytes)}: "
+                             "lower -c or quantize the cache (-ctk/-ctv q8_0)")
+
+
 def load_model(args, n_ctx_default: int | None = None) -> LoadedModel:
     mf = ModelFile(args.model)
     if args.override_kv:
@@ -50,5 +65,6 @@ def load_model(args, n_ctx_default: int | None = None) -> LoadedModel:
         if status == "ignored":
             print(f"note: {flag} ignored{': ' + message if message else ''}", file=sys.stderr)
     run_config = parsed.run_config.replace(n_threads=args.threads)
+    check_cache_fits(inventory, parsed, run_config, devices)
     model = Model.load(mf, run_config, placement=parsed.placement)
     return LoadedModel(model, Tokenizer.from_metadata(mf.metadata), parsed)

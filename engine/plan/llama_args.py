@@ -26,6 +26,7 @@ attention off, different K and V cache types on an MLA model, an ubatch above th
 """
 from __future__ import annotations
 
+import math
 import re
 import shlex
 from bisect import bisect_right
@@ -145,18 +146,24 @@ class _State:
     run: dict = field(default_factory=dict)
     model_path: str | None = None
     override_kv: list[str] = field(default_factory=list)
+    n_layer: int = 0            # the model's; --n-cpu-moe past it adds no rules
 
     def note(self, flag: str, status: str, message: str) -> None:
         self.report.append((flag, status, message))
 
 
+MAX_INT_FLAG = (1 << 31) - 1       # llama.cpp reads these flags with std::stoi
+
+
 def _int(flag: str, value: str, minimum: int | None = None) -> int:
     try:
-        number = int(value)
+        number = int(value) if len(value) < 20 else int("x")
     except ValueError:
-        raise ValueError(f"{flag}: expected a whole number, got {value!r}") from None
+        raise ValueError(f"{flag}: expected a whole number, got {value[:40]!r}") from None
     if minimum is not None and number < minimum:
         raise ValueError(f"{flag}: must be at least {minimum}, got {number}")
+    if abs(number) > MAX_INT_FLAG:
+        raise ValueError(f"{flag}: {number} is out of range (llama.cpp reads a 32-bit integer)")
     return number
 
 
@@ -173,7 +180,7 @@ def parse_llama_args(args: str | Sequence[str], inventory: Inventory, devices: S
     base = DIALECTS[dialect] if base is None else base
     tokens = shlex.split(args) if isinstance(args, str) else list(args)
     names = [d.name for d in devices]
-    state = _State(cpu="CPU" if "CPU" in names else names[0], device_names=names, run={})
+    state = _State(cpu="CPU" if "CPU" in names else names[0], device_names=names, run={}, n_layer=inventory.n_layer)
     i = 0
     if tokens and not tokens[0].startswith("-"):
         state.note(tokens[0], IGNORED, "program name")
@@ -227,7 +234,7 @@ def _tensor_split(state: _State, flag: str, value: str) -> None:
         split = [float(x) for x in re.split(r"[,/]+", value) if x != ""]
     except ValueError:
         raise ValueError(f"{flag}: expected proportions like 3,1 or 3/1, got {value!r}") from None
-    if not split or any(x < 0 for x in split):
+    if not split or any(not math.isfinite(x) or x < 0 for x in split):     # float() reads "nan" and "inf"
         raise ValueError(f"{flag}: proportions must be non-negative numbers, got {value!r}")
     state.tensor_split = split
     state.note(flag, APPLIED, "layer proportions " + ", ".join(f"{x:g}" for x in split))
@@ -272,7 +279,9 @@ def _cpu_moe(state: _State, flag: str, value: str | None) -> None:
 
 def _n_cpu_moe(state: _State, flag: str, value: str, regex: str = CPU_MOE_REGEX, what: str = "routed-expert") -> None:
     n = _int(flag, value, minimum=0)
-    state.overrides.extend((rf"blk\.{il}{regex}", state.cpu) for il in range(n))
+    # llama.cpp adds one rule per layer; layers past the model's last would match nothing (and
+    # --n-cpu-moe 10000000 would make ten million rules)
+    state.overrides.extend((rf"blk\.{il}{regex}", state.cpu) for il in range(min(n, state.n_layer)))
     state.note(flag, APPLIED, f"{what} tensors of layers 0..{n - 1} on the CPU (as llama.cpp reads it; "
                               f"ik_llama.cpp picks the layers differently)" if n else f"{what}: no layers")
 

@@ -22,6 +22,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 from engine.devices import Device
 from engine.plan.inventory import Inventory, Role
+from engine.plan.tensor_patterns import compile_pattern
 from engine.units import format_ranges
 
 INPUT_PREFIXES = ("token_embd", "pos_embd", "token_types")      # llama.cpp's input layer
@@ -100,13 +101,8 @@ def _layout(inventory: Inventory) -> _Layout:
 
 
 def compile_rules(rules: Sequence[Rule]) -> list[tuple[re.Pattern, str]]:
-    compiled = []
-    for pattern, device in rules:
-        try:
-            compiled.append((re.compile(pattern), device))
-        except re.error as e:
-            raise ValueError(f"invalid tensor pattern {pattern!r}: {e}") from None
-    return compiled
+    # RE2 where it can: a backtracking pattern would make matching every tensor name hang
+    return [(compile_pattern(pattern), device) for pattern, device in rules]
 
 
 def expert_ranges(experts: Iterable[int]) -> str:
