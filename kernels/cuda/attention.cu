@@ -1,4 +1,5 @@
-// Attention over one layer's KV cache, read in its cache type (f32, f16 or q8_0) inside the kernel.
+// Attention over one layer's KV cache, read in its cache type (f32, f16, q8_0, q4_0, ...) inside
+// the kernel.
 //
 // attention_split: flash-decoding. The cached cells are cut into splits; block (split, head,
 // token) runs an online softmax over its split (one warp per key, lanes over the head
@@ -14,14 +15,8 @@
 
 enum MaskKind { MASK_FULL = 0, MASK_SLIDING = 1, MASK_CHUNKED = 2 };
 
-// Element e of a cached row of type T (0: f32, 1: f16, 8: q8_0 blocks of 34 bytes)
-template <int T> static __device__ __forceinline__ float cache_value(const uint8* row, int e);
-template <> __device__ __forceinline__ float cache_value<T_F32>(const uint8* row, int e) { return ((const float*)row)[e]; }
-template <> __device__ __forceinline__ float cache_value<T_F16>(const uint8* row, int e) { return load_f16(row + 2 * e); }
-template <> __device__ __forceinline__ float cache_value<T_Q8_0>(const uint8* row, int e) {
-    const uint8* block = row + (e / 32) * 34;
-    return load_f16(block) * (float)((const int8*)(block + 2))[e % 32];
-}
+// Element e of a cached row of ggml type T (f32, f16, bf16 or a 32-value block type)
+template <int T> static __device__ __forceinline__ float cache_value(const uint8* row, int e) { return row_value<T>(row, e); }
 
 static __device__ __forceinline__ bool visible(int64 key_pos, int64 query_pos, int kind, int window) {
     if (key_pos < 0 || key_pos > query_pos) return false;
@@ -171,4 +166,11 @@ extern "C" __global__ void store_positions(int64* cell_pos, const int64* cells, 
 extern "C" __global__ void forget_cells(int64* cell_pos, int n_cells, int64 n_past) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n_cells && cell_pos[i] >= n_past) cell_pos[i] = -1;
+}
+
+// Encoded rows (T, row_bytes) copied to their cells (cache types quantized on the host).
+// grid (T, ceil(row_bytes / 256)).
+extern "C" __global__ void scatter_rows(const uint8* rows, uint8* cache, const int64* cells, int row_bytes) {
+    int i = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i < row_bytes) cache[cells[blockIdx.x] * row_bytes + i] = rows[(int64)blockIdx.x * row_bytes + i];
 }

@@ -1,7 +1,8 @@
 // Decode matmuls (1 to 8 tokens): y = x @ W.T with W in its GGUF encoding, each weight byte read
 // once. Quantized types: the activations are first quantized to q8_1 blocks (quantize_q8_1), then
 // each warp computes one output row with integer dot products per 32-value unit (quant.cuh).
-// Float types (F32, F16, BF16): float activations, one warp per row.
+// mul_mat_vec_f: float activations used as they are (the float weight types; every type when
+// the run asks for exact f32 activations), one warp per row.
 #include "quant.cuh"
 
 #define MAX_TOKENS 8
@@ -54,12 +55,8 @@ __global__ void __launch_bounds__(128) mul_mat_vec_q(const uint8* W, const block
     }
 }
 
-template <int TYPE> static __device__ __forceinline__ float load_weight(const uint8* row, int i);
-template <> __device__ __forceinline__ float load_weight<T_F32>(const uint8* row, int i) { return ((const float*)row)[i]; }
-template <> __device__ __forceinline__ float load_weight<T_F16>(const uint8* row, int i) { return f16_to_f32(((const uint16*)row)[i]); }
-template <> __device__ __forceinline__ float load_weight<T_BF16>(const uint8* row, int i) { return bf16_to_f32(((const uint16*)row)[i]); }
-
-// W: (n_rows, row_bytes) of F32/F16/BF16; x: (n_tokens, n_cols) f32.
+// W: (n_rows, row_bytes) of any type; x: (n_tokens, n_cols) f32, used exactly (no q8_1 rounding):
+// the float weight types, and every type when activations are not rounded.
 template <int TYPE>
 __global__ void __launch_bounds__(128) mul_mat_vec_f(const uint8* W, const float* x, float* out, int n_rows,
                                                      int n_cols, int row_bytes, int n_tokens, int out_stride) {
@@ -70,7 +67,7 @@ __global__ void __launch_bounds__(128) mul_mat_vec_f(const uint8* W, const float
 #pragma unroll
     for (int t = 0; t < MAX_TOKENS; ++t) acc[t] = 0.0f;
     for (int i = lane; i < n_cols; i += WARP_SIZE) {
-        float wi = load_weight<TYPE>(w, i);
+        float wi = row_value<TYPE>(w, i);
 #pragma unroll
         for (int t = 0; t < MAX_TOKENS; ++t)
             if (t < n_tokens) acc[t] += wi * x[(int64)t * n_cols + i];

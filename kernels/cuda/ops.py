@@ -76,13 +76,13 @@ def _launch(rt, source: str, kernel: str, grid, block, args, shared_bytes: int =
 
 # ---- matmul for decode -------------------------------------------------------------------------
 
-def matvec_name(fmt: QuantFormat) -> str:
-    kernel = "mul_mat_vec_f" if fmt.is_float else "mul_mat_vec_q"
+def matvec_name(fmt: QuantFormat, exact: bool = False) -> str:
+    kernel = "mul_mat_vec_f" if fmt.is_float or exact else "mul_mat_vec_q"
     return f"{kernel}<{fmt.ggml_type}>"
 
 
 def all_matvec_names() -> tuple[str, ...]:
-    return tuple(matvec_name(f) for f in FORMATS.values())
+    return tuple(dict.fromkeys(matvec_name(f, exact) for f in FORMATS.values() for exact in (False, True)))
 
 
 def quantize_q8_1(rt, x):
@@ -97,8 +97,11 @@ def quantize_q8_1(rt, x):
     return y
 
 
-def matvec(rt, x, weight, type_name: str, n_cols: int, out=None):
-    """x @ W.T for 1 to 8 tokens: x (n_tokens, n_cols) f32, weight (n_rows, row_bytes) uint8 -> (n_tokens, n_rows) f32."""
+def matvec(rt, x, weight, type_name: str, n_cols: int, out=None, exact: bool = False):
+    """x @ W.T for 1 to 8 tokens: x (n_tokens, n_cols) f32, weight (n_rows, row_bytes) uint8 -> (n_tokens, n_rows) f32.
+
+    Quantized weights take q8_1-rounded activations and integer dot products (llama.cpp's CUDA
+    path) unless `exact`, which multiplies the decoded weights with x as it is."""
     fmt = FORMATS.get(type_name)
     _require(fmt is not None, f"no CUDA matvec for {type_name} (have {', '.join(FORMATS)})")
     _dtype(x, np.float32, "x")
@@ -116,12 +119,12 @@ def matvec(rt, x, weight, type_name: str, n_cols: int, out=None):
     if out is None:
         out = rt.alloc((n_tokens, n_rows), np.float32)
     _require(out.shape == (n_tokens, n_rows) and out.dtype == np.float32, f"out must be f32 {(n_tokens, n_rows)}")
-    if fmt.is_float:
+    if fmt.is_float or exact:
         activations = x
     else:
         _require(n_cols % 32 == 0, "quantized rows are whole 32-value units")
         activations = quantize_q8_1(rt, x)
-    _launch(rt, "matvec.cu", matvec_name(fmt), -(-n_rows // 4), 128,
+    _launch(rt, "matvec.cu", matvec_name(fmt, exact), -(-n_rows // 4), 128,
             (weight, activations, out, _i32(n_rows), _i32(n_cols), _i32(row_bytes), _i32(n_tokens), _i32(n_rows)))
     return out
 
@@ -179,7 +182,9 @@ def matmul_prefill(rt, x, weight, type_name: str, n_cols: int, tile_rows: int = 
 
 # ---- the KV cache and attention --------------------------------------------------------------------
 
-CACHE_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
+CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7,
+               "iq4_nl": 20}
+STORED_ON_DEVICE = ("f32", "f16", "q8_0")      # cache types the store kernels write; others come quantized
 MASK_KINDS = {"full": 0, "sliding": 1, "chunked": 2}
 MAX_HEAD_DIM = 576              # attention.cu
 CELLS_PER_SPLIT = 256           # flash-decoding: keys per thread block when few queries attend
@@ -188,10 +193,10 @@ MAX_SPLITS = 64
 
 def cache_row_bytes(type_name: str, n_values: int) -> int:
     _require(type_name in CACHE_TYPES, f"no CUDA KV cache of type {type_name} (have {', '.join(CACHE_TYPES)})")
-    if type_name == "q8_0":
-        _require(n_values % 32 == 0, f"a q8_0 cache needs rows that are a multiple of 32 values, got {n_values}")
-        return n_values // 32 * 34
-    return n_values * (4 if type_name == "f32" else 2)
+    fmt = FORMATS_BY_TYPE[CACHE_TYPES[type_name]]
+    _require(n_values % fmt.block_values == 0,
+             f"a {type_name} cache needs rows that are a multiple of {fmt.block_values} values, got {n_values}")
+    return n_values // fmt.block_values * fmt.block_bytes
 
 
 def store_rows(rt, rows, cache, cells, type_name: str) -> None:
@@ -205,9 +210,21 @@ def store_rows(rt, rows, cache, cells, type_name: str) -> None:
     row_bytes = cache_row_bytes(type_name, n_values)
     _require(cache.shape[1] == row_bytes, f"cache rows of {n_values} {type_name} values are {row_bytes} bytes")
     _require(cells.shape == (n_tokens,), "one cell per row")
+    _require(type_name in STORED_ON_DEVICE, f"{type_name} rows are quantized on the host: use scatter_rows")
     if n_tokens:
         _launch(rt, "attention.cu", f"store_rows_{type_name}", (n_tokens, -(-n_values // 256)), 256,
                 (rows, cache, cells, _i32(n_values), _i32(row_bytes)))
+
+
+def scatter_rows(rt, rows, cache, cells) -> None:
+    """Encoded rows (T, row_bytes) uint8 copied to rows `cells` of cache (n_cells, row_bytes)."""
+    _dtype(rows, np.uint8, "rows")
+    _dtype(cache, np.uint8, "cache")
+    _contiguous(rows, "rows")
+    _require(rows.shape[1] == cache.shape[1] and cells.shape == (rows.shape[0],), "rows do not fit the cache")
+    if rows.shape[0]:
+        _launch(rt, "attention.cu", "scatter_rows", (rows.shape[0], -(-rows.shape[1] // 256)), 256,
+                (rows, cache, cells, _i32(rows.shape[1])))
 
 
 def store_positions(rt, cell_pos, cells, positions) -> None:
@@ -257,10 +274,12 @@ def attention(rt, q, k_cache, v_cache, cell_pos, q_pos, n_filled: int, n_head_kv
     part_acc = rt.alloc((n_tokens, n_head, n_splits, d_v), np.float32)
     part_ml = rt.alloc((n_tokens, n_head, n_splits, 2), np.float32)
     name = f"attention_split<{CACHE_TYPES[type_k]},{CACHE_TYPES[type_v]}>"
-    _launch(rt, "attention.cu", name, (n_splits, n_head, n_tokens), 128,
+    # one instance per cache-type pair, built when first used (there are 81 pairs)
+    rt.launch("attention.cu", name, (n_splits, n_head, n_tokens), 128,
             (q, k_cache, v_cache, cell_pos, q_pos, part_acc, part_ml, _i32(n_filled), _i32(n_head), _i32(n_head_kv),
              _i32(d_k), _i32(d_v), _i32(k_cache.shape[1]), _i32(v_cache.shape[1]), _i32(v_head_stride),
-             _i32(MASK_KINDS[kind]), _i32(window), _i32(cells_per_split), _i32(n_splits), _f32(kq_scale)))
+             _i32(MASK_KINDS[kind]), _i32(window), _i32(cells_per_split), _i32(n_splits), _f32(kq_scale)),
+              name_expressions=(name,))
     out = rt.alloc((n_tokens, n_head * d_v), np.float32)
     _launch(rt, "attention.cu", "attention_combine", (n_head, n_tokens), 128,
             (part_acc, part_ml, out, _i32(n_head), _i32(n_splits), _i32(d_v)))
@@ -274,6 +293,5 @@ def _row_values(type_name: str, row_bytes: int) -> int:
 # Template instances each source is built with (CuPy name_expressions; the emulator's entry points)
 NAME_EXPRESSIONS = {
     "matvec.cu": all_matvec_names(),
-    "attention.cu": tuple(f"attention_split<{k},{v}>" for k in CACHE_TYPES.values() for v in CACHE_TYPES.values()),
     "rows.cu": tuple(f"{kernel}<{f.ggml_type}>" for kernel in ("get_rows", "dequantize_rows") for f in FORMATS.values()),
 }

@@ -37,6 +37,16 @@ def test_matvec_matches_dequantized_reference(rt, rng, make_weight, type_name, n
     np.testing.assert_array_less(np.abs(got - xr.astype(np.float64) @ wd.T), 1e-6 * scale + 1e-30)
 
 
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q3_K", "IQ4_XS"])
+def test_exact_matvec_uses_unrounded_activations(rt, rng, make_weight, type_name):
+    n_cols = 512
+    w = make_weight(type_name, 6, n_cols)
+    x = rng.standard_normal((2, n_cols)).astype(np.float32)
+    got = rt.download(ops.matvec(rt, rt.upload(x), rt.upload(w), type_name, n_cols, exact=True))
+    expected = x.astype(np.float64) @ dequantize(w, QType[type_name]).astype(np.float64).T
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
 def test_q8_1_quantization_is_exact(rt, rng):
     x = rng.standard_normal((2, 96)).astype(np.float32) * np.float32(3)
     x[1, :32] = 0.0                                       # an all-zero block has d = 0
