@@ -18,8 +18,10 @@ from engine.backends import Weight
 try:    # the Numba kernels, once they are built
     from kernels.cpu import dequantize_rows as kernel_dequantize_rows
     from kernels.cpu import matmul as kernel_matmul
+    from kernels.cpu import qmatmul as kernel_qmatmul, INTEGER_TYPES
 except ImportError:
-    kernel_matmul = kernel_dequantize_rows = None
+    kernel_matmul = kernel_dequantize_rows = kernel_qmatmul = None
+    INTEGER_TYPES = frozenset()
 
 F32 = int(GGMLQuantizationType.F32)
 F16 = int(GGMLQuantizationType.F16)
@@ -130,14 +132,22 @@ class CpuBackend:
     def matmul(self, x: np.ndarray, w: Weight) -> np.ndarray:
         """x (..., n_cols) @ W.T -> (..., n_rows)."""
         lead = x.shape[:-1]
-        y = matmul_bytes(self._input(x.reshape(-1, w.n_cols), w), w.data, w.ggml_type, w.n_cols)
+        y = self._product(x.reshape(-1, w.n_cols), w.data, w)
         return y.reshape(*lead, w.n_rows)
+
+    def _product(self, x: np.ndarray, data: np.ndarray, w: Weight) -> np.ndarray:
+        """x @ W.T over the bytes `data` of w: with llama.cpp's activations, integer dot products
+        on x quantized as llama.cpp quantizes it (the kernels' qmatmul) for the types that have
+        them; otherwise x rounded the same way in float, or exact."""
+        if self.round_inputs and w.ggml_type in INTEGER_TYPES:
+            return kernel_qmatmul(x, data, w.ggml_type, w.n_cols)
+        return matmul_bytes(self._input(x, w), data, w.ggml_type, w.n_cols)
 
     def expert_matmul(self, x: np.ndarray, w: Weight, expert: int, rows: slice | None = None) -> np.ndarray:
         """x (n_tokens, n_cols) @ W[expert][rows].T: reads only that expert's bytes (only those
         rows, when a range is given)."""
         data = w.data[expert] if rows is None else w.data[expert, rows]
-        return matmul_bytes(self._input(x, w), data, w.ggml_type, w.n_cols)
+        return self._product(x, data, w)
 
     def head_matmul(self, x: np.ndarray, w: Weight) -> np.ndarray:
         """x (n_tokens, n_head, n_cols) with W (n_head, n_rows, n_cols) -> (n_tokens, n_head, n_rows),

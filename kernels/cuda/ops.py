@@ -287,7 +287,8 @@ def attention(rt, q, k_cache, v_cache, cell_pos, q_pos, n_filled: int, n_head_kv
 
 
 def _row_values(type_name: str, row_bytes: int) -> int:
-    return {"f32": row_bytes // 4, "f16": row_bytes // 2, "q8_0": row_bytes // 34 * 32}[type_name]
+    fmt = FORMATS_BY_TYPE[CACHE_TYPES[type_name]]
+    return row_bytes // fmt.block_bytes * fmt.block_values
 
 
 # Template instances each source is built with (CuPy name_expressions; the emulator's entry points)

@@ -1,0 +1,251 @@
+"""The CUDA backend: the Backend protocol (engine.backends.protocol) over a device runtime.
+
+Weights are uploaded in their GGUF encoding and read by the kernels of `kernels.cuda`; each layer's
+KV cache lives in device memory in its cache type and is read inside the attention kernel. Two
+runtimes carry it (kernels.cuda.runtime):
+
+- `CupyRuntime` on a real GPU: activations are CuPy arrays (namespace array_api_compat.cupy), so
+  the family code's norms, rope and softmax run on the GPU as CuPy array math;
+- `EmulatedRuntime` (`--emulate-cuda`): the same `.cu` files compiled for the CPU. Activations
+  are array_api_strict arrays on a non-CPU device, exactly like the strict simulated GPU, and each
+  op copies them into emulated device memory, launches, and copies the result back. Slow; it is
+  for checking that a plan runs and gives the right numbers on a machine without a GPU.
+
+Decode (up to 8 tokens) uses the fused matvec kernels: q8_1-rounded activations and integer dot
+products with `activations="llama.cpp"` (llama.cpp's CUDA path), exact float32 activations with
+"f32". Prefill decodes weight tiles to float32 on the device and multiplies them with cuBLAS.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from engine.arch.base import AttentionKind
+from engine.backends import Weight
+from engine.backends.protocol import AttentionStep, KVLayout
+from kernels.cuda import ops
+
+MASK_KIND = {AttentionKind.FULL: "full", AttentionKind.SLIDING: "sliding", AttentionKind.CHUNKED: "chunked"}
+
+
+class CudaUnavailableError(RuntimeError):
+    pass
+
+
+class EmulatedMemory:
+    """Activations of an emulated GPU: array_api_strict arrays on one of that library's devices."""
+
+    def __init__(self, runtime, index: int):
+        import array_api_strict
+
+        from engine.backends.strict import STRICT_DEVICES
+
+        self.xp = array_api_strict
+        self.runtime = runtime
+        self.device = STRICT_DEVICES[index % len(STRICT_DEVICES)]
+
+    def host_of(self, x) -> np.ndarray:
+        from engine.backends.strict import DeviceMismatchError
+
+        from array_api_strict._array_object import Array as StrictArray
+
+        if not isinstance(x, StrictArray):
+            raise DeviceMismatchError(f"{self.runtime.device_name} was given a {type(x).__name__}, not one of its arrays")
+        if x.device != self.device:
+            raise DeviceMismatchError(f"an array on {x.device} was used on {self.runtime.device_name}")
+        return x._array
+
+    def to_runtime(self, x):
+        """A device array of the runtime holding x (a C-contiguous copy in emulated memory)."""
+        return self.runtime.upload(np.ascontiguousarray(self.host_of(x)))
+
+    def from_runtime(self, a):
+        return self.xp.asarray(self.runtime.download(a), device=self.device)
+
+    def from_host(self, x: np.ndarray):
+        return self.xp.asarray(np.array(x, copy=True), device=self.device)
+
+    def to_host(self, x) -> np.ndarray:
+        return np.array(self.host_of(x), copy=True)
+
+
+class CupyMemory:
+    """Activations of a real GPU: CuPy arrays on the runtime's device."""
+
+    def __init__(self, runtime):
+        import array_api_compat.cupy
+
+        self.xp = array_api_compat.cupy
+        self.runtime = runtime
+        self.cp = runtime.cp
+
+    def to_runtime(self, x):
+        if x.device.id != self.runtime.device.id:
+            raise ValueError(f"an array on GPU {x.device.id} was used on {self.runtime.device_name}")
+        with self.runtime.device:
+            return self.cp.ascontiguousarray(x)
+
+    @staticmethod
+    def from_runtime(a):
+        return a
+
+    def from_host(self, x: np.ndarray):
+        return self.runtime.upload(x)
+
+    def to_host(self, x) -> np.ndarray:
+        return self.runtime.download(self.to_runtime(x))
+
+
+class CudaKVLayer:
+    """One layer's K (n_cells, row_bytes) and V rows in their cache types, and each cell's position."""
+
+    def __init__(self, runtime, layout: KVLayout):
+        self.layout = layout
+        self.runtime = runtime
+        self.k = runtime.zeros((layout.n_cells, ops.cache_row_bytes(layout.type_k, layout.n_k)), np.uint8)
+        self.v = (runtime.zeros((layout.n_cells, ops.cache_row_bytes(layout.type_v, layout.n_v)), np.uint8)
+                  if layout.n_v else None)                       # MLA: V is the start of each key
+        self.cell_pos = runtime.upload(np.full(layout.n_cells, -1, np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + (0 if self.v is None else self.v.nbytes)
+
+    def forget(self, n_past: int) -> None:
+        ops.forget_cells(self.runtime, self.cell_pos, n_past)
+
+    def store(self, cache, cells, rows_host_or_device, type_name: str) -> None:
+        if type_name in ops.STORED_ON_DEVICE:
+            ops.store_rows(self.runtime, rows_host_or_device, cache, cells, type_name)
+        else:       # q4_0, q5_1, iq4_nl, ...: ggml's quantizer on the host, the bytes copied over
+            from kernels.cpu import quantize_rows
+
+            rows = self.runtime.download(rows_host_or_device)
+            encoded = quantize_rows(rows, ops.FORMATS[type_name.upper()].ggml_type)
+            ops.scatter_rows(self.runtime, self.runtime.upload(encoded), cache, cells)
+
+
+class CudaBackend:
+    """One CUDA device (real or emulated) implementing engine.backends.protocol.Backend."""
+
+    def __init__(self, name: str, runtime, activations: str = "f32", index: int = 0):
+        self.name = name
+        self.runtime = runtime
+        self.round_inputs = activations == "llama.cpp"
+        self.memory = CupyMemory(runtime) if runtime.name == "cupy" else EmulatedMemory(runtime, index)
+        self.allocated_bytes = 0
+
+    @property
+    def namespace(self):
+        return self.memory.xp
+
+    # --- memory and transfers -------------------------------------------------------------------
+
+    def upload(self, w: Weight, experts: Sequence[int] | None = None) -> Weight:
+        host = w.data if experts is None else w.data[list(experts)]
+        data = self.runtime.upload(np.ascontiguousarray(host))
+        self.allocated_bytes += data.nbytes
+        shape = w.shape if experts is None else (len(experts), *w.shape[1:])
+        return Weight(w.name, data, w.ggml_type, shape, self.name)
+
+    def upload_vector(self, values: np.ndarray):
+        return self.memory.from_host(np.ascontiguousarray(values, dtype=np.float32))
+
+    def to_device(self, x: np.ndarray):
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"to_device takes a host NumPy array, not a {type(x).__name__}")
+        return self.memory.from_host(x)
+
+    def to_host(self, x) -> np.ndarray:
+        return self.memory.to_host(x)
+
+    # --- ops that read weights ------------------------------------------------------------------
+
+    def _check(self, w: Weight) -> None:
+        if w.device != self.name:
+            from engine.backends.strict import DeviceMismatchError
+
+            raise DeviceMismatchError(f"{w.name} lives on {w.device} but was used on {self.name}")
+
+    def _matmul_rows(self, x2d, data, w: Weight):
+        """x2d (n_tokens, n_cols) runtime array @ data (n_rows, row_bytes).T -> runtime array."""
+        type_name = w.type_name
+        if x2d.shape[0] <= ops.MAX_DECODE_TOKENS:
+            return ops.matvec(self.runtime, x2d, data, type_name, w.n_cols, exact=not self.round_inputs)
+        return ops.matmul_prefill(self.runtime, x2d, data, type_name, w.n_cols)
+
+    def matmul(self, x, w: Weight):
+        self._check(w)
+        lead = tuple(x.shape[:-1])
+        x2d = self.memory.to_runtime(self.namespace.reshape(x, (-1, w.n_cols)))
+        y = self.memory.from_runtime(self._matmul_rows(x2d, w.data, w))
+        return self.namespace.reshape(y, (*lead, w.n_rows))
+
+    def expert_matmul(self, x, w: Weight, expert: int, rows: slice | None = None):
+        self._check(w)
+        data = w.data[expert] if rows is None else w.data[expert][rows]
+        return self.memory.from_runtime(self._matmul_rows(self.memory.to_runtime(x), data, w))
+
+    def head_matmul(self, x, w: Weight):
+        """x (n_tokens, n_head, n_cols) through W (n_head, n_rows, n_cols): one matmul per head."""
+        self._check(w)
+        xp = self.namespace
+        heads = [self.memory.from_runtime(self._matmul_rows(self.memory.to_runtime(x[:, h, :]), w.data[h], w))
+                 for h in range(w.shape[0])]
+        return xp.stack(heads, axis=1)
+
+    def embedding(self, w: Weight, ids: np.ndarray):
+        self._check(w)
+        ids = self.runtime.upload(np.ascontiguousarray(ids, dtype=np.int64))
+        return self.memory.from_runtime(ops.get_rows(self.runtime, w.data, ids, w.type_name, w.n_cols))
+
+    def dequantize(self, w: Weight):
+        """The whole tensor as float32 (small tensors only: norms, biases)."""
+        self._check(w)
+        rows = w.data.reshape(-1, w.data.shape[-1])
+        out = ops.dequantize_rows(self.runtime, rows, w.type_name, w.n_cols)
+        return self.namespace.reshape(self.memory.from_runtime(out), w.shape)
+
+    # --- the KV cache and attention ---------------------------------------------------------------
+
+    def new_kv_layer(self, layout: KVLayout) -> CudaKVLayer:
+        return CudaKVLayer(self.runtime, layout)
+
+    def attend(self, kv: CudaKVLayer, step: AttentionStep, positions, q, k, v, kq_scale: float, v_from_k: int = 0):
+        rt, xp = self.runtime, self.namespace
+        n_tokens = q.shape[0]
+        cells = rt.upload(np.ascontiguousarray(step.cells, dtype=np.int64))
+        kv.store(kv.k, cells, self.memory.to_runtime(xp.reshape(k, (n_tokens, -1))), kv.layout.type_k)
+        if v is not None:
+            kv.store(kv.v, cells, self.memory.to_runtime(xp.reshape(v, (n_tokens, -1))), kv.layout.type_v)
+        q_pos = self.memory.to_runtime(positions)
+        ops.store_positions(rt, kv.cell_pos, cells, q_pos)
+        out = ops.attention(rt, self.memory.to_runtime(q), kv.k, kv.v, kv.cell_pos, q_pos, step.n_filled,
+                            k.shape[1], kv.layout.type_k, kv.layout.type_v, kq_scale, MASK_KIND[step.kind],
+                            step.window, v_from_k if v is None else 0)
+        return self.memory.from_runtime(out)
+
+    def set_threads(self, n_threads: int) -> None:
+        pass        # the device's own parallelism; -t is for the CPU
+
+
+def emulated_backend(name: str, activations: str = "f32", index: int = 0, debug: bool = False) -> CudaBackend:
+    """A CUDA device emulated on the CPU (`--emulate-cuda`)."""
+    from kernels.cuda.runtime import EmulatedRuntime
+
+    return CudaBackend(name, EmulatedRuntime(name, debug=debug), activations, index)
+
+
+def gpu_backend(name: str, device_id: int, activations: str = "f32") -> CudaBackend:
+    """A real GPU through CuPy; refused with a clear error when CuPy or the GPU is missing."""
+    try:
+        import cupy
+    except ImportError as e:
+        raise CudaUnavailableError(f"{name} needs CuPy: pip install 'offload-studio[cuda13]' (or [cuda12] for a "
+                                   "CUDA 12 driver), or place everything on the CPU") from e
+    if not cupy.is_available():
+        raise CudaUnavailableError(f"CuPy is installed but sees no usable CUDA device for {name}")
+    from kernels.cuda.runtime import CupyRuntime
+
+    return CudaBackend(name, CupyRuntime(name, device_id), activations)
