@@ -15,6 +15,10 @@ No widgets here. The chat panel binds `messages` and `conversations` (the Qt mod
     turn_finished(reason)           "stop", "length", "cancelled" or "error"
     error_occurred(str)             one line for the message bar
     expert_counts(array)            int64 (n_layer, n_expert): router selections of the session
+    run_refused(str)                the plan does not fit: the verdict and the ways out; nothing was loaded
+
+A plan the designer's verdict says does not fit is not loaded (`set_fit_refusal`), unless the
+user chose to run it anyway (`allow_over_capacity`, for that plan only).
 
 Each turn is one `ChatRequest` to `app.engine_jobs.ChatRunner`, which keeps the model and its KV
 cache between turns. Streamed text is buffered and appended to the open message a few dozen times
@@ -79,6 +83,7 @@ class ChatController(QObject):
     turn_finished = Signal(str)
     error_occurred = Signal(str)
     expert_counts = Signal(object)
+    run_refused = Signal(str)
     _save_failed = Signal(str)                  # from the writer thread
 
     def __init__(self, bridge: Bridge, store: ConversationStore | None = None, runner: ChatRunner | None = None,
@@ -92,6 +97,8 @@ class ChatController(QObject):
         self.loaded: LoadedModel | None = None
         self.run_config = RunConfig()
         self.placement: Any = None
+        self.fit_refusal = ""                   # why the plan may not run ("" when it fits)
+        self._over_capacity_allowed = False     # the user chose to run this plan anyway
         self.conversation = Conversation()
         self.job: JobHandle | None = None
         self.last_turn: TurnStarted | None = None      # what the engine said about the latest turn's prompt
@@ -126,6 +133,25 @@ class ChatController(QObject):
         """A new `engine.plan.placement.Placement` (None: all on the CPU); the next turn rebuilds the session."""
         self.placement = placement.copy() if placement is not None else None     # later edits must not leak in
 
+    def set_fit_refusal(self, text: str) -> None:
+        """The designer's refusal for the plan as it stands ("" when it fits); a new one asks again."""
+        if text != self.fit_refusal:
+            self._over_capacity_allowed = False
+        self.fit_refusal = text
+
+    def allow_over_capacity(self) -> None:
+        """Run the current plan although the verdict says it does not fit (the user said so)."""
+        self._over_capacity_allowed = True
+
+    def refusal(self) -> str:
+        return "" if self._over_capacity_allowed else self.fit_refusal
+
+    def _refused(self) -> bool:
+        if self.refusal():
+            self.run_refused.emit(self.fit_refusal)
+            return True
+        return False
+
     def set_system_prompt(self, text: str) -> None:
         self.conversation.system_prompt = text
 
@@ -140,7 +166,7 @@ class ChatController(QObject):
 
     def send(self, text: str, settings: SamplerSettings, max_tokens: int) -> bool:
         """`text` as the next user message and a reply to it; False when it cannot go now."""
-        if not self.can_send(text):
+        if not self.can_send(text) or self._refused():
             return False
         self._append_user_message(text)
         self._start_turn(settings, max_tokens)
@@ -148,7 +174,7 @@ class ChatController(QObject):
 
     def regenerate(self, settings: SamplerSettings, max_tokens: int) -> bool:
         """Drop the last reply and generate a new one for the same conversation."""
-        if self.is_generating or self.loaded is None:
+        if self.is_generating or self.loaded is None or self._refused():
             return False
         messages = self.messages.messages()
         n_keep = len(messages)
@@ -166,7 +192,7 @@ class ChatController(QObject):
 
     def edit_and_resend(self, row: int, text: str, settings: SamplerSettings, max_tokens: int) -> bool:
         """Replace user message `row` with `text`, drop everything after it and generate again."""
-        if not self.can_send(text) or not self.can_edit(row):
+        if not self.can_send(text) or not self.can_edit(row) or self._refused():
             return False
         self.messages.truncate(row)
         self._append_user_message(text)

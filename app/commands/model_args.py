@@ -26,6 +26,8 @@ def add_model_arguments(p) -> None:
     p.add_argument("-t", "--threads", type=int, default=0, help="CPU threads (default: all cores)")
     p.add_argument("-okv", "--override-kv", action="append", default=[], metavar="KEY=TYPE:VALUE",
                    help="override a metadata value, e.g. llama4.expert_used_count=int:2 (repeatable)")
+    p.add_argument("--ignore-fit", action="store_true",
+                   help="load even when the memory estimate says a GPU is over its memory")
     p.epilog = ("Other flags are read as llama.cpp placement and run flags: -ngl, -ts, -ot, --n-cpu-moe, "
                 "-c, -ctk/-ctv, -ub, -b, -fa.")
 
@@ -50,6 +52,21 @@ def check_cache_fits(inventory: Inventory, parsed: ParsedArgs, run_config, devic
                              "lower -c or quantize the cache (-ctk/-ctv q8_0)")
 
 
+def check_gpus_fit(inventory: Inventory, parsed: ParsedArgs, run_config, devices, ignore_fit: bool) -> None:
+    """Refuse a plan that overfills a GPU (weights there are copied, not paged in), with the verdict
+    and the ways out; CPU weights run from the memory map, so RAM past its size is only noted."""
+    from engine.plan.autofit import verdict
+    estimate = estimate_memory(inventory, parsed.placement, run_config, devices)   # no margin: what it needs
+    gpus_over = [d for d in estimate.overfull() if any(g.name == d.device and g.is_gpu for g in devices)]
+    if gpus_over and not ignore_fit:
+        raise ValueError(f"{verdict(estimate)} Nothing was loaded. Ways out: fewer layers on the GPUs (-ngl), "
+                         "experts on the CPU (--n-cpu-moe, -ot exps=CPU), a smaller -c or KV cache type, "
+                         "`offload-studio plan` to see each device, or --ignore-fit to load it anyway")
+    if not estimate.fits and not gpus_over:
+        print(f"note: {verdict(estimate)} The CPU's weights run from the memory map, paged in from disk.",
+              file=sys.stderr)
+
+
 def load_model(args, n_ctx_default: int | None = None) -> LoadedModel:
     mf = ModelFile(args.model)
     if args.override_kv:
@@ -66,5 +83,6 @@ def load_model(args, n_ctx_default: int | None = None) -> LoadedModel:
             print(f"note: {flag} ignored{': ' + message if message else ''}", file=sys.stderr)
     run_config = parsed.run_config.replace(n_threads=args.threads)
     check_cache_fits(inventory, parsed, run_config, devices)
+    check_gpus_fit(inventory, parsed, run_config, devices, getattr(args, "ignore_fit", False))
     model = Model.load(mf, run_config, placement=parsed.placement)
     return LoadedModel(model, Tokenizer.from_metadata(mf.metadata), parsed)

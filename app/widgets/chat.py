@@ -35,6 +35,13 @@ class ChatDialogs:
                                       QMessageBox.Delete | QMessageBox.Cancel, QMessageBox.Cancel)
         return answer == QMessageBox.Delete
 
+    def confirm_over_capacity(self, parent: QWidget, refusal: str) -> bool:
+        box = QMessageBox(QMessageBox.Warning, "The plan does not fit", refusal, QMessageBox.Cancel, parent)
+        run = box.addButton("Run anyway", QMessageBox.DestructiveRole)
+        box.setDefaultButton(QMessageBox.Cancel)
+        box.exec()
+        return box.clickedButton() is run
+
 
 class ChatPanel(QWidget):
     """Chat with the open model. Public API: `set_model`, `set_run_config`, `set_placement`, `send`,
@@ -159,7 +166,13 @@ class ChatPanel(QWidget):
         self.send_button.clicked.connect(lambda: self.send())
         self.stop_button = QPushButton("Stop", objectName="stopButton")
         self.stop_button.setShortcut(QKeySequence("Ctrl+."))
+        self.stop_button.setToolTip("Stop the reply (Esc or Ctrl+.); what was written stays")
         self.stop_button.clicked.connect(self.stop)
+        # Esc stops a reply anywhere in the panel, as in other chat apps; otherwise it cancels an edit
+        self.escape_action = QAction("Stop or cancel", self, shortcut=QKeySequence(Qt.Key_Escape))
+        self.escape_action.setShortcutContext(Qt.WidgetWithChildrenShortcut)
+        self.escape_action.triggered.connect(self._on_escape)
+        self.addAction(self.escape_action)
         self.regenerate_button = QPushButton("Regenerate", objectName="regenerateButton")
         self.regenerate_button.setToolTip("Replace the last reply with a new one")
         self.regenerate_button.clicked.connect(self.regenerate)
@@ -245,7 +258,7 @@ class ChatPanel(QWidget):
     def send(self, text: str | None = None) -> bool:
         """Send `text` (default: the input box) as the next user message; False when it cannot go now."""
         text = self.input.toPlainText() if text is None else text
-        if not self.controller.can_send(text):
+        if not self.controller.can_send(text) or not self._may_run():
             return False
         if self._edit_row is not None:
             return self.edit_and_resend(self._edit_row, text)
@@ -254,15 +267,32 @@ class ChatPanel(QWidget):
 
     def regenerate(self) -> bool:
         """Drop the last reply and generate a new one for the same conversation."""
+        if not self._may_run():
+            return False
         return self.controller.regenerate(self.sampler_settings(), self.sampling.max_tokens.value())
 
     def edit_and_resend(self, row: int, text: str) -> bool:
         """Replace user message `row` with `text`, drop everything after it and generate again."""
-        if not self.controller.can_send(text) or not self.controller.can_edit(row):
+        if not self.controller.can_send(text) or not self.controller.can_edit(row) or not self._may_run():
             return False
         self._end_edit()
         self.input.clear()
         return self.controller.edit_and_resend(row, text, self.sampler_settings(), self.sampling.max_tokens.value())
+
+    def _may_run(self) -> bool:
+        """False when the plan does not fit and the user did not choose to run it anyway."""
+        refusal = self.controller.refusal()
+        if not refusal:
+            return True
+        if self.dialogs.confirm_over_capacity(self, refusal):
+            self.controller.allow_over_capacity()
+            return True
+        self.show_error(refusal)
+        return False
+
+    def set_fit_refusal(self, text: str) -> None:
+        """The designer's refusal for the plan as it stands ("" when it fits)."""
+        self.controller.set_fit_refusal(text)
 
     def begin_edit(self, row: int) -> bool:
         """Put user message `row` in the input box; sending then resends from there."""
@@ -288,8 +318,16 @@ class ChatPanel(QWidget):
         self._update_actions()
 
     def stop(self) -> None:
-        """Stop the reply being generated; what was written so far stays."""
+        """Stop the reply being generated; what was written so far stays. The next keys typed go to
+        the message box (not to whatever follows the Stop button in the focus chain)."""
         self.controller.stop()
+        self.input.setFocus()
+
+    def _on_escape(self) -> None:
+        if self.is_generating:
+            self.stop()
+        else:
+            self.cancel_edit()
 
     def sampler_settings(self) -> SamplerSettings:
         return self.sampling.settings()
@@ -407,6 +445,8 @@ class ChatPanel(QWidget):
         busy = self.is_generating
         has_model = self.loaded is not None
         has_user_turn = self.controller.has_user_turn
+        if not busy and self.stop_button.hasFocus():
+            self.input.setFocus()       # hiding a focused button would hand the focus to the system prompt
         self.send_button.setVisible(not busy)
         self.stop_button.setVisible(busy)
         self.send_button.setEnabled(has_model and bool(self.input.toPlainText().strip()))

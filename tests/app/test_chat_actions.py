@@ -1,0 +1,127 @@
+"""Chat actions that must never lose work or run what the plan says cannot run: a plan over
+capacity is refused before anything loads, Esc stops a reply, the focus goes back to the message
+box after Stop, Regenerate keeps the earlier reply as an alternative."""
+import pytest
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QApplication
+
+from app.conversations import ConversationStore
+from app.engine_jobs import ChatRunner, LoadedModel
+from app.widgets.chat import ChatPanel
+from slow_model import factory
+
+TURN_TIMEOUT_MS = 240_000
+REFUSAL = ("Does not fit: CUDA0 over by 5.6 GiB. Loading it would run out of memory. Ways out: Auto-fit in the "
+           "Designer, a smaller context (now 8,192 tokens), a smaller KV cache type, or a smaller quant of the model.")
+
+
+@pytest.fixture(scope="module")
+def loaded(fixtures_dir) -> LoadedModel:
+    from engine.gguf.model_file import ModelFile
+    from engine.plan.inventory import Inventory
+    path = fixtures_dir / "llama-moe" / "Q4_K_M.gguf"
+    model_file = ModelFile(path)
+    return LoadedModel(path, model_file, Inventory.from_model_file(model_file), 0.0)
+
+
+class FakeDialogs:
+    def __init__(self):
+        self.run_anyway = False
+        self.asked: list[str] = []
+
+    def confirm_delete(self, parent, title: str) -> bool:
+        return True
+
+    def confirm_over_capacity(self, parent, refusal: str) -> bool:
+        self.asked.append(refusal)
+        return self.run_anyway
+
+
+@pytest.fixture
+def dialogs() -> FakeDialogs:
+    return FakeDialogs()
+
+
+@pytest.fixture
+def store(tmp_path) -> ConversationStore:
+    return ConversationStore(tmp_path / "conversations")
+
+
+@pytest.fixture
+def panel(qtbot, bridge, store, dialogs, loaded):
+    panel = ChatPanel(bridge, store, dialogs, ChatRunner(factory()))
+    qtbot.addWidget(panel)
+    panel.resize(1200, 760)
+    panel.show()
+    qtbot.waitExposed(panel)
+    panel.set_model(loaded)
+    panel.sampling.seed.setValue(7)
+    panel.sampling.max_tokens.setValue(6)
+    yield panel
+    panel.shutdown()
+
+
+def finish_turn(qtbot, panel, start) -> str:
+    with qtbot.waitSignal(panel.turn_finished, timeout=TURN_TIMEOUT_MS) as blocker:
+        assert start()
+    return blocker.args[0]
+
+
+def test_a_plan_over_capacity_is_refused_before_anything_loads(qtbot, panel, dialogs):
+    panel.set_fit_refusal(REFUSAL)
+    built, real = [], panel.runner.model_factory
+
+    def counting_factory(*args, **kwargs):
+        built.append(args)
+        return real(*args, **kwargs)
+    panel.runner.model_factory = counting_factory
+    panel.input.setPlainText("Hello")
+    qtbot.keyClick(panel.input, Qt.Key_Return)
+    assert dialogs.asked == [REFUSAL]
+    assert not panel.is_generating and panel.messages.rowCount() == 0 and built == []
+    assert panel.input.toPlainText() == "Hello"          # the message is not lost either
+    assert "Does not fit: CUDA0 over by 5.6 GiB" in panel.message_bar.label.text()
+    assert not panel.controller.send("Hello", panel.sampler_settings(), 4)     # the controller refuses too
+
+
+def test_running_anyway_is_an_explicit_choice_for_that_plan_only(qtbot, panel, dialogs):
+    panel.set_fit_refusal(REFUSAL)
+    dialogs.run_anyway = True
+    assert finish_turn(qtbot, panel, lambda: panel.send("Hello")) in ("stop", "length")
+    assert dialogs.asked == [REFUSAL]
+    finish_turn(qtbot, panel, lambda: panel.send("Again"))      # not asked twice for the same plan
+    assert len(dialogs.asked) == 1
+    other = REFUSAL.replace("5.6 GiB", "7.1 GiB")
+    panel.set_fit_refusal(other)                                 # another plan: asked again
+    dialogs.run_anyway = False
+    assert not panel.send("Third")
+    assert dialogs.asked[-1] == other
+    panel.set_fit_refusal("")                                    # a plan that fits runs without a question
+    finish_turn(qtbot, panel, lambda: panel.send("Fits now"))
+    assert len(dialogs.asked) == 2
+
+
+def test_escape_stops_the_reply_and_the_focus_goes_back_to_the_message_box(qtbot, panel):
+    panel.runner.model_factory = factory(delay_s=0.03)
+    panel.sampling.max_tokens.setValue(100_000)
+    assert panel.send("Tell me a long story")
+    qtbot.waitUntil(lambda: len(panel.messages.message(1).content) > 0, timeout=TURN_TIMEOUT_MS)
+    panel.stop_button.setFocus()
+    with qtbot.waitSignal(panel.turn_finished, timeout=60_000) as blocker:
+        qtbot.keyClick(panel.input, Qt.Key_Escape)
+    assert blocker.args == ["cancelled"]
+    assert panel.messages.message(1).content
+    qtbot.waitUntil(lambda: QApplication.focusWidget() is panel.input)
+    qtbot.keyClicks(QApplication.focusWidget(), "next")
+    assert panel.input.toPlainText() == "next" and panel.system_prompt.toPlainText() == ""
+
+
+def test_focus_after_the_stop_button_is_the_message_box(qtbot, panel):
+    panel.runner.model_factory = factory(delay_s=0.03)
+    panel.sampling.max_tokens.setValue(100_000)
+    assert panel.send("Tell me a long story")
+    qtbot.waitUntil(lambda: len(panel.messages.message(1).content) > 0, timeout=TURN_TIMEOUT_MS)
+    with qtbot.waitSignal(panel.turn_finished, timeout=60_000):
+        qtbot.mouseClick(panel.stop_button, Qt.LeftButton)
+    assert QApplication.focusWidget() is panel.input
+    assert panel.system_prompt.toPlainText() == ""
