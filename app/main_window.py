@@ -96,6 +96,8 @@ class MainWindow(QMainWindow):
         # the chat and perplexity panels run the model on the placement and settings designed here
         self.designer.placement_changed.connect(self._use_placement)
         self.designer.state.run_config_changed.connect(self._use_run_config)
+        # a plan the verdict says does not fit is not loaded unless the user says so
+        self.designer.state.verdict_changed.connect(self._use_verdict)
         self.chat.expert_counts.connect(self.designer.set_expert_heat)
         self.model_loaded.connect(lambda _: self._use_placement(self.designer.placement))
         self._use_run_config(self.designer.run_config)
@@ -160,6 +162,12 @@ class MainWindow(QMainWindow):
             panel.set_placement(placement)
         self.inspector.set_device_of(placement.device_of if placement is not None else None)
 
+    def _use_verdict(self, *_args) -> None:
+        refusal = self.designer.state.refusal()
+        for panel in (self.chat, self.perplexity):
+            if hasattr(panel, "set_fit_refusal"):
+                panel.set_fit_refusal(refusal)
+
     def _use_run_config(self, run_config) -> None:
         for panel in (self.chat, self.perplexity):
             panel.set_run_config(run_config)
@@ -204,8 +212,8 @@ class MainWindow(QMainWindow):
             self._view_actions.removeAction(action)
         for i, name in enumerate(self.panel_names()):
             action = QAction(name, self, checkable=True)
-            if i < 9:
-                action.setShortcut(QKeySequence(f"Ctrl+{i + 1}"))
+            if i < 9:       # Alt+digit: Ctrl+digit moves the designer's selection to a device
+                action.setShortcut(QKeySequence(f"Alt+{i + 1}"))
             action.triggered.connect(lambda *_checked, panel=name: self.show_panel(panel))
             self._view_actions.addAction(action)
             self.view_menu.addAction(action)

@@ -1,0 +1,97 @@
+"""Activation rows quantized once per matmul, as llama.cpp's CPU backend quantizes them.
+
+llama.cpp multiplies a quantized weight with activations quantized to the weight type's
+`vec_dot_type`; these are those quantizers, producing int8 values and float32 block scales:
+
+    Q8_0 (for Q4_0, Q5_0, Q8_0, IQ4_NL; and Q8_1 for Q4_1, Q5_1, whose values are the same):
+        blocks of 32; d = max|x| / 127 (stored as f16), q = round-half-even(x * 127 / max|x|)
+        as the x86 `quantize_row_q8_0` / `_q8_1` do; Q8_1 also keeps s = f16(d * sum q).
+    Q8_K (for the K-quants and IQ4_XS): blocks of 256, `quantize_row_q8_K_ref`: iscale =
+        -127 / (the value of largest magnitude), q = min(127, round-half-even(x * iscale)),
+        d = 1 / iscale (float32), and the sums of q over each 16 elements (bsums).
+
+Rounding half to even is done by adding and subtracting 1.5 * 2**23, as ggml's nearest_int
+does; it is exact for |v| < 2**22, and here |v| <= 127.5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from kernels.cpu.formats import f16_bits_to_f32, f32_to_f16_bits
+
+_ROUNDING_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _round_half_even(v):
+    return np.int32(np.float32(np.float32(v + _ROUNDING_MAGIC) - _ROUNDING_MAGIC))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _f16_rounded(v):
+    return f16_bits_to_f32(f32_to_f16_bits(v))
+
+
+@njit(cache=True, nogil=True)
+def quantize_row_q8_0(x, q, d, s):
+    """One row: q int8 (n,), d and s float32 (n // 32,)."""
+    for b in range(x.shape[0] // 32):
+        start = b * 32
+        amax = np.float32(0.0)
+        for j in range(32):
+            amax = max(amax, np.float32(abs(x[start + j])))
+        scale = amax / np.float32(127.0)
+        inverse = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+        total = 0
+        for j in range(32):
+            v = _round_half_even(x[start + j] * inverse)
+            q[start + j] = np.int8(v)
+            total += v
+        d[b] = _f16_rounded(scale)
+        s[b] = _f16_rounded(scale * np.float32(total))
+
+
+@njit(cache=True, nogil=True)
+def quantize_row_q8_k(x, q, d, bsums):
+    """One row: q int8 (n,), d float32 (n // 256,), bsums float32 (n // 16,), whole numbers."""
+    for b in range(x.shape[0] // 256):
+        start = b * 256
+        amax = np.float32(0.0)
+        largest = np.float32(0.0)
+        for j in range(256):
+            magnitude = np.float32(abs(x[start + j]))
+            if magnitude > amax:
+                amax = magnitude
+                largest = x[start + j]
+        if amax == 0:
+            d[b] = np.float32(0.0)
+            for j in range(256):
+                q[start + j] = 0
+            for g in range(16):
+                bsums[b * 16 + g] = np.float32(0.0)
+            continue
+        iscale = np.float32(-127.0) / largest
+        for j in range(256):
+            q[start + j] = np.int8(min(127, _round_half_even(iscale * x[start + j])))
+        for g in range(16):
+            total = 0
+            for j in range(16):
+                total += np.int32(q[start + g * 16 + j])
+            bsums[b * 16 + g] = np.float32(total)
+        d[b] = np.float32(1.0) / iscale
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def quantize_activations(x, k_blocks, q, d, sums):
+    """All rows of x (n_tokens, n_cols): to Q8_K when k_blocks, else to Q8_0 / Q8_1.
+
+    q int8 (n_tokens, n_cols); d float32 (n_tokens, n_cols // block); sums float32: Q8_1's s
+    (n_tokens, n_cols // 32) or Q8_K's bsums (n_tokens, n_cols // 16; whole numbers below
+    2**11, exact in float32 like every product and sum the min terms make of them)."""
+    for t in prange(x.shape[0]):
+        if k_blocks:
+            quantize_row_q8_k(x[t], q[t], d[t], sums[t])
+        else:
+            quantize_row_q8_0(x[t], q[t], d[t], sums[t])

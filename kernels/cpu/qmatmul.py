@@ -1,0 +1,234 @@
+"""y = x @ W.T by integer dot products on quantized activations, as llama.cpp computes it.
+
+    qmatmul(x, w_bytes, ggml_type, n_cols, out=None) -> float32 (n_tokens, n_rows)
+
+x is quantized once (`qactivations`: Q8_0 blocks for the 32-element weight types, Q8_K for
+the K-quants and IQ4_XS), then every output is, per weight block,
+`d_w * d_x * (exact integer sum of products)` (+ the min terms of the types with mins),
+computed by `simd.scaled_block_dot`. The results equal llama.cpp's up to the order of the
+float additions. Types outside INTEGER_TYPES have no integer form here (F32/F16/BF16 and
+the IQ1-IQ3/TQ/MXFP4 families): use `kernels.cpu.matmul`.
+
+Work split: the rows of W in chunks over Numba's threads. One token (decode): each row is
+unpacked into a small scratch row and dotted at once, so every weight byte is read once from
+memory, in order. Several tokens (prefill): a chunk of rows is unpacked once into an int8/int16
+tile sized to stay in L1, then every token's quantized row is dotted with every tile row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf.constants import GGMLQuantizationType as QType
+from numba import njit, prange
+
+from kernels.cpu import unpack
+from kernels.cpu.decode import checked_weight
+from kernels.cpu.decode_basic import read_f16
+from kernels.cpu.formats import as_ggml_type, read_only
+from kernels.cpu.qactivations import quantize_activations
+from kernels.cpu.simd import scaled_block_dot
+
+_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = (int(QType[n]) for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"))
+_Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(QType[n]) for n in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
+_IQ4_NL, _IQ4_XS = int(QType.IQ4_NL), int(QType.IQ4_XS)
+
+Q8_0_INPUT_TYPES = frozenset(QType[n] for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"))
+Q8_K_INPUT_TYPES = frozenset(QType[n] for n in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"))
+INTEGER_TYPES = Q8_0_INPUT_TYPES | Q8_K_INPUT_TYPES
+
+LANES = 32
+TILE_BYTES = 32 * 1024       # unpacked rows per prefill chunk: about an L1 data cache
+
+
+@njit(cache=True, nogil=True)
+def _unpack_row(type_code, w, r, n_cols, tile8, tile16, i, mins):
+    if type_code == _Q4_K:
+        unpack.unpack_q4_k(w, r, n_cols, LANES, tile16, i, mins)
+    elif type_code == _Q6_K:
+        unpack.unpack_q6_k(w, r, n_cols, LANES, tile16, i)
+    elif type_code == _Q5_0:
+        unpack.unpack_q5_0(w, r, n_cols, LANES, tile8, i)
+    elif type_code == _Q4_0:
+        unpack.unpack_q4_0(w, r, n_cols, LANES, tile8, i)
+    elif type_code == _Q5_K:
+        unpack.unpack_q5_k(w, r, n_cols, LANES, tile16, i, mins)
+    elif type_code == _IQ4_NL:
+        unpack.unpack_iq4_nl(w, r, n_cols, LANES, tile8, i)
+    elif type_code == _Q4_1:
+        unpack.unpack_q4_1(w, r, n_cols, LANES, tile8, i)
+    elif type_code == _Q5_1:
+        unpack.unpack_q5_1(w, r, n_cols, LANES, tile8, i)
+    elif type_code == _Q2_K:
+        unpack.unpack_q2_k(w, r, n_cols, LANES, tile16, i, mins)
+    elif type_code == _Q3_K:
+        unpack.unpack_q3_k(w, r, n_cols, LANES, tile16, i)
+    elif type_code == _IQ4_XS:
+        unpack.unpack_iq4_xs(w, r, n_cols, LANES, tile16, i)
+
+
+@njit(cache=True, nogil=True)
+def _block_bytes(type_code):
+    if type_code == _Q4_0 or type_code == _IQ4_NL:
+        return 18
+    if type_code == _Q4_1:
+        return 20
+    if type_code == _Q5_0:
+        return 22
+    if type_code == _Q5_1:
+        return 24
+    if type_code == _Q8_0:
+        return 34
+    if type_code == _Q2_K:
+        return 84
+    if type_code == _Q3_K:
+        return 110
+    if type_code == _Q4_K:
+        return 144
+    if type_code == _Q5_K:
+        return 176
+    if type_code == _Q6_K:
+        return 210
+    return 136  # IQ4_XS
+
+
+@njit(cache=True, nogil=True)
+def _d_offset(type_code):
+    """Byte offset of the block's f16 `d` in a 256-element block."""
+    if type_code == _Q6_K:
+        return 208
+    if type_code == _Q3_K:
+        return 108
+    if type_code == _Q2_K:
+        return 80
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def _min_offset(type_code):
+    """Byte offset of the block's f16 `dmin` (or Q4_1/Q5_1's `m`); -1 for the types without."""
+    if type_code == _Q4_K or type_code == _Q5_K or type_code == _Q4_1 or type_code == _Q5_1:
+        return 2
+    if type_code == _Q2_K:
+        return 82
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def _row_dot(type_code, w, wi, r, n_cols, tile8, tile16, i, mins, xq, xd, xs, t):
+    """Row r of W (unpacked into tile row i where the type needs it) dotted with token t."""
+    block_bytes = _block_bytes(type_code)
+    if type_code == _Q8_0:
+        return scaled_block_dot(wi[r], 2, 34, w[r], 0, 34, xq[t], 0, xd[t], n_cols // 32, 1)
+    if type_code == _Q4_0 or type_code == _Q5_0 or type_code == _IQ4_NL:
+        return scaled_block_dot(tile8[i], 0, 32, w[r], 0, block_bytes, xq[t], 0, xd[t], n_cols // 32, 1)
+    if type_code == _Q4_1 or type_code == _Q5_1:
+        y = scaled_block_dot(tile8[i], 0, 32, w[r], 0, block_bytes, xq[t], 0, xd[t], n_cols // 32, 1)
+        for b in range(n_cols // 32):  # + m * s: the min times the activation block's sum
+            y += read_f16(w, r, b * block_bytes + 2) * xs[t, b]
+        return y
+    n_blocks = n_cols // 256
+    y = scaled_block_dot(tile16[i], 0, 256, w[r], _d_offset(type_code), block_bytes, xq[t], 0, xd[t], n_blocks, 8)
+    min_offset = _min_offset(type_code)
+    if min_offset >= 0:  # - dmin * d_x * sum over groups of min * bsum (exact in float32)
+        for b in range(n_blocks):
+            total = np.float32(0.0)
+            for g in range(16):
+                total += np.float32(mins[i, b * 16 + g]) * xs[t, b * 16 + g]
+            y -= read_f16(w, r, b * block_bytes + min_offset) * xd[t, b] * total
+    return y
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def qmatmul_kernel(xq, xd, xs, w, type_code, n_cols, rows_per_chunk, out, col0):
+    """out[:, col0:col0 + n_rows] = x @ W.T from x quantized (xq, xd, xs) for type_code."""
+    wi = w.view(np.int8)
+    n_rows = w.shape[0]
+    n_tokens = xq.shape[0]
+    n_chunks = (n_rows + rows_per_chunk - 1) // rows_per_chunk
+    tile_rows = 1 if n_tokens == 1 else rows_per_chunk
+    for c in prange(n_chunks):
+        start = c * rows_per_chunk
+        n_chunk_rows = min(rows_per_chunk, n_rows - start)
+        tile8 = np.empty((tile_rows, n_cols), dtype=np.int8)
+        tile16 = np.empty((tile_rows, n_cols), dtype=np.int16)
+        mins = np.empty((tile_rows, n_cols // 16), dtype=np.int16)
+        if n_tokens == 1:   # decode: unpack one row and use it while it is in L1
+            for i in range(n_chunk_rows):
+                r = start + i
+                if type_code != _Q8_0:
+                    _unpack_row(type_code, w, r, n_cols, tile8, tile16, 0, mins)
+                out[0, col0 + r] = _row_dot(type_code, w, wi, r, n_cols, tile8, tile16, 0, mins, xq, xd, xs, 0)
+        else:
+            if type_code != _Q8_0:
+                for i in range(n_chunk_rows):
+                    _unpack_row(type_code, w, start + i, n_cols, tile8, tile16, i, mins)
+            for t in range(n_tokens):
+                for i in range(n_chunk_rows):
+                    out[t, col0 + start + i] = _row_dot(
+                        type_code, w, wi, start + i, n_cols, tile8, tile16, i, mins, xq, xd, xs, t)
+
+
+class QuantizedActivations:
+    """x quantized for one vec_dot_type: reuse it for every weight of that input type (the
+    q, k and v projections, or gate and up, share one)."""
+
+    __slots__ = ("q", "d", "sums", "k_blocks")
+
+    def __init__(self, x: np.ndarray, k_blocks: bool):
+        n_tokens, n_cols = x.shape
+        block = 256 if k_blocks else 32
+        if n_cols % block:
+            raise ValueError(f"activations of {n_cols} columns are not whole {block}-element blocks")
+        self.k_blocks = k_blocks
+        self.q = np.empty((n_tokens, n_cols), dtype=np.int8)
+        self.d = np.empty((n_tokens, n_cols // block), dtype=np.float32)
+        self.sums = np.empty((n_tokens, n_cols // (16 if k_blocks else 32)), dtype=np.float32)
+        quantize_activations(read_only(np.ascontiguousarray(x, dtype=np.float32)), k_blocks, self.q, self.d, self.sums)
+        self.q, self.d, self.sums = read_only(self.q), read_only(self.d), read_only(self.sums)
+
+    @classmethod
+    def for_type(cls, x: np.ndarray, ggml_type: int | QType) -> QuantizedActivations:
+        return cls(x, as_ggml_type(ggml_type) in Q8_K_INPUT_TYPES)
+
+
+def rows_per_chunk(n_cols: int, n_tokens: int) -> int:
+    """Decode: 64 rows per work item. Prefill: an unpacked tile of about TILE_BYTES."""
+    if n_tokens == 1:
+        return 64
+    return max(4, TILE_BYTES // (2 * n_cols))
+
+
+def qmatmul(
+    x: np.ndarray | QuantizedActivations,
+    w_bytes: np.ndarray,
+    ggml_type: int | QType,
+    n_cols: int,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """x @ W.T as float32 (n_tokens, n_rows) for W of a type in INTEGER_TYPES.
+
+    x: float32 (n_tokens, n_cols), or already quantized for this type's input
+    (`QuantizedActivations.for_type`). w_bytes and out as for `kernels.cpu.matmul`.
+    """
+    qtype = as_ggml_type(ggml_type)
+    if qtype not in INTEGER_TYPES:
+        raise ValueError(f"{qtype.name} has no integer dot product; use kernels.cpu.matmul")
+    w = checked_weight(w_bytes, qtype, n_cols)
+    k_blocks = qtype in Q8_K_INPUT_TYPES
+    if isinstance(x, QuantizedActivations):
+        if x.k_blocks != k_blocks or x.q.shape[1] != n_cols:
+            raise ValueError(f"activations quantized for another input type than {qtype.name}'s")
+        xa = x
+    else:
+        x2 = np.asarray(x, dtype=np.float32)
+        if x2.ndim != 2 or x2.shape[1] != n_cols:
+            raise ValueError(f"activations of shape {x2.shape} do not have {n_cols} columns")
+        xa = QuantizedActivations(x2, k_blocks)
+    shape = (xa.q.shape[0], w.shape[0])
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.dtype != np.float32 or out.shape != shape or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-ordered float32 array of shape {shape}")
+    chunk = rows_per_chunk(n_cols, shape[0])
+    qmatmul_kernel(xa.q, xa.d, xa.sums, w, int(qtype), n_cols, chunk, out, 0)
+    return out
