@@ -12,22 +12,23 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QFont, QPalette
 from PySide6.QtWidgets import QApplication
 
+from app import theme
 from engine.synth.default_model import APP_NAME
 
 log = logging.getLogger(__name__)
 
 # The dark palette behind resources/style.qss; widgets the style sheet does not reach use it too.
 PALETTE = {
-    QPalette.Window: "#1e1f23", QPalette.WindowText: "#dcdee3", QPalette.Base: "#202126",
-    QPalette.AlternateBase: "#25272c", QPalette.Text: "#dcdee3", QPalette.Button: "#2b2d33",
-    QPalette.ButtonText: "#dcdee3", QPalette.Highlight: "#3d6fd9", QPalette.HighlightedText: "#ffffff",
-    QPalette.ToolTipBase: "#2b2d33", QPalette.ToolTipText: "#dcdee3", QPalette.PlaceholderText: "#7c808a",
-    QPalette.Link: "#78a6ff", QPalette.BrightText: "#ff6b6b",
+    QPalette.Window: theme.WINDOW, QPalette.WindowText: theme.TEXT, QPalette.Base: theme.BASE,
+    QPalette.AlternateBase: theme.RAISED, QPalette.Text: theme.TEXT, QPalette.Button: theme.CONTROL,
+    QPalette.ButtonText: theme.TEXT, QPalette.Highlight: theme.HIGHLIGHT, QPalette.HighlightedText: theme.ON_ACCENT,
+    QPalette.ToolTipBase: theme.CONTROL, QPalette.ToolTipText: theme.TEXT, QPalette.PlaceholderText: theme.PLACEHOLDER,
+    QPalette.Link: theme.LINK, QPalette.BrightText: theme.ERROR,
 }
 
 
 def style_sheet() -> str:
-    return resources.files("resources").joinpath("style.qss").read_text(encoding="utf-8")
+    return theme.style_sheet(resources.files("resources").joinpath("style.qss").read_text(encoding="utf-8"))
 
 
 def apply_style(app: QApplication) -> None:
@@ -35,9 +36,9 @@ def apply_style(app: QApplication) -> None:
     palette = QPalette()
     for role, colour in PALETTE.items():
         palette.setColor(role, QColor(colour))
-    palette.setColor(QPalette.Disabled, QPalette.Text, QColor("#6b6f78"))
-    palette.setColor(QPalette.Disabled, QPalette.WindowText, QColor("#6b6f78"))
-    palette.setColor(QPalette.Disabled, QPalette.ButtonText, QColor("#6b6f78"))
+    palette.setColor(QPalette.Disabled, QPalette.Text, QColor(theme.DISABLED))
+    palette.setColor(QPalette.Disabled, QPalette.WindowText, QColor(theme.DISABLED))
+    palette.setColor(QPalette.Disabled, QPalette.ButtonText, QColor(theme.DISABLED))
     app.setPalette(palette)
     font = app.font()
     if font.pointSizeF() < 10:

@@ -22,11 +22,13 @@ RAISED = "#25272c"          # cards, alternate rows, section rows
 CONTROL = "#2b2d33"         # buttons, combo boxes, tool tips
 CONTROL_HOVER = "#34363d"
 CONTROL_DISABLED = "#232428"
+HOVER = "#24262b"           # a hovered list item, alternate table rows
+SELECTION = "#2f4f8f"       # selected rows
 
 # --- lines ---
 BORDER = "#2f3137"
 BORDER_STRONG = "#3a3d44"
-BORDER_DASHED = "#4a4e57"
+BORDER_LIGHT = "#4a4e57"    # tool tips, dashed "add" buttons
 
 # --- text ---
 TEXT = "#dcdee3"
@@ -53,12 +55,17 @@ ERROR_FILL = "#e5484d"      # over capacity: numbers, bars, banners' tint
 ERROR_DARK = "#3b2023"      # the Stop button
 ERROR_DARK_BORDER = "#7a2e34"
 ERROR_ON_DARK = "#ffc9cb"
+ERROR_DARK_HOVER = "#4a2529"
+INFO_DARK = "#2a3550"       # the message bar, by level
+INFO_DARK_BORDER = "#3d5590"
+WARNING_DARK = "#3a2f1c"
+WARNING_DARK_BORDER = "#7a5a22"
 
 # --- chat bubbles ---
 USER_BUBBLE = "#2c4f94"
 USER_TEXT = "#f4f6fb"
 ASSISTANT_BUBBLE = "#2a2c32"
-SYSTEM_BUBBLE = "#24262b"
+SYSTEM_BUBBLE = HOVER
 
 # --- devices ---
 DEVICE_CPU = "#858a94"

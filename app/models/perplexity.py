@@ -5,12 +5,13 @@ import math
 from dataclasses import dataclass
 
 from PySide6.QtCore import QObject, Qt
-from PySide6.QtGui import QColor, QFont, QFontDatabase
+from PySide6.QtGui import QFont, QFontDatabase
 
+from app import theme
 from app.models import Index, RowTableModel
 from engine.eval.perplexity import KLDivergenceStats
 
-SECTION_BACKGROUND = QColor("#25272c")
+SECTION_BACKGROUND = theme.color("raised")
 
 
 @dataclass(frozen=True)

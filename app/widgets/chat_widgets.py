@@ -18,49 +18,50 @@ from PySide6.QtWidgets import (QAbstractItemView, QDoubleSpinBox, QFormLayout, Q
                                QPlainTextEdit, QProgressBar, QSpinBox, QStyle, QStyledItemDelegate,
                                QStyleOptionViewItem, QToolButton, QTreeView, QWidget)
 
+from app import theme
 from app.models.chat import ErrorRole, SpeakerRole, StatsRole, StreamingRole
 from engine.run.sampling import SamplerSettings
 
-# The panel's own look, on top of resources/style.qss (same palette).
-CHAT_STYLE = """
-QPushButton:disabled { color: #6b6f78; background: #232428; border-color: #2c2e33; }
-QWidget#chatSidebar, QWidget#chatSettings { background: #1a1b1f; }
+# The panel's own look, on top of resources/style.qss; colours are app/theme.py's.
+CHAT_STYLE = theme.style_sheet("""
+QPushButton:disabled { color: @disabled; background: @control_disabled; border-color: @border; }
+QWidget#chatSidebar, QWidget#chatSettings { background: @sidebar; }
 QListView#conversationList { background: transparent; border: none; outline: 0; }
-QListView#conversationList::item { padding: 7px 8px; border-radius: 6px; color: #c8cbd2; }
-QListView#conversationList::item:hover { background: #24262b; }
-QListView#conversationList::item:selected { background: #2b3448; color: #ffffff; }
-QTreeView#messageView { background: #1b1c20; border: none; }
+QListView#conversationList::item { padding: 7px 8px; border-radius: 6px; color: @text_secondary; }
+QListView#conversationList::item:hover { background: @hover; }
+QListView#conversationList::item:selected { background: @selection; color: @on_accent; }
+QTreeView#messageView { background: @view; border: none; }
 QTreeView#messageView::item, QTreeView#messageView::item:selected, QTreeView#messageView::item:hover {
     background: transparent; border: none; }
-QLabel#chatTitle { font-size: 13pt; font-weight: 600; color: #f2f3f5; }
+QLabel#chatTitle { font-size: 13pt; font-weight: 600; color: @text_strong; }
 QPlainTextEdit#chatInput, QPlainTextEdit#systemPrompt {
-    background: #17181b; border: 1px solid #34363d; border-radius: 8px; padding: 4px 6px;
-    selection-background-color: #3d6fd9; }
-QPlainTextEdit#chatInput:focus, QPlainTextEdit#systemPrompt:focus { border-color: #5b8def; }
+    background: @sunken; border: 1px solid @control_hover; border-radius: 8px; padding: 4px 6px;
+    selection-background-color: @highlight; }
+QPlainTextEdit#chatInput:focus, QPlainTextEdit#systemPrompt:focus { border-color: @accent; }
 QPushButton#newChatButton { text-align: left; padding: 7px 12px; font-weight: 600; }
-QPushButton#stopButton { background: #3b2023; border-color: #7a2e34; color: #ffc9cb; }
-QPushButton#stopButton:hover { background: #4a2529; }
-QToolButton#linkButton { color: #78a6ff; border: none; padding: 2px 4px; background: transparent; }
-QToolButton#linkButton:hover { color: #a9c6ff; }
-QToolButton#linkButton:disabled { color: #5d616a; }
-QWidget#chatStats { border-top: 1px solid #26282d; background: #1b1c20; }
-QLabel#statLabel { color: #9a9ea8; }
-QProgressBar#contextBar { background: #2b2d33; border: none; border-radius: 3px; }
-QProgressBar#contextBar::chunk { background: #5b8def; border-radius: 3px; }
-QProgressBar#contextBar[level="high"]::chunk { background: #e6a23c; }
-"""
+QPushButton#stopButton { background: @error_dark; border-color: @error_dark_border; color: @error_on_dark; }
+QPushButton#stopButton:hover { background: @error_dark_hover; }
+QToolButton#linkButton { color: @link; border: none; padding: 2px 4px; background: transparent; }
+QToolButton#linkButton:hover { color: @link_hover; }
+QToolButton#linkButton:disabled { color: @disabled; }
+QWidget#chatStats { border-top: 1px solid @border; background: @view; }
+QLabel#statLabel { color: @muted; }
+QProgressBar#contextBar { background: @control; border: none; border-radius: 3px; }
+QProgressBar#contextBar::chunk { background: @accent; border-radius: 3px; }
+QProgressBar#contextBar[level="high"]::chunk { background: @warning_fill; }
+""")
 
 DEFAULT_MAX_TOKENS = 512
 SEED_RANDOM = -1
-USER_BUBBLE = QColor("#2c4f94")
-USER_TEXT = QColor("#f4f6fb")
-ASSISTANT_BUBBLE = QColor("#2a2c32")
-ASSISTANT_TEXT = QColor("#dcdee3")
-SYSTEM_BUBBLE = QColor("#24262b")
-MUTED = QColor("#8d919b")
-ERROR = QColor("#ff7a7f")
-SELECTED_OUTLINE = QColor("#5b8def")
-VIEW_BACKGROUND = QColor("#1b1c20")
+USER_BUBBLE = theme.color("user_bubble")
+USER_TEXT = theme.color("user_text")
+ASSISTANT_BUBBLE = theme.color("assistant_bubble")
+ASSISTANT_TEXT = theme.color("text")
+SYSTEM_BUBBLE = theme.color("system_bubble")
+MUTED = theme.color("muted")
+ERROR = theme.color("error")
+SELECTED_OUTLINE = theme.color("accent")
+VIEW_BACKGROUND = theme.color("view")
 
 BUBBLE_MAX_FRACTION = 0.78     # of the view's width
 BUBBLE_MAX_PX = 820

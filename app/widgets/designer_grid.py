@@ -15,16 +15,17 @@ from PySide6.QtGui import QColor, QDrag, QFont, QKeyEvent, QKeySequence, QMouseE
 from PySide6.QtWidgets import (QAbstractItemView, QApplication, QHeaderView, QRubberBand, QStyle,
                                QStyledItemDelegate, QStyleOptionViewItem, QTableView, QWidget)
 
+from app import theme
 from app.models.expert_strip import ExpertStripModel
 from app.models.layer_grid import LayerGridModel
 from app.models.placement_items import DevicesRole, SplitRole, short_bytes
 from app.theme import device_color
 
-BASE = QColor("#202126")
-CELL_TEXT = QColor("#eef0f3")
-SPLIT_MARK = QColor("#f5c451")
-SELECTED = QColor("#ffffff")
-MUTED = QColor("#9a9ea8")
+BASE = theme.color("base")
+CELL_TEXT = theme.color("text_strong")
+SPLIT_MARK = theme.color("ours_only")
+SELECTED = theme.color("on_accent")
+MUTED = theme.color("muted")
 ROW_HEIGHT = 24
 TILE = 11               # expert tile height, px
 TILE_GAP = 2
@@ -65,7 +66,7 @@ def drag_badge(text: str, colour: QColor, font: QFont) -> QPixmap:
     painter.setPen(Qt.NoPen)
     painter.setBrush(blend(colour, 0.85))
     painter.drawRoundedRect(QRectF(0, 0, width, 26), 13, 13)
-    painter.setPen(QColor("#ffffff"))
+    painter.setPen(theme.color("on_accent"))
     painter.drawText(QRectF(0, 0, width, 26), Qt.AlignCenter, text)
     painter.end()
     return pixmap
@@ -108,7 +109,7 @@ class CellDelegate(QStyledItemDelegate):
         selected = bool(option.state & QStyle.State_Selected)
         if selected:
             painter.setPen(SELECTED)
-            painter.setBrush(QColor(255, 255, 255, 40))
+            painter.setBrush(theme.color("on_accent", 0.16))
             painter.drawRoundedRect(rect.adjusted(0.5, 0.5, -0.5, -0.5), 4, 4)
         if index.data(SplitRole):
             corner = QPolygonF([rect.topRight() + QPoint(-9, 0), rect.topRight(), rect.topRight() + QPoint(0, 9)])
@@ -237,7 +238,7 @@ class LayerGridView(_MoveKeys, QTableView):
         drag = QDrag(self)
         drag.setMimeData(model.mimeData(indexes))
         badge = drag_badge(f"{n_tensors} tensor{'s' if n_tensors != 1 else ''} · {short_bytes(n_bytes)}",
-                           QColor("#3d6fd9"), self.font())
+                           theme.color("highlight"), self.font())
         drag.setPixmap(badge)
         drag.setHotSpot(QPoint(badge.width() // 2, badge.height() + 6))
         drag.exec(Qt.MoveAction)
@@ -474,7 +475,7 @@ class ExpertStripView(_MoveKeys, QWidget):
         drag = QDrag(self)
         drag.setMimeData(self.model.mimeData([self.model.index(r, e) for r, e in self.selection]))
         badge = drag_badge(f"{len(self.selection)} expert tile{'s' if len(self.selection) != 1 else ''} · "
-                           f"{short_bytes(n_bytes)}", QColor("#3d6fd9"), self.font())
+                           f"{short_bytes(n_bytes)}", theme.color("highlight"), self.font())
         drag.setPixmap(badge)
         drag.setHotSpot(QPoint(badge.width() // 2, badge.height() + 6))
         drag.exec(Qt.MoveAction)

@@ -12,6 +12,7 @@ from PySide6.QtGui import (QBrush, QColor, QContextMenuEvent, QDragEnterEvent, Q
                            QPainter, QPainterPath, QPen)
 from PySide6.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
+from app import theme
 from app.models.device_lanes import DeviceLaneModel
 from app.models.placement_items import MIME_TYPE, decode_refs
 from app.theme import ERROR_FILL, device_color
@@ -19,13 +20,13 @@ from app.theme import ERROR_FILL, device_color
 GIB = 1 << 30
 LANE_HEIGHT = 78
 BAR_HEIGHT = 14
-CARD_BG = QColor("#25272c")
-CARD_BORDER = QColor("#34363d")
-TRACK_BG = QColor("#1a1b1f")
-TEXT = QColor("#e6e8ec")
-MUTED = QColor("#9a9ea8")
-OVERHEAD_COLOR = QColor("#5d616b")
-FREE_COLOR = QColor("#7fd3a8")
+CARD_BG = theme.color("raised")
+CARD_BORDER = theme.color("control_hover")
+TRACK_BG = theme.color("sidebar")
+TEXT = theme.color("text")
+MUTED = theme.color("muted")
+OVERHEAD_COLOR = theme.color("device_overhead")
+FREE_COLOR = theme.color("device_free")
 
 
 def gib_text(n_bytes: int) -> str:
@@ -169,7 +170,7 @@ class DeviceLane(QWidget):
         if used > est.capacity_bytes:
             painter.setBrush(QBrush(QColor(ERROR_FILL), Qt.BDiagPattern))
             painter.drawRect(QRectF(capacity_x, bar.top(), bar.right() - capacity_x, bar.height()))
-            painter.setBrush(QColor(229, 72, 77, 110))
+            painter.setBrush(theme.color("error_fill", 0.43))
             painter.drawRect(QRectF(capacity_x, bar.top(), bar.right() - capacity_x, bar.height()))
         painter.restore()
         painter.setPen(QPen(QColor(ERROR_FILL) if used > est.capacity_bytes else TEXT, 2))
@@ -179,7 +180,7 @@ class DeviceLane(QWidget):
         kv = QColor(colour).lighter(150)       # LaneLegend draws the same shades
         compute = QColor(colour)
         compute.setAlpha(120)
-        margin = QBrush(QColor("#6b6f78"), Qt.BDiagPattern)
+        margin = QBrush(theme.color("disabled"), Qt.BDiagPattern)
         return [(est.weights_bytes, QBrush(colour)), (est.kv_bytes, QBrush(kv)), (est.compute_bytes, QBrush(compute)),
                 (est.overhead_bytes, QBrush(OVERHEAD_COLOR)), (est.margin_bytes, margin)]
 

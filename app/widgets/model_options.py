@@ -17,6 +17,7 @@ from PySide6.QtGui import QGuiApplication, QKeySequence, QShortcut
 from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QCompleter, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
                                QPushButton, QSpinBox, QTableView, QVBoxLayout, QWidget)
 
+from app import theme
 from app.engine_jobs import LoadedModel
 from app.models.inspector import format_value
 from app.models.model_options import (OverridesModel, override_key_candidates, override_kv_flags,
@@ -24,13 +25,13 @@ from app.models.model_options import (OverridesModel, override_key_candidates, o
 from engine.arch.overrides import (OVERRIDE_TYPES, MetadataOverride, OverrideError, apply_overrides, parse_override_kv,
                                    parse_override_kv_list)
 
-# on top of resources/style.qss (same palette: error #e5484d)
-OPTIONS_STYLE = """
-QLabel#overrideError { color: #e5484d; background: rgba(229, 72, 77, 0.08);
-    border: 1px solid rgba(229, 72, 77, 0.40); border-radius: 6px; padding: 6px 10px; }
-QLineEdit#overrideFlags { font-family: monospace; color: #c8cbd2; }
-QComboBox, QSpinBox { background: #2b2d33; border: 1px solid #3a3d44; border-radius: 6px; padding: 4px 8px; }
-"""
+# on top of resources/style.qss (colours are app/theme.py's)
+OPTIONS_STYLE = theme.style_sheet("""
+QLabel#overrideError { color: @error; background: @error_fill/0.08;
+    border: 1px solid @error_fill/0.40; border-radius: 6px; padding: 6px 10px; }
+QLineEdit#overrideFlags { font-family: monospace; color: @text_secondary; }
+QComboBox, QSpinBox { background: @control; border: 1px solid @border_strong; border-radius: 6px; padding: 4px 8px; }
+""")
 NO_FLAGS = "(no overrides: the file's metadata as it is)"
 
 

@@ -17,6 +17,7 @@ from PySide6.QtWidgets import (QButtonGroup, QComboBox, QFileDialog, QFormLayout
                                QLineEdit, QPlainTextEdit, QProgressBar, QPushButton, QRadioButton, QSpinBox,
                                QSplitter, QStackedWidget, QTableView, QTabWidget, QVBoxLayout, QWidget)
 
+from app import theme
 from app.bridge import Bridge, JobHandle
 from app.engine_jobs import (MODE_COMPARE, MODE_PERPLEXITY, MODE_SAVE_BASE, LoadedModel, ModelFactory,
                              PerplexityRequest, default_model_factory)
@@ -32,19 +33,19 @@ log = logging.getLogger(__name__)
 MODE_LABELS = {MODE_PERPLEXITY: "Off", MODE_SAVE_BASE: "Save as base", MODE_COMPARE: "Compare with base"}
 DEFAULT_N_CTX = 512
 
-# The panel's own look, on top of resources/style.qss (same palette).
-PANEL_STYLE = """
-QPushButton:disabled { color: #6b6f78; background: #232428; border-color: #2c2e33; }
-QWidget#perplexityControls { background: #1a1b1f; }
-QLabel#pplResult { font-size: 24pt; font-weight: 600; color: #f2f3f5; }
+# The panel's own look, on top of resources/style.qss; colours are app/theme.py's.
+PANEL_STYLE = theme.style_sheet("""
+QPushButton:disabled { color: @disabled; background: @control_disabled; border-color: @border; }
+QWidget#perplexityControls { background: @sidebar; }
+QLabel#pplResult { font-size: 24pt; font-weight: 600; color: @text_strong; }
 QPlainTextEdit#perplexityLog, QPlainTextEdit#pastedText {
-    background: #17181b; border: 1px solid #2f3137; border-radius: 6px; padding: 4px;
-    selection-background-color: #3d6fd9; }
+    background: @sunken; border: 1px solid @border; border-radius: 6px; padding: 4px;
+    selection-background-color: @highlight; }
 QTabWidget#perplexityTabs::pane { border: none; }
-QProgressBar#runProgress { background: #2b2d33; border: none; border-radius: 4px; }
-QProgressBar#runProgress::chunk { background: #5b8def; border-radius: 4px; }
-QComboBox { background: #2b2d33; border: 1px solid #3a3d44; border-radius: 6px; padding: 4px 8px; }
-"""
+QProgressBar#runProgress { background: @control; border: none; border-radius: 4px; }
+QProgressBar#runProgress::chunk { background: @accent; border-radius: 4px; }
+QComboBox { background: @control; border: 1px solid @border_strong; border-radius: 6px; padding: 4px 8px; }
+""")
 TEXT_FILTER = "Text files (*.txt *.raw *.md);;All files (*)"
 BASE_FILTER = "KL-divergence bases (*.kld *.bin);;All files (*)"
 

@@ -5,6 +5,7 @@ solid line with dots) and, faintly, each chunk's own perplexity. The y axis gets
 (1, 2 or 5 times a power of ten) and zooms to the data, since a perplexity curve settles in a
 narrow band that an axis starting at zero would flatten.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,12 +15,14 @@ from PySide6.QtCore import QPointF, QRectF, QSize, Qt
 from PySide6.QtGui import QColor, QFont, QFontMetrics, QPainter, QPainterPath, QPaintEvent, QPen
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
-RUNNING_COLOUR = QColor("#5b8def")
-CHUNK_COLOUR = QColor(154, 158, 168, 150)
-GRID_COLOUR = QColor("#2f3137")
-AXIS_TEXT_COLOUR = QColor("#9a9ea8")
-BACKGROUND = QColor("#202126")
-BORDER = QColor("#2f3137")
+from app import theme
+
+RUNNING_COLOUR = theme.color("accent")
+CHUNK_COLOUR = theme.color("muted", 0.59)
+GRID_COLOUR = theme.color("border")
+AXIS_TEXT_COLOUR = theme.color("muted")
+BACKGROUND = theme.color("base")
+BORDER = theme.color("border")
 MAX_DOTS = 60           # beyond this many chunks, the dots would merge into the line
 TARGET_Y_TICKS = 5
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 60, 18, 40, 30
@@ -140,7 +143,7 @@ class PerplexityPlot(QWidget):
         font = QFont(self.font())
         font.setBold(True)
         painter.setFont(font)
-        painter.setPen(QColor("#c8cbd2"))
+        painter.setPen(theme.color("text_secondary"))
         painter.drawText(QRectF(12, 6, self.width() - 24, MARGIN_TOP - 8), Qt.AlignLeft | Qt.AlignVCenter, self.title)
         if self._chunks:
             legend = QRectF(12, 6, self.width() - 24, MARGIN_TOP - 8)
@@ -217,7 +220,7 @@ class PerplexityPlot(QWidget):
             box.moveTop(point.y() + 8)
         box.moveLeft(max(box.left(), plot.left()))
         painter.setPen(Qt.NoPen)
-        painter.setBrush(QColor(61, 111, 217, 220))
+        painter.setBrush(theme.color("highlight", 0.86))
         painter.drawRoundedRect(box, 4, 4)
-        painter.setPen(QColor("#ffffff"))
+        painter.setPen(theme.color("on_accent"))
         painter.drawText(box, Qt.AlignCenter, text)

@@ -6,7 +6,6 @@ import pytest
 from app.engine_jobs import MODE_COMPARE, MODE_SAVE_BASE, PerplexityRequest
 from app.perplexity_controller import NO_RESULT, PerplexityController, chunk_perplexity, format_big_result
 from engine.eval.perplexity import PerplexityEvent, PerplexityResult
-from engine.run_config import RunConfig
 
 RUN_TIMEOUT_MS = 120_000
 N_CTX = 64
