@@ -20,6 +20,7 @@ from typing import Any, Callable
 from gguf.constants import Keys
 from jinja2.exceptions import SecurityError, TemplateSyntaxError
 
+from engine.text.render_process import WORKER, RenderFailed, RenderTimeout
 from engine.text.template_sandbox import (DEFAULT_LIMITS, RenderLimits, TemplateSandbox, _BUDGET, _RenderBudget,
                                           _RenderLimitError, _require, _TemplateRaised)
 
@@ -100,6 +101,47 @@ def _merge_system_into_first_turn(messages: list[dict]) -> list[dict]:
 
 # ---- the template ----
 
+def _generate(template, name: str, variables: dict[str, Any], limits: RenderLimits) -> str:
+    """Render a compiled template under `limits`, in this process."""
+    budget = _RenderBudget(limits, variables)
+    token = _BUDGET.set(budget)
+    try:
+        parts, n_chars = [], 0
+        for chunk in template.generate(variables):
+            n_chars += len(chunk)
+            _require(n_chars <= limits.max_output_chars,
+                     f"the output is over the limit of {limits.max_output_chars} characters")
+            parts.append(chunk)
+        return "".join(parts)
+    except Exception as error:
+        failure = _template_error(name, error)
+    finally:
+        _BUDGET.reset(token)
+    raise failure       # outside the except block: the template's frames and values are freed now
+
+
+_WORKER_NOW = [datetime.now()]          # the time of the render in progress, for `strftime_now`
+_WORKER_TEMPLATES: dict[str, Any] = {}  # compiled sources, in the render worker
+MAX_WORKER_TEMPLATES = 8
+
+
+def render_in_this_process(source: str, name: str, variables: dict[str, Any], limits: RenderLimits,
+                           now: datetime) -> tuple:
+    """The render worker's side (engine.text.render_process): ("ok", text) or ("error", reason, problem, line)."""
+    _WORKER_NOW[0] = now
+    try:
+        template = _WORKER_TEMPLATES.get(source)
+        if template is None:
+            if len(_WORKER_TEMPLATES) >= MAX_WORKER_TEMPLATES:
+                _WORKER_TEMPLATES.clear()
+            template = _WORKER_TEMPLATES[source] = TemplateSandbox(lambda: _WORKER_NOW[0]).from_string(source)
+        return ("ok", _generate(template, name, variables, limits))
+    except ChatTemplateError as error:
+        return ("error", error.reason, error.problem, error.line)
+    except Exception as error:      # a syntax error: the caller compiled it too, so this is rare
+        failure = _template_error(name, error)
+        return ("error", failure.reason, failure.problem, failure.line)
+
 def _error_line(error: BaseException) -> int | None:
     if isinstance(error, TemplateSyntaxError):
         return error.lineno
@@ -135,8 +177,12 @@ class ChatTemplate:
     def __init__(self, source: str, name: str, *, bos_token: str = "", eos_token: str = "",
                  add_bos: bool = False, add_eos: bool = False, context: Mapping[str, Any] | None = None,
                  tool_use_source: str | None = None, limits: RenderLimits = DEFAULT_LIMITS,
-                 clock: Callable[[], datetime] = datetime.now):
+                 clock: Callable[[], datetime] = datetime.now, isolated: bool | None = None):
         self.source = source
+        # a template from a file renders in the worker process, where a limit can stop it; our
+        # own built-ins render here
+        self.isolated = "builtin_template_name" not in (context or {}) if isolated is None else isolated
+        self._limit_error: ChatTemplateError | None = None
         self.name = name
         self.bos_token, self.eos_token = bos_token, eos_token
         self.add_bos, self.add_eos = add_bos, add_eos
@@ -145,7 +191,8 @@ class ChatTemplate:
         self._context = dict(context or {})
         self._template = self._compile(source)
         self._tool_use = (ChatTemplate(tool_use_source, f"{name} tool_use", bos_token=bos_token, eos_token=eos_token,
-                                       add_bos=add_bos, add_eos=add_eos, limits=limits, clock=clock)
+                                       add_bos=add_bos, add_eos=add_eos, limits=limits, clock=clock,
+                                       isolated=self.isolated)
                           if tool_use_source else None)
 
     @classmethod
@@ -210,6 +257,17 @@ class ChatTemplate:
         raise failure       # outside the except block, so that it holds no traceback of the template
 
     def _render(self, messages: list[dict], add_generation_prompt: bool, tools: Any, flags: Mapping[str, Any]) -> str:
+        if self._limit_error is not None:       # a template that hit a limit once is not tried again
+            raise self._limit_error
+        try:
+            return self._render_once(messages, add_generation_prompt, tools, flags)
+        except ChatTemplateError as error:
+            if error.reason == "limit":
+                self._limit_error = error
+            raise
+
+    def _render_once(self, messages: list[dict], add_generation_prompt: bool, tools: Any,
+                     flags: Mapping[str, Any]) -> str:
         now = self.clock()
         # As llama.cpp's common_chat_template_direct_apply: `tools` only when there are some
         # (tool-use templates loop over it unguarded), enable_thinking on unless a flag says
@@ -220,21 +278,14 @@ class ChatTemplate:
                      "messages": messages, "add_generation_prompt": bool(add_generation_prompt)}
         if tools:
             variables["tools"] = tools
-        budget = _RenderBudget(self.limits, variables)
-        token = _BUDGET.set(budget)
+        if not self.isolated:
+            return _generate(self._template, self.name, variables, self.limits)
         try:
-            parts, n_chars = [], 0
-            for chunk in self._template.generate(variables):
-                n_chars += len(chunk)
-                _require(n_chars <= self.limits.max_output_chars,
-                         f"the output is over the limit of {self.limits.max_output_chars} characters")
-                parts.append(chunk)
-            return "".join(parts)
-        except Exception as error:
-            failure = _template_error(self.name, error)
-        finally:
-            _BUDGET.reset(token)
-        raise failure       # outside the except block: the template's frames and values are freed now
+            return WORKER.render(self.source, self.name, variables, self.limits, now)
+        except RenderTimeout as e:
+            raise ChatTemplateError(self.name, f"render limit reached: {e}", reason="limit") from None
+        except RenderFailed as e:
+            raise ChatTemplateError(self.name, e.problem, e.line, e.reason) from None
 
     def _prepare(self, messages: list[dict]) -> list[dict]:
         """Messages reshaped as llama.cpp does before it renders a template (common_chat_templates_apply_jinja)."""

@@ -219,6 +219,15 @@ def _sum_filter(environment, iterable: Any, attribute: Any = None, start: Any = 
     items = _items(environment, iterable, attribute)
     if isinstance(start, (str, list, tuple)):
         _check_chars(len(start) + sum(len(item) for item in items if isinstance(item, (str, list, tuple))), "sum")
+    if isinstance(start, (list, tuple)) and all(type(item) is type(start) for item in items):
+        # `start + a + b + ...` copies the growing total at every step: quadratic, all inside one
+        # C call that no time limit can stop. One pass gives the same list.
+        total = list(start)
+        for n, item in enumerate(items):
+            if n % 1024 == 0:
+                _tick()
+            total.extend(item)
+        return total if isinstance(start, list) else tuple(total)
     return jinja_filters.sync_do_sum(environment, items, start=start)
 
 

@@ -684,3 +684,48 @@ def test_output_limit_is_configurable():
     assert render("{{ 'x' * 10 }}", limits=limits) == "x" * 10
     with pytest.raises(ChatTemplateError, match="the output is over the limit of 10 characters"):
         render("{{ 'x' * 10 }}y", limits=limits)
+
+
+# ---- limits that hold inside one C call: the render runs in a worker process ----
+
+QUADRATIC_SUM = "{{ ([[1]*10]*100000)|sum(start=[])|length }}"
+# str() of a list nested by reference: 100 x 100 x 10,000 items, built in one C call
+NESTED_STR = "{% set a = [1] * 10000 %}{% set b = [a] * 100 %}{% set c = [b] * 100 %}{{ c|string|length }}"
+
+
+def test_sum_of_lists_is_linear_and_right():
+    assert render("{{ ([[1, 2]] * 3)|sum(start=[0]) }}") == "[0, 1, 2, 1, 2, 1, 2]"
+    assert render(QUADRATIC_SUM, limits=RenderLimits(max_render_s=5.0)) == "1000000"
+
+
+def test_a_render_stuck_in_one_c_call_is_stopped_and_not_retried():
+    template = ChatTemplate(NESTED_STR, "gguf", limits=RenderLimits(max_render_s=0.5, max_value_chars=10**9))
+    with pytest.raises(ChatTemplateError) as info:
+        template.render([{"role": "user", "content": "hi"}])
+    assert info.value.reason == "limit" and "\n" not in str(info.value)
+    with pytest.raises(ChatTemplateError) as again:      # one failure per template, not one per turn
+        template.render([{"role": "user", "content": "hi"}])
+    assert again.value is info.value
+    # the worker was replaced: another template renders
+    assert ChatTemplate("{{ messages[0].content }}", "gguf").render([{"role": "user", "content": "ok"}]) == "ok"
+
+
+def test_the_calling_thread_keeps_running_while_a_template_renders():
+    import threading
+    import time
+    template = ChatTemplate(NESTED_STR, "gguf", limits=RenderLimits(max_render_s=1.0, max_value_chars=10**9))
+    worker = threading.Thread(target=lambda: pytest.raises(ChatTemplateError, template.render, []))
+    worker.start()
+    gaps, last = [], time.monotonic()
+    while worker.is_alive():        # what a GUI thread does: short steps; the render must not hold the GIL
+        time.sleep(0.01)
+        now = time.monotonic()
+        gaps.append(now - last)
+        last = now
+    worker.join()
+    assert max(gaps) < 1.0          # a hang guard, not a speed test: a blocked thread waits the whole render
+
+
+def test_builtin_templates_render_in_this_process():
+    assert not ChatTemplate.builtin("chatml").isolated
+    assert ChatTemplate("{{ 1 }}", "gguf").isolated
