@@ -4,6 +4,10 @@
 
 The designer and inspector show MODEL; with --run-model, the chat and perplexity panels show a
 real conversation and a real perplexity run of that (runnable) model.
+
+Everything runs in a temporary profile: the demo conversation, the remembered plans and the
+settings go to a folder that is deleted afterwards, never to the user's own (their saved
+conversations are neither listed in the pictures nor changed).
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import argparse
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 WINDOW_SIZE = (1360, 860)
@@ -69,6 +74,20 @@ def _run_panels(window, run_model: str | Path) -> None:
         _wait_signal(window.perplexity.run_finished, RUN_TIMEOUT_MS)
 
 
+@contextmanager
+def temporary_profile(root: Path):
+    """Point the app's data and config folders (conversations, remembered plans) at `root`."""
+    import app.conversations as conversations
+    import app.designer_state as designer_state
+    saved = conversations.default_conversations_dir, designer_state.default_state_dir
+    conversations.default_conversations_dir = lambda: root / "conversations"
+    designer_state.default_state_dir = lambda: root / "placements"
+    try:
+        yield root
+    finally:
+        conversations.default_conversations_dir, designer_state.default_state_dir = saved
+
+
 def render_screenshots(out_dir: str | Path, model_path: str | Path | None,
                        sim_gpus: str | None = None, run_model: str | Path | None = None) -> list[Path]:
     """Open the main window offscreen on a model (the built-in one when None) and save one PNG per panel."""
@@ -88,7 +107,7 @@ def render_screenshots(out_dir: str | Path, model_path: str | Path | None,
     bridge = Bridge()
     bridge.start()
     saved: list[Path] = []
-    with tempfile.TemporaryDirectory() as state_dir:     # never touch the user's recent files
+    with tempfile.TemporaryDirectory() as state_dir, temporary_profile(Path(state_dir)):
         settings = Settings(Path(state_dir) / "settings.json", Path(state_dir) / "state.json")
         window = MainWindow(bridge, settings)
         try:

@@ -228,7 +228,12 @@ class DesignerPanel(QWidget):
         self.undo_action = stack.createUndoAction(self, "Undo")
         self.undo_action.setShortcuts([QKeySequence(QKeySequence.Undo)])
         self.redo_action = stack.createRedoAction(self, "Redo")
-        self.redo_action.setShortcuts([QKeySequence("Ctrl+Shift+Z"), QKeySequence(QKeySequence.Redo)])
+        # the platform's Redo keys, plus Ctrl+Shift+Z where they lack it; each key once, or Qt finds
+        # the shortcut ambiguous and Redo does nothing
+        redo_keys = QKeySequence.keyBindings(QKeySequence.Redo)
+        if QKeySequence("Ctrl+Shift+Z") not in redo_keys:
+            redo_keys.append(QKeySequence("Ctrl+Shift+Z"))
+        self.redo_action.setShortcuts(redo_keys)
         for action in (self.undo_action, self.redo_action):
             action.setShortcutContext(Qt.WidgetWithChildrenShortcut)
             self.addAction(action)

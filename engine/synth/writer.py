@@ -57,6 +57,21 @@ def resolve_metadata(preset: str | Mapping[str, Any]) -> dict[str, Any]:
     return preset_metadata(preset) if isinstance(preset, str) else dict(preset)
 
 
+def with_layers(metadata: Mapping[str, Any], n_layer: int) -> dict[str, Any]:
+    """The same model cut to its first n_layer blocks: full-width layers, experts, vocabulary
+    and head, so that a big model's real shapes run (and benchmark) where all of it would not
+    fit. Per-layer arrays (such as per-layer head counts) are cut with it."""
+    arch = metadata[Keys.General.ARCHITECTURE]
+    key = Keys.LLM.BLOCK_COUNT.format(arch=arch)
+    n_total = int(metadata[key])
+    if not 0 < n_layer <= n_total:
+        raise ValueError(f"--layers must be between 1 and the model's {n_total} layers, not {n_layer}")
+    cut = {k: (list(v)[:n_layer] if isinstance(v, (list, tuple)) and len(v) == n_total else v)
+           for k, v in metadata.items()}
+    cut[key] = n_layer
+    return cut
+
+
 def _kept(spec, arch: str) -> bool:
     if not spec.optional:
         return True
@@ -430,6 +445,9 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sparse", action="store_true",
                         help="leave tensor data as a file hole: exact layout and sizes, almost no disk, not runnable")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+    parser.add_argument("--layers", type=int, metavar="N",
+                        help="keep only the first N layers (real widths, experts and vocabulary): a slice "
+                             "of a big model that runs on a small machine")
     parser.add_argument("--no-vocab", action="store_true", help="write no tokenizer metadata")
 
 
@@ -438,6 +456,8 @@ def run_synth(args: argparse.Namespace) -> int:
     preset_arch = metadata[Keys.General.ARCHITECTURE]
     if args.arch and args.arch != preset_arch:
         raise ValueError(f"preset {args.preset!r} has architecture {preset_arch!r}, not {args.arch!r}")
+    if getattr(args, "layers", None):
+        metadata = with_layers(metadata, args.layers)
     start = time.perf_counter()
     path = write_synthetic(args.output, metadata, quant=args.quant, sparse=args.sparse, seed=args.seed,
                            vocab=not args.no_vocab)
