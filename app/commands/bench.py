@@ -1,10 +1,12 @@
 """offload-studio bench: llama-bench-style prompt/generation speed, or planner timings.
 
-    offload-studio bench -m MODEL.gguf -p 128 -n 32 [-t THREADS] [llama.cpp placement flags]
+    offload-studio bench -m MODEL.gguf -p 128,512 -n 32 [-t THREADS] [llama.cpp placement flags]
+        [--against PATH/TO/llama-bench]     llama.cpp's own bench right after ours, and the ratios
     offload-studio bench -m MODEL.gguf --planner [--sim-gpus SPEC] [llama.cpp placement flags]
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -17,10 +19,24 @@ ACCEPTS_LLAMA_ARGS = True
 
 def add_arguments(p) -> None:
     add_model_arguments(p)
-    p.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens to evaluate")
+    p.add_argument("-p", "--n-prompt", type=counts, default=[128], help="prompt tokens to evaluate (128,512: each)")
     p.add_argument("-n", "--n-gen", type=int, default=32, help="tokens to generate")
     p.add_argument("-r", "--repetitions", type=int, default=3, help="repetitions per test")
+    p.add_argument("--against", metavar="LLAMA_BENCH",
+                   help="llama.cpp's llama-bench (a path, or a name on PATH): run it on the same file and "
+                        "settings after ours and print both and the ratio")
     p.add_argument("--planner", action="store_true", help="time the memory planner instead of inference")
+
+
+def counts(text: str) -> list[int]:
+    """'128,512' -> [128, 512], as llama-bench takes its -p."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, not {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive token counts, not {text!r}")
+    return values
 
 
 def timed(fn, repetitions: int) -> tuple[float, object]:

@@ -1,33 +1,116 @@
-"""llama-bench-style speed: prompt processing (pp) and text generation (tg) tokens per second."""
+"""llama-bench-style speed: prompt processing (pp) and text generation (tg) tokens per second,
+optionally side by side with llama.cpp's own llama-bench on the same file and settings.
+
+Tests are llama-bench's: ppN evaluates N prompt tokens into an empty cache in one batch; tgN
+generates N tokens one at a time from an empty cache. One warm-up run first (it also compiles
+the kernels), then `-r` timed repetitions; the mean and standard deviation are printed.
+"""
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from app.commands.common import print_table
 from app.commands.model_args import load_model
 
+# llama.cpp flags that llama-bench also takes, passed on to it by --against
+SHARED_LLAMA_FLAGS = ("-fa", "--flash-attn", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v",
+                      "-ub", "--ubatch-size", "-b", "--batch-size")
+
+
+@dataclass(frozen=True)
+class Speed:
+    test: str               # "pp128", "tg32"
+    tokens_per_s: float
+    stddev: float
+
+
+def _rate(samples: list[float]) -> tuple[float, float]:
+    return float(np.mean(samples)), float(np.std(samples))
+
+
+def measure_ours(model, n_prompts: list[int], n_gen: int, repetitions: int) -> list[Speed]:
+    rng = np.random.default_rng(0)
+    n_vocab = model.hparams.n_vocab
+    model.eval_logits(rng.integers(0, n_vocab, 8, dtype=np.int32), model.new_cache(), last_only=True)  # warm-up
+    results = []
+    for n_prompt in n_prompts:
+        prompt = rng.integers(0, n_vocab, n_prompt, dtype=np.int32)
+        samples = []
+        for _ in range(repetitions):
+            cache = model.new_cache()
+            start = time.perf_counter()
+            model.eval_logits(prompt, cache, last_only=True)
+            samples.append(n_prompt / (time.perf_counter() - start))
+        results.append(Speed(f"pp{n_prompt}", *_rate(samples)))
+    if n_gen > 0:
+        token = np.array([1], dtype=np.int32)
+        samples = []
+        for _ in range(repetitions):
+            cache = model.new_cache()
+            model.eval_logits(token, cache)             # llama-bench's warm-up token
+            start = time.perf_counter()
+            for _ in range(n_gen):
+                model.eval_logits(token, cache)
+            samples.append(n_gen / (time.perf_counter() - start))
+        results.append(Speed(f"tg{n_gen}", *_rate(samples)))
+    return results
+
+
+def llama_bench_command(executable: str, args) -> list[str]:
+    command = [executable, "-m", str(args.model), "-p", ",".join(map(str, args.n_prompt)), "-n", str(args.n_gen),
+               "-r", str(args.repetitions), "-o", "json"]
+    if args.threads:
+        command += ["-t", str(args.threads)]
+    flags = list(args.llama_args)
+    for i, flag in enumerate(flags[:-1]):
+        if flag in SHARED_LLAMA_FLAGS:
+            command += [flag, flags[i + 1]]
+    return command
+
+
+def find_llama_bench(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"llama-bench not found at {name!r} (give its path to --against)")
+    return found
+
+
+def measure_llama_bench(executable: str, args) -> list[Speed]:
+    """llama-bench's own figures for the same tests (its JSON output)."""
+    command = llama_bench_command(find_llama_bench(executable), args)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    results = []
+    for row in json.loads(done.stdout):
+        test = f"pp{row['n_prompt']}" if row["n_gen"] == 0 else f"tg{row['n_gen']}"
+        results.append(Speed(test, float(row["avg_ts"]), float(row["stddev_ts"])))
+    return results
+
 
 def bench_inference(args) -> int:
-    loaded = load_model(args, n_ctx_default=max(512, args.n_prompt + args.n_gen + 1))
-    model = loaded.model
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(0, model.hparams.n_vocab, args.n_prompt, dtype=np.int32)
-    model.eval_logits(prompt[:8], model.new_cache(), last_only=True)        # compile and warm up
-    pp, tg = [], []
-    for _ in range(args.repetitions):
-        cache = model.new_cache()
-        start = time.perf_counter()
-        model.eval_logits(prompt, cache, last_only=True)
-        pp.append(args.n_prompt / (time.perf_counter() - start))
-        token = np.array([1], dtype=np.int32)
-        start = time.perf_counter()
-        for _ in range(args.n_gen):
-            model.eval_logits(token, cache)
-        tg.append(args.n_gen / (time.perf_counter() - start))
+    n_ctx = max(512, max(args.n_prompt) + 1, args.n_gen + 2)
+    loaded = load_model(args, n_ctx_default=n_ctx)
     threads = args.threads or "all"
-    rows = [[loaded.model.file.name, f"pp{args.n_prompt}", threads, f"{np.mean(pp):.2f} ± {np.std(pp):.2f}"],
-            [loaded.model.file.name, f"tg{args.n_gen}", threads, f"{np.mean(tg):.2f} ± {np.std(tg):.2f}"]]
-    print_table(["model", "test", "threads", "t/s"], rows)
+    name = loaded.model.file.name
+    ours = measure_ours(loaded.model, args.n_prompt, args.n_gen, args.repetitions)
+    loaded.model.close()
+    if not args.against:
+        print_table(["model", "test", "threads", "t/s"],
+                    [[name, s.test, threads, f"{s.tokens_per_s:.2f} ± {s.stddev:.2f}"] for s in ours])
+        return 0
+    theirs = {s.test: s for s in measure_llama_bench(args.against, args)}
+    rows = []
+    for s in ours:
+        other = theirs.get(s.test)
+        rows.append([name, s.test, threads, f"{s.tokens_per_s:.2f} ± {s.stddev:.2f}",
+                     f"{other.tokens_per_s:.2f} ± {other.stddev:.2f}" if other else "-",
+                     f"{s.tokens_per_s / other.tokens_per_s:.2f}x" if other else "-"])
+    print_table(["model", "test", "threads", "offload-studio t/s", "llama.cpp t/s", "ratio"], rows)
     return 0
