@@ -1,7 +1,9 @@
 """The devices a plan can use: the CPU (psutil), NVIDIA GPUs (pynvml), and simulated GPUs.
 
 Simulated GPUs (`--sim-gpus 24GiB,12GiB`) plan like real ones and run on the CPU backend, so
-every multi-device path is testable on a machine without a GPU. Device names are llama.cpp's
+every multi-device path is testable on a machine without a GPU. Emulated GPUs (`--emulate-cuda
+24GiB`) plan the same way and run the CUDA backend's own kernels on the CPU emulation.
+Device names are llama.cpp's
 buffer names: `CPU`, `CUDA0`, `CUDA1`, ...
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Device:
     description: str = ""
     simulated: bool = False
     compute_capability: tuple[int, int] | None = None
+    emulated: bool = False      # a simulated GPU that runs the CUDA kernels on the CPU (--emulate-cuda)
 
     @property
     def is_gpu(self) -> bool:
@@ -82,6 +85,19 @@ def simulated_gpus(spec: str) -> list[Device]:
             for i, s in enumerate(sizes)]
 
 
-def available_devices(sim_gpus: str | None = None) -> list[Device]:
-    """The CPU first, then the GPUs: simulated ones when a spec is given, else the real ones."""
+def emulated_gpus(spec: str) -> list[Device]:
+    """`24GiB,24GiB` -> two GPUs named CUDA0, CUDA1 whose CUDA kernels run on the CPU emulation."""
+    sizes = [s for s in spec.split(",") if s.strip()]
+    if not sizes:
+        raise ValueError("--emulate-cuda needs at least one size, e.g. --emulate-cuda 24GiB,24GiB")
+    return [Device(f"CUDA{i}", "gpu", parse_size(s), f"emulated CUDA {s.strip()}", simulated=True, emulated=True)
+            for i, s in enumerate(sizes)]
+
+
+def available_devices(sim_gpus: str | None = None, emulate_cuda: str | None = None) -> list[Device]:
+    """The CPU first, then the GPUs: simulated or emulated ones when a spec is given, else the real ones."""
+    if sim_gpus and emulate_cuda:
+        raise ValueError("--sim-gpus and --emulate-cuda both name the GPUs: give one of them")
+    if emulate_cuda:
+        return [cpu_device()] + emulated_gpus(emulate_cuda)
     return [cpu_device()] + (simulated_gpus(sim_gpus) if sim_gpus else nvidia_gpus())

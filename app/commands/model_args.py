@@ -23,6 +23,9 @@ ACCEPTS_LLAMA_ARGS = True
 def add_model_arguments(p) -> None:
     p.add_argument("-m", "--model", required=True, help="GGUF file")
     p.add_argument("--sim-gpus", help="simulated GPUs, e.g. 24GiB,24GiB (run on the CPU backend)")
+    p.add_argument("--emulate-cuda", metavar="SIZES",
+                   help="emulated GPUs, e.g. 24GiB,24GiB: the CUDA backend's kernels run on the CPU (slow; for "
+                        "checking that a plan runs and what it computes)")
     p.add_argument("-t", "--threads", type=int, default=0, help="CPU threads (default: all cores)")
     p.add_argument("-okv", "--override-kv", action="append", default=[], metavar="KEY=TYPE:VALUE",
                    help="override a metadata value, e.g. llama4.expert_used_count=int:2 (repeatable)")
@@ -73,7 +76,7 @@ def load_model(args, n_ctx_default: int | None = None) -> LoadedModel:
         from engine.arch.overrides import apply_overrides, parse_override_kv
         mf.metadata = apply_overrides(mf.metadata, [parse_override_kv(text) for text in args.override_kv])
     inventory = Inventory.from_model_file(mf)
-    devices = available_devices(args.sim_gpus)
+    devices = available_devices(args.sim_gpus, args.emulate_cuda)
     llama_args = list(args.llama_args)
     if n_ctx_default and not any(a in ("-c", "--ctx-size") for a in llama_args):
         llama_args += ["-c", str(n_ctx_default)]
