@@ -95,6 +95,44 @@ PRESETS: dict[str, dict[str, Any]] = {
         "gemma3.attention.layer_norm_rms_epsilon": 1e-6, "gemma3.attention.sliding_window": 512,
         "gemma3.rope.freq_base": 1000000.0,
     },
+    # hybrids: three Gated DeltaNet layers (ssm.*) to one gated full-attention layer
+    "qwen3.5-35b-a3b": {
+        "general.architecture": "qwen35moe", "general.name": "Qwen3.5-35B-A3B (shape)",
+        "qwen35moe.vocab_size": 248320, "qwen35moe.context_length": 262144,
+        "qwen35moe.embedding_length": 2048, "qwen35moe.block_count": 40,
+        "qwen35moe.attention.head_count": 16, "qwen35moe.attention.head_count_kv": 2,
+        "qwen35moe.attention.key_length": 256, "qwen35moe.attention.value_length": 256,
+        "qwen35moe.attention.layer_norm_rms_epsilon": 1e-6, "qwen35moe.rope.dimension_count": 64,
+        "qwen35moe.rope.freq_base": 10000000.0, "qwen35moe.rope.dimension_sections": [11, 11, 10, 0],
+        "qwen35moe.full_attention_interval": 4, "qwen35moe.ssm.conv_kernel": 4,
+        "qwen35moe.ssm.state_size": 128, "qwen35moe.ssm.group_count": 16, "qwen35moe.ssm.time_step_rank": 32,
+        "qwen35moe.ssm.inner_size": 4096, "qwen35moe.expert_count": 256, "qwen35moe.expert_used_count": 8,
+        "qwen35moe.expert_feed_forward_length": 512, "qwen35moe.expert_shared_feed_forward_length": 512,
+    },
+    "qwen3.5-9b": {
+        "general.architecture": "qwen35", "general.name": "Qwen3.5-9B (shape)",
+        "qwen35.vocab_size": 248320, "qwen35.context_length": 262144,
+        "qwen35.embedding_length": 4096, "qwen35.block_count": 32, "qwen35.feed_forward_length": 12288,
+        "qwen35.attention.head_count": 16, "qwen35.attention.head_count_kv": 4,
+        "qwen35.attention.key_length": 256, "qwen35.attention.value_length": 256,
+        "qwen35.attention.layer_norm_rms_epsilon": 1e-6, "qwen35.rope.dimension_count": 64,
+        "qwen35.rope.freq_base": 10000000.0, "qwen35.rope.dimension_sections": [11, 11, 10, 0],
+        "qwen35.full_attention_interval": 4, "qwen35.ssm.conv_kernel": 4, "qwen35.ssm.state_size": 128,
+        "qwen35.ssm.group_count": 16, "qwen35.ssm.time_step_rank": 32, "qwen35.ssm.inner_size": 4096,
+    },
+    "qwen3-next-80b-a3b": {
+        "general.architecture": "qwen3next", "general.name": "Qwen3-Next-80B-A3B (shape)",
+        "qwen3next.vocab_size": 151936, "qwen3next.context_length": 262144,
+        "qwen3next.embedding_length": 2048, "qwen3next.block_count": 48,
+        "qwen3next.attention.head_count": 16, "qwen3next.attention.head_count_kv": 2,
+        "qwen3next.attention.key_length": 256, "qwen3next.attention.value_length": 256,
+        "qwen3next.attention.layer_norm_rms_epsilon": 1e-6, "qwen3next.rope.dimension_count": 64,
+        "qwen3next.rope.freq_base": 10000000.0, "qwen3next.full_attention_interval": 4,
+        "qwen3next.ssm.conv_kernel": 4, "qwen3next.ssm.state_size": 128, "qwen3next.ssm.group_count": 16,
+        "qwen3next.ssm.time_step_rank": 32, "qwen3next.ssm.inner_size": 4096,
+        "qwen3next.expert_count": 512, "qwen3next.expert_used_count": 10,
+        "qwen3next.expert_feed_forward_length": 512, "qwen3next.expert_shared_feed_forward_length": 512,
+    },
 }
 
 
@@ -137,6 +175,20 @@ PRESETS.update({
         "gemma-3-1b", "gemma3", vocab_size=512, embedding_length=256, block_count=6,
         feed_forward_length=512, **{"attention.head_count": 2, "attention.head_count_kv": 1,
                                     "attention.sliding_window": 32}),
+    **{tiny: _tiny(
+        name, arch, vocab_size=512, context_length=4096, embedding_length=256, block_count=4,
+        **{"attention.head_count": 4, "attention.head_count_kv": 2, "attention.key_length": 64,
+           "attention.value_length": 64, "rope.dimension_count": 16, "ssm.state_size": 64,
+           "ssm.group_count": 2, "ssm.time_step_rank": 4, "ssm.inner_size": 256, **extra})
+       for tiny, name, arch, extra in (
+           ("tiny-qwen3.5-moe", "qwen3.5-35b-a3b", "qwen35moe", {
+               "rope.dimension_sections": [3, 3, 2, 0], "expert_count": 8, "expert_used_count": 2,
+               "expert_feed_forward_length": 256, "expert_shared_feed_forward_length": 256}),
+           ("tiny-qwen3.5", "qwen3.5-9b", "qwen35", {
+               "rope.dimension_sections": [3, 3, 2, 0], "feed_forward_length": 512}),
+           ("tiny-qwen3-next", "qwen3-next-80b-a3b", "qwen3next", {
+               "expert_count": 8, "expert_used_count": 2, "expert_feed_forward_length": 256,
+               "expert_shared_feed_forward_length": 256}))},
 })
 
 

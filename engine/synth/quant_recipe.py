@@ -12,6 +12,7 @@ for anything else.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass
 from enum import Enum, auto
@@ -110,13 +111,14 @@ def _is_attn_v_like(cat: Category) -> bool:
 
 def allows_quantization(name: str, shape: Sequence[int]) -> bool:
     """llama.cpp's tensor_allows_quantization with default parameters."""
-    return (len(shape) >= 2 and name.endswith("weight") and name not in _NEVER_QUANTIZED_NAMES
+    # ggml_n_dims: a {n, 1} tensor (numpy (1, n), as the gate of a sigmoid-gated shared expert) is 1-D
+    return (len(shape) >= 2 and math.prod(shape[:-1]) > 1 and name.endswith("weight") and name not in _NEVER_QUANTIZED_NAMES
             and not any(part in name for part in _NEVER_QUANTIZED))
 
 
 def source_type(name: str, shape: Sequence[int], ftype: F) -> T:
     """The type convert_hf_to_gguf.py writes for a tensor the quantizer leaves alone."""
-    if len(shape) < 2 or "ffn_gate_inp" in name:
+    if len(shape) < 2 or "ffn_gate_inp" in name or "ssm_conv1d" in name:
         return T.F32
     default = DEFAULT_TYPE[ftype]
     return default if default in (T.F32, T.F16, T.BF16) else T.F16

@@ -243,6 +243,10 @@ def float_values(name: str, shape: Sequence[int], hp: HyperParams, rng: np.rando
     base = _base_name(name)
     if base == "rope_freqs":
         return llama3_rope_factors(2 * shape[0], hp.rope_freq_base)
+    if base == "ssm_a":         # -A, A log-uniform in [0.05, 3]: per-token decays between ~0.2 and ~0.999
+        return -np.exp(rng.uniform(np.log(0.05), np.log(3.0), size=shape)).astype(np.float32)
+    if base == "ssm_dt":        # the bias of the decay's softplus
+        return rng.uniform(-3.0, -1.0, size=shape).astype(np.float32)
     if base.endswith("_norm"):
         centre = 2.0 if hp.arch == "gemma3" and base.startswith("post_") else 1.0
         return rng.uniform(0.9 * centre, 1.1 * centre, size=shape).astype(np.float32)

@@ -1,0 +1,72 @@
+"""Planning the hybrid DeltaNet models: KV and recurrent-state figures equal llama.cpp's, the
+quantization mixes equal llama-quantize's, and the presets are complete."""
+import json
+from pathlib import Path
+
+import pytest
+
+from engine import arch
+from engine.gguf.model_file import ModelFile
+from engine.plan.memory import kv_cache_bytes, recurrent_state_bytes
+from engine.run_config import RunConfig
+from engine.synth.presets import PRESETS
+from engine.synth.quant_recipe import tensor_types
+
+HYBRID_FIXTURES = Path(__file__).resolve().parents[4] / "shared" / "fixtures-hybrid"
+MIB = 1 << 20
+
+# `KV buffer size` / `RS buffer size` (MiB) that llama.cpp (the CPU build of commit 0c1e57098bba)
+# printed for sparse synthetic files of these presets, written by `offload-studio synth --sparse
+# --quant Q4_K_M`: `llama-perplexity -m F.gguf -c N -f text.txt --no-repack --no-warmup -fit off -v`,
+# and for the last row `llama-completion -m F.gguf -c 8192 -np 2 -ctk q8_0 -ctv q4_0 -fa on -n 1 -no-cnv`.
+LLAMA_CPP_BUFFERS_MIB = [
+    ("qwen3.5-35b-a3b", dict(n_ctx=4096), 80.00, 62.81),
+    ("qwen3.5-35b-a3b", dict(n_ctx=32768), 640.00, 62.81),
+    ("qwen3.5-9b", dict(n_ctx=4096), 128.00, 50.25),
+    ("qwen3.5-9b", dict(n_ctx=32768), 1024.00, 50.25),
+    ("qwen3-next-80b-a3b", dict(n_ctx=4096), 96.00, 75.38),
+    ("qwen3-next-80b-a3b", dict(n_ctx=32768), 768.00, 75.38),
+    ("qwen3.5-35b-a3b", dict(n_ctx=8192, n_seq=2, type_k="q8_0", type_v="q4_0", flash_attn="on"), 65.00, 125.62),
+]
+
+
+def hparams(name: str):
+    md = PRESETS[name]
+    return arch.family(md["general.architecture"]).hyperparams(md)
+
+
+@pytest.mark.parametrize("name,settings,kv_mib,rs_mib", LLAMA_CPP_BUFFERS_MIB)
+def test_kv_and_recurrent_buffers_equal_llama_cpp(name, settings, kv_mib, rs_mib):
+    hp, rc = hparams(name), RunConfig(**settings)
+    assert round(kv_cache_bytes(hp, rc) / MIB, 2) == kv_mib
+    assert round(recurrent_state_bytes(hp, rc) / MIB, 2) == rs_mib
+
+
+def test_only_a_quarter_of_the_layers_have_a_kv_cache():
+    hp = hparams("qwen3.5-35b-a3b")
+    attention = [il for il in range(hp.n_layer) if not hp.is_recurrent(il)]
+    assert attention == list(range(3, 40, 4))
+    assert all(hp.n_embd_k_gqa(il) == 0 for il in range(hp.n_layer) if hp.is_recurrent(il))
+
+
+@pytest.mark.parametrize("name", [n for n, md in PRESETS.items()
+                                  if md["general.architecture"] in ("qwen35moe", "qwen35", "qwen3next")])
+def test_presets_have_consistent_shapes(name):
+    hp = hparams(name)
+    specs = arch.family(hp.arch).tensor_specs(hp)
+    assert len({s.name for s in specs}) == len(specs)
+    assert sum(hp.is_recurrent(il) for il in range(hp.n_layer)) == 3 * hp.n_layer // 4
+
+
+@pytest.mark.parametrize("fixture", ["qwen35moe", "qwen3next", "qwen35"])
+def test_quantization_mix_equals_llama_quantize(fixture):
+    """Every per-tensor type llama-quantize chose for the fixture variants, from the recipe."""
+    if not HYBRID_FIXTURES.is_dir():
+        pytest.skip("hybrid fixtures not found")
+    meta = json.loads((HYBRID_FIXTURES / fixture / "meta.json").read_text())
+    md = ModelFile(HYBRID_FIXTURES / fixture / "F16.gguf").metadata
+    hp = arch.family(fixture).hyperparams(md)
+    specs = arch.family(fixture).tensor_specs(hp, tied_output="output.weight" not in meta["tensors"])
+    for variant, info in meta["variants"].items():
+        types = tensor_types(((s.name, s.shape) for s in specs), variant, hp)
+        assert {n: t.name for n, t in types.items()} == info["tensor_types"], variant
