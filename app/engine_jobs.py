@@ -12,6 +12,7 @@ The panels submit these through `app.bridge`; every payload that comes back is a
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ class LoadedModel:
     load_s: float
     overrides: tuple[MetadataOverride, ...] = ()
     file_metadata: Mapping[str, Any] | None = None     # None: the same as model_file.metadata
+    notice: str = ""                                    # what the window should tell the user about it
 
     @property
     def metadata_in_file(self) -> Mapping[str, Any]:
@@ -90,12 +92,15 @@ def load_model(path: str | Path, ctx: JobContext,
 
 
 def load_default_model(ctx: JobContext) -> LoadedModel:
-    """The built-in model; the first run may assemble or write it into the cache (slow, once)."""
-    from engine.synth.default_model import default_model_path
+    """The built-in chat model (else the base model, else the synthetic demo, which comes with a
+    notice on how to get a real model); the first run may assemble or write it into the cache
+    (slow, once)."""
+    from engine.synth.default_model import GET_A_REAL_MODEL, chat_model_path, is_synthetic_demo
     ctx.note("finding the built-in model")
-    path = default_model_path(progress=ctx.note)
+    path = chat_model_path(progress=ctx.note)
     ctx.check_cancelled()
-    return load_model(path, ctx)
+    loaded = load_model(path, ctx)
+    return dataclasses.replace(loaded, notice=GET_A_REAL_MODEL) if is_synthetic_demo(path) else loaded
 
 
 # ---- running them -------------------------------------------------------------------------------

