@@ -1,0 +1,80 @@
+"""The hybrid cache: recurrent state sized by the planner's rule, checkpoints that let a
+follow-up evaluate only its new tokens."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import forward_parity as parity
+from engine.plan.memory import kv_cache_bytes, recurrent_layer_bytes, recurrent_state_bytes
+from engine.run.recurrent_state import MAX_CHECKPOINTS, HybridCache
+
+HYBRID_FIXTURES = Path(__file__).resolve().parents[4] / "shared" / "fixtures-hybrid"
+
+
+@pytest.fixture(scope="module")
+def model():
+    if not HYBRID_FIXTURES.is_dir():
+        pytest.skip("hybrid fixtures not found")
+    return parity.load(HYBRID_FIXTURES / "qwen35moe", "F16")
+
+
+@pytest.fixture(scope="module")
+def toks():
+    return parity.tokens(HYBRID_FIXTURES / "qwen35moe")
+
+
+@pytest.fixture(scope="module")
+def full(model, toks):
+    return model.eval_logits(toks)
+
+
+def test_allocation_equals_the_planner(model):
+    cache = model.new_cache()
+    assert isinstance(cache, HybridCache)
+    hp, rc = model.hparams, model.run_config
+    assert cache.recurrent.nbytes == recurrent_state_bytes(hp, rc.replace(n_ctx=cache.n_ctx))
+    assert cache.nbytes == kv_cache_bytes(hp, rc) + recurrent_state_bytes(hp, rc)
+    for il in range(hp.n_layer):
+        conv, ssm = cache.recurrent.conv[il], cache.recurrent.ssm[il]
+        assert (0, 0) == recurrent_layer_bytes(hp, il, rc) if conv is None else \
+            (conv.nbytes, ssm.nbytes) == recurrent_layer_bytes(hp, il, rc)
+
+
+def test_follow_up_from_a_checkpoint_evaluates_only_new_tokens(model, toks, full):
+    cache = model.new_cache()
+    model.eval_logits(toks[:40], cache)
+    cache.checkpoint()                              # a turn boundary
+    model.eval_logits(toks[40:52], cache)           # a reply that the next turn edits away
+    cache.truncate(46)                              # the new turn shares 46 tokens
+    assert cache.n_past == 40                       # the newest checkpoint at or before 46
+    resumed = model.eval_logits(toks[40:], cache)
+    assert parity.rel(resumed, full[40:]) < 1e-5
+
+
+def test_rewinding_past_every_checkpoint_starts_over(model, toks, full):
+    cache = model.new_cache()
+    model.eval_logits(toks[:30], cache)
+    cache.checkpoint()
+    model.eval_logits(toks[30:40], cache)
+    cache.truncate(20)
+    assert cache.n_past == 0 and cache.checkpoints == []
+    assert all(not a.any() for a in cache.recurrent.ssm if a is not None)
+    assert parity.rel(model.eval_logits(toks[:24], cache), full[:24]) < 1e-5
+
+
+def test_checkpoints_are_bounded_and_dropped_when_rewound_past(model, toks):
+    cache = model.new_cache()
+    for end in range(8, 8 * (MAX_CHECKPOINTS + 3), 8):
+        model.eval_logits(toks[end - 8:end], cache)
+        cache.checkpoint()
+    assert len(cache.checkpoints) == MAX_CHECKPOINTS
+    cache.truncate(cache.checkpoints[1].n_past + 3)
+    assert [c.n_past for c in cache.checkpoints] == [cache.checkpoints[0].n_past, cache.n_past]
+
+
+def test_a_recurrent_state_only_continues_its_sequence(model, toks):
+    cache = model.new_cache()
+    model.eval_logits(toks[:10], cache)
+    with pytest.raises(ValueError, match="positions must run from 10"):
+        model.eval_logits(toks[10:12], cache, positions=np.array([11, 12]))
