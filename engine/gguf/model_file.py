@@ -41,6 +41,18 @@ class ModelFileError(Exception):
         super().__init__(f"{printable(self.path, MAX_QUOTED_PATH_CHARS)}: {self.problem}")
 
 
+class ModelFileChangedError(ModelFileError):
+    """The file was truncated, replaced or rewritten while its memory map was in use."""
+
+    def __init__(self, path: os.PathLike[str] | str, detail: str):
+        super().__init__(path, f"the model file changed on disk while it was in use ({detail}); open it again")
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -277,6 +289,21 @@ class ModelFile:
                 self.tensors[t.name] = t
         self._check_split_tensor_count()
         self._maps: dict[int, mmap.mmap] = {}
+        self._identities = [_identity(p) for p in self.paths]
+
+    def check_unchanged(self) -> None:
+        """Raise ModelFileChangedError when a part was truncated, replaced or rewritten since it
+        was opened. Reading a memory-mapped page past a truncated end is a SIGBUS that kills the
+        process, so whoever reads tensor data calls this between steps (one stat per part)."""
+        for path, opened in zip(self.paths, self._identities):
+            try:
+                now = _identity(path)
+            except OSError as e:
+                raise ModelFileChangedError(path, f"it can no longer be read: {e.strerror}") from None
+            if now[2] < opened[2]:
+                raise ModelFileChangedError(path, f"it shrank from {opened[2]} to {now[2]} bytes")
+            if now != opened:
+                raise ModelFileChangedError(path, "it was replaced or rewritten")
 
     def _check_split_part(self, part: Path, index: int, metadata: dict[str, Any]) -> None:
         for key in (Keys.Split.LLM_KV_SPLIT_COUNT, Keys.Split.LLM_KV_SPLIT_NO, Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT):

@@ -18,6 +18,7 @@ import numpy as np
 
 from engine import arch
 from engine.arch.plausible import checked_hyperparams
+from engine.run.bus_guard import install_bus_guard
 from engine.backends import Weight
 from engine.backends.cpu import CpuBackend, dequantize_rows
 from engine.gguf.model_file import ModelFile, ModelFileError
@@ -71,6 +72,7 @@ def _short_name(name: str) -> tuple[int, str] | None:
 class Model:
     def __init__(self, model_file: ModelFile, run_config: RunConfig | None = None, backend=None, placement=None):
         self.file = model_file
+        install_bus_guard()     # a file truncated mid-run gives an error, not a SIGBUS (engine.run.bus_guard)
         self.metadata = model_file.metadata
         self.family = arch.family(model_file.architecture)
         self._check_types()
@@ -194,8 +196,11 @@ class Model:
         batch = UBatch(self.hparams, positions, cache)
         embed = getattr(self.family, "embed", None)
         x = embed(self, tokens) if embed else self.embed_tokens(tokens)
+        self.file.check_unchanged()
         for il in range(self.hparams.n_layer):
             x = self.family.forward_layer(self, il, x, batch)
+            # a file truncated under the memory map: the bus guard let the layer read zeros; say so
+            self.file.check_unchanged()
             check_finite(x, f"layer {il}", self.kv_hint)
         cache.n_past = max(cache.n_past, int(positions.max()) + 1)
         if skip_output:

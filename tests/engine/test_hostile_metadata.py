@@ -123,6 +123,6 @@ def test_cli_reports_huge_block_count_in_one_line(tmp_path, llama_dense, capsys,
 
 def test_cli_run_refuses_a_huge_rope_dimension(tmp_path, llama_dense, capsys):
     path = rewrite_gguf(llama_dense, tmp_path / "m.gguf", {"llama.rope.dimension_count": 2**32 - 1})
-    assert main(["run", str(path), "-p", "hi", "-n", "1"]) == 2
+    assert main(["run", "-m", str(path), "-p", "hi", "-n", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "rope dimension count" in err
