@@ -2,9 +2,8 @@
 
 Simulated GPUs (`--sim-gpus 24GiB,12GiB`) plan like real ones and run on the CPU backend, so
 every multi-device path is testable on a machine without a GPU. Emulated GPUs (`--emulate-cuda
-24GiB`) plan the same way and run the CUDA backend's own kernels on the CPU emulation.
-Device names are llama.cpp's
-buffer names: `CPU`, `CUDA0`, `CUDA1`, ...
+24GiB`) plan the same way and run the CUDA backend's own kernels on the CPU emulation. Device
+names are llama.cpp's buffer names: `CPU`, `CUDA0`, `CUDA1`, ...
 """
 from __future__ import annotations
 
