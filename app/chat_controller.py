@@ -27,6 +27,7 @@ a second, so a fast model never floods the view. Conversations are saved through
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from functools import partial
@@ -104,6 +105,8 @@ class ChatController(QObject):
         self.last_turn: TurnStarted | None = None      # what the engine said about the latest turn's prompt
         self._pending_text = ""
         self._last_event: GenerationEvent | None = None
+        self._shown_before = 0                  # the reply shown before a regenerate
+        self._turn_settings: SamplerSettings | None = None
         self._n_ctx: int | None = None
         self._writer = BackgroundWriter(on_error=lambda error: self._save_failed.emit(str(error)))
         self._save_failed.connect(self._on_save_failed)
@@ -173,7 +176,8 @@ class ChatController(QObject):
         return True
 
     def regenerate(self, settings: SamplerSettings, max_tokens: int) -> bool:
-        """Drop the last reply and generate a new one for the same conversation."""
+        """A new reply to the last turn; the earlier ones stay as its alternatives ("< 1/2 >"), and
+        a new reply stopped before it wrote anything gives the earlier one back."""
         if self.is_generating or self.loaded is None or self._refused():
             return False
         messages = self.messages.messages()
@@ -182,8 +186,23 @@ class ChatController(QObject):
             n_keep -= 1
         if n_keep == 0:
             return False
+        earlier = [v for m in messages[n_keep:] for v in m.versions()]
+        shown = messages[n_keep:][-1].version if n_keep < len(messages) else 0
         self.messages.truncate(n_keep)
-        self._start_turn(settings, max_tokens)
+        self._start_turn(settings, max_tokens, earlier, shown)
+        return True
+
+    def show_alternative(self, row: int, step: int) -> bool:
+        """Show the previous (step -1) or next (+1) reply of an assistant turn; False at either end."""
+        if self.is_generating or not 0 <= row < self.messages.rowCount():
+            return False
+        message = self.messages.message(row)
+        index = message.version + step
+        if not message.alternatives or not 0 <= index <= len(message.alternatives):
+            return False
+        self.messages.replace_message(row, message.showing(index))
+        self._sync_conversation()
+        self._save_conversation()
         return True
 
     def can_edit(self, row: int) -> bool:
@@ -194,10 +213,33 @@ class ChatController(QObject):
         """Replace user message `row` with `text`, drop everything after it and generate again."""
         if not self.can_send(text) or not self.can_edit(row) or self._refused():
             return False
+        self._keep_copy_before_edit(row)
         self.messages.truncate(row)
         self._append_user_message(text)
         self._start_turn(settings, max_tokens)
         return True
+
+    def _keep_copy_before_edit(self, row: int) -> None:
+        """Editing an earlier message drops the turns after it: keep the conversation as it was,
+        as a conversation of its own, so nothing the user had is lost."""
+        self._sync_conversation()
+        messages = self.conversation.messages
+        if row >= len(messages) - 1 or messages[row].content == "":
+            return
+        copy = Conversation.from_dict({**self.conversation.to_dict(), "id": Conversation().id})
+        copy.title, copy.titled_by_user = f"{self.conversation.title} (before edit)", True
+        self.conversations.upsert(copy.summary())
+        self._write(partial(self.store.save, copy))
+
+    def made_with(self) -> dict:
+        """The model and settings a reply is made with, kept in its stats."""
+        rc = self.run_config
+        made = {"n_ctx": rc.n_ctx, "type_k": rc.type_k, "type_v": rc.type_v, "flash_attn": rc.flash_attn}
+        if self.loaded is not None:
+            made = {"model": self.loaded.name, "model_file": self.loaded.path.name, **made}
+        if self._turn_settings is not None:
+            made["sampling"] = dataclasses.asdict(self._turn_settings)
+        return made
 
     def stop(self) -> None:
         """Stop the reply being generated; what was written so far stays."""
@@ -215,12 +257,21 @@ class ChatController(QObject):
             self.title_changed.emit(self.conversation.title)
         self.messages.append_message(Message("user", text))
 
-    def _start_turn(self, settings: SamplerSettings, max_tokens: int) -> None:
+    def _start_turn(self, settings: SamplerSettings, max_tokens: int, earlier: list[Message] = (),
+                    shown_before: int = 0) -> None:
         self._sync_conversation()
         request = ChatRequest(self.loaded, self.run_config, self.placement,
                               tuple(self.conversation.chat_messages()), settings, max_tokens)
-        self._save_conversation()
-        self.messages.append_message(Message("assistant", ""), streaming=True)
+        if not earlier:
+            self._save_conversation()
+        # the new reply is the newest version; earlier ones are saved with it from the start
+        reply = Message("assistant", "").showing(len(earlier), [*earlier, Message("assistant", "")])
+        self._shown_before = shown_before
+        self._turn_settings = settings
+        self.messages.append_message(reply, streaming=True)
+        if earlier:
+            self._sync_conversation()
+            self._save_conversation()
         self.reply_started.emit()
         self._pending_text, self._last_event = "", None
         handle = self.bridge.submit(partial(self.runner.turn, request), "chat reply")
@@ -283,9 +334,13 @@ class ChatController(QObject):
         self.flush_pending()
         self._flush_timer.stop()
         row = self.messages.streaming_row
-        self.messages.finish_streaming(reply_stats(self._last_event, reason), error)
+        self.messages.finish_streaming({**reply_stats(self._last_event, reason), **self.made_with()}, error)
         if row >= 0 and not self.messages.message(row).content:
-            self.messages.truncate(row)
+            reply = self.messages.message(row)
+            if reply.alternatives:      # stopped before a word: the earlier reply comes back
+                self.messages.replace_message(row, reply.showing(self._shown_before, reply.alternatives))
+            else:
+                self.messages.truncate(row)
         if error:
             self.show_error(error)
         self.status_changed.emit(END_STATUS.get(reason, ""))

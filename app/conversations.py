@@ -69,6 +69,23 @@ class Message:
     content: str
     stats: dict[str, Any] = field(default_factory=dict)    # assistant turns: tokens, tokens/s, finish reason
     error: str = ""                             # why a turn ended early, shown with the message
+    # earlier (or later) replies to the same turn, oldest first, kept when a reply is regenerated;
+    # `version` is where the shown one sits among all of them ("< 2/3 >" shows version 1 of 3)
+    alternatives: list[Message] = field(default_factory=list)
+    version: int = 0
+
+    def versions(self) -> list[Message]:
+        """Every reply to this turn, oldest first, the shown one included."""
+        shown = Message(self.role, self.content, dict(self.stats), self.error)
+        return self.alternatives[:self.version] + [shown] + self.alternatives[self.version:]
+
+    def showing(self, index: int, versions: list[Message] | None = None) -> Message:
+        """This turn with reply `index` of `versions` (default: its own) shown and the others kept."""
+        versions = self.versions() if versions is None else versions
+        chosen = versions[index]
+        return Message(chosen.role, chosen.content, dict(chosen.stats), chosen.error,
+                       [Message(m.role, m.content, dict(m.stats), m.error) for i, m in enumerate(versions) if i != index],
+                       index)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"role": self.role, "content": self.content}
@@ -76,6 +93,9 @@ class Message:
             data["stats"] = dict(self.stats)
         if self.error:
             data["error"] = self.error
+        if self.alternatives:
+            data["alternatives"] = [m.to_dict() for m in self.alternatives]
+            data["version"] = self.version
         return data
 
     @classmethod
@@ -87,7 +107,10 @@ class Message:
         stats, error = data.get("stats", {}), data.get("error", "")
         _require(isinstance(stats, dict) and isinstance(error, str), "a message's stats must be an object and "
                                                                      "its error a string")
-        return cls(role, content, dict(stats), error)
+        alternatives, version = data.get("alternatives", []), data.get("version", 0)
+        _require(isinstance(alternatives, list) and type(version) is int and 0 <= version <= len(alternatives),
+                 "a message's alternatives must be a list and its version a whole number within it")
+        return cls(role, content, dict(stats), error, [cls.from_dict(m) for m in alternatives], version)
 
 
 @dataclass

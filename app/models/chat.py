@@ -65,7 +65,13 @@ class MessageListModel(QAbstractListModel):
         if role == SpeakerRole:
             return message.role
         if role == StatsRole:
-            return format_stats(message.stats) if message.role == "assistant" else ""
+            if message.role != "assistant":
+                return ""
+            stats = format_stats(message.stats)
+            if message.alternatives:    # LM Studio's "< 2/3 >": Alt+Left / Alt+Right, or the context menu
+                n = len(message.alternatives) + 1
+                stats = f"‹ {message.version + 1}/{n} ›" + (f"  ·  {stats}" if stats else "")
+            return stats
         if role == StreamingRole:
             return index.row() == self._streaming_row
         if role == ErrorRole:
@@ -135,6 +141,11 @@ class MessageListModel(QAbstractListModel):
         if self._streaming_row >= n_rows:
             self._streaming_row = -1
         self.endRemoveRows()
+
+    def replace_message(self, row: int, message: Message) -> None:
+        """Put `message` in place of row `row` (another version of a reply shown)."""
+        self._messages[row] = message
+        self._row_changed(row, [Qt.DisplayRole, Qt.EditRole, StatsRole, ErrorRole, Qt.ToolTipRole])
 
     def _row_changed(self, row: int, roles: Sequence[int]) -> None:
         index = self.index(row)

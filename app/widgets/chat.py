@@ -154,6 +154,12 @@ class ChatPanel(QWidget):
         copy.setShortcutContext(Qt.WidgetShortcut)
         copy.triggered.connect(self._copy_current)
         self.message_view.addAction(copy)
+        # earlier and later replies of a regenerated turn ("< 1/2 >" under the reply)
+        for text, key, step in (("Previous reply", "Alt+Left", -1), ("Next reply", "Alt+Right", 1)):
+            action = QAction(text, self.message_view, shortcut=QKeySequence(key))
+            action.setShortcutContext(Qt.WidgetShortcut)
+            action.triggered.connect(lambda _checked=False, step=step: self.show_alternative(self._reply_row(), step))
+            self.message_view.addAction(action)
         self.stats = ChatStats()
 
         self.edit_banner = QLabel(objectName="noteLabel")
@@ -174,7 +180,8 @@ class ChatPanel(QWidget):
         self.escape_action.triggered.connect(self._on_escape)
         self.addAction(self.escape_action)
         self.regenerate_button = QPushButton("Regenerate", objectName="regenerateButton")
-        self.regenerate_button.setToolTip("Replace the last reply with a new one")
+        self.regenerate_button.setToolTip("A new reply to the last message; the earlier one stays, "
+                                          "‹ 1/2 › under the reply (Alt+Left / Alt+Right) switches between them")
         self.regenerate_button.clicked.connect(self.regenerate)
         buttons = QVBoxLayout()
         buttons.setSpacing(6)
@@ -293,6 +300,17 @@ class ChatPanel(QWidget):
     def set_fit_refusal(self, text: str) -> None:
         """The designer's refusal for the plan as it stands ("" when it fits)."""
         self.controller.set_fit_refusal(text)
+
+    def show_alternative(self, row: int, step: int) -> bool:
+        """Show the previous (-1) or next (+1) reply of the assistant turn in `row`."""
+        return self.controller.show_alternative(row, step)
+
+    def _reply_row(self) -> int:
+        """The assistant turn the keys act on: the current one, else the last."""
+        index = self.message_view.currentIndex()
+        if index.isValid() and self.messages.message(index.row()).role == "assistant":
+            return index.row()
+        return self.messages.rowCount() - 1
 
     def begin_edit(self, row: int) -> bool:
         """Put user message `row` in the input box; sending then resends from there."""
@@ -432,6 +450,12 @@ class ChatPanel(QWidget):
         menu.addAction("Copy", lambda: QGuiApplication.clipboard().setText(message.content))
         if message.role == "user":
             menu.addAction("Edit and resend…", lambda: self.begin_edit(row)).setEnabled(not self.is_generating)
+        if message.role == "assistant" and message.alternatives:
+            n = len(message.alternatives) + 1
+            menu.addAction(f"‹ Previous reply ({message.version}/{n})\tAlt+Left",
+                           lambda: self.show_alternative(row, -1)).setEnabled(message.version > 0)
+            menu.addAction(f"Next reply ({message.version + 2}/{n}) ›\tAlt+Right",
+                           lambda: self.show_alternative(row, 1)).setEnabled(message.version < n - 1)
         if message.role == "assistant" and row == self.messages.rowCount() - 1:
             menu.addAction("Regenerate", self.regenerate).setEnabled(not self.is_generating)
         menu.popup(self.message_view.viewport().mapToGlobal(point))

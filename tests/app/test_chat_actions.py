@@ -125,3 +125,56 @@ def test_focus_after_the_stop_button_is_the_message_box(qtbot, panel):
         qtbot.mouseClick(panel.stop_button, Qt.LeftButton)
     assert QApplication.focusWidget() is panel.input
     assert panel.system_prompt.toPlainText() == ""
+
+
+# --- regenerate keeps the earlier replies ---------------------------------------------------------
+
+def test_regenerate_keeps_the_earlier_reply_as_an_alternative(qtbot, panel, store):
+    from app.models.chat import StatsRole
+    panel.sampling.temperature.setValue(1.0)
+    finish_turn(qtbot, panel, lambda: panel.send("Name three colours"))
+    first = panel.messages.message(1).content
+    assert first
+    panel.sampling.seed.setValue(8)
+    finish_turn(qtbot, panel, panel.regenerate)
+    reply = panel.messages.message(1)
+    assert [m.role for m in panel.messages.messages()] == ["user", "assistant"]
+    assert reply.content != first and [m.content for m in reply.alternatives] == [first] and reply.version == 1
+    assert panel.messages.data(panel.messages.index(1), StatsRole).startswith("‹ 2/2 ›")
+    second = reply.content
+    assert panel.show_alternative(1, -1)
+    assert panel.messages.message(1).content == first
+    assert panel.messages.data(panel.messages.index(1), StatsRole).startswith("‹ 1/2 ›")
+    assert not panel.show_alternative(1, -1)
+    assert panel.flush_saves()
+    saved = store.load(panel.conversation.id).messages[1]
+    assert saved.content == first and [m.content for m in saved.alternatives] == [second]
+    assert saved.stats["model"] == panel.loaded.name and saved.stats["sampling"]["seed"] == 7
+    assert {"n_ctx", "type_k", "type_v", "flash_attn"} <= set(saved.stats)
+
+
+def test_stop_right_after_regenerate_gives_the_earlier_reply_back(qtbot, panel, store):
+    finish_turn(qtbot, panel, lambda: panel.send("Hello"))
+    first = panel.messages.message(1).content
+    panel.runner.model_factory = factory(delay_s=5.0)         # the new reply would take a while to start
+    with qtbot.waitSignal(panel.turn_finished, timeout=TURN_TIMEOUT_MS) as blocker:
+        assert panel.regenerate()
+        panel.stop()
+    assert blocker.args == ["cancelled"]
+    assert [m.role for m in panel.messages.messages()] == ["user", "assistant"]
+    assert panel.messages.message(1).content == first
+    assert panel.flush_saves()
+    saved = store.load(panel.conversation.id)
+    assert [m.content for m in saved.messages] == ["Hello", first]
+
+
+def test_editing_an_earlier_message_keeps_the_conversation_as_it_was(qtbot, panel, store):
+    finish_turn(qtbot, panel, lambda: panel.send("First question"))
+    finish_turn(qtbot, panel, lambda: panel.send("Second question"))
+    before = [m.content for m in panel.messages.messages()]
+    finish_turn(qtbot, panel, lambda: panel.edit_and_resend(0, "A better first question"))
+    assert [m.content for m in panel.messages.messages()][0] == "A better first question"
+    assert panel.flush_saves()
+    kept = [s for s in store.list() if s.title.endswith("(before edit)")]
+    assert len(kept) == 1
+    assert [m.content for m in store.load(kept[0].id).messages] == before
