@@ -12,7 +12,7 @@ import functools
 
 from PySide6.QtCore import QEvent, QItemSelection, QItemSelectionModel, QModelIndex, QPoint, QRect, QRectF, QSize, Qt, Signal
 from PySide6.QtGui import QColor, QDrag, QFont, QKeyEvent, QKeySequence, QMouseEvent, QPainter, QPainterPath, QPixmap, QPolygonF
-from PySide6.QtWidgets import (QAbstractItemView, QApplication, QHeaderView, QRubberBand, QStyle,
+from PySide6.QtWidgets import (QAbstractItemView, QApplication, QHeaderView, QRubberBand, QStyle, QToolTip,
                                QStyledItemDelegate, QStyleOptionViewItem, QTableView, QWidget)
 
 from app import theme
@@ -481,7 +481,23 @@ class ExpertStripView(_MoveKeys, QWidget):
         drag.exec(Qt.MoveAction)
 
     def event(self, event: QEvent) -> bool:
+        if event.type() == QEvent.ToolTip:
+            return self._show_tile_tooltip(event)
         return self._move_key_event(event) or super().event(event)
+
+    def tooltip_at(self, pos: QPoint) -> str:
+        """What the model says about the tile under `pos` ("" off the tiles)."""
+        tile = self.tile_at(pos)
+        return self.model.data(self.model.index(*tile), Qt.ToolTipRole) or "" if tile is not None else ""
+
+    def _show_tile_tooltip(self, event) -> bool:
+        text = self.tooltip_at(event.pos())
+        if text:
+            QToolTip.showText(event.globalPos(), text, self, self.tile_rect(*self.tile_at(event.pos())))
+        else:
+            QToolTip.hideText()
+            event.ignore()
+        return True
 
     def keyPressEvent(self, event: QKeyEvent) -> None:
         if event.matches(QKeySequence.SelectAll):

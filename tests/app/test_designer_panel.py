@@ -401,3 +401,18 @@ def test_the_verdict_is_always_shown_and_nothing_shifts_the_grid(qtbot, panel):
     assert panel.verdict_label.text() == panel.state.verdict
     assert panel.grid.mapTo(panel, QPoint(0, 0)).y() == grid_top
     assert panel.command_editor.mapTo(panel, QPoint(0, 0)).y() == command_top
+
+
+def test_hovering_an_expert_tile_shows_its_tooltip(qtbot, panel):
+    from PySide6.QtGui import QHelpEvent
+    from PySide6.QtWidgets import QApplication, QToolTip
+    from PySide6.QtCore import QEvent
+    panel.show()
+    qtbot.waitExposed(panel)
+    strip = panel.strip
+    centre = strip.tile_rect(1, 17).center()
+    QApplication.sendEvent(strip, QHelpEvent(QEvent.ToolTip, centre, strip.mapToGlobal(centre)))
+    expected = panel.strip_model.data(panel.strip_model.index(1, 17), Qt.ToolTipRole)
+    assert expected.startswith("expert 17 of 256 · 7.9 MiB · on ")
+    assert strip.tooltip_at(centre) == expected
+    qtbot.waitUntil(lambda: QToolTip.isVisible() and QToolTip.text() == expected)
