@@ -291,6 +291,120 @@ def _row_values(type_name: str, row_bytes: int) -> int:
     return row_bytes // fmt.block_bytes * fmt.block_values
 
 
+# ---- row and element-wise ops ------------------------------------------------------------------------
+
+def _float_array(a, what: str) -> None:
+    _dtype(a, np.float32, what)
+    _contiguous(a, what)
+
+
+def rms_norm(rt, x, weight, eps: float):
+    """x (..., n) / sqrt(mean(x^2) + eps), times weight (n,) when given."""
+    _float_array(x, "x")
+    n = x.shape[-1]
+    if weight is not None:
+        _float_array(weight, "weight")
+        _require(weight.shape == (n,), f"weight must be ({n},)")
+    out = rt.alloc(x.shape, np.float32)
+    n_rows = x.size // n
+    if n_rows:
+        _launch(rt, "elementwise.cu", "rms_norm", n_rows, 256,
+                (x, x if weight is None else weight, out, _i32(n), _f32(eps), _i32(weight is not None)))
+    return out
+
+
+def softmax(rt, x, scale: float = 1.0):
+    """softmax(scale * x) over the last axis."""
+    _float_array(x, "x")
+    out = rt.alloc(x.shape, np.float32)
+    n = x.shape[-1]
+    if x.size:
+        _launch(rt, "elementwise.cu", "softmax_rows", x.size // n, 256, (x, out, _i32(n), _f32(scale)))
+    return out
+
+
+def rope_cos_sin(rt, positions, n_dims: int, base: float, freq_scale: float = 1.0, ext_factor: float = 0.0,
+                 attn_factor: float = 1.0, corr_dims: tuple[float, float] = (0.0, 0.0), freq_factors=None):
+    """cos and sin (n_tokens, n_dims / 2) for positions (n_tokens,) int64, YaRN and frequency
+    factors included (corr_dims from ggml_rope_yarn_corr_dims, computed on the host)."""
+    _dtype(positions, np.int64, "positions")
+    _require(n_dims % 2 == 0, "rope rotates pairs: n_dims must be even")
+    n_tokens, half = positions.shape[0], n_dims // 2
+    if freq_factors is not None:
+        _float_array(freq_factors, "freq_factors")
+        _require(freq_factors.shape[0] >= half, f"need {half} frequency factors")
+    cos, sin = rt.alloc((n_tokens, half), np.float32), rt.alloc((n_tokens, half), np.float32)
+    if n_tokens:
+        _launch(rt, "elementwise.cu", "rope_cos_sin", -(-n_tokens * half // 256), 256,
+                (positions, cos if freq_factors is None else freq_factors, _i32(freq_factors is not None), cos, sin,
+                 _i32(n_tokens), _i32(n_dims), _f32(base), _f32(freq_scale), _f32(ext_factor), _f32(attn_factor),
+                 _f32(corr_dims[0]), _f32(corr_dims[1])))
+    return cos, sin
+
+
+def rope(rt, x, cos, sin, neox: bool):
+    """x (n_tokens, n_head, head_dim) with its first 2 * cos.shape[1] values of each head rotated."""
+    _float_array(x, "x")
+    n_tokens, n_head, head_dim = x.shape
+    half = cos.shape[1]
+    _require(cos.shape == (n_tokens, half) == sin.shape and 2 * half <= head_dim, "cos/sin do not fit x")
+    out = rt.alloc(x.shape, np.float32)
+    n_threads = n_tokens * n_head * (head_dim - half)
+    if n_threads:
+        _launch(rt, "elementwise.cu", "rope_apply", -(-n_threads // 256), 256,
+                (x, cos, sin, out, _i32(n_tokens), _i32(n_head), _i32(head_dim), _i32(2 * half), _i32(neox)))
+    return out
+
+
+def _binary(rt, kernel: str, a, b):
+    _float_array(a, "a")
+    _float_array(b, "b")
+    _require(a.shape == b.shape, f"shapes differ: {a.shape} and {b.shape}")
+    out = rt.alloc(a.shape, np.float32)
+    if a.size:
+        _launch(rt, "elementwise.cu", kernel, -(-a.size // 256), 256, (a, b, out, np.int64(a.size)))
+    return out
+
+
+def swiglu(rt, gate, up):
+    """silu(gate) * up."""
+    return _binary(rt, "swiglu", gate, up)
+
+
+def geglu(rt, gate, up):
+    """gelu_tanh(gate) * up."""
+    return _binary(rt, "geglu", gate, up)
+
+
+def add(rt, a, b):
+    return _binary(rt, "add", a, b)
+
+
+# ---- MoE routing -------------------------------------------------------------------------------------
+
+MAX_EXPERTS = 512
+
+
+def moe_route(rt, logits, k: int, gating: str = "softmax", select_on_logits: bool = False, bias=None,
+              n_groups: int = 0, n_groups_used: int = 0, norm_weights: bool = False, weights_scale: float = 0.0):
+    """(ids (T, k) int64, weights (T, k) f32) of the experts each token's router logits (T, n_expert) pick."""
+    _float_array(logits, "logits")
+    n_tokens, n_expert = logits.shape
+    _require(n_expert <= MAX_EXPERTS and 0 < k <= n_expert, f"k={k} of {n_expert} experts (at most {MAX_EXPERTS})")
+    _require(gating in ("softmax", "sigmoid"), "gating is softmax or sigmoid")
+    _require(n_groups <= 1 or (n_expert % n_groups == 0 and 0 < n_groups_used <= n_groups <= 64),
+             "experts must split evenly into at most 64 groups")
+    if bias is not None:
+        _float_array(bias, "bias")
+    ids, weights = rt.alloc((n_tokens, k), np.int64), rt.alloc((n_tokens, k), np.float32)
+    if n_tokens:
+        _launch(rt, "moe.cu", "moe_route", n_tokens, 256,
+                (logits, logits if bias is None else bias, ids, weights, _i32(n_expert), _i32(k),
+                 _i32(gating == "sigmoid"), _i32(select_on_logits), _i32(bias is not None), _i32(n_groups),
+                 _i32(n_groups_used), _i32(norm_weights), _f32(weights_scale)))
+    return ids, weights
+
+
 # Template instances each source is built with (CuPy name_expressions; the emulator's entry points)
 NAME_EXPRESSIONS = {
     "matvec.cu": all_matvec_names(),
