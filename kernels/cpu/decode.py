@@ -85,6 +85,16 @@ def row_kernel(x, w, rows, decode_only, type_code, n_cols, lanes, rows_per_chunk
             tile_matmul(x, tile, n_tile_rows, out, col0 + start)
 
 
+@njit(cache=True, nogil=True)
+def decode_rows_serial(w, rows, type_code, n_cols, lanes, out):
+    """out[i] = row rows[i] of W, on the calling thread (a few rows: embedding lookups)."""
+    for i in range(rows.shape[0]):
+        decode_row(type_code, w, rows[i], n_cols, lanes, out, i)
+
+
+SERIAL_ROWS = 8             # rows decoded without waking the thread pool
+
+
 def checked_weight(w_bytes: np.ndarray, ggml_type: int | QType, n_cols: int) -> np.ndarray:
     """w_bytes as the 2-D, C-ordered, read-only uint8 array the kernels take.
 
@@ -128,6 +138,9 @@ def dequantize_rows(
     if qtype not in FAST_TYPES:
         return gguf_dequantize(w[row_ids], qtype).reshape(row_ids.size, n_cols)
     out = np.empty((row_ids.size, n_cols), dtype=np.float32)
+    if row_ids.size <= SERIAL_ROWS:
+        decode_rows_serial(w, read_only(row_ids), int(qtype), n_cols, LANES, out)
+        return out
     row_kernel(
         _NO_ACTIVATIONS, w, read_only(row_ids), True, int(qtype), n_cols, LANES, DEQUANTIZE_ROWS_PER_CHUNK, out, 0
     )

@@ -83,6 +83,20 @@ def quantize_row_q8_k(x, q, d, bsums):
         d[b] = np.float32(1.0) / iscale
 
 
+@njit(cache=True, nogil=True)
+def _quantize_token(x, t, k_blocks, q, d, sums):
+    if k_blocks:
+        quantize_row_q8_k(x[t], q[t], d[t], sums[t])
+    else:
+        quantize_row_q8_0(x[t], q[t], d[t], sums[t])
+
+
+@njit(cache=True, nogil=True)
+def quantize_one_token(x, k_blocks, q, d, sums):
+    """quantize_activations for a single row, without starting the thread pool (decode)."""
+    _quantize_token(x, 0, k_blocks, q, d, sums)
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def quantize_activations(x, k_blocks, q, d, sums):
     """All rows of x (n_tokens, n_cols): to Q8_K when k_blocks, else to Q8_0 / Q8_1.
@@ -91,7 +105,4 @@ def quantize_activations(x, k_blocks, q, d, sums):
     (n_tokens, n_cols // 32) or Q8_K's bsums (n_tokens, n_cols // 16; whole numbers below
     2**11, exact in float32 like every product and sum the min terms make of them)."""
     for t in prange(x.shape[0]):
-        if k_blocks:
-            quantize_row_q8_k(x[t], q[t], d[t], sums[t])
-        else:
-            quantize_row_q8_0(x[t], q[t], d[t], sums[t])
+        _quantize_token(x, t, k_blocks, q, d, sums)

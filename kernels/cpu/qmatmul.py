@@ -25,7 +25,7 @@ from kernels.cpu import unpack
 from kernels.cpu.decode import checked_weight
 from kernels.cpu.decode_basic import read_f16
 from kernels.cpu.formats import as_ggml_type, read_only
-from kernels.cpu.qactivations import quantize_activations
+from kernels.cpu.qactivations import quantize_activations, quantize_one_token
 from kernels.cpu.simd import scaled_block_dot
 
 _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = (int(QType[n]) for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"))
@@ -38,6 +38,7 @@ INTEGER_TYPES = Q8_0_INPUT_TYPES | Q8_K_INPUT_TYPES
 
 LANES = 32
 TILE_BYTES = 32 * 1024       # unpacked rows per prefill chunk: about an L1 data cache
+SERIAL_WORK_BYTES = 64 * 1024  # weight bytes x tokens below which one thread is faster than the pool
 
 
 @njit(cache=True, nogil=True)
@@ -138,34 +139,51 @@ def _row_dot(type_code, w, wi, r, n_cols, tile8, tile16, i, mins, xq, xd, xs, t)
     return y
 
 
+@njit(cache=True, nogil=True)
+def _matmul_chunk(xq, xd, xs, w, wi, type_code, n_cols, start, n_chunk_rows, tile_rows, out, col0):
+    """Rows start .. start + n_chunk_rows of out[:, col0:] (one work item)."""
+    n_tokens = xq.shape[0]
+    tile8 = np.empty((tile_rows, n_cols), dtype=np.int8)
+    tile16 = np.empty((tile_rows, n_cols), dtype=np.int16)
+    mins = np.empty((tile_rows, n_cols // 16), dtype=np.int16)
+    if n_tokens == 1:   # decode: unpack one row and use it while it is in L1
+        for i in range(n_chunk_rows):
+            r = start + i
+            if type_code != _Q8_0:
+                _unpack_row(type_code, w, r, n_cols, tile8, tile16, 0, mins)
+            out[0, col0 + r] = _row_dot(type_code, w, wi, r, n_cols, tile8, tile16, 0, mins, xq, xd, xs, 0)
+        return
+    if type_code != _Q8_0:
+        for i in range(n_chunk_rows):
+            _unpack_row(type_code, w, start + i, n_cols, tile8, tile16, i, mins)
+    for t in range(n_tokens):
+        for i in range(n_chunk_rows):
+            out[t, col0 + start + i] = _row_dot(
+                type_code, w, wi, start + i, n_cols, tile8, tile16, i, mins, xq, xd, xs, t)
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def qmatmul_kernel(xq, xd, xs, w, type_code, n_cols, rows_per_chunk, out, col0):
     """out[:, col0:col0 + n_rows] = x @ W.T from x quantized (xq, xd, xs) for type_code."""
     wi = w.view(np.int8)
     n_rows = w.shape[0]
-    n_tokens = xq.shape[0]
     n_chunks = (n_rows + rows_per_chunk - 1) // rows_per_chunk
-    tile_rows = 1 if n_tokens == 1 else rows_per_chunk
+    tile_rows = 1 if xq.shape[0] == 1 else rows_per_chunk
     for c in prange(n_chunks):
         start = c * rows_per_chunk
-        n_chunk_rows = min(rows_per_chunk, n_rows - start)
-        tile8 = np.empty((tile_rows, n_cols), dtype=np.int8)
-        tile16 = np.empty((tile_rows, n_cols), dtype=np.int16)
-        mins = np.empty((tile_rows, n_cols // 16), dtype=np.int16)
-        if n_tokens == 1:   # decode: unpack one row and use it while it is in L1
-            for i in range(n_chunk_rows):
-                r = start + i
-                if type_code != _Q8_0:
-                    _unpack_row(type_code, w, r, n_cols, tile8, tile16, 0, mins)
-                out[0, col0 + r] = _row_dot(type_code, w, wi, r, n_cols, tile8, tile16, 0, mins, xq, xd, xs, 0)
-        else:
-            if type_code != _Q8_0:
-                for i in range(n_chunk_rows):
-                    _unpack_row(type_code, w, start + i, n_cols, tile8, tile16, i, mins)
-            for t in range(n_tokens):
-                for i in range(n_chunk_rows):
-                    out[t, col0 + start + i] = _row_dot(
-                        type_code, w, wi, start + i, n_cols, tile8, tile16, i, mins, xq, xd, xs, t)
+        _matmul_chunk(xq, xd, xs, w, wi, type_code, n_cols, start, min(rows_per_chunk, n_rows - start),
+                      tile_rows, out, col0)
+
+
+@njit(cache=True, nogil=True)
+def qmatmul_serial(xq, xd, xs, w, type_code, n_cols, rows_per_chunk, out, col0):
+    """qmatmul_kernel on the calling thread: for products too small to pay for waking the pool."""
+    wi = w.view(np.int8)
+    n_rows = w.shape[0]
+    tile_rows = 1 if xq.shape[0] == 1 else rows_per_chunk
+    for start in range(0, n_rows, rows_per_chunk):
+        _matmul_chunk(xq, xd, xs, w, wi, type_code, n_cols, start, min(rows_per_chunk, n_rows - start),
+                      tile_rows, out, col0)
 
 
 class QuantizedActivations:
@@ -183,7 +201,8 @@ class QuantizedActivations:
         self.q = np.empty((n_tokens, n_cols), dtype=np.int8)
         self.d = np.empty((n_tokens, n_cols // block), dtype=np.float32)
         self.sums = np.empty((n_tokens, n_cols // (16 if k_blocks else 32)), dtype=np.float32)
-        quantize_activations(read_only(np.ascontiguousarray(x, dtype=np.float32)), k_blocks, self.q, self.d, self.sums)
+        quantize = quantize_one_token if n_tokens == 1 else quantize_activations
+        quantize(read_only(np.ascontiguousarray(x, dtype=np.float32)), k_blocks, self.q, self.d, self.sums)
         self.q, self.d, self.sums = read_only(self.q), read_only(self.d), read_only(self.sums)
 
     @classmethod
@@ -230,5 +249,6 @@ def qmatmul(
     elif out.dtype != np.float32 or out.shape != shape or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-ordered float32 array of shape {shape}")
     chunk = rows_per_chunk(n_cols, shape[0])
-    qmatmul_kernel(xa.q, xa.d, xa.sums, w, int(qtype), n_cols, chunk, out, 0)
+    kernel = qmatmul_serial if w.nbytes * shape[0] <= SERIAL_WORK_BYTES else qmatmul_kernel
+    kernel(xa.q, xa.d, xa.sums, w, int(qtype), n_cols, chunk, out, 0)
     return out

@@ -21,7 +21,8 @@ from gguf.quants import dequantize
 from numba import njit
 
 from kernels.cpu import INTEGER_TYPES, QuantizedActivations, qmatmul
-from kernels.cpu.qmatmul import Q8_K_INPUT_TYPES
+from kernels.cpu.formats import read_only
+from kernels.cpu.qmatmul import Q8_K_INPUT_TYPES, qmatmul_kernel, qmatmul_serial, rows_per_chunk
 from kernels.cpu.simd import scaled_block_dot, scaled_block_dot_reference
 
 INTEGER_TYPE_NAMES = sorted(t.name for t in INTEGER_TYPES)
@@ -185,3 +186,20 @@ def test_quantized_activations_are_reused(rng, type_name):
 def test_qmatmul_refuses_types_without_integer_form(rng):
     with pytest.raises(ValueError, match="no integer dot product"):
         qmatmul(np.zeros((1, 32), np.float32), np.zeros((1, 64), np.uint8), QType.F16, 32)
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q5_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("n_tokens", [1, 5])
+def test_thread_pool_and_calling_thread_agree(rng, type_name, n_tokens):
+    """Large products run on the pool, small ones on the calling thread: the same numbers."""
+    qtype = QType[type_name]
+    n_cols, n_rows = 512, 333
+    w = random_weight(rng, type_name, n_rows, n_cols)
+    x = QuantizedActivations.for_type(rng.standard_normal((n_tokens, n_cols)).astype(np.float32), qtype)
+    pooled = np.empty((n_tokens, n_rows), np.float32)
+    serial = np.empty((n_tokens, n_rows), np.float32)
+    chunk = rows_per_chunk(n_cols, n_tokens)
+    qmatmul_kernel(x.q, x.d, x.sums, read_only(w), int(qtype), n_cols, chunk, pooled, 0)
+    qmatmul_serial(x.q, x.d, x.sums, read_only(w), int(qtype), n_cols, chunk, serial, 0)
+    assert np.array_equal(pooled.view(np.uint32), serial.view(np.uint32))
+    assert np.array_equal(qmatmul(x, w, qtype, n_cols), pooled)
