@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from engine.plan.inventory import Inventory, Role
+from engine.plan import compute_buffers
 from engine.plan.memory import (MemoryEstimate, MemoryOptions, estimate_memory, expert_compute_bytes,
-                                flash_attention_on, kv_layer_bytes, layer_compute_bytes, output_compute_bytes)
+                                flash_attention_on, kv_cells, kv_layer_bytes, layer_compute_bytes,
+                                output_compute_bytes, overhead_terms)
 from engine.plan.placement import INPUT_SLOT, Placement, TensorRef, tensor_slot
 from engine.run_config import RunConfig
 from engine.units import format_bytes, format_ranges
@@ -85,9 +87,10 @@ def auto_fit(inventory: Inventory, devices: Sequence, run_config: RunConfig,
     gpus = [d for d in devices if d.is_gpu]
     cpu = CPU_NAME if any(d.name == CPU_NAME for d in devices) else devices[0].name
     slots = _slots(inventory, run_config)
-    compute_bytes = _compute_reserve(inventory, run_config, bool(gpus))
-    budgets = [max(d.total_bytes - options.memory.gpu_overhead_bytes - options.memory.gpu_margin_bytes
-                   - compute_bytes, 0) for d in gpus]
+    compute_bytes = _compute_reserve(inventory, run_config, [d.name for d in gpus], cpu)
+    overhead = sum(t.n_bytes for t in overhead_terms(inventory.hparams, run_config, True, options.memory))
+    budgets = [max(d.total_bytes - overhead - options.memory.gpu_margin_bytes - reserve, 0)
+               for d, reserve in zip(gpus, compute_bytes)]
     min_slot = 0
     while True:
         plan, units = _best_plan(slots, budgets, min_slot)
@@ -119,8 +122,8 @@ def _slots(inventory: Inventory, rc: RunConfig) -> list[_Slot]:
     if hp is not None:
         for il in range(n_layer):
             dense[il] += sum(kv_layer_bytes(hp, il, rc))
-        if "output.weight" in inventory.by_name:    # the logits buffer sits with the output matrix
-            dense[n_layer] += output_compute_bytes(hp, rc)
+        if "output.weight" in inventory.by_name and not compute_buffers.has_graph(hp.arch):
+            dense[n_layer] += output_compute_bytes(hp, rc)     # the rough rule's logits (the graph's are in the reserve)
     return [_Slot(s, dense[s], _units(s, expert_tensors[s])) for s in range(n_layer + 1)]
 
 
@@ -132,12 +135,33 @@ def _units(slot: int, tensors: list) -> list[_Unit]:
                   sum(t.expert_bytes for t in ts)) for ts in by_key.values()]
 
 
-def _compute_reserve(inventory: Inventory, rc: RunConfig, has_gpu: bool) -> int:
-    """The largest compute buffer the estimate may charge a GPU, whichever layers or experts it gets."""
+def _compute_reserve(inventory: Inventory, rc: RunConfig, gpus: list[str], cpu: str) -> list[int]:
+    """The compute buffer to keep free on each GPU: llama.cpp's for the whole model on one GPU
+    and, on the first GPU of a MoE model, also with the routed experts left on the CPU (llama.cpp
+    offloads their matmuls to the first GPU a weight at a time, each copy in its compute buffer)."""
     hp = inventory.hparams
-    if hp is None:
-        return 0
-    flash_attn = flash_attention_on(rc, has_gpu)
+    if hp is None or not gpus:
+        return [0] * len(gpus)
+    if not compute_buffers.has_graph(hp.arch):
+        return [_rough_compute_reserve(hp, rc)] * len(gpus)
+    shape = compute_buffers.GraphShape.of(hp, rc, flash_attention_on(rc, True), kv_cells)
+    by_name = inventory.by_name
+    gpu = gpus[0]
+    reserves = []
+    for experts_on_cpu in (False, True) if hp.n_expert else (False,):
+        def device_of(name: str) -> str:
+            t = by_name.get(name)
+            on_cpu = name.startswith("token_embd") or (experts_on_cpu and t is not None and t.role is Role.ROUTED_EXPERTS)
+            return cpu if on_cpu else gpu
+        sizes = compute_buffers.compute_buffer_bytes(
+            hp, shape, [gpu], device_of=device_of, layer_device=lambda il: gpu,
+            weight_bytes=lambda name: by_name[name].n_bytes if name in by_name else None)
+        reserves.append(sizes.get(gpu, 0))
+    return [max(reserves)] + [reserves[0]] * (len(gpus) - 1)
+
+
+def _rough_compute_reserve(hp, rc: RunConfig) -> int:
+    flash_attn = flash_attention_on(rc, True)
     compute = 0
     for il in range(hp.n_layer):
         compute = max(compute, layer_compute_bytes(hp, il, rc, flash_attn))
@@ -277,6 +301,11 @@ def explain(inventory: Inventory, placement: Placement, estimate: MemoryEstimate
     if experts:
         parts.append(experts)
     fitting = [d for d in estimate.devices if d.device in {g.name for g in gpus}]
+    for d in fitting:
+        if not d.fits:      # what is left is the compute buffer, which weights on the CPU do not shrink
+            parts.append(f"{d.device} is {format_bytes(-d.free_bytes)} short even so: llama.cpp's compute buffer "
+                         f"there ({format_bytes(d.compute_bytes)}) holds a copy of each CPU weight whose matmul it "
+                         f"offloads; a ubatch under 32 tokens or --no-op-offload avoids that")
     roomiest = max(fitting, key=lambda d: d.free_bytes)
     if roomiest.free_bytes >= 0:
         parts.append(f"{format_bytes(roomiest.free_bytes)} free on {roomiest.device}")

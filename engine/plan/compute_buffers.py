@@ -62,7 +62,8 @@ def contiguous_strides(type_name: str, ne: tuple[int, ...]) -> tuple[int, ...]:
 
 class Tensor:
     """One ggml tensor of the graph: shape in ggml's ne order (ne0 = the contiguous dimension)."""
-    __slots__ = ("ne", "nb", "type", "op", "src", "view_src", "external", "is_input", "is_output", "device", "name")
+    __slots__ = ("ne", "nb", "type", "op", "src", "view_src", "external", "is_input", "is_output", "device", "name",
+                 "stored_bytes")
 
     def __init__(self, ne, type_name, op="NONE", src=(), view_src=None, nb=None, external=False,
                  device=None, name=""):
@@ -78,9 +79,12 @@ class Tensor:
         self.is_output = False
         self.device = device
         self.name = name
+        self.stored_bytes: int | None = None    # a weight's bytes as stored in the file
 
     @property
     def n_bytes(self) -> int:
+        if self.stored_bytes is not None:
+            return self.stored_bytes
         return row_bytes(self.type, self.ne[0]) * self.ne[1] * self.ne[2] * self.ne[3]
 
     def same_layout(self, other: Tensor) -> bool:
@@ -394,13 +398,14 @@ class GraphBuilder(Ops):
     """llm_graph_context for the families the planner knows, with weights on their devices."""
 
     def __init__(self, hp: HyperParams, shape: GraphShape, device_of: Callable[[str], str],
-                 layer_device: Callable[[int], str]):
+                 layer_device: Callable[[int], str], weight_bytes: Callable[[str], int | None] = lambda name: None):
         super().__init__(Graph())
         self.hp = hp
         self.shape = shape
         self.T = shape.n_tokens
         self.device_of = device_of
         self.layer_device = layer_device
+        self.weight_bytes = weight_bytes
         family = arch.family(hp.arch)
         specs = family.tensor_specs(hp)
         self.shapes = {s.name: tuple(reversed(s.shape)) for s in specs}     # ggml ne order
@@ -413,7 +418,8 @@ class GraphBuilder(Ops):
         if name not in self.shapes:
             return None
         if name not in self._weights:
-            self._weights[name] = self.weight(self.shapes[name], self.device_of(name), name)
+            t = self._weights[name] = self.weight(self.shapes[name], self.device_of(name), name)
+            t.stored_bytes = self.weight_bytes(name)
         return self._weights[name]
 
     def lw(self, il: int, name: str) -> Tensor | None:
@@ -789,11 +795,120 @@ GRAPHS = {"llama": _llama_like, "qwen2": _llama_like, "qwen3": _llama_like, "qwe
 
 
 def build_graph(hp: HyperParams, shape: GraphShape, device_of: Callable[[str], str] = lambda name: CPU_NAME,
-                layer_device: Callable[[int], str] = lambda il: CPU_NAME) -> Graph:
-    b = GraphBuilder(hp, shape, device_of, layer_device)
+                layer_device: Callable[[int], str] = lambda il: CPU_NAME,
+                weight_bytes: Callable[[str], int | None] = lambda name: None) -> Graph:
+    b = GraphBuilder(hp, shape, device_of, layer_device, weight_bytes)
     GRAPHS[hp.arch](b)
     return b.graph
 
 
 def has_graph(arch_name: str) -> bool:
     return arch_name in GRAPHS
+
+
+# --- the scheduler: which backend runs each node, and the copies between them ---------------
+
+def _weight_source(node: Tensor) -> Tensor | None:
+    # ggml_backend_sched_backend_id_from_cur: rope's and flash attention's small extra tensors
+    # do not choose the backend
+    if node.op in ("ROPE", "FLASH_ATTN_EXT"):
+        return None
+    for src in node.src:
+        if src.external and not src.name.startswith("cache_"):
+            return src
+    return None
+
+
+def op_batch_size(node: Tensor) -> int:
+    """ggml-cuda's get_op_batch_size: what its offload_op compares with MIN_OFFLOAD_BATCH."""
+    if node.op == "GET_ROWS":
+        return 0
+    if node.op == "MUL_MAT":
+        return node.ne[1]
+    if node.op in ("MUL_MAT_ID", "ROPE"):
+        return node.ne[2]
+    return node.ne[1] * node.ne[2] * node.ne[3]
+
+
+def assign_devices(graph: Graph, gpus: Sequence[str], n_tokens: int) -> None:
+    """ggml_backend_sched_split_graph's backend assignment, in its passes: ops on a preallocated
+    tensor (a view of the KV cache) or with a weight run where that memory is, except that an
+    op on a CPU weight is offloaded to the first GPU when its batch reaches MIN_OFFLOAD_BATCH
+    (llama.cpp's default op offload); graph inputs sit on the CPU; the rest take the device of
+    their neighbours, GPUs first, down then up."""
+    cpu = CPU_NAME
+    for leaf in graph.leafs:
+        if not leaf.external:
+            leaf.device = cpu
+    for node in graph.nodes:
+        node.device = None
+        if node.view_src is not None and node.view_src.external:
+            node.device = node.view_src.device
+            continue
+        weight = _weight_source(node)
+        if weight is not None:
+            node.device = weight.device
+            if weight.device == cpu and gpus and op_batch_size(node) >= MIN_OFFLOAD_BATCH:
+                node.device = gpus[0]
+    gpu_set = set(gpus)
+    for nodes, only_gpu in ((graph.nodes, True), (graph.nodes[::-1], True),
+                            (graph.nodes, False), (graph.nodes[::-1], False)):
+        current = None
+        for node in nodes:
+            if node.device is not None:
+                current = node.device if (not only_gpu or node.device in gpu_set) else None
+            elif current is not None:
+                node.device = current
+    for node in graph.nodes:
+        if node.device is None:
+            node.device = cpu
+
+
+def insert_copies(graph: Graph) -> list[Tensor]:
+    """The scheduler's graph copy: the nodes in splits (runs on one device), each split starting
+    with a copy, in its device's buffer, of every input it reads from another device. A weight
+    offloaded from the CPU starts a split of its own, so its copy is freed by the next one's.
+    Views are no work of their own and live with the memory they view."""
+    splits: list[tuple[list[Tensor], list[Tensor]]] = [([], [])]     # (copies, nodes)
+    split_device = None
+    copies: dict[int, Tensor] = {}
+    for node in graph.nodes:
+        if node.view_src is not None and node.op != "SET_ROWS":
+            node.device = node.view_src.device
+            splits[-1][1].append(node)
+            continue
+        offloaded_weight = any(src.external and src.device != node.device for src in node.src)
+        if node.device != split_device or (offloaded_weight and copies):
+            split_device, copies = node.device, {}
+            splits.append(([], []))
+        new_src = []
+        for src in node.src:
+            if (src.view_src or src).device == split_device:
+                new_src.append(src)
+                continue
+            copy = copies.get(id(src))
+            if copy is None:
+                copy = Tensor(src.ne, src.type, op="CPY", src=(src,), nb=src.nb, device=split_device,
+                              name=f"{src.name}#copy")
+                copy.stored_bytes = src.stored_bytes    # an offloaded weight travels in its own format
+                copies[id(src)] = copy
+                splits[-1][0].append(copy)
+            new_src.append(copy)
+        node.src = tuple(new_src)
+        splits[-1][1].append(node)
+    return [t for split_copies, split_nodes in splits for t in split_copies + split_nodes]
+
+
+def alignment(device: str) -> int:
+    return TENSOR_ALIGNMENT["cpu" if device == CPU_NAME else "cuda"]
+
+
+def compute_buffer_bytes(hp: HyperParams, shape: GraphShape, gpus: Sequence[str] = (),
+                         device_of: Callable[[str], str] = lambda name: CPU_NAME,
+                         layer_device: Callable[[int], str] = lambda il: CPU_NAME,
+                         weight_bytes: Callable[[str], int | None] = lambda name: None) -> dict[str, int]:
+    """Bytes of each device's compute buffer as llama.cpp reserves it (devices with none: absent)."""
+    graph = build_graph(hp, shape, device_of, layer_device, weight_bytes)
+    assign_devices(graph, gpus, shape.n_tokens)
+    nodes = insert_copies(graph) if gpus else graph.nodes
+    return allocate(nodes, graph.leafs, alignment)

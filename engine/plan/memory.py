@@ -7,22 +7,35 @@ move, and everything else here is O(n_layer).
 The KV cache is sized exactly as llama.cpp sizes it (`llama_kv_cache` / `llama_kv_cache_iswa`);
 `kv_layer_bytes` is the one function the engine's cache allocator uses too.
 
-Compute buffers are a model of what llama.cpp's graph allocator reserves for the worst-case
-ubatch (see docs/memory-model.md): the largest simultaneously-live activations of one layer
-(attention scores without flash attention, the FFN or the selected experts' intermediates),
-the residual stream, and on the device holding the output matrix, the logits of one ubatch.
+Compute buffers are what llama.cpp's scheduler reserves, derived by engine.plan.compute_buffers
+from the family's worst-case graph and a port of ggml's allocator, per device of the placement.
+Overhead is a list of named terms (`OverheadTerm`), for the llama.cpp command line the plan
+exports or for this app's own engine (`MemoryOptions.target`); each says whether it is derived
+from a rule or was measured (see docs/memory-model.md).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from engine.gguf import ggml_types
 from engine.arch.base import AttentionKind, HyperParams
+from engine.plan import compute_buffers
 from engine.run_config import RunConfig
 
 MIB = 1 << 20
-GPU_CONTEXT_BYTES = 450 * MIB       # CUDA context + cuBLAS workspace per GPU
-CPU_BASELINE_BYTES = 400 * MIB      # the process itself: Python, NumPy, Qt
+# Per-GPU terms of a llama.cpp run. Derived (no GPU has measured them here yet): the CUDA
+# context with ggml-cuda's kernels loaded lazily, and cuBLAS's handle and workspace.
+CUDA_CONTEXT_BYTES = 384 * MIB
+CUBLAS_WORKSPACE_BYTES = 64 * MIB
+# This app's own process, measured (RSS) on the CPU build: the interpreter with NumPy and the
+# Numba kernels compiled, and the Qt GUI on top; per GPU, CuPy's module cache and pool slack.
+APP_ENGINE_BYTES = 160 * MIB
+APP_GUI_BYTES = 48 * MIB
+CUPY_RUNTIME_BYTES = 64 * MIB
+GPU_CONTEXT_BYTES = CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES     # per GPU, both targets
+CPU_BASELINE_BYTES = APP_ENGINE_BYTES + APP_GUI_BYTES
+TARGETS = ("llama.cpp", "app")
 KV_PAD_CELLS = 256                  # llama.cpp pads cache sizes to 256 cells
 F32_BYTES = 4
 
@@ -80,10 +93,13 @@ def recurrent_state_bytes(hp: HyperParams, rc: RunConfig) -> int:
     return sum(sum(recurrent_layer_bytes(hp, il, rc)) for il in range(hp.n_layer))
 
 
-def flash_attention_on(rc: RunConfig, has_gpu: bool) -> bool:
-    # llama.cpp's "auto" turns flash attention on where the backend supports it (all CUDA GPUs)
-    return rc.flash_attn == "on" or (rc.flash_attn == "auto" and has_gpu)
+def flash_attention_on(rc: RunConfig, has_gpu: bool = False) -> bool:
+    # llama.cpp's "auto" (resolve_fused_ops) turns flash attention on when every layer's device
+    # runs it: the CPU backend and every CUDA GPU do
+    return rc.flash_attn in ("on", "auto")
 
+
+# A rough model of one layer's activations, for families without a graph in compute_buffers.
 
 def layer_compute_bytes(hp: HyperParams, il: int, rc: RunConfig, flash_attn: bool) -> int:
     """Largest simultaneously-live activations of one layer for one ubatch."""
@@ -114,9 +130,44 @@ def output_compute_bytes(hp: HyperParams, rc: RunConfig) -> int:
 
 @dataclass(frozen=True)
 class MemoryOptions:
-    gpu_overhead_bytes: int = GPU_CONTEXT_BYTES
+    target: str = "llama.cpp"           # whose process: the exported llama.cpp command, or this app
+    gpu_overhead_bytes: int | None = None   # one fixed figure per GPU instead of the named terms
     gpu_margin_bytes: int = 0           # the user's safety margin per GPU
-    cpu_baseline_bytes: int = CPU_BASELINE_BYTES
+    cpu_baseline_bytes: int | None = None   # one fixed figure for the host instead of the named terms
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ValueError(f"memory target must be one of {', '.join(TARGETS)}, not {self.target!r}")
+
+
+@dataclass(frozen=True)
+class OverheadTerm:
+    """One named piece of a device's overhead."""
+    name: str
+    n_bytes: int
+    derived: bool       # True: follows from a rule, not yet measured on such a device
+
+
+def overhead_terms(hp: HyperParams | None, rc: RunConfig, is_gpu: bool,
+                   options: MemoryOptions) -> tuple[OverheadTerm, ...]:
+    """What a device carries besides weights, KV cache and compute buffers."""
+    if is_gpu:
+        if options.gpu_overhead_bytes is not None:
+            return (OverheadTerm("GPU overhead (given)", options.gpu_overhead_bytes, False),)
+        terms = [OverheadTerm("CUDA context", CUDA_CONTEXT_BYTES, True),
+                 OverheadTerm("cuBLAS workspace", CUBLAS_WORKSPACE_BYTES, True)]
+        if options.target == "app":
+            terms.append(OverheadTerm("CuPy modules and pool", CUPY_RUNTIME_BYTES, True))
+        return tuple(terms)
+    if options.cpu_baseline_bytes is not None:
+        return (OverheadTerm("host overhead (given)", options.cpu_baseline_bytes, False),)
+    if options.target == "app":
+        return (OverheadTerm("engine process (Python, NumPy, Numba)", APP_ENGINE_BYTES, False),
+                OverheadTerm("Qt GUI", APP_GUI_BYTES, False))
+    # llama_context's output buffer at load: logits of one row per sequence (it grows to a
+    # batch of rows only when a batch asks for all of them, as llama-perplexity does)
+    n_vocab = hp.n_vocab if hp is not None else 0
+    return (OverheadTerm("llama.cpp output buffer", n_vocab * max(1, rc.n_seq) * F32_BYTES, False),)
 
 
 @dataclass(frozen=True)
@@ -128,6 +179,8 @@ class DeviceEstimate:
     compute_bytes: int
     overhead_bytes: int
     margin_bytes: int
+    overhead_terms: tuple[OverheadTerm, ...] = ()
+    compute_derived: bool = False       # a GPU's compute buffer: derived, not measured
 
     @property
     def total_bytes(self) -> int:
@@ -170,6 +223,57 @@ def expert_devices_away_from(inventory, placement, il: int, home: str) -> set[st
     return devices
 
 
+_COMPUTE_CACHE: OrderedDict = OrderedDict()
+_COMPUTE_CACHE_SIZE = 64
+
+
+def compute_bytes_by_device(inventory, placement, rc: RunConfig, devices) -> dict[str, int]:
+    """llama.cpp's compute buffer of every device for this placement (memoised: a drag returns
+    to the same placements often, and a big model's graph takes a few tenths of a second)."""
+    hp = inventory.hparams
+    gpus = tuple(d.name for d in devices if d.is_gpu)
+    shape = compute_buffers.GraphShape.of(hp, rc, flash_attention_on(rc, bool(gpus)), kv_cells)
+    names = [t.name for t in inventory.tensors]
+    where = tuple(placement.device_of(n) for n in names) if gpus else ()
+    homes = tuple(placement.layer_home_device(il) for il in range(hp.n_layer)) if gpus else ()
+    key = (id(inventory), hp, shape, gpus, where, homes)
+    if key in _COMPUTE_CACHE:
+        _COMPUTE_CACHE.move_to_end(key)
+        return _COMPUTE_CACHE[key]
+    by_name = inventory.by_name
+    output_device = placement.output_device()
+
+    def device_of(name: str) -> str:
+        if name in by_name:
+            return placement.device_of(name)
+        return output_device if name == "output.weight" else CPU_NAME_FALLBACK
+
+    sizes = compute_buffers.compute_buffer_bytes(
+        hp, shape, gpus, device_of=device_of, layer_device=placement.layer_home_device,
+        weight_bytes=lambda name: by_name[name].n_bytes if name in by_name else None)
+    _COMPUTE_CACHE[key] = sizes
+    if len(_COMPUTE_CACHE) > _COMPUTE_CACHE_SIZE:
+        _COMPUTE_CACHE.popitem(last=False)
+    return sizes
+
+
+CPU_NAME_FALLBACK = compute_buffers.CPU_NAME
+
+
+def _rough_compute_bytes(inventory, placement, rc: RunConfig, devices) -> dict[str, int]:
+    """The per-layer model, for families compute_buffers has no graph of."""
+    hp = inventory.hparams
+    compute = {d.name: 0 for d in devices}
+    flash_attn = flash_attention_on(rc, any(d.is_gpu for d in devices))
+    for il in range(hp.n_layer):
+        home = placement.layer_home_device(il)
+        compute[home] = max(compute[home], layer_compute_bytes(hp, il, rc, flash_attn))
+        for device in expert_devices_away_from(inventory, placement, il, home):
+            compute[device] = max(compute[device], expert_compute_bytes(hp, il, rc))
+    compute[placement.output_device()] += output_compute_bytes(hp, rc)
+    return compute
+
+
 def estimate_memory(inventory, placement, rc: RunConfig, devices, options: MemoryOptions = MemoryOptions()
                     ) -> MemoryEstimate:
     """Per-device memory for running `inventory` placed by `placement` with `rc`."""
@@ -179,23 +283,26 @@ def estimate_memory(inventory, placement, rc: RunConfig, devices, options: Memor
     compute = {d.name: 0 for d in devices}
     notes: list[str] = []
     if hp is not None:
-        flash_attn = flash_attention_on(rc, any(d.is_gpu for d in devices))
         for il in range(hp.n_layer):
             home = placement.layer_home_device(il)
             # the layer's home holds its KV cache or, on a recurrent layer, its recurrent state
             kv[home] += sum(kv_layer_bytes(hp, il, rc)) + sum(recurrent_layer_bytes(hp, il, rc))
-            compute[home] = max(compute[home], layer_compute_bytes(hp, il, rc, flash_attn))
-            for device in expert_devices_away_from(inventory, placement, il, home):
-                compute[device] = max(compute[device], expert_compute_bytes(hp, il, rc))
-        output_device = placement.device_of("output.weight") if "output.weight" in inventory.by_name \
-            else placement.device_of("token_embd.weight")
-        compute[output_device] += output_compute_bytes(hp, rc)
+        if compute_buffers.has_graph(hp.arch):
+            for device, n_bytes in compute_bytes_by_device(inventory, placement, rc, devices).items():
+                if device in compute:
+                    compute[device] = n_bytes
+        else:
+            compute = _rough_compute_bytes(inventory, placement, rc, devices)
+            notes.append(f"compute buffers of {hp.arch} follow a per-layer rule, not llama.cpp's graph")
     else:
         notes.append("architecture unknown: KV cache and compute buffers are not estimated")
-    return MemoryEstimate(tuple(
-        DeviceEstimate(
+    estimates = []
+    for d in devices:
+        terms = overhead_terms(hp, rc, d.is_gpu, options)
+        estimates.append(DeviceEstimate(
             device=d.name, capacity_bytes=d.total_bytes, weights_bytes=weights.get(d.name, 0),
             kv_bytes=kv[d.name], compute_bytes=compute[d.name],
-            overhead_bytes=options.gpu_overhead_bytes if d.is_gpu else options.cpu_baseline_bytes,
-            margin_bytes=options.gpu_margin_bytes if d.is_gpu else 0)
-        for d in devices), tuple(notes))
+            overhead_bytes=sum(t.n_bytes for t in terms),
+            margin_bytes=options.gpu_margin_bytes if d.is_gpu else 0,
+            overhead_terms=terms, compute_derived=d.is_gpu))
+    return MemoryEstimate(tuple(estimates), tuple(notes))

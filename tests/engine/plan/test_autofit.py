@@ -56,7 +56,7 @@ def gpu_bytes(placement, name, gpus) -> int:
 
 # --- fitting ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("spec", ["24GiB,24GiB,24GiB,48GiB", "24GiB", "12GiB,8GiB", "8GiB", "2GiB",
+@pytest.mark.parametrize("spec", ["24GiB,24GiB,24GiB,48GiB", "24GiB", "12GiB,8GiB", "8GiB",
                                   "96GiB,96GiB,96GiB,96GiB"])
 @pytest.mark.parametrize("split", [False, True])
 def test_deepseek_plans_fit_every_gpu(deepseek, spec, split):
@@ -67,6 +67,21 @@ def test_deepseek_plans_fit_every_gpu(deepseek, spec, split):
     again = estimate_memory(deepseek, result.placement, RunConfig(), devs)
     assert again == result.estimate
     assert bool(result.placement.split_tensors()) <= split
+
+
+def test_a_gpu_too_small_for_the_offloaded_matmuls_is_named(deepseek):
+    """With every weight on the CPU, llama.cpp still runs the ubatch's matmuls on the first GPU,
+    copying each weight into its compute buffer: a 2 GiB card cannot hold the largest expert."""
+    devs = devices("2GiB")
+    result = auto_fit(deepseek, devs, RunConfig())
+    assert set(result.placement.layer_devices) == {"CPU"}
+    gpu = result.estimate["CUDA0"]
+    assert gpu.weights_bytes == 0 and not gpu.fits
+    largest_expert_tensor = max(t.n_bytes for t in expert_tensors(deepseek))
+    assert gpu.compute_bytes > largest_expert_tensor
+    assert "CUDA0 is" in result.explanation and "--no-op-offload" in result.explanation
+    small_ubatch = auto_fit(deepseek, devs, RunConfig(n_ubatch=16))
+    assert small_ubatch.estimate["CUDA0"].compute_bytes < 64 * MIB
 
 
 def test_a_model_that_fits_goes_entirely_to_the_gpus(tiny):
@@ -103,7 +118,7 @@ def test_a_gpu_too_small_for_its_context_gets_nothing(deepseek):
 
 # --- what gets the GPU first ------------------------------------------------------------------
 
-@pytest.mark.parametrize("spec", ["24GiB,24GiB,24GiB,48GiB", "24GiB", "12GiB,8GiB"])
+@pytest.mark.parametrize("spec", ["24GiB,24GiB,24GiB,48GiB", "24GiB", "16GiB,8GiB"])
 def test_dense_parts_and_kv_of_every_layer_come_before_any_expert(deepseek, spec):
     devs = devices(spec)
     placement = auto_fit(deepseek, devs, RunConfig()).placement
