@@ -38,8 +38,25 @@ from engine.eval.perplexity import (KLD_CHUNK_HEADER, MIN_TOKENS_FOR_STATISTICS,
                                     PerplexityEvent, PerplexityResult, format_eta, format_final_estimate,
                                     format_kld_chunk_line, format_kld_report, format_perplexity_line)
 from engine.run_config import RunConfig
+from engine.units import format_bytes
 
 NO_RESULT = "PPL = —"
+
+
+def run_settings_lines(request: PerplexityRequest) -> list[str]:
+    """What the log keeps about how the run was made: KV cache types, flash attention, the placement."""
+    rc = request.run_config
+    lines = [f"run settings: KV cache K {rc.type_k}, V {rc.type_v}, flash attention {rc.flash_attn}, "
+             f"ubatch {rc.n_ubatch}, threads {rc.n_threads or 'all'}"]
+    placement = request.placement
+    if placement is None:
+        lines.append("placement: everything on the CPU")
+    else:
+        weights = placement.weight_bytes()
+        lines.append("placement: " + ", ".join(f"{device} {format_bytes(n)}" for device, n in weights.items() if n)
+                     + " of weights" + (f"; {len(placement.split_tensors())} tensors split by expert"
+                                        if placement.split_tensors() else ""))
+    return lines
 
 
 def format_big_result(ppl: float, ppl_error: float) -> str:
@@ -163,6 +180,8 @@ class PerplexityController(QObject):
         program = "kl_divergence" if request.mode == MODE_COMPARE else "perplexity"
         self.log_line.emit(f"{program}: {request.loaded.path.name}, n_ctx={request.n_ctx}"
                            + (f", chunks={request.n_chunks}" if request.n_chunks else ""))
+        for line in run_settings_lines(request):
+            self.log_line.emit(line)
         handle = self.bridge.submit(partial(run_perplexity, request, model_factory=self.model_factory), "perplexity")
         self.job = handle
         self._run_started_s = time.perf_counter()

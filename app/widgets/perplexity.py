@@ -14,7 +14,7 @@ from typing import Any
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QFontDatabase
 from PySide6.QtWidgets import (QButtonGroup, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QHeaderView, QLabel,
-                               QLineEdit, QPlainTextEdit, QProgressBar, QPushButton, QRadioButton, QSpinBox,
+                               QLineEdit, QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QRadioButton, QSpinBox,
                                QSplitter, QStackedWidget, QTableView, QTabWidget, QVBoxLayout, QWidget)
 
 from app import theme
@@ -50,6 +50,9 @@ TEXT_FILTER = "Text files (*.txt *.raw *.md);;All files (*)"
 BASE_FILTER = "KL-divergence bases (*.kld *.bin);;All files (*)"
 
 
+OPEN_A_MODEL = "Open a model to measure its perplexity."
+
+
 class PerplexityDialogs:
     """The panel's file dialogs, in one place that tests replace with non-blocking fakes."""
 
@@ -64,6 +67,19 @@ class PerplexityDialogs:
     def open_base_file(self, parent: QWidget, start_dir: str) -> str | None:
         path, _ = QFileDialog.getOpenFileName(parent, "Choose a KL-divergence base", start_dir, BASE_FILTER)
         return path or None
+
+    def confirm_overwrite(self, parent: QWidget, path: str) -> bool:
+        answer = QMessageBox.question(parent, "Replace the base file?",
+                                      f"{path} already exists. Replace it with this run's log-probabilities?",
+                                      QMessageBox.Yes | QMessageBox.Cancel, QMessageBox.Cancel)
+        return answer == QMessageBox.Yes
+
+    def confirm_over_capacity(self, parent: QWidget, refusal: str) -> bool:
+        box = QMessageBox(QMessageBox.Warning, "The plan does not fit", refusal, QMessageBox.Cancel, parent)
+        run = box.addButton("Run anyway", QMessageBox.DestructiveRole)
+        box.setDefaultButton(QMessageBox.Cancel)
+        box.exec()
+        return box.clickedButton() is run
 
 
 class PerplexityPanel(QWidget):
@@ -80,6 +96,8 @@ class PerplexityPanel(QWidget):
         self.setStyleSheet(PANEL_STYLE)
         self.bridge = bridge
         self.dialogs = dialogs or PerplexityDialogs()
+        self._fit_refusal = ""                  # why the designer's plan may not run ("" when it fits)
+        self._over_capacity_allowed = False
         self.controller = PerplexityController(bridge, model_factory, parent=self)
         self.kld_model = self.controller.kld_model
         self._line_open = False     # the [i]ppl values share one log line, as in llama-perplexity
@@ -364,8 +382,31 @@ class PerplexityPanel(QWidget):
         """"" when a run can start now, otherwise why not."""
         return self.controller.why_not(self.request())
 
+    def set_fit_refusal(self, text: str) -> None:
+        """The designer's refusal for the plan as it stands ("" when it fits); a new one asks again."""
+        if text != self._fit_refusal:
+            self._over_capacity_allowed = False
+        self._fit_refusal = text
+
+    def _may_run(self, request: PerplexityRequest) -> bool:
+        """Ask before running a plan that does not fit, and before replacing a saved base."""
+        if request.loaded is None:
+            return True         # the controller says why not
+        if self._fit_refusal and not self._over_capacity_allowed:
+            if not self.dialogs.confirm_over_capacity(self, self._fit_refusal):
+                self.show_error(self._fit_refusal)
+                return False
+            self._over_capacity_allowed = True
+        base = Path(request.base_path).expanduser() if request.base_path else None
+        if request.mode == MODE_SAVE_BASE and base is not None and base.exists():
+            return self.dialogs.confirm_overwrite(self, str(base))
+        return True
+
     def run(self) -> JobHandle | None:
-        handle = self.controller.run(self.request())
+        request = self.request()
+        if not self._may_run(request):
+            return None
+        handle = self.controller.run(request)
         if handle is not None:
             self.message_bar.dismiss()
         return handle
@@ -412,7 +453,9 @@ class PerplexityPanel(QWidget):
         for widget in (self.n_ctx_spin, self.n_chunks_spin, self.mode_combo, self.file_radio, self.paste_radio):
             widget.setEnabled(not running)
         if self.loaded is None and not running and not self.progress_label.text():
-            self.progress_label.setText("Open a model to measure its perplexity.")
+            self.progress_label.setText(OPEN_A_MODEL)
+        elif self.loaded is not None and self.progress_label.text() == OPEN_A_MODEL:
+            self.progress_label.setText("Ready: choose a text and press Run.")
 
     # --- the log --------------------------------------------------------------------------------
 
