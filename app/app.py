@@ -1,7 +1,9 @@
 """Starting the desktop app: QApplication, style, logging, the engine thread and the main window."""
 from __future__ import annotations
 
+import ctypes.util
 import logging
+import os
 import sys
 import traceback
 from importlib import resources
@@ -97,8 +99,40 @@ def install_excepthook(show_error) -> None:
     sys.excepthook = hook
 
 
+# Qt 6's xcb platform plugin needs these beyond what a desktop usually has; without them Qt prints
+# "could not load the Qt platform plugin" and aborts. (library soname stem, Debian/Ubuntu package)
+XCB_LIBRARIES = (("xcb-cursor", "libxcb-cursor0"), ("xcb-icccm", "libxcb-icccm4"))
+
+
+def uses_xcb(environ=os.environ, platform: str = sys.platform) -> bool:
+    """Whether Qt will use its xcb (X11) plugin: Linux, no other platform asked for, no Wayland session."""
+    if not platform.startswith("linux"):
+        return False
+    asked = environ.get("QT_QPA_PLATFORM", "")
+    if asked:
+        return asked.split(":")[0].split(";")[0] == "xcb"
+    return not environ.get("WAYLAND_DISPLAY")
+
+
+def missing_xcb_packages(find_library=ctypes.util.find_library) -> list[str]:
+    return [package for library, package in XCB_LIBRARIES if find_library(library) is None]
+
+
+def xcb_help(packages: list[str]) -> str:
+    return (f"offload-studio: Qt needs {' and '.join(packages)} to open a window on X11, and "
+            f"{'it is' if len(packages) == 1 else 'they are'} not installed.\n"
+            f"  Debian/Ubuntu: sudo apt install {' '.join(packages)}\n"
+            f"  Fedora: sudo dnf install xcb-util-cursor xcb-util-wm    Arch: sudo pacman -S xcb-util-cursor xcb-util-wm\n"
+            f"The command line works without them (offload-studio plan / run / perplexity ...).")
+
+
 def run_app(model_path: str | None, sim_gpus: str | None) -> int:
     """Open the main window on `model_path` (or the built-in model) and run until it closes."""
+    if uses_xcb():
+        packages = missing_xcb_packages()
+        if packages:        # say how to fix it before Qt aborts with a less helpful message
+            print(xcb_help(packages), file=sys.stderr)
+            return 1
     from app.bridge import Bridge
     from app.main_window import MainWindow
     from app.settings import Settings
