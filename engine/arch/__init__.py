@@ -11,9 +11,9 @@ from types import ModuleType
 
 ARCHITECTURES: dict[str, str] = {
     "llama": "engine.arch.llama",
-    "qwen2": "engine.arch.qwen",
-    "qwen3": "engine.arch.qwen",
-    "qwen3moe": "engine.arch.qwen",
+    "qwen2": "engine.arch.llama",
+    "qwen3": "engine.arch.llama",
+    "qwen3moe": "engine.arch.llama",
     "gemma3": "engine.arch.gemma3",
     "llama4": "engine.arch.llama4",
     "deepseek2": "engine.arch.deepseek2",

@@ -64,6 +64,20 @@ class Metadata:
         return (value,) * n_layer
 
 
+def swa_layer_pattern(md: Mapping[str, Any], n_layer: int, default_pattern: int) -> tuple[bool, ...]:
+    """Which layers slide (or chunk): llama.cpp's load_swa_pattern, an explicit per-layer array,
+    or layers il % N < N - 1 for a period N."""
+    m = Metadata(md)
+    value = m.get(Keys.Attention.SLIDING_WINDOW_PATTERN, default_pattern)
+    if isinstance(value, list):
+        if len(value) != n_layer:
+            raise HyperParamError(f"{m.key(Keys.Attention.SLIDING_WINDOW_PATTERN)} has {len(value)} values "
+                                  f"for {n_layer} layers")
+        return tuple(bool(v) for v in value)
+    n = int(value)
+    return tuple(n == 0 or il % n < n - 1 for il in range(n_layer))
+
+
 @dataclass(frozen=True)
 class HyperParams:
     """Hyperparameters common to the transformer families; families add their own fields."""

@@ -14,12 +14,11 @@ import math
 from dataclasses import dataclass
 from enum import IntEnum
 
-import numpy as np
 from gguf.constants import Keys
 
 from engine.arch.base import (HyperParams, Metadata, TensorSpec, blk, dense_ffn_tensors, global_tensors,
                               norm_tensor, routed_expert_tensors, shared_expert_tensors)
-from engine.arch.layers import RopeScaling, Routing, feed_forward, moe_feed_forward, rms_norm
+from engine.arch.layers import RopeScaling, Routing, feed_forward, namespace, rms_norm, routed_and_shared_experts
 
 
 class GatingFunc(IntEnum):      # llama.cpp's llama_expert_gating_func_type
@@ -42,13 +41,7 @@ class DeepSeek2HyperParams(HyperParams):
     expert_weights_scale: float = 1.0
     expert_weights_norm: bool = False
     expert_gating_func: GatingFunc = GatingFunc.SOFTMAX
-    rope_scaling_type: str = "none"
-    rope_yarn_orig_ctx: int = 0
     rope_yarn_log_mul: float = 0.0
-
-    @property
-    def n_rot_head(self) -> int:
-        return self.n_rot
 
     @property
     def n_embd_head_qk_nope(self) -> int:
@@ -98,8 +91,6 @@ def hyperparams(md) -> DeepSeek2HyperParams:
         expert_weights_scale=float(m.get(Keys.LLM.EXPERT_WEIGHTS_SCALE, 1.0) or 1.0),
         expert_weights_norm=bool(m.get(Keys.LLM.EXPERT_WEIGHTS_NORM, False)),
         expert_gating_func=gating,
-        rope_scaling_type=str(m.get(Keys.Rope.SCALING_TYPE, "none")),
-        rope_yarn_orig_ctx=int(m.get(Keys.Rope.SCALING_ORIG_CTX_LEN, 0)),
         # the converter stores 0.1 * the multiplier; llama.cpp divides the 0.1 back out
         rope_yarn_log_mul=log_mul / 0.1 if log_mul else 0.0,
     )
@@ -148,9 +139,9 @@ def forward_layer(m, il: int, x, batch):
     return h + feed_forward_block(m, il, rms_norm(h, lw.ffn_norm, eps))
 
 
-def rope_scaling(m) -> RopeScaling:
-    hp = m.hparams
-    return RopeScaling.from_metadata(m.metadata, hp, yarn_mscale_is_log_mul=True, yarn_log_mul=hp.rope_yarn_log_mul)
+def rope_scaling(md, hp: DeepSeek2HyperParams) -> RopeScaling:
+    """The model's rope scaling (computed once, by the model): YaRN with DeepSeek's mscale."""
+    return RopeScaling.from_metadata(md, hp, yarn_mscale_is_log_mul=True, yarn_log_mul=hp.rope_yarn_log_mul)
 
 
 def kq_scale(hp: DeepSeek2HyperParams, scaling: RopeScaling) -> float:
@@ -162,31 +153,30 @@ def kq_scale(hp: DeepSeek2HyperParams, scaling: RopeScaling) -> float:
 
 
 def attention(m, il: int, x, batch):
-    hp, lw, ops = m.hparams, m.layers[il], m.ops
-    n_tokens, n_head, n_nope, kv_lora = len(x), hp.n_head, hp.n_embd_head_qk_nope, hp.kv_lora_rank
+    hp, lw, ops, xp = m.hparams, m.layers[il], m.ops, namespace(x)
+    n_tokens, n_head, n_nope, kv_lora = x.shape[0], hp.n_head, hp.n_embd_head_qk_nope, hp.kv_lora_rank
     if hp.q_lora_rank:
         q = ops.matmul(rms_norm(ops.matmul(x, lw.attn_q_a), lw.attn_q_a_norm, hp.rms_eps), lw.attn_q_b)
     else:
         q = ops.matmul(x, lw.attn_q)
-    q = q.reshape(n_tokens, n_head, hp.n_embd_head_k_mla)          # per head [nope | rope]
+    q = xp.reshape(q, (n_tokens, n_head, hp.n_embd_head_k_mla))    # per head [nope | rope]
     kv = ops.matmul(x, lw.attn_kv_a_mqa)                            # (T, kv_lora + n_rot)
     latent = rms_norm(kv[:, :kv_lora], lw.attn_kv_a_norm, hp.rms_eps)
-    scaling = rope_scaling(m)
-    q_rope = batch.rope(q[..., n_nope:], hp.n_rot, hp.rope_freq_base, scaling, neox=False)
-    k_rope = batch.rope(kv[:, None, kv_lora:], hp.n_rot, hp.rope_freq_base, scaling, neox=False)   # (T, 1, n_rot)
-    scale = kq_scale(hp, scaling)
+    q_rope = batch.rope(q[..., n_nope:], hp.n_rot, hp.rope_freq_base, m.rope_scaling, neox=False)
+    k_rope = batch.rope(kv[:, None, kv_lora:], hp.n_rot, hp.rope_freq_base, m.rope_scaling, neox=False)   # (T, 1, n_rot)
+    scale = kq_scale(hp, m.rope_scaling)
     if hp.is_mla:
         q_latent = ops.head_matmul(q[..., :n_nope], lw.attn_k_b)                  # (T, n_head, kv_lora)
-        q = np.concatenate([q_latent, q_rope], axis=-1)
-        k = np.concatenate([latent[:, None, :], k_rope], axis=-1)                  # (T, 1, kv_lora + n_rot)
+        q = xp.concat([q_latent, q_rope], axis=-1)
+        k = xp.concat([latent[:, None, :], k_rope], axis=-1)                       # (T, 1, kv_lora + n_rot)
         out = batch.attend(il, q, k, None, scale, v_from_k=kv_lora)                # (T, n_head * kv_lora)
-        out = ops.head_matmul(out.reshape(n_tokens, n_head, kv_lora), lw.attn_v_b)
+        out = ops.head_matmul(xp.reshape(out, (n_tokens, n_head, kv_lora)), lw.attn_v_b)
     else:
-        kv_b = ops.matmul(latent, lw.attn_kv_b).reshape(n_tokens, n_head, n_nope + hp.n_embd_head_v_mla)
-        q = np.concatenate([q[..., :n_nope], q_rope], axis=-1)
-        k = np.concatenate([kv_b[..., :n_nope], np.broadcast_to(k_rope, (n_tokens, n_head, hp.n_rot))], axis=-1)
+        kv_b = xp.reshape(ops.matmul(latent, lw.attn_kv_b), (n_tokens, n_head, n_nope + hp.n_embd_head_v_mla))
+        q = xp.concat([q[..., :n_nope], q_rope], axis=-1)
+        k = xp.concat([kv_b[..., :n_nope], xp.broadcast_to(k_rope, (n_tokens, n_head, hp.n_rot))], axis=-1)
         out = batch.attend(il, q, k, kv_b[..., n_nope:], scale)
-    return ops.matmul(out.reshape(n_tokens, -1), lw.attn_output)
+    return ops.matmul(xp.reshape(out, (n_tokens, -1)), lw.attn_output)
 
 
 def feed_forward_block(m, il: int, x):
@@ -196,5 +186,4 @@ def feed_forward_block(m, il: int, x):
     routing = Routing(hp.n_expert_used, gating="sigmoid" if hp.expert_gating_func == GatingFunc.SIGMOID else "softmax",
                       norm_weights=hp.expert_weights_norm, weights_scale=hp.expert_weights_scale,
                       n_groups=hp.n_expert_groups, n_groups_used=hp.n_group_used)
-    routed = moe_feed_forward(m.ops, x, lw, routing, m.expert_counts[il])
-    return routed + feed_forward(m.ops, x, lw.ffn_gate_shexp, lw.ffn_up_shexp, lw.ffn_down_shexp)
+    return routed_and_shared_experts(m.ops, x, lw, routing, m.expert_counts[il])

@@ -13,13 +13,11 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
 from gguf.constants import Keys
 
 from engine.arch import layers
-from engine.arch.base import (AttentionKind, HyperParamError, HyperParams, Metadata, RopeType, TensorSpec,
-                              attention_tensors, dense_ffn_tensors, global_tensors, norm_tensor)
+from engine.arch.base import (AttentionKind, HyperParams, Metadata, RopeType, TensorSpec, attention_tensors,
+                              dense_ffn_tensors, global_tensors, norm_tensor, swa_layer_pattern)
 from engine.arch.layers import geglu, qkv_projections, rms_norm, softcap
 
 DEFAULT_SWA_PATTERN = 6
@@ -40,19 +38,6 @@ class Gemma3HyperParams(HyperParams):
     @property
     def attention_window(self) -> int:
         return self.sliding_window
-
-
-def swa_layer_pattern(md, n_layer: int, default_pattern: int) -> tuple[bool, ...]:
-    """llama.cpp's load_swa_pattern: an explicit per-layer array, or layers il % N < N - 1 slide."""
-    m = Metadata(md)
-    value = m.get(Keys.Attention.SLIDING_WINDOW_PATTERN, default_pattern)
-    if isinstance(value, list):
-        if len(value) != n_layer:
-            raise HyperParamError(f"{m.key(Keys.Attention.SLIDING_WINDOW_PATTERN)} has {len(value)} values "
-                                  f"for {n_layer} layers")
-        return tuple(bool(v) for v in value)
-    n = int(value)
-    return tuple(n == 0 or il % n < n - 1 for il in range(n_layer))
 
 
 def hyperparams(md) -> Gemma3HyperParams:
@@ -86,7 +71,7 @@ def tensor_specs(hp: Gemma3HyperParams, tied_output: bool = True) -> list[Tensor
 
 
 def embed(m, tokens):
-    return m.embed_tokens(tokens) * np.float32(math.sqrt(m.hparams.n_embd))
+    return m.embed_tokens(tokens) * math.sqrt(m.hparams.n_embd)
 
 
 def forward_layer(m, il: int, x, batch):
@@ -105,7 +90,7 @@ def attention(m, il: int, x, batch):
         base, scaling = hp.rope_freq_base_swa, dataclasses.replace(m.rope_scaling, freq_scale=1.0)
     else:
         base, scaling = hp.rope_freq_base, m.rope_scaling
-    q = batch.rope(q, hp.n_rot, base, scaling, neox=True) * np.float32(hp.attention_scale)
+    q = batch.rope(q, hp.n_rot, base, scaling, neox=True) * hp.attention_scale
     k = batch.rope(k, hp.n_rot, base, scaling, neox=True)
     out = batch.attend(il, q, k, v, kq_scale=1.0)
     return m.ops.matmul(out, lw.attn_output)

@@ -1,57 +1,72 @@
 """Shared transformer math, written once for every architecture family.
 
-Activations are float32 arrays shaped (n_tokens, ...), rows first. Functions that read weights
-take the backend `ops` (see engine.backends); the rest is array math. Where llama.cpp's result
-depends on a detail (rope pairing, YaRN ramp, routing order), the matching ggml/llama.cpp
-function is named.
+Activations are float32 arrays shaped (n_tokens, ...), rows first, of whatever array namespace
+the device running the layer uses (NumPy on the CPU, array-api-strict on a simulated GPU, CuPy on
+CUDA): every function takes its namespace from its inputs (`namespace`), builds what it needs
+(rope tables, masks) on the device of those inputs, and never indexes with boolean masks or
+copies through NumPy. Functions that read weights take the backend `ops` (see
+engine.backends.protocol). Where llama.cpp's result depends on a detail (rope pairing, YaRN
+ramp, routing order), the matching ggml/llama.cpp function is named.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import array_api_compat
+import array_api_compat.numpy as numpy_namespace
 import numpy as np
 from gguf.constants import Keys
 
 from engine.arch.base import AttentionKind, Metadata
 
+
+def namespace(x):
+    """The array namespace of x. NumPy arrays, the CPU's hot loop, skip the general lookup."""
+    if type(x) is np.ndarray:
+        return numpy_namespace
+    return array_api_compat.array_namespace(x)
+
+
 # --- norms and activations ------------------------------------------------------------------
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
+def rms_norm(x, weight, eps: float):
     """x / sqrt(mean(x^2) + eps) over the last axis, times weight (llama.cpp build_norm RMS)."""
-    mean_square = np.mean(np.square(x), axis=-1, keepdims=True)
-    y = x * (1.0 / np.sqrt(mean_square + np.float32(eps)))
+    xp = namespace(x)
+    mean_square = xp.mean(x * x, axis=-1, keepdims=True)
+    y = x * (1.0 / xp.sqrt(mean_square + eps))
     return y if weight is None else y * weight
 
 
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return e / np.sum(e, axis=axis, keepdims=True)
+def softmax(x, axis: int = -1):
+    xp = namespace(x)
+    e = xp.exp(x - xp.max(x, axis=axis, keepdims=True))
+    return e / xp.sum(e, axis=axis, keepdims=True)
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return 1.0 / (1.0 + np.exp(-x))
+def sigmoid(x):
+    with np.errstate(over="ignore"):    # exp(-x) overflows to inf for very negative x: sigmoid 0
+        return 1.0 / (1.0 + namespace(x).exp(-x))
 
 
-def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+def swiglu(gate, up):
     """silu(gate) * up."""
     return gate * sigmoid(gate) * up
 
 
-def gelu_tanh(x: np.ndarray) -> np.ndarray:
+def gelu_tanh(x):
     """GELU, tanh approximation (ggml_gelu)."""
-    c = np.float32(math.sqrt(2.0 / math.pi))
-    return 0.5 * x * (1.0 + np.tanh(c * x * (1.0 + np.float32(0.044715) * x * x)))
+    c = math.sqrt(2.0 / math.pi)
+    return 0.5 * x * (1.0 + namespace(x).tanh(c * x * (1.0 + 0.044715 * x * x)))
 
 
-def geglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+def geglu(gate, up):
     return gelu_tanh(gate) * up
 
 
-def softcap(x: np.ndarray, cap: float) -> np.ndarray:
-    return np.float32(cap) * np.tanh(x / np.float32(cap))
+def softcap(x, cap: float):
+    return cap * namespace(x).tanh(x / cap)
 
 
 # --- rotary position embedding ----------------------------------------------------------------
@@ -104,143 +119,126 @@ def yarn_corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float, 
     return max(0.0, low), min(n_dims - 1.0, high)
 
 
-def rope_cos_sin(positions: np.ndarray, n_dims: int, base: float, scaling: RopeScaling = RopeScaling(),
-                 freq_factors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin (n_tokens, n_dims/2) of each rotation, magnitude included (ggml_rope_cache_init)."""
-    i = np.arange(n_dims // 2, dtype=np.float64)
-    theta_extrap = positions.astype(np.float64)[:, None] * base ** (-2.0 * i / n_dims)
+def yarn_corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float, beta_slow: float):
+    """ggml_rope_yarn_corr_dims: the dimension range over which YaRN ramps from interpolation
+    to extrapolation."""
+    def corr_dim(n_rot: float) -> float:
+        return n_dims * math.log(n_ctx_orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+    low = math.floor(corr_dim(beta_fast))
+    high = math.ceil(corr_dim(beta_slow))
+    return max(0.0, low), min(n_dims - 1.0, high)
+
+
+def rope_cos_sin(positions, n_dims: int, base: float, scaling: RopeScaling = RopeScaling(), freq_factors=None):
+    """cos and sin (n_tokens, n_dims/2) of each rotation, magnitude included
+    (ggml_rope_cache_init), on the device of `positions` (int64 (n_tokens,))."""
+    xp = namespace(positions)
+    i = xp.arange(n_dims // 2, dtype=xp.float64, device=array_api_compat.device(positions))
+    theta_extrap = xp.astype(positions, xp.float64)[:, None] * base ** (-2.0 * i / n_dims)
     if freq_factors is not None:
-        theta_extrap = theta_extrap / freq_factors[: n_dims // 2].astype(np.float64)
+        theta_extrap = theta_extrap / xp.astype(freq_factors[: n_dims // 2], xp.float64)
     theta = scaling.freq_scale * theta_extrap
     mscale = scaling.attn_factor
     if scaling.ext_factor != 0.0:
         low, high = yarn_corr_dims(n_dims, scaling.n_ctx_orig, base, scaling.beta_fast, scaling.beta_slow)
-        ramp = (1.0 - np.clip((i - low) / max(0.001, high - low), 0.0, 1.0)) * scaling.ext_factor
+        ramp = (1.0 - xp.clip((i - low) / max(0.001, high - low), 0.0, 1.0)) * scaling.ext_factor
         theta = theta * (1.0 - ramp) + theta_extrap * ramp
         mscale *= 1.0 + 0.1 * math.log(1.0 / scaling.freq_scale)
-    return (np.cos(theta) * mscale).astype(np.float32), (np.sin(theta) * mscale).astype(np.float32)
+    return xp.astype(xp.cos(theta) * mscale, xp.float32), xp.astype(xp.sin(theta) * mscale, xp.float32)
 
 
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> np.ndarray:
+def apply_rope(x, cos, sin, neox: bool):
     """Rotate the first n_dims values of each head of x (n_tokens, n_head, head_dim).
 
     NORM rotates adjacent pairs (x0, x1), (x2, x3), ...; NEOX pairs x[i] with x[i + n_dims/2].
     """
+    xp = namespace(x)
     half = cos.shape[-1]
     c, s = cos[:, None, :], sin[:, None, :]
-    out = np.array(x, dtype=np.float32, copy=True)
     if neox:
         x0, x1 = x[..., :half], x[..., half:2 * half]
-        out[..., :half] = x0 * c - x1 * s
-        out[..., half:2 * half] = x0 * s + x1 * c
+        rotated = [x0 * c - x1 * s, x0 * s + x1 * c]
     else:
         x0, x1 = x[..., 0:2 * half:2], x[..., 1:2 * half:2]
-        out[..., 0:2 * half:2] = x0 * c - x1 * s
-        out[..., 1:2 * half:2] = x0 * s + x1 * c
-    return out
+        pairs = xp.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)      # (T, n_head, half, 2)
+        rotated = [xp.reshape(pairs, (*x.shape[:-1], 2 * half))]
+    if 2 * half < x.shape[-1]:
+        rotated.append(x[..., 2 * half:])
+    return rotated[0] if len(rotated) == 1 else xp.concat(rotated, axis=-1)
 
 
 # --- attention ----------------------------------------------------------------------------------
 
 
-def visible(q_pos: np.ndarray, k_pos: np.ndarray, kind: AttentionKind, window: int) -> np.ndarray:
-    """(n_q, n_k) bool: which cached keys each query may see (llama_hparams::is_masked_swa).
-    Empty cells hold position -1."""
+def visible(q_pos, k_pos, kind: AttentionKind, window: int):
+    """(n_q, n_k) bool on the device of the positions: which cached keys each query may see
+    (llama_hparams::is_masked_swa). Empty cells hold position -1."""
     q, k = q_pos[:, None], k_pos[None, :]
     mask = (k >= 0) & (k <= q)
     if kind is AttentionKind.SLIDING:
-        mask &= q - k < window
+        mask = mask & (q - k < window)
     elif kind is AttentionKind.CHUNKED:
-        mask &= k >= (q // window) * window
+        mask = mask & (k >= (q // window) * window)
     return mask
 
 
 SCORE_BLOCK_VALUES = 1 << 22    # attention scores held at once (64 MiB of float32)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, kq_scale: float) -> np.ndarray:
+def attention(q, k, v, mask, kq_scale: float):
     """softmax(kq_scale * q k^T + mask) v with grouped-query heads: query head h reads kv head
-    h // (n_head / n_head_kv). q (T, n_head, d_k), k (N, n_head_kv, d_k), v (N, n_head_kv, d_v)
-    -> (T, n_head * d_v). Long prefills go in blocks of queries to bound the score matrix."""
+    h // (n_head / n_head_kv). q (T, n_head, d_k), k (N, n_head_kv, d_k), v (N, n_head_kv, d_v),
+    mask (T, N) bool -> (T, n_head * d_v). Long prefills go in blocks of queries to bound the
+    score matrix."""
     n_tokens, n_head, _ = q.shape
-    block = max(1, SCORE_BLOCK_VALUES // (n_head * len(k)))
+    block = max(1, SCORE_BLOCK_VALUES // (n_head * k.shape[0]))
     if n_tokens <= block:
         return _attention_block(q, k, v, mask, kq_scale)
-    return np.concatenate([_attention_block(q[t:t + block], k, v, mask[t:t + block], kq_scale)
-                           for t in range(0, n_tokens, block)])
+    return namespace(q).concat([_attention_block(q[t:t + block, ...], k, v, mask[t:t + block, :], kq_scale)
+                                for t in range(0, n_tokens, block)], axis=0)
 
 
 def _attention_block(q, k, v, mask, kq_scale):
+    xp = namespace(q)
     n_tokens, n_head, d_k = q.shape
     n_kv, n_head_kv, d_v = v.shape
     group = n_head // n_head_kv
-    qg = q.reshape(n_tokens, n_head_kv, group, d_k).transpose(1, 2, 0, 3).reshape(n_head_kv, group * n_tokens, d_k)
-    scores = (qg @ k.transpose(1, 2, 0)).reshape(n_head_kv, group, n_tokens, n_kv)   # (n_head_kv, group, T, N)
-    scores *= np.float32(kq_scale)
-    scores[:, :, ~mask] = -np.inf
-    probs = softmax(scores).reshape(n_head_kv, group * n_tokens, n_kv)
-    out = probs @ v.transpose(1, 0, 2)                                                  # (n_head_kv, group * T, d_v)
-    return out.reshape(n_head_kv, group, n_tokens, d_v).transpose(2, 0, 1, 3).reshape(n_tokens, n_head * d_v)
+    qg = xp.reshape(xp.permute_dims(xp.reshape(q, (n_tokens, n_head_kv, group, d_k)), (1, 2, 0, 3)),
+                    (n_head_kv, group * n_tokens, d_k))
+    scores = xp.reshape(qg @ xp.permute_dims(k, (1, 2, 0)), (n_head_kv, group, n_tokens, n_kv)) * kq_scale
+    scores = xp.where(mask, scores, -math.inf)                                        # (n_head_kv, group, T, N)
+    probs = xp.reshape(softmax(scores), (n_head_kv, group * n_tokens, n_kv))
+    out = probs @ xp.permute_dims(v, (1, 0, 2))                                       # (n_head_kv, group * T, d_v)
+    out = xp.permute_dims(xp.reshape(out, (n_head_kv, group, n_tokens, d_v)), (2, 0, 1, 3))
+    return xp.reshape(out, (n_tokens, n_head * d_v))
 
 
-class UBatch:
-    """One ubatch in flight: positions, the KV cache, and rope tables shared across layers."""
-
-    def __init__(self, hparams, positions: np.ndarray, cache):
-        self.hparams = hparams
-        self.positions = positions
-        self.cache = cache
-        self._rope_tables: dict = {}
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.positions)
-
-    def rope(self, x: np.ndarray, n_dims: int, base: float, scaling: RopeScaling, neox: bool,
-             freq_factors: np.ndarray | None = None) -> np.ndarray:
-        key = (n_dims, base, scaling, None if freq_factors is None else id(freq_factors))
-        if key not in self._rope_tables:
-            self._rope_tables[key] = rope_cos_sin(self.positions, n_dims, base, scaling, freq_factors)
-        return apply_rope(x, *self._rope_tables[key], neox)
-
-    def attend(self, il: int, q: np.ndarray, k: np.ndarray, v: np.ndarray | None, kq_scale: float,
-               v_from_k: int = 0) -> np.ndarray:
-        """Store this ubatch's k/v (T, n_head_kv, d) in layer il's cache and attend over the cache.
-        v None: the values are the first v_from_k entries of each key (MLA's latent)."""
-        self.cache.store(il, self.positions, k, v)
-        keys, values, key_pos = self.cache.view(il)
-        n_head_kv = k.shape[1]
-        keys = keys.reshape(len(keys), n_head_kv, -1)
-        values = keys[..., :v_from_k] if v is None else values.reshape(len(values), n_head_kv, -1)
-        hp = self.hparams
-        mask = visible(self.positions, key_pos, hp.attention_kind(il), hp.attention_window)
-        return attention(q, keys, values, mask, kq_scale)
-
-
-def qkv_projections(ops, x: np.ndarray, lw, n_head: int, n_head_kv: int, head_k: int, head_v: int):
+def qkv_projections(ops, x, lw, n_head: int, n_head_kv: int, head_k: int, head_v: int):
     """Q (T, n_head, head_k), K (T, n_head_kv, head_k), V (T, n_head_kv, head_v), biases added
     where the layer has them (llama.cpp build_qkv)."""
-    def project(name: str, heads: int, size: int) -> np.ndarray:
+    xp = namespace(x)
+
+    def project(name: str, heads: int, size: int):
         y = ops.matmul(x, lw.get(name))
         bias = lw.get(f"{name}.bias")
         if bias is not None:
             y = y + bias
-        return y.reshape(len(x), heads, size)
+        return xp.reshape(y, (x.shape[0], heads, size))
     return project("attn_q", n_head, head_k), project("attn_k", n_head_kv, head_k), project("attn_v", n_head_kv, head_v)
 
 
 # --- feed-forward and mixture of experts --------------------------------------------------------
 
 
-def feed_forward(ops, x: np.ndarray, gate, up, down, activation=swiglu) -> np.ndarray:
+def feed_forward(ops, x, gate, up, down, activation=swiglu):
     """down(act(gate(x)) * up(x)) (llama.cpp build_ffn, LLM_FFN_PAR)."""
     return ops.matmul(activation(ops.matmul(x, gate), ops.matmul(x, up)), down)
 
 
-def expert_feed_forward(ops, x: np.ndarray, lw, expert: int, activation=swiglu) -> np.ndarray:
-    gate = ops.expert_matmul(x, lw.ffn_gate_exps, expert)
-    up = ops.expert_matmul(x, lw.ffn_up_exps, expert)
-    return ops.expert_matmul(activation(gate, up), lw.ffn_down_exps, expert)
+def expert_feed_forward(backend, x, gate, up, down, expert: int, activation=swiglu):
+    """One expert's FFN on the device holding it: gate/up/down are that device's part."""
+    y = activation(backend.expert_matmul(x, gate, expert), backend.expert_matmul(x, up, expert))
+    return backend.expert_matmul(y, down, expert)
 
 
 @dataclass(frozen=True)
@@ -257,41 +255,109 @@ class Routing:
     weight_before_ffn: bool = False     # scale the expert's input rather than its output (llama4)
 
 
-def select_experts(logits: np.ndarray, routing: Routing, selection_bias: np.ndarray | None = None):
-    """(expert ids (T, k), weights (T, k)) from router logits (T, n_expert)."""
+def best_groups_mask(group_scores, n_used: int):
+    """(T, n_groups) bool: the n_used best groups of each token, ties to the lower index (as a
+    stable sort of the negated scores ranks them)."""
+    xp = namespace(group_scores)
+    s, other = group_scores[:, :, None], group_scores[:, None, :]
+    n_groups = group_scores.shape[1]
+    index = xp.arange(n_groups, device=array_api_compat.device(group_scores))
+    earlier = index[None, None, :] < index[None, :, None]
+    beaten_by = (other > s) | ((other == s) & earlier)                  # (T, group, other group)
+    return xp.sum(xp.astype(beaten_by, xp.int64), axis=-1) < n_used
+
+
+def select_experts(logits, routing: Routing, selection_bias=None):
+    """(expert ids (T, k) int64, weights (T, k) float32) from router logits (T, n_expert), on
+    the logits' device (llama.cpp build_moe_ffn: probabilities, biased selection, grouped
+    top-k, weight normalisation and scale)."""
+    xp = namespace(logits)
     probs = softmax(logits) if routing.gating == "softmax" else sigmoid(logits)
     scores = logits if routing.select_on_logits else probs
     if selection_bias is not None:
         scores = scores + selection_bias            # biases the choice, not the weights
     if routing.n_groups > 1:
         n_tokens, n_expert = scores.shape
-        groups = scores.reshape(n_tokens, routing.n_groups, n_expert // routing.n_groups)
-        group_scores = np.sort(groups, axis=-1)[..., -2:].sum(axis=-1)                # top-2 sum per group
-        best_groups = np.argsort(-group_scores, axis=-1, kind="stable")[:, :routing.n_groups_used]
-        keep = np.zeros(group_scores.shape, dtype=bool)
-        np.put_along_axis(keep, best_groups, True, axis=-1)
-        scores = np.where(keep[:, :, None], groups, -np.inf).reshape(n_tokens, n_expert)
-    ids = np.argsort(-scores, axis=-1, kind="stable")[:, :routing.n_expert_used]
-    weights = np.take_along_axis(probs, ids, axis=-1)
+        groups = xp.reshape(scores, (n_tokens, routing.n_groups, n_expert // routing.n_groups))
+        group_scores = xp.sum(xp.sort(groups, axis=-1)[..., -2:], axis=-1)      # top-2 sum per group
+        keep = best_groups_mask(group_scores, routing.n_groups_used)
+        scores = xp.reshape(xp.where(keep[:, :, None], groups, -math.inf), (n_tokens, n_expert))
+    ids = xp.argsort(-scores, axis=-1, stable=True)[:, :routing.n_expert_used]
+    weights = xp.take_along_axis(probs, ids, axis=-1)
     if routing.norm_weights:
         # clamp like llama.cpp: the smallest normal float16
-        weights = weights / np.maximum(weights.sum(axis=-1, keepdims=True), np.float32(6.103515625e-5))
+        weights = weights / xp.clip(xp.sum(weights, axis=-1, keepdims=True), min=6.103515625e-5)
     if routing.weights_scale not in (0.0, 1.0):
-        weights = weights * np.float32(routing.weights_scale)
-    return ids, weights.astype(np.float32)
+        weights = weights * routing.weights_scale
+    return ids, xp.astype(weights, xp.float32)
 
 
-def moe_feed_forward(ops, x: np.ndarray, lw, routing: Routing, expert_counts: np.ndarray,
-                     activation=swiglu) -> np.ndarray:
-    """The routed experts' output: only the selected experts run, each over the tokens that chose
-    it. expert_counts (n_expert,) is incremented by the selections."""
-    ids, weights = select_experts(ops.matmul(x, lw.ffn_gate_inp), routing, lw.get("exp_probs_b.bias"))
-    expert_counts += np.bincount(ids.ravel(), minlength=len(expert_counts))
-    out = np.zeros_like(x)
+@dataclass(frozen=True)
+class ExpertRows:
+    """Host bookkeeping of one MoE step (llama.cpp's mul_mat_id row mapping): the selected
+    (token, expert) pairs as rows grouped by device, then by expert.
+
+    Row r carries token `row_token[r]` into expert `row_expert[r]`; `segments` lists, per
+    device in order, (device, [(expert, first_row, end_row), ...]); `slot_row[t, j]` is the row
+    holding token t's j-th expert in ascending expert order, and `slot_order[t, j]` that
+    expert's slot in the router's (T, k) output."""
+
+    row_token: np.ndarray
+    row_slot: np.ndarray            # flat index t * k + slot of each row's routing weight
+    segments: tuple
+    slot_row: np.ndarray
+    slot_order: np.ndarray
+
+
+def expert_rows(ids: np.ndarray, expert_device) -> ExpertRows:
+    """The row mapping of host expert ids (T, k); expert_device(e) names the device of expert e."""
+    n_tokens, k = ids.shape
+    devices = {}
     for expert in np.unique(ids):
-        tokens, slots = np.nonzero(ids == expert)
-        weight = weights[tokens, slots][:, None]
-        xe = x[tokens] * weight if routing.weight_before_ffn else x[tokens]
-        y = expert_feed_forward(ops, xe, lw, int(expert), activation)
-        out[tokens] += y if routing.weight_before_ffn else y * weight
+        devices.setdefault(expert_device(int(expert)), []).append(int(expert))
+    row_token, row_slot, segments = [], [], []
+    row_of = np.empty(ids.shape, dtype=np.int64)
+    for device, experts in devices.items():
+        spans = []
+        for expert in experts:
+            tokens, slots = np.nonzero(ids == expert)
+            first = sum(len(t) for t in row_token)
+            row_of[tokens, slots] = np.arange(first, first + len(tokens))
+            row_token.append(tokens)
+            row_slot.append(tokens * k + slots)
+            spans.append((expert, first, first + len(tokens)))
+        segments.append((device, tuple(spans)))
+    slot_order = np.argsort(ids, axis=-1, kind="stable")
+    return ExpertRows(np.concatenate(row_token), np.concatenate(row_slot), tuple(segments),
+                      np.take_along_axis(row_of, slot_order, axis=-1), slot_order)
+
+
+def moe_feed_forward(ops, x, lw, routing: Routing, expert_counts: np.ndarray, activation=swiglu):
+    """The routed experts' output: only the selected experts run, each over the tokens that chose
+    it, on the device that holds it (`ops.expert_ffn`, one move in and one out per device); the
+    outputs are weighted and summed here, per token in ascending expert order, so the result does
+    not depend on where the experts live. expert_counts (n_expert,) counts the selections."""
+    xp = namespace(x)
+    ids, weights = select_experts(ops.matmul(x, lw.ffn_gate_inp), routing, lw.get("exp_probs_b.bias"))
+    ids = ops.to_host(ids)              # which experts run is decided on the host, as in llama.cpp
+    expert_counts += np.bincount(ids.ravel(), minlength=len(expert_counts))
+    rows = expert_rows(ids, ops.expert_device(lw.ffn_gate_exps))
+    flat_weights = xp.reshape(weights, (-1,))
+    rows_in = xp.take(x, ops.index(rows.row_token), axis=0)                       # (R, n_embd)
+    if routing.weight_before_ffn:
+        rows_in = rows_in * xp.take(flat_weights, ops.index(rows.row_slot))[:, None]
+    rows_out = ops.expert_ffn(rows_in, rows.segments, lw, activation)            # (R, n_embd)
+    sorted_weights = xp.take_along_axis(weights, ops.index(rows.slot_order), axis=-1)
+    slot_row = ops.index(rows.slot_row)
+    out = xp.zeros_like(x)
+    for j in range(ids.shape[1]):
+        y = xp.take(rows_out, slot_row[:, j], axis=0)
+        out = out + (y if routing.weight_before_ffn else y * sorted_weights[:, j:j + 1])
     return out
+
+
+def routed_and_shared_experts(ops, x, lw, routing: Routing, expert_counts: np.ndarray):
+    """The MoE block of llama4 and deepseek2: the routed experts plus an always-on shared
+    SwiGLU expert (llama.cpp build_moe_ffn + the ffn_*_shexp branch)."""
+    routed = moe_feed_forward(ops, x, lw, routing, expert_counts)
+    return routed + feed_forward(ops, x, lw.ffn_gate_shexp, lw.ffn_up_shexp, lw.ffn_down_shexp)

@@ -11,14 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 from gguf.constants import Keys
 
 from engine.arch.base import (AttentionKind, HyperParams, Metadata, TensorSpec, attention_tensors,
                               dense_ffn_tensors, global_tensors, norm_tensor, routed_expert_tensors,
-                              shared_expert_tensors)
-from engine.arch.gemma3 import swa_layer_pattern
-from engine.arch.layers import Routing, feed_forward, moe_feed_forward, qkv_projections, rms_norm
+                              shared_expert_tensors, swa_layer_pattern)
+from engine.arch.layers import Routing, feed_forward, namespace, qkv_projections, rms_norm, routed_and_shared_experts
 
 DEFAULT_CHUNK = 8192
 DEFAULT_PATTERN = 4
@@ -49,10 +47,12 @@ class Llama4HyperParams(HyperParams):
         step = NO_ROPE_LAYER_STEP if self.attention_chunk else self.n_layer
         return (il + 1) % step != 0
 
-    def attention_temperature(self, positions: np.ndarray) -> np.ndarray:
-        """Per-token q scale of the no-rope layers (llm_graph_input_attn_temp, offset 1)."""
-        floors = np.floor((positions + 1.0) / self.attn_temp_floor_scale)
-        return (np.log(floors + 1.0) * self.attn_temp_scale + 1.0).astype(np.float32)
+    def attention_temperature(self, positions):
+        """Per-token q scale (n_tokens,) float32 of the no-rope layers (llm_graph_input_attn_temp,
+        offset 1), on the device of the int64 positions."""
+        xp = namespace(positions)
+        floors = xp.floor((xp.astype(positions, xp.float64) + 1.0) / self.attn_temp_floor_scale)
+        return xp.astype(xp.log(floors + 1.0) * self.attn_temp_scale + 1.0, xp.float32)
 
     def is_moe_layer(self, il: int) -> bool:
         return self.n_moe_layer_step > 0 and (il + 1) % self.n_moe_layer_step == 0
@@ -99,13 +99,13 @@ def attention(m, il: int, x, batch):
     q, k, v = qkv_projections(m.ops, x, lw, hp.n_head, hp.n_head_kv[il], hp.n_embd_head_k, hp.n_embd_head_v)
     if hp.uses_rope(il):
         base = hp.rope_freq_base_swa if hp.chunked_layers[il] and hp.rope_freq_base_swa else hp.rope_freq_base
-        rope_freqs = m.tensor("rope_freqs.weight")
+        rope_freqs = m.vector_here("rope_freqs.weight")
         q = batch.rope(q, hp.n_rot, base, m.rope_scaling, neox=False, freq_factors=rope_freqs)
         k = batch.rope(k, hp.n_rot, base, m.rope_scaling, neox=False, freq_factors=rope_freqs)
         if hp.use_kq_norm:
             q, k = rms_norm(q, None, hp.rms_eps), rms_norm(k, None, hp.rms_eps)
     else:
-        q = q * hp.attention_temperature(batch.positions)[:, None, None]
+        q = q * hp.attention_temperature(batch.device_positions())[:, None, None]
     out = batch.attend(il, q, k, v, kq_scale=1.0 / math.sqrt(hp.n_embd_head_k))
     return m.ops.matmul(out, lw.attn_output)
 
@@ -115,5 +115,4 @@ def feed_forward_block(m, il: int, x):
     if not hp.is_moe_layer(il):
         return feed_forward(m.ops, x, lw.ffn_gate, lw.ffn_up, lw.ffn_down)
     routing = Routing(hp.n_expert_used, gating="sigmoid", select_on_logits=True, weight_before_ffn=True)
-    routed = moe_feed_forward(m.ops, x, lw, routing, m.expert_counts[il])
-    return routed + feed_forward(m.ops, x, lw.ffn_gate_shexp, lw.ffn_up_shexp, lw.ffn_down_shexp)
+    return routed_and_shared_experts(m.ops, x, lw, routing, m.expert_counts[il])

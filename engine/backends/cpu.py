@@ -12,8 +12,10 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from engine.arch import layers
+from engine.arch.layers import numpy_namespace
 from engine.backends import Weight
+from engine.backends.kv_store import HostKVLayer, attend_cached
+from engine.backends.protocol import AttentionStep, KVLayout
 
 try:    # the Numba kernels, once they are built
     from kernels.cpu import dequantize_rows as kernel_dequantize_rows
@@ -109,11 +111,16 @@ class CpuBackend:
     With activations="llama.cpp" each matmul input is first rounded the way llama.cpp's CPU
     backend rounds it, so logits and perplexity track llama.cpp's; "f32" computes exactly."""
 
-    name = "cpu"
+    name = "CPU"
     round_inputs = False
+    allocated_bytes = 0         # the memory map is the CPU's copy of its weights
 
     def __init__(self, activations: str = "f32"):
         self.round_inputs = activations == "llama.cpp"
+
+    @property
+    def namespace(self):
+        return numpy_namespace
 
     def _input(self, x: np.ndarray, w: Weight) -> np.ndarray:
         if not self.round_inputs:
@@ -173,24 +180,38 @@ class CpuBackend:
         rows = w.data.reshape(-1, w.data.shape[-1])
         return dequantize_rows(rows, w.ggml_type, w.n_cols).reshape(w.shape)
 
-    # --- elementwise and attention ops (the math lives in engine.arch.layers) --------------------
+    # --- memory, transfers, the KV cache (engine.backends.protocol) -------------------------------
 
-    rms_norm = staticmethod(layers.rms_norm)
-    rope = staticmethod(layers.apply_rope)
-    attention = staticmethod(layers.attention)
-    swiglu = staticmethod(layers.swiglu)
-    geglu = staticmethod(layers.geglu)
+    def upload(self, w: Weight, experts=None) -> Weight:
+        """The memory map is already host memory: a whole tensor stays where it is; a subset of
+        experts is a view when it is one contiguous range, else a copy of those experts."""
+        if experts is None:
+            return Weight(w.name, w.data, w.ggml_type, w.shape, self.name)
+        experts = list(experts)
+        if experts == list(range(experts[0], experts[0] + len(experts))):
+            data = w.data[experts[0]:experts[0] + len(experts)]
+        else:
+            data = np.ascontiguousarray(w.data[experts])
+        return Weight(w.name, data, w.ggml_type, (len(experts), *w.shape[1:]), self.name)
 
     @staticmethod
-    def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return a + b
+    def upload_vector(values: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(values, dtype=np.float32)
 
-    # --- transfers --------------------------------------------------------------------------
+    @staticmethod
+    def to_device(x: np.ndarray) -> np.ndarray:
+        return x
 
     @staticmethod
     def to_host(x: np.ndarray) -> np.ndarray:
         return x
 
     @staticmethod
-    def from_host(x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(x, dtype=np.float32)
+    def new_kv_layer(layout: KVLayout) -> HostKVLayer:
+        return HostKVLayer(layout)
+
+    @staticmethod
+    def attend(kv: HostKVLayer, step: AttentionStep, positions, q, k, v, kq_scale: float, v_from_k: int = 0):
+        kv.store(step.cells, positions, k, v)
+        keys, values, key_pos = kv.view(step.n_filled)
+        return attend_cached(keys, values, key_pos, positions, step, q, k.shape[1], kq_scale, v_from_k)

@@ -1,13 +1,15 @@
-"""Placement-driven execution: each weight lives on the device the placement names, and each op
-runs on the device that holds its weight.
+"""Placement-driven execution over several devices.
 
-A routed-expert tensor whose experts are spread over devices is held as one part per device;
-each selected expert runs where it lives and its output is summed on the layer's home device in
-the same order as on one device, so any placement gives the same logits as all-CPU.
+Each weight lives on the device the placement names, and each op that reads a weight runs on
+that device. Each layer has a **home device** (`enter`): the device of its attention, which holds
+its KV cache, its 1-D tensors and its rope tables. The activation lives on the home device; an op
+whose weight lives elsewhere moves the activation there and its result back, and every move is
+counted (`transfers`, `transfer_bytes`).
 
-Simulated GPUs (`--sim-gpus`) are CPU backends that own copies of their weights and refuse to
-touch weights of another device: a weight read from the wrong device is an error here, not a
-silent slowdown.
+A routed-expert tensor whose experts are spread over devices is held as one part per device. A
+MoE layer groups its selected experts by device: one move in and one out per device, and the
+outputs are summed on the home device in a fixed expert order, so any placement gives the same
+logits as all-CPU.
 """
 from __future__ import annotations
 
@@ -15,61 +17,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.arch.layers import expert_feed_forward
 from engine.backends import Weight
 from engine.backends.cpu import CpuBackend
+from engine.backends.strict import DeviceMismatchError, StrictSimBackend
+
+__all__ = ["DeviceMismatchError", "NoCudaBackendError", "SplitExpertWeight", "make_backends",
+           "place_weight"]
 
 
-class DeviceMismatchError(RuntimeError):
+class NoCudaBackendError(RuntimeError):
     pass
-
-
-class SimulatedGpuBackend(CpuBackend):
-    """A GPU that computes on the host: it holds its own copy of the weights placed on it."""
-
-    def __init__(self, device: str, activations: str = "f32"):
-        super().__init__(activations)
-        self.name = device
-        self.allocated_bytes = 0
-
-    def upload(self, data: np.ndarray) -> np.ndarray:
-        copy = np.array(data, copy=True)
-        copy.setflags(write=False)
-        self.allocated_bytes += copy.nbytes
-        return copy
-
-    def _check(self, w: Weight) -> None:
-        if getattr(w, "device", self.name) != self.name:
-            raise DeviceMismatchError(f"{w.name} lives on {w.device} but was used on {self.name}")
-
-    def matmul(self, x, w):
-        self._check(w)
-        return super().matmul(x, w)
-
-    def expert_matmul(self, x, w, expert, rows=None):
-        self._check(w)
-        return super().expert_matmul(x, w, expert, rows)
-
-    def head_matmul(self, x, w):
-        self._check(w)
-        return super().head_matmul(x, w)
-
-    def embedding(self, w, ids):
-        self._check(w)
-        return super().embedding(w, ids)
-
-
-class HostBackend(CpuBackend):
-    name = "CPU"
-    allocated_bytes = 0
-
-    @staticmethod
-    def upload(data: np.ndarray) -> np.ndarray:
-        return data         # the memory map is the CPU's copy
-
-
-@dataclass(frozen=True, eq=False)
-class PlacedWeight(Weight):
-    device: str = "CPU"
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,84 +35,162 @@ class SplitExpertWeight(Weight):
     """A routed-expert tensor whose experts live on several devices: one part per device."""
 
     expert_device: tuple[str, ...] = ()
-    parts: dict = field(default_factory=dict)           # device -> PlacedWeight (local experts)
+    parts: dict = field(default_factory=dict)           # device -> Weight of its experts
     local_index: tuple[int, ...] = ()                   # expert -> its index inside its part
 
 
 def place_weight(w: Weight, devices: str | tuple[str, ...], backends: dict) -> Weight:
-    """`w` moved onto its device(s): a PlacedWeight, or a SplitExpertWeight for split experts."""
+    """`w` uploaded to its device, or for per-expert devices, each device's experts to it."""
     if isinstance(devices, str):
-        return PlacedWeight(w.name, backends[devices].upload(w.data), w.ggml_type, w.shape, devices)
+        return backends[devices].upload(w)
     parts, local_index = {}, [0] * len(devices)
     for device in dict.fromkeys(devices):
         experts = [e for e, d in enumerate(devices) if d == device]
         for i, e in enumerate(experts):
             local_index[e] = i
-        data = backends[device].upload(np.ascontiguousarray(w.data[experts]))
-        parts[device] = PlacedWeight(w.name, data, w.ggml_type, (len(experts), *w.shape[1:]), device)
-    return SplitExpertWeight(w.name, w.data[:0], w.ggml_type, w.shape, tuple(devices), parts, tuple(local_index))
+        parts[device] = backends[device].upload(w, experts)
+    return SplitExpertWeight(w.name, w.data[:0], w.ggml_type, w.shape, "split", tuple(devices), parts,
+                             tuple(local_index))
 
 
-class PlacedOps(CpuBackend):
-    """The op set the families call, routed to the device of each weight.
+def expert_part(w: Weight, expert: int) -> tuple[str, Weight, int]:
+    """(device, the weight on it, the expert's index there) of one expert of w."""
+    if isinstance(w, SplitExpertWeight):
+        device = w.expert_device[expert]
+        return device, w.parts[device], w.local_index[expert]
+    return w.device, w, expert
 
-    Activations are host arrays on every device this build runs (CPU and simulated GPUs);
-    `transfers` counts the activation hand-overs between devices that a real multi-GPU run pays."""
+
+class PlacedOps:
+    """The op set the families call (`model.ops`), routed to the device of each weight."""
 
     def __init__(self, backends: dict):
-        super().__init__()
         self.backends = backends
-        self.current = "CPU"
+        self.home = next(iter(backends))
         self.transfers = 0
         self.transfer_bytes = 0
 
-    def _on(self, device: str, x: np.ndarray):
-        if device != self.current:
-            self.transfers += 1
-            self.transfer_bytes += x.nbytes
-            self.current = device
-        return self.backends[device]
+    # --- where the activation lives ---------------------------------------------------------------
 
-    def matmul(self, x, w):
-        return self._on(w.device, x).matmul(x, w)
+    def enter(self, device: str) -> None:
+        """From now on activations live on `device` (the current layer's home)."""
+        self.home = device
 
-    def expert_matmul(self, x, w, expert, rows=None):
+    @property
+    def home_backend(self):
+        return self.backends[self.home]
+
+    def move(self, x, src: str, dst: str):
+        """x from device src to device dst, counted; as is when they are the same device."""
+        if src == dst:
+            return x
+        host = self.backends[src].to_host(x)
+        self.transfers += 1
+        self.transfer_bytes += host.nbytes
+        return self.backends[dst].to_device(host)
+
+    def to_host(self, x) -> np.ndarray:
+        """A small result (router ids) read back from the home device."""
+        return self.home_backend.to_host(x)
+
+    def index(self, host_ints: np.ndarray):
+        """Host index arrays (MoE row mapping) copied to the home device."""
+        return self.home_backend.to_device(host_ints)
+
+    # --- ops that read a weight ----------------------------------------------------------------
+
+    def _on_weight_device(self, op: str, x, w: Weight, *args):
+        if w.device == self.home:
+            return getattr(self.home_backend, op)(x, w, *args)
+        y = getattr(self.backends[w.device], op)(self.move(x, self.home, w.device), w, *args)
+        return self.move(y, w.device, self.home)
+
+    def matmul(self, x, w: Weight):
+        return self._on_weight_device("matmul", x, w)
+
+    def head_matmul(self, x, w: Weight):
+        return self._on_weight_device("head_matmul", x, w)
+
+    def expert_matmul(self, x, w: Weight, expert: int):
+        device, part, local = expert_part(w, expert)
+        if device == self.home:
+            return self.home_backend.expert_matmul(x, part, local)
+        y = self.backends[device].expert_matmul(self.move(x, self.home, device), part, local)
+        return self.move(y, device, self.home)
+
+    def embedding(self, w: Weight, ids: np.ndarray):
+        return self.move(self.backends[w.device].embedding(w, ids), w.device, self.home)
+
+    def dequantize(self, w: Weight):
+        return self.move(self.backends[w.device].dequantize(w), w.device, self.home)
+
+    # --- mixture of experts -------------------------------------------------------------------
+
+    @staticmethod
+    def expert_device(w: Weight):
+        """expert -> the device holding it (of the gate tensor, which groups the experts)."""
         if isinstance(w, SplitExpertWeight):
-            device = w.expert_device[expert]
-            return self._on(device, x).expert_matmul(x, w.parts[device], w.local_index[expert], rows)
-        return self._on(w.device, x).expert_matmul(x, w, expert, rows)
+            return w.expert_device.__getitem__
+        return lambda expert: w.device
 
-    def head_matmul(self, x, w):
-        return self._on(w.device, x).head_matmul(x, w)
+    def expert_ffn(self, rows_in, segments, lw, activation):
+        """The selected experts' FFN over their rows (R, n_embd) on the home device; `segments`
+        lists per device its experts and their row ranges (engine.arch.layers.ExpertRows). Each
+        device gets its rows in one move and sends its outputs back in one move."""
+        home = self.home
+        outputs = []
+        for device, spans in segments:
+            first, end = spans[0][1], spans[-1][2]
+            x = self.move(rows_in[first:end, ...], home, device)
+            self.home = device          # the experts' own matmuls run here
+            try:
+                ys = [self._one_expert(x[a - first:b - first, ...], lw, expert, activation) for expert, a, b in spans]
+            finally:
+                self.home = home
+            y = ys[0] if len(ys) == 1 else self.backends[device].namespace.concat(ys, axis=0)
+            outputs.append(self.move(y, device, home))
+        return outputs[0] if len(outputs) == 1 else self.home_backend.namespace.concat(outputs, axis=0)
 
-    def embedding(self, w, ids):
-        return self._on(w.device, np.asarray(ids)).embedding(w, ids)
+    def _one_expert(self, x, lw, expert: int, activation):
+        # gate, up and down of one expert usually share the device the rows were moved to; where
+        # a placement splits them differently, expert_matmul moves the activation for the odd one
+        return expert_feed_forward(self, x, lw.ffn_gate_exps, lw.ffn_up_exps, lw.ffn_down_exps, expert, activation)
 
-    def dequantize(self, w):
-        return self.backends[getattr(w, "device", "CPU")].dequantize(w)
+    # --- bookkeeping ------------------------------------------------------------------------------
 
     def set_threads(self, n_threads: int) -> None:
-        CpuBackend.set_threads(n_threads)
+        for backend in self.backends.values():
+            backend.set_threads(n_threads)
 
     def allocated_bytes(self) -> dict[str, int]:
         return {name: backend.allocated_bytes for name, backend in self.backends.items()}
 
 
-class NoCudaBackendError(RuntimeError):
-    pass
-
-
 def make_backends(devices, activations: str = "f32") -> dict:
-    """A backend per device: the host for the CPU, a simulated GPU for each simulated device.
-
-    A real GPU is refused rather than quietly run on the CPU."""
+    """A backend per device: the host for the CPU, a strict simulated GPU for each simulated
+    device, the CUDA backend on the emulator for each emulated one and through CuPy for a real
+    GPU. A real GPU without CuPy is refused rather than quietly run on the CPU."""
     backends = {}
+    n_simulated = 0
     for device in devices:
         if not device.is_gpu:
-            backends[device.name] = HostBackend(activations)
+            backends[device.name] = CpuBackend(activations)
+        elif device.emulated:
+            from engine.backends.cuda import emulated_backend
+            backends[device.name] = emulated_backend(device.name, activations, index=n_simulated)
+            n_simulated += 1
         elif device.simulated:
-            backends[device.name] = SimulatedGpuBackend(device.name, activations)
+            backends[device.name] = StrictSimBackend(device.name, activations, index=n_simulated)
+            n_simulated += 1
         else:
-            raise NoCudaBackendError(f"{device.name} ({device.description}) needs the CUDA backend, which this "
-                                     "build does not have yet: place everything on the CPU or use --sim-gpus")
+            backends[device.name] = _cuda_backend(device, activations)
     return backends
+
+
+def _cuda_backend(device, activations: str):
+    """The CUDA backend for a real GPU; without CuPy or a usable GPU, a clear refusal (never the CPU)."""
+    from engine.backends.cuda import CudaUnavailableError, gpu_backend
+    try:
+        return gpu_backend(device.name, int(device.name.removeprefix("CUDA")), activations)
+    except CudaUnavailableError as e:
+        raise NoCudaBackendError(f"{device.name} ({device.description}) needs the CUDA backend: {e}") from e

@@ -7,7 +7,12 @@ Nothing here knows a family. The family module (`engine.arch.family(arch)`) prov
     embed(model, tokens) -> x                   optional; default: token_embd rows
     output(model, x) -> logits                  optional; default: output_norm, then output
 
-and reads its tensors through `model.layers[il]` and `model.tensor(name)`.
+and reads its tensors through `model.layers[il]` and `model.tensor(name)`; `model.ops` is the
+op set, routed to each weight's device (engine.backends.dispatch).
+
+Every layer has a home device: the device of its attention (the placement's
+`layer_home_device`). Its KV cache, its 1-D tensors (norms, biases) and its rope tables live
+there, and the activation moves there before the layer runs; the logits come back to the host.
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ from engine.backends.cpu import CpuBackend, dequantize_rows
 from engine.gguf.model_file import ModelFile, ModelFileError
 from engine.run.kv_cache import KVCache
 from engine.run.recurrent_state import HybridCache
-from engine.arch.layers import RopeScaling, UBatch, rms_norm
+from engine.arch.kv_rotation import rotation_for
+from engine.arch.layers import RopeScaling, apply_rope, namespace, rms_norm, rope_cos_sin
 from engine.backends.dispatch import PlacedOps, make_backends, place_weight
 from engine.run_config import RunConfig
 
@@ -80,27 +86,36 @@ class Model:
                                            {name: t.shape for name, t in model_file.tensors.items()})
         self._check_tensors()
         self.run_config = run_config or RunConfig()
-        self.ops = backend or CpuBackend(self.run_config.activations)
+        n_layer = self.hparams.n_layer
         # a placement with everything on the CPU runs straight from the memory map
         if placement is not None and not any(n for d, n in placement.weight_bytes().items() if d != "CPU"):
             placement = None
         self.placement = placement
-        tensor_devices = {}
-        if placement is not None:
+        if placement is None:
+            self.ops = PlacedOps({"CPU": backend or CpuBackend(self.run_config.activations)})
+            tensor_devices, self.homes, self.output_home = {}, ["CPU"] * n_layer, "CPU"
+        else:
             self.ops = PlacedOps(make_backends(placement.devices, self.run_config.activations))
             tensor_devices = placement.tensor_devices()
-        self.globals: dict[str, Weight | np.ndarray] = {}
-        self.layers = [LayerTensors(il, {}) for il in range(self.hparams.n_layer)]
+            self.homes = [placement.layer_home_device(il) for il in range(n_layer)]
+            self.output_home = placement.output_device()
+        self.globals: dict[str, Weight | np.ndarray] = {}      # 1-D globals stay host arrays (see vector_here)
+        self.layers = [LayerTensors(il, {}) for il in range(n_layer)]
+        self._vectors: dict = {}
         for name, info in model_file.tensors.items():
             tensor = self._load_tensor(name, info)
-            if name in tensor_devices and isinstance(tensor, Weight):
-                tensor = place_weight(tensor, tensor_devices[name], self.ops.backends)
             where = _short_name(name)
-            if where is not None and where[0] < self.hparams.n_layer:
+            in_layer = where is not None and where[0] < n_layer
+            if isinstance(tensor, Weight):
+                tensor = place_weight(tensor, tensor_devices.get(name, "CPU"), self.ops.backends)
+            elif in_layer:          # norms and biases live on the layer's home device
+                tensor = self.ops.backends[self.homes[where[0]]].upload_vector(tensor)
+            if in_layer:
                 self.layers[where[0]].tensors[where[1]] = tensor
             else:
                 self.globals[name] = tensor
-        self.rope_scaling = RopeScaling.from_metadata(self.metadata, self.hparams)
+        scaling = getattr(self.family, "rope_scaling", RopeScaling.from_metadata)
+        self.rope_scaling = scaling(self.metadata, self.hparams)      # once per model
         self.expert_counts = np.zeros((self.hparams.n_layer, self.hparams.n_expert), dtype=np.int64)   # router selections
 
     @classmethod
@@ -137,7 +152,20 @@ class Model:
         return Weight(name, data, info.ggml_type, info.shape)
 
     def tensor(self, name: str) -> Weight | np.ndarray | None:
+        """A global tensor: a Weight, or for a 1-D one the host array (see vector_here)."""
         return self.globals.get(name)
+
+    def vector_here(self, name: str):
+        """A global 1-D tensor (rope_freqs, output_norm) on the device activations are on now,
+        copied there once per device; None when the model has no such tensor."""
+        host = self.globals.get(name)
+        if host is None:
+            return None
+        key = (name, self.ops.home)
+        cached = self._vectors.get(key)
+        if cached is None or cached[0] is not host:
+            cached = self._vectors[key] = (host, self.ops.home_backend.upload_vector(host))
+        return cached[1]
 
     @property
     def output_weight(self) -> Weight:
@@ -145,11 +173,11 @@ class Model:
 
     # --- the default embedding and head (families may replace them) -----------------------------
 
-    def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
+    def embed_tokens(self, tokens: np.ndarray):
         return self.ops.embedding(self.globals["token_embd.weight"], tokens)
 
-    def output_logits(self, x: np.ndarray) -> np.ndarray:
-        x = rms_norm(x, self.globals["output_norm.weight"], self.hparams.rms_eps)
+    def output_logits(self, x):
+        x = rms_norm(x, self.vector_here("output_norm.weight"), self.hparams.rms_eps)
         return self.ops.matmul(x, self.output_weight)
 
     # --- running ----------------------------------------------------------------------------------
@@ -159,7 +187,7 @@ class Model:
         hp = self.hparams
         if any(hp.is_recurrent(il) for il in range(hp.n_layer)):
             return HybridCache(hp, config)      # KV for the attention layers, recurrent state for the rest
-        return KVCache(hp, config)
+        return KVCache(hp, config, [self.ops.backends[device] for device in self.homes])
 
     def eval_logits(self, tokens, cache: KVCache | None = None, positions=None, *, last_only: bool = False,
                     progress: Callable[[int, int], None] | None = None) -> np.ndarray:
@@ -193,24 +221,34 @@ class Model:
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
     def _eval_ubatch(self, tokens, positions, cache: KVCache, skip_output: bool, last_only: bool):
-        batch = UBatch(self.hparams, positions, cache)
+        ops = self.ops
+        batch = UBatch(self.hparams, positions, cache, ops)
+        ops.enter(self.homes[0])
         embed = getattr(self.family, "embed", None)
         x = embed(self, tokens) if embed else self.embed_tokens(tokens)
         self.file.check_unchanged()
         for il in range(self.hparams.n_layer):
+            x = self._enter(x, self.homes[il])
             x = self.family.forward_layer(self, il, x, batch)
             # a file truncated under the memory map: the bus guard let the layer read zeros; say so
             self.file.check_unchanged()
-            check_finite(x, f"layer {il}", self.kv_hint)
+            check_finite(ops, x, f"layer {il}", self.kv_hint)
         cache.n_past = max(cache.n_past, int(positions.max()) + 1)
         if skip_output:
             return None
         if last_only:
-            x = x[-1:]
+            x = x[-1:, ...]
+        x = self._enter(x, self.output_home)
         output = getattr(self.family, "output", None)
-        logits = output(self, x) if output else self.output_logits(x)
-        check_finite(logits, "the output layer", self.kv_hint)
+        logits = ops.to_host(output(self, x) if output else self.output_logits(x))
+        check_finite(ops, logits, "the output layer", self.kv_hint)
         return logits
+
+    def _enter(self, x, device: str):
+        """The activation moved to `device`, which becomes the home of what runs next."""
+        x = self.ops.move(x, self.ops.home, device)
+        self.ops.enter(device)
+        return x
 
     @property
     def kv_hint(self) -> str:
@@ -230,8 +268,61 @@ class Model:
         self.close()
 
 
-def check_finite(x: np.ndarray, where: str, hint: str = "") -> None:
+class UBatch:
+    """One ubatch in flight: host positions, the KV cache, and per device the positions and the
+    rope tables shared by the layers living there."""
+
+    def __init__(self, hparams, positions: np.ndarray, cache, ops: PlacedOps):
+        self.hparams = hparams
+        self.positions = positions
+        self.cache = cache
+        self.ops = ops
+        self._device_positions: dict = {}
+        self._rope_tables: dict = {}
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.positions)
+
+    def device_positions(self):
+        """The positions (n_tokens,) int64 on the current layer's home device."""
+        home = self.ops.home
+        if home not in self._device_positions:
+            self._device_positions[home] = self.ops.home_backend.to_device(self.positions)
+        return self._device_positions[home]
+
+    def rope(self, x, n_dims: int, base: float, scaling: RopeScaling, neox: bool, freq_factors=None):
+        """x (T, n_head, head_dim) rotated by its tokens' positions, tables built on x's device."""
+        key = (self.ops.home, n_dims, base, scaling, None if freq_factors is None else id(freq_factors))
+        if key not in self._rope_tables:
+            # the factors are part of the key by identity: keep them alive as long as the table
+            self._rope_tables[key] = (rope_cos_sin(self.device_positions(), n_dims, base, scaling, freq_factors),
+                                      freq_factors)
+        return apply_rope(x, *self._rope_tables[key][0], neox)
+
+    def attend(self, il: int, q, k, v, kq_scale: float, v_from_k: int = 0):
+        """Store this ubatch's k/v (T, n_head_kv, d) in layer il's cache and attend over the cache
+        on the layer's home device. v None: the values are the first v_from_k entries of each key
+        (MLA's latent)."""
+        step = self.cache.step(il, self.positions)
+        layout = self.cache.layers[il].layout
+        # a quantized cache holds Hadamard-rotated heads, as llama.cpp's does (not for MLA's shared latent)
+        rotation = None if v is None else rotation_for(q.shape[-1], v.shape[-1], layout.type_k, layout.type_v)
+        if rotation:
+            q, k = rotation.queries_keys(q, k)
+            v = rotation.values(v)
+        out = self.ops.home_backend.attend(self.cache.layers[il], step, self.device_positions(), q, k, v,
+                                           kq_scale, v_from_k)
+        return rotation.output(out, q.shape[1]) if rotation else out
+
+
+def check_finite(ops: PlacedOps, x, where: str, hint: str = "") -> None:
     # one reduction per layer: any NaN or inf anywhere makes the sum non-finite
-    if not np.isfinite(x.sum(dtype=np.float64)):
+    if type(x) is np.ndarray:
+        total = x.sum(dtype=np.float64)
+    else:
+        xp = namespace(x)
+        total = ops.to_host(xp.sum(x, dtype=xp.float64))
+    if not np.isfinite(total):
         raise NonFiniteError(f"{where} produced non-finite values (NaN or inf); the weights, the "
                              f"quantization or the inputs are bad from there on{hint}")

@@ -1,0 +1,93 @@
+"""One layer's K/V storage in host memory, and attention over it.
+
+Rows are stored in the cache type: NumPy floats for f32/f16, ggml blocks (bytes) for the rest,
+quantized with the same block formats and rounding as llama.cpp's CPU cache. Each cell remembers
+the position it holds (-1: empty), which is what the attention mask is built from. The CPU
+backend uses this storage directly; the simulated GPU keeps it as its device memory and hands
+out device arrays of what it reads.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from engine.arch import layers
+from engine.backends.protocol import AttentionStep, KVLayout
+from engine.gguf import ggml_types
+from kernels.cpu import dequantize_rows, quantize_rows
+
+FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16}
+
+
+def row_bytes(type_name: str, n_values: int) -> int:
+    """Bytes of one cached row (engine.plan.memory.kv_row_bytes sizes the estimate the same way)."""
+    if n_values == 0:
+        return 0
+    size = ggml_types.row_bytes(ggml_types.type_id_by_name(type_name), n_values)
+    if size is None:
+        raise ValueError(f"KV cache type {type_name} needs rows that are a multiple of its block size; "
+                         f"this model caches {n_values} values per token: use f16 or q8_0")
+    return size
+
+
+class RowCodec:
+    """How one cache type stores rows."""
+
+    def __init__(self, type_name: str):
+        self.type_name = type_name
+        self.dtype = FLOAT_DTYPES.get(type_name)
+        self.type_id = ggml_types.type_id_by_name(type_name)
+
+    def empty(self, cells: int, n_values: int) -> np.ndarray:
+        if self.dtype is not None:
+            return np.zeros((cells, n_values), dtype=self.dtype)
+        return np.zeros((cells, row_bytes(self.type_name, n_values)), dtype=np.uint8)
+
+    def encode(self, rows: np.ndarray) -> np.ndarray:
+        return rows if self.dtype is not None else quantize_rows(np.ascontiguousarray(rows, np.float32), self.type_id)
+
+    def decode(self, stored: np.ndarray, n_values: int) -> np.ndarray:
+        if self.dtype is not None:
+            return stored.astype(np.float32, copy=False)
+        return dequantize_rows(stored, self.type_id, n_values)
+
+
+class HostKVLayer:
+    """K (cells, n_k) and V (cells, n_v) in the cache type, and the position of each cell."""
+
+    def __init__(self, layout: KVLayout):
+        self.layout = layout
+        self.k_codec, self.v_codec = RowCodec(layout.type_k), RowCodec(layout.type_v)
+        self.k = self.k_codec.empty(layout.n_cells, layout.n_k)
+        self.v = self.v_codec.empty(layout.n_cells, layout.n_v) if layout.n_v else None   # MLA: V is part of K
+        self.cell_pos = np.full(layout.n_cells, -1, dtype=np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + (0 if self.v is None else self.v.nbytes)
+
+    def store(self, cells: np.ndarray, positions: np.ndarray, k: np.ndarray, v: np.ndarray | None) -> None:
+        """Write keys/values (n_tokens, ...) of host arrays into the given cells."""
+        self.k[cells] = self.k_codec.encode(k.reshape(len(cells), -1))
+        if v is not None:
+            self.v[cells] = self.v_codec.encode(v.reshape(len(cells), -1))
+        self.cell_pos[cells] = positions
+
+    def view(self, n_filled: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """(keys, values, positions) of the first n_filled cells, keys and values as float32."""
+        keys = self.k_codec.decode(self.k[:n_filled], self.layout.n_k)
+        values = None if self.v is None else self.v_codec.decode(self.v[:n_filled], self.layout.n_v)
+        return keys, values, self.cell_pos[:n_filled]
+
+    def forget(self, n_past: int) -> None:
+        self.cell_pos[self.cell_pos >= n_past] = -1
+
+
+def attend_cached(keys, values, key_pos, positions, step: AttentionStep, q, n_head_kv: int, kq_scale: float,
+                  v_from_k: int):
+    """Attention of q over decoded cache rows, all on one device: keys (N, n_k), values
+    (N, n_v) or None (MLA: the first v_from_k values of each key), key_pos (N,)."""
+    xp = layers.namespace(q)
+    keys = xp.reshape(keys, (keys.shape[0], n_head_kv, -1))
+    values = keys[..., :v_from_k] if values is None else xp.reshape(values, (values.shape[0], n_head_kv, -1))
+    mask = layers.visible(positions, key_pos, step.kind, step.window)
+    return layers.attention(q, keys, values, mask, kq_scale)
