@@ -1,3 +1,6 @@
+import sys
+import types
+
 import pytest
 
 from engine.devices import available_devices, parse_size, simulated_gpus
@@ -26,8 +29,49 @@ def test_available_devices_start_with_the_cpu():
     assert [d.name for d in devices[1:]] == ["CUDA0"]
 
 
-def test_no_driver_means_just_the_cpu():
-    # this machine has no NVIDIA driver: the real device list is the CPU alone, without an error
+class FakeNvml:
+    """pynvml as a machine presents it: without a driver nvmlInit fails; with one, its GPUs."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, gpus=None):
+        self.gpus = gpus            # None: no driver
+        self.shut_down = False
+
+    def nvmlInit(self):
+        if self.gpus is None:
+            raise self.NVMLError("NVML Shared Library Not Found")
+
+    def nvmlShutdown(self):
+        self.shut_down = True
+
+    def nvmlDeviceGetCount(self):
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return self.gpus[i]
+
+    def nvmlDeviceGetName(self, handle):
+        return handle[0].encode()
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return types.SimpleNamespace(total=handle[1])
+
+    def nvmlDeviceGetCudaComputeCapability(self, handle):
+        return (9, 0)
+
+
+def test_no_driver_means_just_the_cpu(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(gpus=None))
     devices = available_devices()
-    assert devices[0].name == "CPU"
-    assert all(d.is_gpu and not d.simulated for d in devices[1:])
+    assert [d.name for d in devices] == ["CPU"] and devices[0].kind == "cpu"
+
+
+def test_a_driver_lists_its_gpus_after_the_cpu(monkeypatch):
+    nvml = FakeNvml(gpus=[("NVIDIA H100", 80 << 30), ("NVIDIA L4", 24 << 30)])
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    devices = available_devices()
+    assert [(d.name, d.description, d.total_bytes, d.simulated) for d in devices[1:]] == [
+        ("CUDA0", "NVIDIA H100", 80 << 30, False), ("CUDA1", "NVIDIA L4", 24 << 30, False)]
+    assert devices[1].compute_capability == (9, 0) and nvml.shut_down
