@@ -205,6 +205,9 @@ class ChatTemplate:
                        add_eos=bool(md.get(Keys.Tokenizer.ADD_EOS, False)))
         source = md.get(Keys.Tokenizer.CHAT_TEMPLATE) or ""
         tool_use = md.get(Keys.Tokenizer.CHAT_TEMPLATE_N.format(name="tool_use")) or None
+        for key, value in ((Keys.Tokenizer.CHAT_TEMPLATE, source), ("tool_use template", tool_use)):
+            if value is not None and not isinstance(value, str):
+                raise ChatTemplateError("gguf", f"{key} must be text, not {type(value).__name__}", reason="syntax")
         if source.strip() in BUILTIN_TEMPLATES:
             return cls.builtin(source.strip(), **special, **options)
         if source:

@@ -12,9 +12,11 @@ memory. The worker renders with the same sandbox and limits; its errors come bac
 from __future__ import annotations
 
 import multiprocessing
+import sys
 import threading
+from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, Iterator
 
 from engine.text.template_sandbox import RenderLimits
 
@@ -49,6 +51,21 @@ def _worker_main(conn, memory_bytes: int) -> None:
         except EOFError:
             return
         conn.send(render_in_this_process(*request))
+
+
+@contextmanager
+def _main_script_hidden() -> Iterator[None]:
+    """Spawn re-runs the parent's main *script* in the child unless it sits behind an
+    `if __name__ == "__main__"` guard; the worker needs nothing from it, so the script's path is
+    hidden while the worker starts (a main module run with -m is imported by name, harmlessly)."""
+    main = sys.modules.get("__main__")
+    hide = main is not None and getattr(main, "__spec__", None) is None and hasattr(main, "__file__")
+    saved = main.__dict__.pop("__file__") if hide else None
+    try:
+        yield
+    finally:
+        if hide:
+            main.__file__ = saved
 
 
 class RenderWorker:
@@ -86,7 +103,8 @@ class RenderWorker:
         parent_conn, child_conn = context.Pipe()
         process = context.Process(target=_worker_main, args=(child_conn, self.memory_bytes), daemon=True,
                                   name="chat-template-renderer")
-        process.start()
+        with _main_script_hidden():
+            process.start()
         child_conn.close()
         if not parent_conn.poll(START_TIMEOUT_S):
             process.kill()

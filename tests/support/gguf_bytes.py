@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from gguf.constants import GGUFValueType
 
 ALIGNMENT = 32
+MAX_DATA_SECTION_BYTES = 1 << 24
 _SCALAR_FORMATS = {GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f",
                    GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.BOOL: "<?",
                    GGUFValueType.UINT8: "<B", GGUFValueType.FLOAT64: "<d"}
@@ -80,6 +81,7 @@ class RawGGUF:
         header = b"GGUF" + struct.pack("<IQQ", self.version, len(self.tensors), len(self.kvs))
         header += b"".join(self.kvs) + infos
         header += bytes(-len(header) % ALIGNMENT)
+        blobs = [(o, d) for o, d in blobs if o + len(d) <= MAX_DATA_SECTION_BYTES]    # a huge claimed offset: header only
         section = bytearray(max([o + len(d) for o, d in blobs], default=0))
         for offset, data in blobs:
             section[offset:offset + len(data)] = data
