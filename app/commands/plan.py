@@ -9,6 +9,7 @@ import os
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 
 from app.commands.common import open_inventory, print_json, print_table
 from engine.devices import available_devices, cpu_device, parse_size
@@ -137,50 +138,69 @@ def _host(name: str) -> str:
     return "CPU" if name in HOST_BUFFERS else name
 
 
-def check_against(args) -> int:
-    mf, inventory = open_inventory(args.file)
+@dataclass(frozen=True)
+class Comparison:
+    """Our all-CPU estimate beside llama.cpp's buffers for the same file and settings."""
+    title: str
+    command: list[str]
+    n_nodes: int
+    n_splits: int
+    flash_attn: bool | None
+    rows: list[tuple[str, int, int]]        # (component, ours, llama.cpp's), bytes
+
+    @property
+    def compute_ok(self) -> bool:
+        ours, theirs = self.rows[0][1:]
+        return within_tolerance(ours, theirs)
+
+
+def compare_with_llama(path: str, llama_args: list[str], binary: str, options: MemoryOptions,
+                       full_load: bool = False) -> Comparison | str:
+    """llama.cpp's dry load of `path` beside our estimate; llama.cpp's log when it printed nothing."""
+    mf, inventory = open_inventory(path)
     hp = inventory.hparams
     devices = [cpu_device()]
-    parsed = parse_llama_args(args.llama_args, inventory, devices)
-    n_ctx = parsed.run_config.context_length(hp.n_ctx_train) if parsed.run_config.n_ctx else hp.n_ctx_train
+    parsed = parse_llama_args(llama_args, inventory, devices)
+    n_ctx = parsed.run_config.context_length(hp.n_ctx_train)
     rc = comparable_run_config(parsed.run_config, n_ctx)
     placement = Placement(inventory, devices, ["CPU"] * (inventory.n_layer + 1))
-    estimate = estimate_memory(inventory, placement, rc, devices, memory_options(args))
+    ours = estimate_memory(inventory, placement, rc, devices, options)["CPU"]
     with tempfile.TemporaryDirectory() as tmp:
         text_path = os.path.join(tmp, "text.txt")
         with open(text_path, "w") as f:
             f.write("The quick brown fox jumps over the lazy dog. " * 64)
-        command = perplexity_command(args.check_against, os.path.abspath(args.file), text_path, rc, n_ctx)
-        log = run_llama_dry_load(command, args.full_load)
+        command = perplexity_command(binary, os.path.abspath(path), text_path, rc, n_ctx)
+        log = run_llama_dry_load(command, full_load)
     passes = parse_llama_log(log)
     if not passes:
-        print(log[-4000:])
+        return log
+    dry = passes[0]
+    output = next((t.n_bytes for t in ours.overhead_terms if t.name == "llama.cpp output buffer"), 0)
+    rows = [("compute buffer", ours.compute_bytes,
+             sum(n for name, n in dry.compute_bytes.items() if _host(name) == "CPU")),
+            ("output buffer", output, sum(dry.output_bytes.values()))]
+    if len(passes) > 1:
+        rows += [("KV cache", ours.kv_bytes, sum(passes[1].kv_bytes.values())),
+                 ("weights", ours.weights_bytes, sum(passes[1].model_bytes.values()))]
+    title = (f"{inventory.name} ({inventory.arch}): -c {n_ctx} -b {rc.n_batch} -ub {rc.n_ubatch} -fa {rc.flash_attn} "
+             f"-ctk {rc.type_k} -ctv {rc.type_v}, all on the CPU")
+    return Comparison(title, command, dry.n_nodes, dry.n_splits, dry.flash_attn, rows)
+
+
+def check_against(args) -> int:
+    result = compare_with_llama(args.file, args.llama_args, args.check_against, memory_options(args), args.full_load)
+    if isinstance(result, str):
+        print(result[-4000:])
         print("llama.cpp printed no buffer sizes (see its log above)")
         return 2
-    dry = passes[0]
-    real = passes[1] if len(passes) > 1 else None
-    ours = estimate["CPU"]
-    theirs_compute = sum(n for name, n in dry.compute_bytes.items() if _host(name) == "CPU")
-    rows = [["compute buffer", f"{mib(ours.compute_bytes):.2f}", f"{mib(theirs_compute):.2f}",
-             _diff(ours.compute_bytes, theirs_compute)]]
-    output = next((t.n_bytes for t in ours.overhead_terms if t.name == "llama.cpp output buffer"), 0)
-    theirs_output = sum(dry.output_bytes.values())
-    rows.append(["output buffer", f"{mib(output):.2f}", f"{mib(theirs_output):.2f}", _diff(output, theirs_output)])
-    if real is not None:
-        theirs_kv = sum(real.kv_bytes.values())
-        theirs_model = sum(real.model_bytes.values())
-        rows.append(["KV cache", f"{mib(ours.kv_bytes):.2f}", f"{mib(theirs_kv):.2f}", _diff(ours.kv_bytes, theirs_kv)])
-        rows.append(["weights", f"{mib(ours.weights_bytes):.2f}", f"{mib(theirs_model):.2f}",
-                     _diff(ours.weights_bytes, theirs_model)])
-    print(f"{inventory.name} ({inventory.arch}): -c {n_ctx} -b {rc.n_batch} -ub {rc.n_ubatch} -fa {rc.flash_attn} "
-          f"-ctk {rc.type_k} -ctv {rc.type_v}, all on the CPU")
-    print(f"llama.cpp: {' '.join(command)}")
-    print(f"llama.cpp graph: {dry.n_nodes} nodes, {dry.n_splits} split(s), flash attention "
-          f"{'on' if dry.flash_attn else 'off' if dry.flash_attn is not None else 'as given'}")
-    print_table(["component", "ours MiB", "llama.cpp MiB", "difference"], rows)
-    ok = within_tolerance(ours.compute_bytes, theirs_compute)
-    print("compute buffer " + ("within" if ok else "OUTSIDE") + " 5 % and 64 MiB of llama.cpp's")
-    return 0 if ok else 1
+    print(result.title)
+    print(f"llama.cpp: {' '.join(result.command)}")
+    flash = {True: "on", False: "off", None: "as given"}[result.flash_attn]
+    print(f"llama.cpp graph: {result.n_nodes} nodes, {result.n_splits} split(s), flash attention {flash}")
+    print_table(["component", "ours MiB", "llama.cpp MiB", "difference"],
+                [[name, f"{mib(ours):.2f}", f"{mib(theirs):.2f}", _diff(ours, theirs)] for name, ours, theirs in result.rows])
+    print("compute buffer " + ("within" if result.compute_ok else "OUTSIDE") + " 5 % and 64 MiB of llama.cpp's")
+    return 0 if result.compute_ok else 1
 
 
 def _diff(ours: int, theirs: int) -> str:
