@@ -100,7 +100,11 @@ class DeviceLaneModel(RowTableModel):
                  f"capacity {exact_bytes(device.total_bytes)}"]
         if est is not None:
             lines += [f"weights {exact_bytes(est.weights_bytes)}", f"KV cache {exact_bytes(est.kv_bytes)}",
-                      f"compute buffers {exact_bytes(est.compute_bytes)}", f"overhead {exact_bytes(est.overhead_bytes)}"]
+                      f"compute buffers {exact_bytes(est.compute_bytes)}"
+                      + (" (derived from llama.cpp's graph, not measured on a GPU)" if est.compute_derived else ""),
+                      f"overhead {exact_bytes(est.overhead_bytes)}"]
+            lines += [f"  {t.name} {format_bytes(t.n_bytes)}" + (" (derived)" if t.derived else "")
+                      for t in getattr(est, "overhead_terms", ())]
             if est.margin_bytes:
                 lines.append(f"margin kept free {exact_bytes(est.margin_bytes)}")
             lines.append(f"free {format_bytes(est.free_bytes)}" if est.fits else

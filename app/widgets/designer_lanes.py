@@ -199,15 +199,19 @@ class DeviceLane(QWidget):
         painter.drawText(rect, Qt.AlignRight | Qt.AlignVCenter, status)
         x = rect.left()
         metrics = painter.fontMetrics()
-        for brush, n_bytes in zip(self._segments(device_color(self.device.name), est), parts_of(est)):
+        for i, (brush, n_bytes) in enumerate(zip(self._segments(device_color(self.device.name), est), parts_of(est))):
             painter.setPen(Qt.NoPen)
             painter.setBrush(brush[1])
             painter.drawRoundedRect(QRectF(x, rect.center().y() - 4, 8, 8), 2, 2)
-            text = gib_number(n_bytes)
+            # a GPU's compute buffer is derived from llama.cpp's rules, not measured: marked *
+            text = gib_number(n_bytes) + ("*" if i == COMPUTE_PART and getattr(est, "compute_derived", False) else "")
             painter.setPen(MUTED)
             painter.drawText(QRectF(x + 11, rect.top(), 60, rect.height()), Qt.AlignLeft | Qt.AlignVCenter, text)
             x += 11 + metrics.horizontalAdvance(text) + 10
         painter.drawText(QRectF(x - 6, rect.top(), 40, rect.height()), Qt.AlignLeft | Qt.AlignVCenter, "GiB")
+
+
+COMPUTE_PART = 2        # index of the compute buffers in parts_of
 
 
 def parts_of(est) -> list[int]:

@@ -74,3 +74,60 @@ def test_kv_types(type_name, bytes_per_32):
 def test_unknown_kv_type_is_refused():
     with pytest.raises(ValueError, match="unknown KV cache type 'q3_k'"):
         RunConfig(type_k="q3_k")
+
+
+# --- overhead and the estimate's use of the compute-buffer graph -------------------------------
+
+from engine.devices import Device, simulated_gpus                      # noqa: E402
+from engine.gguf.model_file import ModelFile                           # noqa: E402
+from engine.plan.inventory import Inventory                            # noqa: E402
+from engine.plan.memory import MemoryOptions, estimate_memory, flash_attention_on, overhead_terms  # noqa: E402
+from engine.plan.placement import Placement                            # noqa: E402
+from engine.synth.writer import write_synthetic                        # noqa: E402
+
+CPU = Device("CPU", "cpu", 1 << 40)
+
+
+@pytest.fixture(scope="module")
+def tiny_mixtral(tmp_path_factory) -> Inventory:
+    path = write_synthetic(tmp_path_factory.mktemp("memory") / "tiny-mixtral.gguf", "tiny-mixtral", sparse=True)
+    return Inventory.from_model_file(ModelFile(path))
+
+
+def test_flash_attention_auto_is_on_as_llama_cpp_resolves_it():
+    # resolve_fused_ops turns "auto" on when every device runs it; the CPU and CUDA both do
+    assert flash_attention_on(RunConfig(flash_attn="auto"), has_gpu=False)
+    assert not flash_attention_on(RunConfig(flash_attn="off"), has_gpu=True)
+
+
+def test_overhead_is_named_terms_for_llama_cpp_or_the_app():
+    hp = hparams("deepseek-v3")
+    rc = RunConfig(n_ctx=4096)
+    host = overhead_terms(hp, rc, False, MemoryOptions())
+    # llama.cpp's "CPU output buffer size = 0.49 MiB": one row of logits (129280 f32)
+    assert [(t.name, t.n_bytes, t.derived) for t in host] == [("llama.cpp output buffer", 129280 * 4, False)]
+    gpu = overhead_terms(hp, rc, True, MemoryOptions())
+    assert [t.name for t in gpu] == ["CUDA context", "cuBLAS workspace"] and all(t.derived for t in gpu)
+    app_host = overhead_terms(hp, rc, False, MemoryOptions(target="app"))
+    assert [t.name for t in app_host] == ["engine process (Python, NumPy, Numba)", "Qt GUI"]
+    assert "CuPy modules and pool" in [t.name for t in overhead_terms(hp, rc, True, MemoryOptions(target="app"))]
+    fixed = overhead_terms(hp, rc, True, MemoryOptions(gpu_overhead_bytes=123))
+    assert [(t.n_bytes, t.derived) for t in fixed] == [(123, False)]
+    with pytest.raises(ValueError, match="memory target"):
+        MemoryOptions(target="vllm")
+
+
+def test_the_estimate_charges_the_graph_s_buffers_per_device(tiny_mixtral):
+    devices = [CPU] + simulated_gpus("24GiB")
+    rc = RunConfig(n_ctx=4096)
+    all_cpu = Placement(tiny_mixtral, devices, ["CPU"] * (tiny_mixtral.n_layer + 1))
+    est = estimate_memory(tiny_mixtral, all_cpu, rc, [CPU])
+    hp = tiny_mixtral.hparams
+    from engine.plan.compute_buffers import GraphShape, compute_buffer_bytes
+    expected = compute_buffer_bytes(hp, GraphShape.of(hp, rc, True, kv_cells))["CPU"]
+    assert est["CPU"].compute_bytes == expected and not est["CPU"].compute_derived
+    assert est["CPU"].overhead_bytes == sum(t.n_bytes for t in est["CPU"].overhead_terms)
+    on_gpu = Placement(tiny_mixtral, devices, ["CUDA0"] * (tiny_mixtral.n_layer + 1))
+    est = estimate_memory(tiny_mixtral, on_gpu, rc, devices)
+    assert est["CUDA0"].compute_derived and est["CUDA0"].compute_bytes >= hp.n_vocab * 512 * 4    # the logits
+    assert est["CUDA0"].compute_bytes > est["CPU"].compute_bytes > 0
