@@ -27,6 +27,7 @@ def add_arguments(p) -> None:
 
 
 MAX_TOKEN_ID = (1 << 31) - 1      # llama_token is an int32
+LOGITS_BLOCK_BYTES = 64 << 20     # logits held in memory at once
 
 
 def read_tokens(args) -> np.ndarray:
@@ -75,7 +76,8 @@ def logit_blocks(model, tokens: np.ndarray, k: int) -> Iterator[np.ndarray]:
         for i in range(len(tokens) - k, len(tokens)):
             yield model.eval_logits(tokens[i:i + 1], cache)
         return
-    step = cache.n_ubatch
+    # a ubatch of rows of a 262k vocabulary is 256 MiB of logits; keep a block under the cap
+    step = max(1, min(cache.n_ubatch, LOGITS_BLOCK_BYTES // (4 * model.hparams.n_vocab)))
     for start in range(0, len(tokens), step):
         yield model.eval_logits(tokens[start:start + step], cache)
 

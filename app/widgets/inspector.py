@@ -13,6 +13,7 @@ from app.engine_jobs import LoadedModel
 from app.models import BytesRole
 from app.models.inspector import MetadataModel, SearchFilterProxy, TensorTableModel
 from app.widgets.model_options import ModelOptionsWidget
+from engine.gguf.quoting import printable
 from engine.units import format_bytes
 
 DEBOUNCE_ROWS = 5000        # above this many tensors, filter after a pause in typing, not per key
@@ -77,9 +78,10 @@ class InspectorPanel(QWidget):
             signal.connect(self._update_match_summary)
 
     def _build_content(self) -> QWidget:
-        self.title = QLabel(objectName="panelTitle")
-        self.subtitle = QLabel(objectName="mutedLabel", textInteractionFlags=Qt.TextSelectableByMouse)
-        self.notes = QLabel(objectName="noteLabel", wordWrap=True)
+        self.title = QLabel(objectName="panelTitle", textFormat=Qt.PlainText)
+        self.subtitle = QLabel(objectName="mutedLabel", textFormat=Qt.PlainText,
+                               textInteractionFlags=Qt.TextSelectableByMouse)
+        self.notes = QLabel(objectName="noteLabel", wordWrap=True, textFormat=Qt.PlainText)
         self.notes.hide()
 
         self.tensor_search = _search_box(r"Filter tensors by name or type — text or regex, e.g. blk\.\d+\.ffn_.*_exps")
@@ -155,13 +157,14 @@ class InspectorPanel(QWidget):
             return
         inventory = loaded.inventory
         parts = len(loaded.model_file.paths)
-        self.title.setText(inventory.name)
+        # the name, architecture and notes quote the file: escaped, and never read as markup
+        self.title.setText(printable(inventory.name, 120))
         self.subtitle.setText(
-            f"{inventory.arch}  ·  {inventory.n_layer} layers  ·  "
+            f"{printable(inventory.arch, 40)}  ·  {inventory.n_layer} layers  ·  "
             + (f"{inventory.n_expert} experts  ·  " if inventory.n_expert else "")
             + f"{len(inventory.tensors):,} tensors  ·  {format_bytes(inventory.total_bytes)} of weights  ·  "
             + (f"{parts} files  ·  " if parts > 1 else "") + str(loaded.path))
-        self.notes.setText("\n".join(inventory.notes))
+        self.notes.setText(printable("\n".join(inventory.notes), 4000, keep_lines=True))
         self.notes.setVisible(bool(inventory.notes))
         self._update_match_summary()
 
