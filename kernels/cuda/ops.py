@@ -85,23 +85,25 @@ def all_matvec_names() -> tuple[str, ...]:
     return tuple(dict.fromkeys(matvec_name(f, exact) for f in FORMATS.values() for exact in (False, True)))
 
 
-def quantize_q8_1(rt, x):
+def quantize_q8_1(rt, x, out=None):
     """x: (n_tokens, n_cols) f32, n_cols % 32 == 0 -> (n_tokens, n_cols / 32 * 40) uint8 q8_1 blocks."""
     _dtype(x, np.float32, "x")
     _contiguous(x, "x")
     n_tokens, n_cols = x.shape
     _require(n_cols % 32 == 0, f"q8_1 needs a multiple of 32 columns, got {n_cols}")
     n_blocks = n_tokens * n_cols // 32
-    y = rt.alloc((n_tokens, n_cols // 32 * Q8_1_BLOCK_BYTES), np.uint8)
+    y = rt.alloc((n_tokens, n_cols // 32 * Q8_1_BLOCK_BYTES), np.uint8) if out is None else out
+    _require(y.shape == (n_tokens, n_cols // 32 * Q8_1_BLOCK_BYTES) and y.dtype == np.uint8, "q8_1 out has the wrong shape")
     _launch(rt, "matvec.cu", "quantize_q8_1", -(-n_blocks // 8), 256, (x, y, _i32(n_blocks)))
     return y
 
 
-def matvec(rt, x, weight, type_name: str, n_cols: int, out=None, exact: bool = False):
+def matvec(rt, x, weight, type_name: str, n_cols: int, out=None, exact: bool = False, q8_scratch=None):
     """x @ W.T for 1 to 8 tokens: x (n_tokens, n_cols) f32, weight (n_rows, row_bytes) uint8 -> (n_tokens, n_rows) f32.
 
     Quantized weights take q8_1-rounded activations and integer dot products (llama.cpp's CUDA
-    path) unless `exact`, which multiplies the decoded weights with x as it is."""
+    path) unless `exact`, which multiplies the decoded weights with x as it is. With `out` and
+    `q8_scratch` given nothing is allocated (a launch sequence that can be captured in a CUDA graph)."""
     fmt = FORMATS.get(type_name)
     _require(fmt is not None, f"no CUDA matvec for {type_name} (have {', '.join(FORMATS)})")
     _dtype(x, np.float32, "x")
@@ -123,7 +125,7 @@ def matvec(rt, x, weight, type_name: str, n_cols: int, out=None, exact: bool = F
         activations = x
     else:
         _require(n_cols % 32 == 0, "quantized rows are whole 32-value units")
-        activations = quantize_q8_1(rt, x)
+        activations = quantize_q8_1(rt, x, q8_scratch)
     _launch(rt, "matvec.cu", matvec_name(fmt, exact), -(-n_rows // 4), 128,
             (weight, activations, out, _i32(n_rows), _i32(n_cols), _i32(row_bytes), _i32(n_tokens), _i32(n_rows)))
     return out
