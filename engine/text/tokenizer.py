@@ -276,6 +276,8 @@ class Tokenizer:
         merges = md.get(Keys.Tokenizer.MERGES)
         if merges is None:
             raise ValueError("BPE vocabulary without tokenizer.ggml.merges")
+        if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+            raise ValueError("tokenizer.ggml.merges is not a list of strings")
         pairs = [_split_merge(m) if len(p) != 2 or not p[0] else (p[0], p[1])
                  for m, p in zip(merges, (m.split(" ", 1) for m in merges))]
         try:
@@ -483,8 +485,8 @@ def _special_ids(md: dict[str, Any], tok: Tokenizer) -> dict[str, int | None]:
         value = md.get(key)
         if value is None:
             continue
-        if 0 <= int(value) < tok.n_vocab:
-            ids[name] = int(value)
+        if type(value) is int and 0 <= value < tok.n_vocab:     # a list, a string or a NaN is not an id
+            ids[name] = value
         else:
             log.warning("bad special token %s = %s: keeping %s", key, value, ids[name])
     return ids
