@@ -47,7 +47,8 @@ HOSTILE_TEXT = st.text(alphabet=st.sampled_from(list("ab.\x1b[]0;\x07\n\u202e{}%
 HOSTILE_INTS = st.one_of(st.integers(-2**63, 2**64 - 1), st.sampled_from([0, 1, 2, 3, -1, 2**31, 2**32 - 1, 10**9,
                                                                           2**63, 2**64 - 1]))
 HOSTILE_FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.sampled_from([0.0, -1.0]))
-SCALARS = st.one_of(HOSTILE_INTS, HOSTILE_FLOATS, st.booleans(), HOSTILE_TEXT)
+NAMES = st.sampled_from(["llama", "gpt2", "bert", "qwen2", "qwen3moe", "gemma3", "llama4", "deepseek2", "default"])
+SCALARS = st.one_of(HOSTILE_INTS, HOSTILE_FLOATS, st.booleans(), HOSTILE_TEXT, NAMES)
 VALUES = st.one_of(SCALARS, st.lists(st.one_of(st.integers(-2**31, 2**31 - 1)), max_size=8),
                    st.lists(HOSTILE_TEXT, max_size=8), st.lists(st.floats(width=32), max_size=20))
 KEYS = st.sampled_from(list(tiny_llama_metadata()) + [
