@@ -122,7 +122,8 @@ class TensorTableModel(RowTableModel):
     """
 
     COL_NAME, COL_TYPE, COL_SHAPE, COL_BYTES, COL_DEVICE = range(5)
-    HEADERS = ("Name", "Type", "Shape", "Bytes", "Device")
+    # shapes in llama.cpp's ne order, as gguf-dump and llama.cpp's load log print them
+    HEADERS = ("Name", "Type", "Shape (ne)", "Bytes", "Device")
     RIGHT_ALIGNED = frozenset({COL_BYTES})
 
     sorts_itself = True     # SearchFilterProxy hands sorting to `sort` below: one C-level sorted() call
@@ -216,7 +217,7 @@ class TensorTableModel(RowTableModel):
         if column == self.COL_TYPE:
             return tensor.type_name
         if column == self.COL_SHAPE:
-            return format_shape(tensor.shape)
+            return format_shape(tuple(reversed(tensor.shape)))
         if column == self.COL_BYTES:
             return format_bytes(tensor.n_bytes)
         return self.device_of(tensor.name)
@@ -233,7 +234,8 @@ class TensorTableModel(RowTableModel):
     def _tooltip(self, tensor: InventoryTensor, column: int) -> str | None:
         if column == self.COL_SHAPE:
             ne = ", ".join(str(d) for d in reversed(tensor.shape))
-            return f"numpy order (rows first); llama.cpp ne = [{ne}]"
+            return (f"llama.cpp's ne order (as gguf-dump prints it): ne = [{ne}]\n"
+                    f"numpy order (rows first): {format_shape(tensor.shape)}")
         if column == self.COL_BYTES:
             text = f"{tensor.n_bytes:,} bytes"
             if tensor.n_experts:

@@ -222,11 +222,18 @@ def parts_of(est) -> list[int]:
 class LaneLegend(QWidget):
     """What the four shades of a lane mean."""
 
-    ITEMS = (("weights", 1.0, False), ("KV cache", 1.5, False), ("compute", 1.0, True), ("overhead", 0, False))
+    ITEMS = (("weights", 1.0, False), ("KV cache", 1.5, False), ("compute (* derived, not measured)", 1.0, True),
+             ("overhead", 0, False))
+
+    CAPTION = "Each bar:"
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.setFixedHeight(18)
+        self.setToolTip("What fills each device's bar: its weights, its KV cache, the compute buffers of "
+                        "its layers and the fixed overhead (CUDA context). The line is the capacity; "
+                        "a bar past it turns red.")
+        self.setAccessibleName("Legend of the device bars: " + ", ".join(label for label, *_ in self.ITEMS))
 
     def paintEvent(self, event) -> None:
         painter = QPainter(self)
@@ -235,7 +242,10 @@ class LaneLegend(QWidget):
         small.setPointSizeF(max(self.font().pointSizeF() - 1.5, 7.5))
         painter.setFont(small)
         base = device_color("CUDA0")
-        x = 0.0
+        painter.setPen(MUTED)
+        caption_width = painter.fontMetrics().horizontalAdvance(self.CAPTION)
+        painter.drawText(QRectF(0, 0, caption_width + 2, 18), Qt.AlignLeft | Qt.AlignVCenter, self.CAPTION)
+        x = caption_width + 8.0
         for label, lighter, faded in self.ITEMS:
             colour = QColor(OVERHEAD_COLOR) if not lighter else QColor(base).lighter(int(100 * lighter))
             if faded:

@@ -18,6 +18,7 @@ from engine.units import format_bytes
 
 DEBOUNCE_ROWS = 5000        # above this many tensors, filter after a pause in typing, not per key
 DEBOUNCE_MS = 150
+KEY_COLUMN_MIN_PX, KEY_COLUMN_MAX_PX = 250, 460     # metadata keys run to ~45 characters
 
 
 def _table(model: QSortFilterProxyModel, elide: Qt.TextElideMode) -> QTableView:
@@ -99,7 +100,7 @@ class InspectorPanel(QWidget):
         self.metadata_search.textChanged.connect(self._on_metadata_search_changed)
         self.metadata_view = _table(self.metadata_proxy, Qt.ElideRight)
         header = self.metadata_view.horizontalHeader()
-        header.resizeSection(MetadataModel.COL_KEY, 250)
+        header.resizeSection(MetadataModel.COL_KEY, KEY_COLUMN_MIN_PX)
         header.resizeSection(MetadataModel.COL_TYPE, 116)
         header.setStretchLastSection(True)
 
@@ -147,9 +148,18 @@ class InspectorPanel(QWidget):
 
     # --- binding ------------------------------------------------------------------------------
 
+    def _fit_key_column(self) -> None:
+        """Keys are read whole: the key column takes the longest key (within reason), never less."""
+        view = self.metadata_view
+        view.resizeColumnToContents(MetadataModel.COL_KEY)
+        width = view.horizontalHeader().sectionSize(MetadataModel.COL_KEY)
+        view.horizontalHeader().resizeSection(MetadataModel.COL_KEY,
+                                              min(max(width + 12, KEY_COLUMN_MIN_PX), KEY_COLUMN_MAX_PX))
+
     def set_model(self, loaded: LoadedModel | None) -> None:
         self.loaded = loaded
         self.metadata_model.set_metadata(loaded.model_file.metadata if loaded else None)
+        self._fit_key_column()
         self.tensor_model.set_inventory(loaded.inventory if loaded else None)
         self.model_options.set_model(loaded)
         self.stack.setCurrentIndex(1 if loaded else 0)

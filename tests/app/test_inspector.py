@@ -89,9 +89,9 @@ def test_tensor_model_passes_the_model_tester(qtmodeltester, tensor_model):
 def test_tensor_rows(tensor_model, loaded_moe):
     t = TensorTableModel
     assert tensor_model.rowCount() == 23
-    assert [tensor_model.headerData(c, Qt.Horizontal) for c in range(5)] == ["Name", "Type", "Shape", "Bytes", "Device"]
+    assert [tensor_model.headerData(c, Qt.Horizontal) for c in range(5)] == ["Name", "Type", "Shape (ne)", "Bytes", "Device"]
     assert cell(tensor_model, EXPERT_TENSOR, t.COL_TYPE) == "Q4_K"
-    assert cell(tensor_model, EXPERT_TENSOR, t.COL_SHAPE) == "4 × 256 × 256"
+    assert cell(tensor_model, EXPERT_TENSOR, t.COL_SHAPE) == "256 × 256 × 4"      # ne order, as gguf-dump
     assert cell(tensor_model, EXPERT_TENSOR, t.COL_BYTES) == "144.0 KiB"
     assert cell(tensor_model, EXPERT_TENSOR, t.COL_BYTES, BytesRole) == 147456
     assert cell(tensor_model, EXPERT_TENSOR, t.COL_BYTES, SortRole) == 147456
@@ -101,6 +101,7 @@ def test_tensor_rows(tensor_model, loaded_moe):
     assert cell(tensor_model, EXPERT_TENSOR, t.COL_NAME, TensorRole) is loaded_moe.inventory.by_name[EXPERT_TENSOR]
     assert "4 experts × 36,864 bytes" in cell(tensor_model, EXPERT_TENSOR, t.COL_BYTES, Qt.ToolTipRole)
     assert "ne = [256, 256, 4]" in cell(tensor_model, EXPERT_TENSOR, t.COL_SHAPE, Qt.ToolTipRole)
+    assert "numpy order (rows first): 4 × 256 × 256" in cell(tensor_model, EXPERT_TENSOR, t.COL_SHAPE, Qt.ToolTipRole)
     assert cell(tensor_model, "output_norm.weight", t.COL_SHAPE) == "256"
     total = sum(cell(tensor_model, row, t.COL_BYTES, BytesRole) for row in range(23))
     assert total == loaded_moe.total_bytes
@@ -228,3 +229,17 @@ def test_panel_takes_a_device_function(qtbot, loaded_moe):
     assert panel.tensor_proxy.index(0, TensorTableModel.COL_DEVICE).data() == "CUDA1"
     panel.set_device_of(None)
     assert panel.tensor_proxy.index(0, TensorTableModel.COL_DEVICE).data() == "CPU"
+
+
+def test_metadata_keys_are_not_cut_off(qtbot, loaded_moe):
+    from app.models.inspector import MetadataModel
+    panel = InspectorPanel()
+    qtbot.addWidget(panel)
+    panel.resize(1280, 760)
+    panel.set_model(loaded_moe)
+    view = panel.metadata_view
+    metrics = view.fontMetrics()
+    model = view.model()
+    longest = max(metrics.horizontalAdvance(model.index(r, MetadataModel.COL_KEY).data())
+                  for r in range(model.rowCount()))
+    assert view.horizontalHeader().sectionSize(MetadataModel.COL_KEY) >= longest
