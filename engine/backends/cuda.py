@@ -230,8 +230,8 @@ class CudaBackend:
         pass        # the device's own parallelism; -t is for the CPU
 
 
-def emulated_backend(name: str, activations: str = "f32", index: int = 0, debug: bool = False) -> CudaBackend:
-    """A CUDA device emulated on the CPU (`--emulate-cuda`)."""
+def emulated_backend(name: str, activations: str = "f32", index: int = 0, debug: bool | None = None) -> CudaBackend:
+    """A CUDA device emulated on the CPU (`--emulate-cuda`); debug buffers with OFFLOAD_STUDIO_EMU_DEBUG=1."""
     from kernels.cuda.runtime import EmulatedRuntime
 
     return CudaBackend(name, EmulatedRuntime(name, debug=debug), activations, index)
@@ -242,8 +242,8 @@ def gpu_backend(name: str, device_id: int, activations: str = "f32") -> CudaBack
     try:
         import cupy
     except ImportError as e:
-        raise CudaUnavailableError(f"{name} needs CuPy: pip install 'offload-studio[cuda13]' (or [cuda12] for a "
-                                   "CUDA 12 driver), or place everything on the CPU") from e
+        raise CudaUnavailableError("CuPy is not installed (pip install 'offload-studio[cuda13]', or [cuda12] for a "
+                                   "CUDA 12 driver); or place everything on the CPU, or use --emulate-cuda") from e
     if not cupy.is_available():
         raise CudaUnavailableError(f"CuPy is installed but sees no usable CUDA device for {name}")
     from kernels.cuda.runtime import CupyRuntime

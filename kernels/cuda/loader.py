@@ -65,5 +65,8 @@ def load_module(name: str, name_expressions: tuple[str, ...] = (), options: tupl
     """A `cupy.RawModule` for the source `name`, compiled once per process (CuPy also caches on disk)."""
     import cupy
 
-    return cupy.RawModule(code=read_source(name), options=("-std=c++17", f"-I{source_dir()}", *options),
+    # CuPy's disk cache keys on the code text alone: name the headers' digest in it so that an
+    # edited header never brings back a stale binary
+    code = f"// sources {source_digest(name)}\n" + read_source(name)
+    return cupy.RawModule(code=code, options=("-std=c++17", f"-I{source_dir()}", *options),
                           name_expressions=name_expressions or None)

@@ -126,16 +126,17 @@ class EmuArray:
 
 
 class EmulatedRuntime:
-    """Runs `.cu` kernels on the CPU. `debug=True` puts every buffer against guard pages and checks
-    canaries after each launch; the thread and block order of every launch is shuffled by a seed
-    that changes from launch to launch (fixed by `seed` for a reproducible run)."""
+    """Runs `.cu` kernels on the CPU. `debug=True` (or OFFLOAD_STUDIO_EMU_DEBUG=1) puts every
+    buffer against guard pages and checks canaries after each launch; the thread and block order
+    of every launch is shuffled by a seed that changes from launch to launch (fixed by `seed`, or
+    OFFLOAD_STUDIO_EMU_SEED, for a reproducible run)."""
 
     name = "emulated"
     _launch_lock = threading.Lock()       # one emulated grid at a time per process
 
-    def __init__(self, device_name: str = "CUDA0", debug: bool = False, seed: int | None = None):
+    def __init__(self, device_name: str = "CUDA0", debug: bool | None = None, seed: int | None = None):
         self.device_name = device_name
-        self.debug = debug
+        self.debug = debug if debug is not None else os.environ.get("OFFLOAD_STUDIO_EMU_DEBUG", "") not in ("", "0")
         env_seed = os.environ.get("OFFLOAD_STUDIO_EMU_SEED")
         self.seed = seed if seed is not None else int(env_seed) if env_seed else int.from_bytes(os.urandom(4), "little")
         self.launches = 0
