@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from PySide6.QtCore import QModelIndex, QRectF, Qt, Signal
 from PySide6.QtGui import (QBrush, QColor, QContextMenuEvent, QDragEnterEvent, QDragLeaveEvent, QDropEvent, QFont,
-                           QPainter, QPainterPath, QPen)
+                           QFontMetricsF, QPainter, QPainterPath, QPen)
 from PySide6.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
 from app import theme
@@ -226,37 +226,56 @@ class LaneLegend(QWidget):
              ("overhead", 0, False))
 
     CAPTION = "Each bar:"
+    LINE_PX = 18
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
-        self.setFixedHeight(18)
+        self.setFixedHeight(self.LINE_PX)
         self.setToolTip("What fills each device's bar: its weights, its KV cache, the compute buffers of "
                         "its layers and the fixed overhead (CUDA context). The line is the capacity; "
                         "a bar past it turns red.")
         self.setAccessibleName("Legend of the device bars: " + ", ".join(label for label, *_ in self.ITEMS))
 
+    def _small_font(self) -> QFont:
+        small = QFont(self.font())
+        small.setPointSizeF(max(self.font().pointSizeF() - 1.5, 7.5))
+        return small
+
+    def item_positions(self, width: int) -> list[tuple[float, float]]:
+        """Top-left of the caption and of each item, wrapped onto as many lines as `width` needs."""
+        metrics = QFontMetricsF(self._small_font())
+        widths = [metrics.horizontalAdvance(self.CAPTION) + 8] + \
+                 [11 + metrics.horizontalAdvance(label) + 12 for label, *_ in self.ITEMS]
+        positions, x, y = [], 0.0, 0.0
+        for w in widths:
+            if x > 0 and x + w - 12 > width:
+                x, y = 0.0, y + self.LINE_PX
+            positions.append((x, y))
+            x += w
+        return positions
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        lines = 1 + int(max(y for _, y in self.item_positions(self.width())) // self.LINE_PX)
+        self.setFixedHeight(lines * self.LINE_PX)
+
     def paintEvent(self, event) -> None:
         painter = QPainter(self)
         painter.setRenderHint(QPainter.Antialiasing)
-        small = QFont(self.font())
-        small.setPointSizeF(max(self.font().pointSizeF() - 1.5, 7.5))
-        painter.setFont(small)
+        painter.setFont(self._small_font())
         base = device_color("CUDA0")
+        (cx, cy), *positions = self.item_positions(self.width())
         painter.setPen(MUTED)
-        caption_width = painter.fontMetrics().horizontalAdvance(self.CAPTION)
-        painter.drawText(QRectF(0, 0, caption_width + 2, 18), Qt.AlignLeft | Qt.AlignVCenter, self.CAPTION)
-        x = caption_width + 8.0
-        for label, lighter, faded in self.ITEMS:
+        painter.drawText(QRectF(cx, cy, self.width(), self.LINE_PX), Qt.AlignLeft | Qt.AlignVCenter, self.CAPTION)
+        for (label, lighter, faded), (x, y) in zip(self.ITEMS, positions):
             colour = QColor(OVERHEAD_COLOR) if not lighter else QColor(base).lighter(int(100 * lighter))
             if faded:
                 colour.setAlpha(120)
             painter.setPen(Qt.NoPen)
             painter.setBrush(colour)
-            painter.drawRoundedRect(QRectF(x, 5, 8, 8), 2, 2)
+            painter.drawRoundedRect(QRectF(x, y + 5, 8, 8), 2, 2)
             painter.setPen(MUTED)
-            width = painter.fontMetrics().horizontalAdvance(label)
-            painter.drawText(QRectF(x + 11, 0, width + 2, 18), Qt.AlignLeft | Qt.AlignVCenter, label)
-            x += 11 + width + 12
+            painter.drawText(QRectF(x + 11, y, self.width(), self.LINE_PX), Qt.AlignLeft | Qt.AlignVCenter, label)
         painter.end()
 
 

@@ -348,12 +348,7 @@ def _expert_summary(inventory: Inventory, placement: Placement, gpu_names: set[s
 def verdict(estimate: MemoryEstimate) -> str:
     """One line for the plan as it stands: "Fits: ..." or "Does not fit: CUDA2 over by 5.6 GiB, ..."."""
     over = [d for d in estimate.devices if not d.fits]
-    # a GPU's compute buffer and CUDA terms follow llama.cpp's rules; no GPU has measured them yet
-    derived = " (GPU compute buffers and CUDA overhead derived, not measured)" \
-        if any(d.compute_derived for d in estimate.devices) else ""
     if over:
-        return ("Does not fit: " + ", ".join(f"{d.device} over by {format_bytes(-d.free_bytes)}" for d in over)
-                + derived + ".")
+        return "Does not fit: " + ", ".join(f"{d.device} over by {format_bytes(-d.free_bytes)}" for d in over) + "."
     tightest = min(estimate.devices, key=lambda d: d.free_bytes)
-    return (f"Fits: every device within its memory; least room on {tightest.device}, "
-            f"{format_bytes(tightest.free_bytes)} free{derived}.")
+    return f"Fits: every device within its memory; least room on {tightest.device}, {format_bytes(tightest.free_bytes)} free."
