@@ -58,6 +58,7 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export OFFLOAD_STUDIO_CUDA_EMU_CACHE="$OUT/emu-cache"
 export CUPY_CACHE_DIR="$OUT/cupy-cache"
 export QT_QPA_PLATFORM=offscreen
+# the multi-GPU test maps its CUDA1 onto GPU 0 itself; a second real GPU is used when present
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 say "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -n 4)"
 step env 30 python -c "

@@ -237,6 +237,18 @@ def emulated_backend(name: str, activations: str = "f32", index: int = 0, debug:
     return CudaBackend(name, EmulatedRuntime(name, debug=debug), activations, index)
 
 
+def physical_device(name: str, device_id: int) -> int:
+    """The GPU a logical device runs on: its own index, unless OFFLOAD_STUDIO_CUDA_DEVICE_MAP maps
+    it (`CUDA1=0` runs CUDA1 on GPU 0: the multi-GPU path tested on one physical GPU)."""
+    import os
+
+    for item in os.environ.get("OFFLOAD_STUDIO_CUDA_DEVICE_MAP", "").split(","):
+        logical, _, physical = item.partition("=")
+        if logical.strip() == name and physical.strip():
+            return int(physical)
+    return device_id
+
+
 def gpu_backend(name: str, device_id: int, activations: str = "f32") -> CudaBackend:
     """A real GPU through CuPy; refused with a clear error when CuPy or the GPU is missing."""
     try:
@@ -248,4 +260,7 @@ def gpu_backend(name: str, device_id: int, activations: str = "f32") -> CudaBack
         raise CudaUnavailableError(f"CuPy is installed but sees no usable CUDA device for {name}")
     from kernels.cuda.runtime import CupyRuntime
 
-    return CudaBackend(name, CupyRuntime(name, device_id), activations)
+    physical = physical_device(name, device_id)
+    if physical >= cupy.cuda.runtime.getDeviceCount():
+        raise CudaUnavailableError(f"{name} is GPU {physical}, but CuPy sees {cupy.cuda.runtime.getDeviceCount()}")
+    return CudaBackend(name, CupyRuntime(name, physical), activations)

@@ -116,3 +116,22 @@ def test_fixture_parity_on_the_gpu_and_hybrid(fixtures_dir, fixture, variant):
         if t.n_experts:
             placement.assign(TensorRef(t.name), "CPU")
     assert_check_1(Model.load(path, EXACT, placement=placement), fixtures_dir / fixture, variant)
+
+
+@pytest.mark.gpu
+def test_two_logical_gpus_on_one_physical_gpu(fixtures_dir, monkeypatch):
+    """The cross-device path on one GPU: CUDA1 mapped onto GPU 0, layers split over CUDA0/CUDA1."""
+    monkeypatch.setenv("OFFLOAD_STUDIO_CUDA_DEVICE_MAP", "CUDA1=0")
+    path = fixtures_dir / "llama-moe" / "Q4_K_M.gguf"
+    inventory = Inventory.from_model_file(ModelFile(path))
+    devices = [cpu_device(), Device("CUDA0", "gpu", 8 << 30, "GPU"), Device("CUDA1", "gpu", 8 << 30, "GPU")]
+    model = Model.load(path, EXACT, placement=split_over(inventory, devices, ["CUDA0", "CUDA1"]))
+    assert_check_1(model, fixtures_dir / "llama-moe", "Q4_K_M")
+    assert model.ops.transfers > 0
+
+
+def test_logical_to_physical_gpu_map(monkeypatch):
+    from engine.backends.cuda import physical_device
+    assert physical_device("CUDA1", 1) == 1
+    monkeypatch.setenv("OFFLOAD_STUDIO_CUDA_DEVICE_MAP", "CUDA1=0, CUDA2=1")
+    assert (physical_device("CUDA1", 1), physical_device("CUDA2", 2), physical_device("CUDA0", 0)) == (0, 1, 0)
