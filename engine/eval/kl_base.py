@@ -22,6 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
+from engine.files import check_output_path
 from engine.run.sampling import check_finite
 
 BASE_MAGIC = b"_logits_"
@@ -129,6 +130,7 @@ class _BaseWriter:
     def __init__(self, path: Path, tokens: np.ndarray, n_ctx: int, n_chunk: int):
         if not path.parent.is_dir():
             raise FileNotFoundError(2, "No such directory", str(path.parent))
+        check_output_path(path)         # a device or a folder would only fail at the final rename
         self.path, self.tokens, self.n_ctx, self.n_chunk = path, tokens, n_ctx, n_chunk
         self.partial_path = path.with_name(path.name + ".partial")
         self._file = None
@@ -147,6 +149,8 @@ class _BaseWriter:
             self._file.write(encode_base_rows(rows[block]).tobytes())
 
     def finish(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())   # the bytes are on disk before the rename makes them the base
         self._file.close()
         self._file = None
         os.replace(self.partial_path, self.path)
