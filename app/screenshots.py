@@ -18,7 +18,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-WINDOW_SIZE = (1360, 860)
+WINDOW_SIZE = (1280, 800)          # a 1280x800 screen: the smallest the window must fit
 LOAD_TIMEOUT_MS = 120_000
 SETTLE_ROUNDS = 5
 

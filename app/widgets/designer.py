@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PySide6.QtCore import QItemSelection, QItemSelectionModel, QPoint, Qt, QTimer, Signal
+from PySide6.QtCore import QEvent, QItemSelection, QItemSelectionModel, QPoint, Qt, QTimer, Signal
 from PySide6.QtGui import QKeySequence
 from PySide6.QtWidgets import (QComboBox, QFrame, QHBoxLayout, QLabel, QMenu, QPushButton, QScrollArea, QSplitter,
                                QStackedWidget, QToolButton, QVBoxLayout, QWidget)
@@ -34,7 +34,7 @@ from engine.units import format_bytes
 
 
 STRIP_CHROME_HEIGHT = 30      # the strip's title row and margins
-STRIP_SHARE = 0.36            # at most this much of the panel's height goes to the expert strip
+STRIP_SHARE = 0.45            # at most this much of the grid-and-strip column goes to the expert strip
 NOTICE_MS = 12_000            # a notice stays this long
 PLAN_STATUS_CHROME = 30       # padding and borders of the verdict and the line under it
 DIALECTS = ("llama.cpp", "ik_llama.cpp")
@@ -189,7 +189,8 @@ class DesignerPanel(QWidget):
         strip_layout.addLayout(head)
         strip_layout.addWidget(strip_scroll, 1)
         self.strip_scroll = strip_scroll
-        centre = QWidget()
+        centre = self.centre = QWidget()
+        centre.installEventFilter(self)     # the strip's share follows the column's height
         layout = QVBoxLayout(centre)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.setSpacing(6)
@@ -214,6 +215,7 @@ class DesignerPanel(QWidget):
         head.addWidget(self.dialect_box)
         head.addWidget(self.ours_only)
         head.addStretch(1)
+        head.addWidget(self.run_settings.allow_split)
         box = QWidget(objectName="commandBox")
         layout = QVBoxLayout(box)
         layout.setContentsMargins(0, 6, 0, 0)
@@ -470,11 +472,18 @@ class DesignerPanel(QWidget):
         """The strip takes what a whole layer of experts needs, up to STRIP_SHARE of the panel; the grid the rest."""
         content = self.strip.height_for(self.strip_scroll.viewport().width()) if self.strip_model.rowCount() else 0
         wanted = content + STRIP_CHROME_HEIGHT if content else STRIP_CHROME_HEIGHT
-        self.strip_box.setFixedHeight(min(wanted, max(int(self.height() * STRIP_SHARE), 90)))
+        # a share of the grid-and-strip column, so the grid keeps room on a 1280x800 screen too
+        column = self.centre.height()
+        self.strip_box.setFixedHeight(min(wanted, max(int(column * STRIP_SHARE), 90)))
 
     def resizeEvent(self, event) -> None:
         super().resizeEvent(event)
         self._fit_strip_box()
+
+    def eventFilter(self, watched, event) -> bool:
+        if watched is getattr(self, "centre", None) and event.type() == QEvent.Resize:
+            self._fit_strip_box()
+        return super().eventFilter(watched, event)
 
     def _on_placement_changed(self, moved) -> None:
         if moved is None:

@@ -78,9 +78,7 @@ class RunSettingsForm(QWidget):
                 row.addSpacing(4 if label == "V" else 12)
             row.addWidget(caption)
             row.addWidget(widget)
-        row.addSpacing(14)
-        row.addWidget(self.allow_split)
-        row.addStretch(1)
+        row.addStretch(1)      # the split option sits by the command line, which it changes (DesignerPanel)
         for box in (self.context, self.ubatch):
             box.valueChanged.connect(self._emit)
         for combo in (self.type_k, self.type_v, self.flash_attn):

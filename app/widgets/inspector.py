@@ -18,7 +18,7 @@ from engine.units import format_bytes
 
 DEBOUNCE_ROWS = 5000        # above this many tensors, filter after a pause in typing, not per key
 DEBOUNCE_MS = 150
-KEY_COLUMN_MIN_PX, KEY_COLUMN_MAX_PX = 250, 460     # metadata keys run to ~45 characters
+KEY_COLUMN_MIN_PX, KEY_COLUMN_MAX_PX = 250, 380     # metadata keys run to ~45 characters
 
 
 def _table(model: QSortFilterProxyModel, elide: Qt.TextElideMode) -> QTableView:
@@ -101,7 +101,7 @@ class InspectorPanel(QWidget):
         self.metadata_view = _table(self.metadata_proxy, Qt.ElideRight)
         header = self.metadata_view.horizontalHeader()
         header.resizeSection(MetadataModel.COL_KEY, KEY_COLUMN_MIN_PX)
-        header.resizeSection(MetadataModel.COL_TYPE, 116)
+        header.resizeSection(MetadataModel.COL_TYPE, 72)
         header.setStretchLastSection(True)
 
         self.model_options = ModelOptionsWidget()
