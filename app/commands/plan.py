@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from app.commands.common import open_inventory, print_json, print_table
 from engine.devices import available_devices, cpu_device, parse_size
 from engine.plan.llama_args import emit_llama_args, parse_llama_args
-from engine.plan.llama_reference import (DRY_PASS_DONE, PRINTED_MIB, comparable_run_config, parse_llama_log,
-                                         perplexity_command)
+from engine.plan.llama_reference import (DRY_PASS_DONE, PRINTED_MIB, REFUSED, comparable_run_config,
+                                         parse_llama_log, perplexity_command)
 from engine.plan.memory import TARGETS, MemoryOptions, estimate_memory
 from engine.plan.placement import Placement
 from engine.units import mib
@@ -112,6 +112,8 @@ def run_llama_dry_load(command: list[str], full_load: bool, timeout_s: float = 9
     try:
         for line in proc.stdout:
             lines.append(line)
+            if REFUSED.search(line):
+                break
             if DRY_PASS_DONE.search(line):
                 seen += 1
                 if seen >= passes_wanted:
@@ -190,8 +192,9 @@ def compare_with_llama(path: str, llama_args: list[str], binary: str, options: M
 def check_against(args) -> int:
     result = compare_with_llama(args.file, args.llama_args, args.check_against, memory_options(args), args.full_load)
     if isinstance(result, str):
-        print(result[-4000:])
-        print("llama.cpp printed no buffer sizes (see its log above)")
+        refusal = [line for line in result.splitlines() if REFUSED.search(line)]
+        print("\n".join(refusal) if refusal else result[-4000:])
+        print("llama.cpp printed no buffer sizes" + (": it refused these settings" if refusal else " (see its log above)"))
         return 2
     print(result.title)
     print(f"llama.cpp: {' '.join(result.command)}")

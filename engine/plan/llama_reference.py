@@ -17,6 +17,9 @@ from engine.run_config import RunConfig
 
 MIB = 1 << 20
 DRY_PASS_DONE = re.compile(r"sched_reserve: graph: nodes = \d+")
+# llama.cpp refused the settings (its dry pass reports it and the real load would fail too)
+REFUSED = re.compile(r"common_fit_params: encountered an error|llama_init_from_model: .*(?:not support|failed)|"
+                     r"error loading model|failed to load model")
 _COMPUTE = re.compile(r"sched_reserve:\s+(\S+) compute buffer size =\s+([\d.]+) MiB")
 _NODES = re.compile(r"sched_reserve: graph: nodes = (\d+)(?: / \d+)?, splits = (\d+)")
 _OUTPUT = re.compile(r"llama_context:\s+(\S+)\s+output buffer size =\s+([\d.]+) MiB")
