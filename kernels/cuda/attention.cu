@@ -126,6 +126,94 @@ extern "C" __global__ void __launch_bounds__(128) attention_combine(const float*
     }
 }
 
+// ---- prefill: query tiles sharing key/value tiles ---------------------------------------------
+
+#define TILE_WARPS 8
+#define ROWS_PER_WARP 2
+#define TILE_ROWS (TILE_WARPS * ROWS_PER_WARP)   // query rows (token, head of the group) per block
+#define TILE_KEYS 16
+#define MAX_TILE_DIM 256
+#define TILE_CHUNKS (MAX_TILE_DIM / WARP_SIZE)
+
+// Many queries: block (row tile, kv head) holds TILE_ROWS query rows of one kv head's group
+// (row r = token r / group, head hk * group + r % group) and walks the cache in tiles of
+// TILE_KEYS cells, decoded once into shared memory and read by every row of the block. Each warp
+// keeps an online softmax for its rows. Head sizes up to 256 (MLA's 576 takes attention_split).
+// grid (ceil(n_tokens * group / TILE_ROWS), n_head_kv), block TILE_WARPS * 32.
+template <int TK, int TV>
+__global__ void __launch_bounds__(TILE_WARPS * WARP_SIZE) attention_tiled(
+        const float* q, const uint8* K, const uint8* V, const int64* cell_pos, const int64* q_pos, float* out,
+        int n_tokens, int n_filled, int n_head, int n_head_kv, int d_k, int d_v, int k_row_bytes, int v_row_bytes,
+        int kind, int window, float kq_scale) {
+    __shared__ float k_tile[TILE_KEYS][MAX_TILE_DIM], v_tile[TILE_KEYS][MAX_TILE_DIM];
+    __shared__ int64 pos_tile[TILE_KEYS];
+    int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    int hk = blockIdx.y, group = n_head / n_head_kv;
+    float qr[ROWS_PER_WARP][TILE_CHUNKS], acc[ROWS_PER_WARP][TILE_CHUNKS], m[ROWS_PER_WARP], l[ROWS_PER_WARP];
+    int first_row = blockIdx.x * TILE_ROWS + warp * ROWS_PER_WARP, n_rows = n_tokens * group;
+#pragma unroll
+    for (int r = 0; r < ROWS_PER_WARP; ++r) {
+        int row = first_row + r;
+        bool valid = row < n_rows;
+        int t = valid ? row / group : 0, h = hk * group + row % group;
+        m[r] = NEG_INF;
+        l[r] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < TILE_CHUNKS; ++c) {
+            int j = c * WARP_SIZE + lane;
+            qr[r][c] = valid && j < d_k ? q[((int64)t * n_head + h) * d_k + j] * kq_scale : 0.0f;
+            acc[r][c] = 0.0f;
+        }
+    }
+    for (int first = 0; first < n_filled; first += TILE_KEYS) {
+        int n_keys = min(TILE_KEYS, n_filled - first);
+        for (int e = threadIdx.x; e < TILE_KEYS * MAX_TILE_DIM; e += blockDim.x) {     // decode the tile once
+            int key = e / MAX_TILE_DIM, j = e % MAX_TILE_DIM;
+            if (key < n_keys && j < d_k) k_tile[key][j] = cache_value<TK>(K + (int64)(first + key) * k_row_bytes, hk * d_k + j);
+            if (key < n_keys && j < d_v) v_tile[key][j] = cache_value<TV>(V + (int64)(first + key) * v_row_bytes, hk * d_v + j);
+        }
+        if (threadIdx.x < TILE_KEYS) pos_tile[threadIdx.x] = threadIdx.x < n_keys ? cell_pos[first + threadIdx.x] : -1;
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < ROWS_PER_WARP; ++r) {
+            if (first_row + r >= n_rows) continue;                            // uniform in the warp
+            int64 query_pos = q_pos[(first_row + r) / group];
+            for (int key = 0; key < n_keys; ++key) {
+                if (!visible(pos_tile[key], query_pos, kind, window)) continue;
+                float dot = 0.0f;
+#pragma unroll
+                for (int c = 0; c < TILE_CHUNKS; ++c) {
+                    int j = c * WARP_SIZE + lane;
+                    if (j < d_k) dot += qr[r][c] * k_tile[key][j];
+                }
+                dot = warp_sum(dot);
+                float m_new = fmaxf(m[r], dot);
+                float rescale = __expf(m[r] - m_new), p = __expf(dot - m_new);
+                l[r] = l[r] * rescale + p;
+#pragma unroll
+                for (int c = 0; c < TILE_CHUNKS; ++c) {
+                    int j = c * WARP_SIZE + lane;
+                    if (j < d_v) acc[r][c] = acc[r][c] * rescale + p * v_tile[key][j];
+                }
+                m[r] = m_new;
+            }
+        }
+        __syncthreads();                      // every row is done with the tile before the next load
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS_PER_WARP; ++r) {
+        int row = first_row + r;
+        if (row >= n_rows) continue;
+        int t = row / group, h = hk * group + row % group;
+        float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+#pragma unroll
+        for (int c = 0; c < TILE_CHUNKS; ++c) {
+            int j = c * WARP_SIZE + lane;
+            if (j < d_v) out[((int64)t * n_head + h) * d_v + j] = acc[r][c] * inv;
+        }
+    }
+}
+
 // ---- writing the cache ------------------------------------------------------------------------
 
 // rows (T, n_values) f32 -> cells of a f32 cache. grid (T, ceil(n_values / 256)).

@@ -189,6 +189,8 @@ CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, 
 STORED_ON_DEVICE = ("f32", "f16", "q8_0")      # cache types the store kernels write; others come quantized
 MASK_KINDS = {"full": 0, "sliding": 1, "chunked": 2}
 MAX_HEAD_DIM = 576              # attention.cu
+MAX_TILE_HEAD_DIM = 256         # the tiled prefill kernel's shared-memory tiles
+TILE_ROWS = 16                  # query rows per block of the tiled kernel
 CELLS_PER_SPLIT = 256           # flash-decoding: keys per thread block when few queries attend
 MAX_SPLITS = 64
 
@@ -244,12 +246,16 @@ def forget_cells(rt, cell_pos, n_past: int) -> None:
 
 def attention(rt, q, k_cache, v_cache, cell_pos, q_pos, n_filled: int, n_head_kv: int, type_k: str,
               type_v: str, kq_scale: float, kind: str = "full", window: int = 0, v_from_k: int = 0,
-              cells_per_split: int | None = None):
+              cells_per_split: int | None = None, tiled: bool | None = None):
     """softmax(kq_scale * q K^T + mask) V over the first n_filled cells -> (T, n_head * d_v).
 
     q (T, n_head, d_k) f32; k_cache (n_cells, n_head_kv * d_k) and v_cache (n_cells, n_head_kv *
     d_v) as uint8 rows of their cache types; v_cache None: V is the first v_from_k values of each
-    key (MLA). cell_pos (n_cells,) int64, -1 for empty cells; q_pos (T,) int64."""
+    key (MLA). cell_pos (n_cells,) int64, -1 for empty cells; q_pos (T,) int64.
+
+    Few queries (decode) split the cache over blocks (flash-decoding); many queries (prefill)
+    take the tiled kernel, where a block's query rows share each decoded key/value tile; `tiled`
+    forces the choice."""
     _dtype(q, np.float32, "q")
     _contiguous(q, "q")
     n_tokens, n_head, d_k = q.shape
@@ -269,6 +275,13 @@ def attention(rt, q, k_cache, v_cache, cell_pos, q_pos, n_filled: int, n_head_kv
         _require(v_cache.shape[1] == cache_row_bytes(type_v, n_head_kv * d_v), "v_cache rows are not whole heads")
         v_head_stride = d_v
     _require(max(d_k, d_v) <= MAX_HEAD_DIM, f"head sizes above {MAX_HEAD_DIM} are not supported")
+    if tiled is None:
+        tiled = n_tokens > MAX_DECODE_TOKENS and cells_per_split is None and v_head_stride == d_v
+    if tiled:
+        _require(max(d_k, d_v) <= MAX_TILE_HEAD_DIM and v_head_stride == d_v,
+                 f"the tiled kernel takes head sizes up to {MAX_TILE_HEAD_DIM} with separate values")
+        return _attention_tiled(rt, q, k_cache, v_cache, cell_pos, q_pos, n_filled, n_head_kv, d_v, type_k, type_v,
+                                kq_scale, kind, window)
     if cells_per_split is None:
         few_queries = n_tokens <= MAX_DECODE_TOKENS
         cells_per_split = max(CELLS_PER_SPLIT, -(-n_filled // MAX_SPLITS)) if few_queries else n_filled
@@ -285,6 +298,19 @@ def attention(rt, q, k_cache, v_cache, cell_pos, q_pos, n_filled: int, n_head_kv
     out = rt.alloc((n_tokens, n_head * d_v), np.float32)
     _launch(rt, "attention.cu", "attention_combine", (n_head, n_tokens), 128,
             (part_acc, part_ml, out, _i32(n_head), _i32(n_splits), _i32(d_v)))
+    return out
+
+
+def _attention_tiled(rt, q, k_cache, v_cache, cell_pos, q_pos, n_filled, n_head_kv, d_v, type_k, type_v, kq_scale,
+                     kind, window):
+    n_tokens, n_head, d_k = q.shape
+    out = rt.alloc((n_tokens, n_head * d_v), np.float32)
+    rows = n_tokens * (n_head // n_head_kv)
+    name = f"attention_tiled<{CACHE_TYPES[type_k]},{CACHE_TYPES[type_v]}>"
+    rt.launch("attention.cu", name, (-(-rows // TILE_ROWS), n_head_kv), 256,
+              (q, k_cache, v_cache, cell_pos, q_pos, out, _i32(n_tokens), _i32(n_filled), _i32(n_head),
+               _i32(n_head_kv), _i32(d_k), _i32(d_v), _i32(k_cache.shape[1]), _i32(v_cache.shape[1]),
+               _i32(MASK_KINDS[kind]), _i32(window), _f32(kq_scale)), name_expressions=(name,))
     return out
 
 

@@ -17,7 +17,7 @@ def decoded_cache(rt, cache, type_name: str, n_values: int) -> np.ndarray:
         return raw.view(np.float32).astype(np.float64)
     if type_name == "f16":
         return raw.view(np.float16).astype(np.float64)
-    return dequantize(raw, QType.Q8_0).reshape(len(raw), n_values).astype(np.float64)
+    return dequantize(raw, QType[type_name.upper()]).reshape(len(raw), n_values).astype(np.float64)
 
 
 def reference_attention(q, keys, values, cell_pos, q_pos, kq_scale, kind="full", window=0):
@@ -42,7 +42,11 @@ def reference_attention(q, keys, values, cell_pos, q_pos, kq_scale, kind="full",
 def fill_cache(rt, rng, n_cells, n_filled, n_head_kv, d, type_name, positions):
     rows = rng.standard_normal((n_filled, n_head_kv * d)).astype(np.float32)
     cache = rt.zeros((n_cells, ops.cache_row_bytes(type_name, n_head_kv * d)), np.uint8)
-    ops.store_rows(rt, rt.upload(rows), cache, rt.upload(np.arange(n_filled, dtype=np.int64)), type_name)
+    cells = rt.upload(np.arange(n_filled, dtype=np.int64))
+    if type_name in ops.STORED_ON_DEVICE:
+        ops.store_rows(rt, rt.upload(rows), cache, cells, type_name)
+    else:                           # quantized on the host, as the backend does for these types
+        ops.scatter_rows(rt, rt.upload(quantize(rows, QType[type_name.upper()])), cache, cells)
     return cache, decoded_cache(rt, cache, type_name, n_head_kv * d)[:n_filled].reshape(n_filled, n_head_kv, d)
 
 
@@ -64,8 +68,24 @@ def test_attention_matches_reference(rt, rng, type_k, type_v, n_tokens, n_filled
     np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("type_k, type_v", [("f16", "f16"), ("q8_0", "q4_0")])
+@pytest.mark.parametrize("n_tokens, n_filled, d", [(20, 45, 64), (9, 9, 80)])
+def test_tiled_prefill_matches_reference(rt, rng, type_k, type_v, n_tokens, n_filled, d):
+    """Query rows in tiles sharing decoded key tiles: a tail tile, a head size that is not a power of two."""
+    n_head, n_head_kv = 6, 2
+    cell_pos = np.arange(n_filled, dtype=np.int64)
+    q_pos = np.arange(n_filled - n_tokens, n_filled, dtype=np.int64)
+    k_cache, keys = fill_cache(rt, rng, n_filled, n_filled, n_head_kv, d, type_k, cell_pos)
+    v_cache, values = fill_cache(rt, rng, n_filled, n_filled, n_head_kv, d, type_v, cell_pos)
+    q = rng.standard_normal((n_tokens, n_head, d)).astype(np.float32)
+    got = rt.download(ops.attention(rt, rt.upload(q), k_cache, v_cache, rt.upload(cell_pos), rt.upload(q_pos), n_filled,
+                                    n_head_kv, type_k, type_v, 0.125, tiled=True))
+    np.testing.assert_allclose(got, reference_attention(q, keys, values, cell_pos, q_pos, 0.125), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize("kind, window", [("sliding", 5), ("chunked", 8)])
-def test_sliding_and_chunked_masks(rt, rng, kind, window):
+def test_sliding_and_chunked_masks(rt, rng, kind, window, tiled):
     n_filled, n_tokens = 30, 6
     cell_pos = np.arange(n_filled, dtype=np.int64)
     q_pos = cell_pos[-n_tokens:].copy()
@@ -73,7 +93,8 @@ def test_sliding_and_chunked_masks(rt, rng, kind, window):
     v_cache, values = fill_cache(rt, rng, n_filled, n_filled, 1, 32, "f16", cell_pos)
     q = rng.standard_normal((n_tokens, 2, 32)).astype(np.float32)
     got = rt.download(ops.attention(rt, rt.upload(q), k_cache, v_cache, rt.upload(cell_pos), rt.upload(q_pos),
-                                    n_filled, 1, "f16", "f16", 0.2, kind=kind, window=window, cells_per_split=8))
+                                    n_filled, 1, "f16", "f16", 0.2, kind=kind, window=window,
+                                    cells_per_split=None if tiled else 8, tiled=tiled))
     expected = reference_attention(q, keys, values, cell_pos, q_pos, 0.2, kind, window)
     np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-6)
 

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is n
 def instances(source: str) -> tuple[str, ...]:
     if source == "attention.cu":        # the same-type pairs and f16 keys with each value type
         pairs = {(t, t) for t in ops.CACHE_TYPES.values()} | {(1, t) for t in ops.CACHE_TYPES.values()}
-        return tuple(f"attention_split<{k},{v}>" for k, v in sorted(pairs))
+        return tuple(f"{kernel}<{k},{v}>" for kernel in ("attention_split", "attention_tiled") for k, v in sorted(pairs))
     return ops.NAME_EXPRESSIONS.get(source, ())
 
 
