@@ -59,7 +59,9 @@ class RunSettingsForm(QWidget):
         self.flash_attn = _combo(FLASH_ATTN_MODES)
         self.flash_attn.setToolTip("-fa: flash attention (auto turns it on for CUDA GPUs)")
         self.margin = _spin(0, 1 << 20, 256, " MiB")
-        self.margin.setToolTip("Memory auto-fit leaves free on every GPU, for the desktop and other programs")
+        self.margin.setToolTip("Memory auto-fit leaves free on every GPU, on top of the CUDA context and compute "
+                               "buffers it already counts: the allocator's slack, the desktop and other programs.\n"
+                               "Default 1,024 MiB, what llama.cpp's --fit keeps (-fitt 1024).")
         for box, width in ((self.context, 130), (self.ubatch, 110), (self.margin, 100)):
             box.setMaximumWidth(width)
         self.allow_split = QCheckBox("Split single experts (ours only)")
