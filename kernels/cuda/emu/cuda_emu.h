@@ -10,8 +10,9 @@
 //
 // Honesty checks:
 //   - a barrier that not every live thread of the block reaches is reported as a deadlock;
-//   - shared memory (static and dynamic) is refilled with 0xff bytes (NaN for floats) before
-//     each block, so a read of memory no thread wrote shows up;
+//   - shared memory is refilled with 0xff bytes (NaN for floats) before each block, so a read of
+//     memory no thread wrote shows up: dynamic shared memory, and the static __shared__ arrays of
+//     non-template kernels (g++ ignores the section attribute of a template's static locals);
 //   - in debug mode the runtime places each buffer flush against a PROT_NONE page, and a fault
 //     during a launch is caught (SIGSEGV/SIGBUS on an alternate stack) and reported with its
 //     address instead of killing the process.
@@ -582,6 +583,10 @@ inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
 inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline float min(float a, float b) { return fminf(a, b); }
+inline float max(float a, float b) { return fmaxf(a, b); }
 template <typename T> inline T __ldg(const T* p) { return *p; }
 
 // ---- half and bfloat16 ------------------------------------------------------------------------

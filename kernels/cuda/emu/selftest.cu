@@ -95,3 +95,9 @@ extern "C" __global__ void early_return_then_barrier(const float* in, float* out
     __syncthreads();
     out[threadIdx.x] = values[n - 1 - threadIdx.x];
 }
+
+// Reads shared memory that no thread wrote (the emulator poisons it with NaN before each block).
+extern "C" __global__ void read_unwritten_shared(float* out) {
+    __shared__ float never_written[64];
+    out[threadIdx.x] = never_written[threadIdx.x];
+}

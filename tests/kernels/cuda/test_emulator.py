@@ -119,3 +119,9 @@ def test_argument_sizes_are_checked_against_the_kernel_signature(emu_rt):
 
 def test_fresh_device_memory_is_poisoned_not_zeroed(emu_rt):
     assert np.isnan(emu_rt.download(emu_rt.alloc(16, np.float32))).all()
+
+
+def test_unwritten_shared_memory_reads_as_nan(emu_rt):
+    out = emu_rt.zeros(64, np.float32)
+    emu_rt.launch(SRC, "read_unwritten_shared", 1, 64, (out,))
+    assert np.isnan(emu_rt.download(out)).all()
