@@ -63,7 +63,7 @@ def contiguous_strides(type_name: str, ne: tuple[int, ...]) -> tuple[int, ...]:
 class Tensor:
     """One ggml tensor of the graph: shape in ggml's ne order (ne0 = the contiguous dimension)."""
     __slots__ = ("ne", "nb", "type", "op", "src", "view_src", "external", "is_input", "is_output", "device", "name",
-                 "stored_bytes")
+                 "stored_bytes", "_size", "n_children", "n_views", "allocated", "offset")
 
     def __init__(self, ne, type_name, op="NONE", src=(), view_src=None, nb=None, external=False,
                  device=None, name=""):
@@ -80,12 +80,23 @@ class Tensor:
         self.device = device
         self.name = name
         self.stored_bytes: int | None = None    # a weight's bytes as stored in the file
+        self._size: int | None = None
+        self.reset_allocation()
+
+    def reset_allocation(self) -> None:
+        """The allocator's bookkeeping (ggml-alloc's hash_node), kept on the tensor for speed."""
+        self.n_children = 0
+        self.n_views = 0
+        self.allocated = False
+        self.offset = 0
 
     @property
     def n_bytes(self) -> int:
         if self.stored_bytes is not None:
             return self.stored_bytes
-        return row_bytes(self.type, self.ne[0]) * self.ne[1] * self.ne[2] * self.ne[3]
+        if self._size is None:
+            self._size = row_bytes(self.type, self.ne[0]) * self.ne[1] * self.ne[2] * self.ne[3]
+        return self._size
 
     def same_layout(self, other: Tensor) -> bool:
         return self.type == other.type and self.ne == other.ne and self.nb == other.nb
@@ -283,76 +294,60 @@ class DynAllocator:
         blocks.insert(pos, [offset, size])
 
 
-class _State:
-    __slots__ = ("n_children", "n_views", "allocated", "offset", "device")
-
-    def __init__(self):
-        self.n_children = 0
-        self.n_views = 0
-        self.allocated = False
-        self.offset = 0
-        self.device = None
-
-
 def allocate(graph_nodes: Sequence[Tensor], graph_leafs: Sequence[Tensor],
              alignment_of: Callable[[str], int]) -> dict[str, int]:
     """ggml_gallocr_alloc_graph_impl over a graph whose tensors carry their device: the
-    high-water mark of every device's buffer."""
+    high-water mark of every device's buffer. A tensor's buffer is the device it was allocated
+    for (`buffer_of`), which an in-place child inherits."""
     allocators: dict[str, DynAllocator] = {}
-    state: dict[int, _State] = {}
-
-    def st(t: Tensor) -> _State:
-        s = state.get(id(t))
-        if s is None:
-            s = state[id(t)] = _State()
-        return s
+    buffer_of: dict[int, str] = {}
+    for t in list(graph_leafs) + list(graph_nodes):
+        t.reset_allocation()
+        for src in t.src:
+            src.reset_allocation()
 
     def allocator(device: str) -> DynAllocator:
-        if device not in allocators:
-            allocators[device] = DynAllocator(alignment_of(device))
-        return allocators[device]
-
-    def free_extra(node: Tensor, parent: Tensor, p: _State) -> None:
-        a = allocator(p.device)
-        parent_size, node_size = a._aligned(parent.n_bytes), a._aligned(node.n_bytes)
-        if parent_size > node_size:
-            a.free(p.offset + node_size, parent_size - node_size)
+        a = allocators.get(device)
+        if a is None:
+            a = allocators[device] = DynAllocator(alignment_of(device))
+        return a
 
     def allocate_node(node: Tensor, device: str) -> None:
-        s = st(node)
-        if node.external or s.allocated or node.view_src is not None:
+        if node.external or node.allocated or node.view_src is not None:
             return
-        s.allocated = True
+        node.allocated = True
         if node.op in INPLACE_OPS:
             for parent in node.src:
-                p = st(parent)
                 # a view is never "own" memory of the allocator, so only whole tensors are reused
-                if parent.view_src is not None or not p.allocated or parent.is_output:
+                if parent.view_src is not None or not parent.allocated or parent.is_output:
                     continue
-                if node.same_layout(parent) and p.n_children == 1 and p.n_views == 0:
-                    s.device, s.offset = p.device, p.offset
-                    p.allocated = False
-                    free_extra(node, parent, p)
+                if parent.n_children == 1 and parent.n_views == 0 and node.same_layout(parent):
+                    buffer = buffer_of[id(node)] = buffer_of[id(parent)]
+                    node.offset = parent.offset
+                    parent.allocated = False
+                    a = allocator(buffer)       # ggml_gallocr_free_extra_space
+                    parent_size, node_size = a._aligned(parent.n_bytes), a._aligned(node.n_bytes)
+                    if parent_size > node_size:
+                        a.free(parent.offset + node_size, parent_size - node_size)
                     return
-        s.device = device
-        s.offset = allocator(device).alloc(node.n_bytes)
+        buffer_of[id(node)] = device
+        node.offset = allocator(device).alloc(node.n_bytes)
 
     def free_node(node: Tensor) -> None:
         if node.is_output:
             return
-        s = st(node)
-        allocator(s.device).free(s.offset, node.n_bytes)
-        s.allocated = False
+        allocator(buffer_of[id(node)]).free(node.offset, node.n_bytes)
+        node.allocated = False
 
     for leaf in graph_leafs:
         allocate_node(leaf, leaf.device)
     for node in graph_nodes:
         if node.view_src is not None and node.op != "NONE":
-            st(node.view_src).n_views += 1
+            node.view_src.n_views += 1
         if node.is_input:
             allocate_node(node, node.device)
         for src in node.src:
-            st(src).n_children += 1
+            src.n_children += 1
             if src.is_input:
                 allocate_node(src, node.device)
     for node in graph_nodes:
@@ -360,15 +355,14 @@ def allocate(graph_nodes: Sequence[Tensor], graph_leafs: Sequence[Tensor],
             allocate_node(parent, node.device)
         allocate_node(node, node.device)
         for parent in node.src:
-            p = st(parent)
-            p.n_children -= 1
-            if p.n_children == 0 and p.n_views == 0:
-                if parent.view_src is not None:
-                    vs = st(parent.view_src)
-                    vs.n_views -= 1
-                    if vs.n_views == 0 and vs.n_children == 0 and vs.allocated:
-                        free_node(parent.view_src)
-                elif p.allocated:
+            parent.n_children -= 1
+            if parent.n_children == 0 and parent.n_views == 0:
+                view_src = parent.view_src
+                if view_src is not None:
+                    view_src.n_views -= 1
+                    if view_src.n_views == 0 and view_src.n_children == 0 and view_src.allocated:
+                        free_node(view_src)
+                elif parent.allocated:
                     free_node(parent)
     return {device: a.max_size for device, a in allocators.items()}
 
