@@ -15,10 +15,12 @@ from engine.gguf.model_file import ModelFileError, printable
 MAX_MESSAGE_CHARS = 500
 
 # ValueError covers most of our own classes (HyperParamError, OverrideError, PlanFileError,
-# ContextOverflowError, ConversationError, ...); the rest are listed by name.
+# ContextOverflowError, ConversationError, SavedFileError, ...); ModelFileError covers
+# ModelFileChangedError; FloatingPointError, NonFiniteError. The rest are known by name, so that
+# this module imports neither jinja2 (templates) nor the backends just to sort an exception.
 USER_ERRORS = (ModelFileError, UnsupportedArchitectureError, HyperParamError, ValueError, OSError, MemoryError,
                FloatingPointError)
-_USER_ERROR_NAMES = {"ChatTemplateError", "NoCudaBackendError", "DeviceMismatchError", "ModelFileChangedError"}
+_USER_ERROR_NAMES = {"ChatTemplateError", "NoCudaBackendError", "DeviceMismatchError"}
 
 
 def is_user_error(error: BaseException) -> bool:
