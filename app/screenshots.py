@@ -64,7 +64,10 @@ def _run_panels(window, run_model: str | Path) -> None:
     _wait_for(window.open_model(run_model), LOAD_TIMEOUT_MS)
     window.chat.sampling.temperature.setValue(0.0)
     window.chat.sampling.max_tokens.setValue(48)
-    if window.chat.send(CHAT_PROMPT):
+    # a base model (the built-in Gemma 3 270M) continues text: give it the start of one
+    from app.widgets.chat import COMPLETION_PROMPT
+    prompt = COMPLETION_PROMPT if window.chat.base_model_open else CHAT_PROMPT
+    if window.chat.send(prompt):
         _wait_signal(window.chat.turn_finished, RUN_TIMEOUT_MS)
     text = PPL_TEXT_FILE.read_text() if PPL_TEXT_FILE.exists() else PPL_FALLBACK_TEXT
     window.perplexity.set_text(text[:12000])
