@@ -47,9 +47,11 @@ step() {    # step NAME TIMEOUT_S COMMAND...: run, log to OUTDIR/NAME.log, recor
 
 # 1. environment ---------------------------------------------------------------------------------
 say "offload-studio GPU check, commit $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-"$PY" -m venv --system-site-packages "$OUT/venv" >> "$OUT/setup.log" 2>&1 || { say "cannot make a venv"; exit 1; }
-# shellcheck disable=SC1091
-. "$OUT/venv/bin/activate"
+if [ -z "${GPU_CHECK_NO_VENV:-}" ]; then      # GPU_CHECK_NO_VENV=1: use the current environment as it is
+    "$PY" -m venv --system-site-packages "$OUT/venv" >> "$OUT/setup.log" 2>&1 || { say "cannot make a venv"; exit 1; }
+    # shellcheck disable=SC1091
+    . "$OUT/venv/bin/activate"
+fi
 if [ -n "$WHEELS" ]; then
     pip install --no-index --find-links "$WHEELS" gguf platformdirs google-re2 array-api-compat array-api-strict \
         pytest >> "$OUT/setup.log" 2>&1 || say "  some wheels did not install (see setup.log)"
@@ -77,8 +79,9 @@ step gpu-tests 150 python -m pytest -q -m gpu -p no:cacheprovider --junitxml="$O
 step roofline 45 python -m kernels.cuda.bench --layers 48 --reps 20
 
 # 4. model bench: synthetic Qwen3-30B-A3B, all on the GPU and hybrid --------------------------------
-MODEL="$OUT/qwen3-30b-a3b-6L-Q4_K_M.gguf"
-if step synth 75 python -m app.cli synth --preset qwen3-30b-a3b --quant Q4_K_M --layers 6 -o "$MODEL"; then
+LAYERS=${GPU_CHECK_LAYERS:-6}
+MODEL="$OUT/qwen3-30b-a3b-${LAYERS}L-Q4_K_M.gguf"
+if step synth 75 python -m app.cli synth --preset qwen3-30b-a3b --quant Q4_K_M --layers "$LAYERS" -o "$MODEL"; then
     step bench-gpu 45 python -m app.cli bench -m "$MODEL" -p 512 -n 32 -r 2 -ngl 99
     step bench-hybrid 45 python -m app.cli bench -m "$MODEL" -p 512 -n 32 -r 2 -ngl 99 -ot exps=CPU
     step memory 45 python - "$MODEL" <<'PY'
