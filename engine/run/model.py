@@ -25,11 +25,11 @@ from engine import arch
 from engine.arch.plausible import checked_hyperparams
 from engine.run.bus_guard import install_bus_guard
 from engine.backends import Weight
-from engine.backends.cpu import CpuBackend, dequantize_rows
+from engine.backends.cpu import CpuBackend, dequantize_rows, q8_0_rounded
 from engine.gguf.model_file import ModelFile, ModelFileError
 from engine.run.kv_cache import KVCache
 from engine.run.recurrent_state import HybridCache
-from engine.arch.kv_rotation import rotation_for
+from engine.arch.kv_rotation import is_quantized, rotation_for
 from engine.arch.layers import RopeScaling, apply_rope, namespace, rms_norm, rope_cos_sin
 from engine.backends.dispatch import PlacedOps, make_backends, place_weight
 from engine.run_config import RunConfig
@@ -311,8 +311,11 @@ class UBatch:
         if rotation:
             q, k = rotation.queries_keys(q, k)
             v = rotation.values(v)
-        out = self.ops.home_backend.attend(self.cache.layers[il], step, self.device_positions(), q, k, v,
-                                           kq_scale, v_from_k)
+        backend = self.ops.home_backend
+        if getattr(backend, "round_inputs", False) and is_quantized(layout.type_k) and type(q) is np.ndarray:
+            # llama.cpp dots a quantized key with the query in its vec_dot type (Q8_0), flash attention or not
+            q = q8_0_rounded(np.ascontiguousarray(q, dtype=np.float32))
+        out = backend.attend(self.cache.layers[il], step, self.device_positions(), q, k, v, kq_scale, v_from_k)
         return rotation.output(out, q.shape[1]) if rotation else out
 
 

@@ -132,3 +132,38 @@ def test_tiny_presets_run(tmp_path, name):
     steps = np.concatenate([model.eval_logits(toks[i:i + 1], cache) for i in range(len(toks))])
     assert np.isfinite(batch).all() and batch.std() > 0.1
     assert parity.rel(steps, batch) < 1e-4
+
+
+# --- quantized KV caches: llama.cpp's Hadamard rotation and Q8_0 queries --------------------------
+
+def kv_extras_rows(fixture_dir, variant, cache_type):
+    """Rows llama.cpp's flash-attention path itself moved far from its exact logits (expert flips)."""
+    extras = parity.meta(fixture_dir)["variants"][variant]["kv_cache_extras"]
+    return set(extras[cache_type]["batch_vs_f32ref"]["outlier_rows"])
+
+
+@pytest.mark.parametrize("variant,cache_type,tolerance", [
+    ("F16", "q8_0", 5e-3), ("F16", "q4_0", 1e-2), ("F16", "q4_0-norot", 1e-2),
+    ("Q8_0", "q4_0", 3e-2), ("Q4_K_M", "q8_0", 5e-2)])
+def test_quantized_kv_cache_matches_llama_cpp(hybrid_dir, monkeypatch, variant, cache_type, tolerance):
+    fixture_dir = hybrid_dir / "qwen35moe"
+    kv_type = cache_type.removesuffix("-norot")
+    monkeypatch.setenv("LLAMA_ATTN_ROT_DISABLE", "1" if cache_type.endswith("-norot") else "0")
+    model = parity.load(fixture_dir, variant, kv_type, activations="llama.cpp")
+    batch, incr = parity.batch_and_incremental(model, parity.tokens(fixture_dir))
+    ref_batch = np.load(fixture_dir / f"{variant}.logits_batch_fa_kv-{cache_type}.npy")
+    ref_incr = np.load(fixture_dir / f"{variant}.logits_incr_fa_kv-{cache_type}.npy")
+    keep = [r for r in range(len(ref_batch)) if r not in kv_extras_rows(fixture_dir, variant, cache_type)]
+    assert np.isfinite(batch).all() and np.isfinite(incr).all()
+    assert parity.rel(batch[keep], ref_batch[keep]) <= tolerance
+    assert parity.rel(incr, ref_incr) <= tolerance
+
+
+def test_the_rotation_is_what_llama_cpp_caches(hybrid_dir):
+    """A q4_0 cache: our rotated run lands next to llama.cpp's rotated one, far from its -norot one."""
+    fixture_dir = hybrid_dir / "qwen35moe"
+    model = parity.load(fixture_dir, "F16", "q4_0", activations="llama.cpp")
+    batch = model.eval_logits(parity.tokens(fixture_dir))
+    rotated = np.load(fixture_dir / "F16.logits_batch_fa_kv-q4_0.npy")
+    plain = np.load(fixture_dir / "F16.logits_batch_fa_kv-q4_0-norot.npy")
+    assert parity.rel(batch, rotated) * 3 < parity.rel(batch, plain)
