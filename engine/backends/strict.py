@@ -18,7 +18,8 @@ import numpy as np
 from array_api_strict._array_object import Array as StrictArray
 
 from engine.backends import Weight
-from engine.backends.cpu import CpuBackend
+from engine.arch.kv_rotation import is_quantized
+from engine.backends.cpu import CpuBackend, q8_0_rounded
 from engine.backends.kv_store import HostKVLayer, attend_cached
 from engine.backends.protocol import AttentionStep, KVLayout
 
@@ -107,6 +108,9 @@ class StrictSimBackend:
 
     def attend(self, kv: HostKVLayer, step: AttentionStep, positions, q, k, v, kq_scale: float,
                v_from_k: int = 0):
+        if self.kernels.round_inputs and is_quantized(kv.layout.type_k):
+            # as on the CPU: llama.cpp dots a quantized key with the query in Q8_0 blocks
+            q = self._wrap(q8_0_rounded(np.ascontiguousarray(self._memory(q), dtype=np.float32)))
         kv.store(step.cells, self._memory(positions), self._memory(k), None if v is None else self._memory(v))
         keys, values, key_pos = kv.view(step.n_filled)
         keys, key_pos = self._wrap(np.array(keys, copy=True)), self._wrap(np.array(key_pos, copy=True))

@@ -3,7 +3,8 @@
 Check 1 (fixtures README): F32 math on exactly dequantized weights against
 `<variant>.logits_batch_f32ref.npy`, batched and through the KV cache (prefill T-8, then 8
 single-token steps). Check 2: the F16-cache engine against llama.cpp's default-settings logits
-within each file's recommended tolerance.
+within each file's recommended tolerance. The simulated-GPU check: the same model with every
+layer on a strict simulated GPU gives logits bit-identical to the CPU's.
 """
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.devices import cpu_device, simulated_gpus
+from engine.gguf.model_file import ModelFile
+from engine.plan.inventory import Inventory
+from engine.plan.placement import Placement
 from engine.run.model import Model
 from engine.run_config import RunConfig
 
@@ -112,3 +117,23 @@ def smoke(fixture_dir: Path, variant: str) -> None:
 
     chunked = load(fixture_dir, variant, "f32", n_ubatch=7).eval_logits(toks)
     assert rel(chunked, no_cache) < 1e-5
+
+
+def on_simulated_gpu(path: Path, config: RunConfig) -> Model:
+    """The model with every layer and the output on one strict simulated GPU (the token table
+    stays on the CPU, as llama.cpp keeps it)."""
+    inventory = Inventory.from_model_file(ModelFile(path))
+    devices = [cpu_device()] + simulated_gpus("64GiB")
+    return Model.load(path, config, placement=Placement(inventory, devices, ["CUDA0"] * (inventory.n_layer + 1)))
+
+
+def check_on_simulated_gpu(fixture_dir: Path, variant: str, kv_type: str = "f32", activations: str = "f32") -> None:
+    """Batched and incremental logits on the simulated GPU bit-identical to the CPU's."""
+    config = RunConfig(n_ctx=512, type_k=kv_type, type_v=kv_type, activations=activations)
+    path = fixture_dir / f"{variant}.gguf"
+    toks = tokens(fixture_dir)
+    cpu = batch_and_incremental(Model.load(path, config), toks)
+    gpu_model = on_simulated_gpu(path, config)
+    gpu = batch_and_incremental(gpu_model, toks)
+    assert gpu_model.ops.allocated_bytes()["CUDA0"] > 0
+    assert np.array_equal(cpu[0], gpu[0]) and np.array_equal(cpu[1], gpu[1])
