@@ -75,7 +75,7 @@ class RawGGUF:
             data = t.data if t.data is not None else bytes(n_bytes if t.ggml_type == 0 else 0)
             offset = next_offset if t.offset is None else t.offset
             infos += gguf_string(t.name) + struct.pack("<I", len(t.ne)) + b"".join(struct.pack("<Q", d) for d in t.ne)
-            infos += struct.pack("<IQ", t.ggml_type, offset)
+            infos += struct.pack("<IQ", t.ggml_type % 2**32, offset % 2**64)     # claims past u64 wrap, as in a file
             blobs.append((offset, data))
             next_offset = max(next_offset, offset + -(-len(data) // ALIGNMENT) * ALIGNMENT)
         header = b"GGUF" + struct.pack("<IQQ", self.version, len(self.tensors), len(self.kvs))
