@@ -1,6 +1,7 @@
 """Hostile saved files (settings, window state, conversations): loading always succeeds with
 defaults for what is unusable, each bad file is set aside once and reported in one line."""
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -9,7 +10,7 @@ from hypothesis import given
 
 from app.conversations import ConversationStore
 from app.settings import Settings
-from fuzz_strategies import JSON_VALUES, bounded, fuzz_settings, saved_json_text
+from fuzz_strategies import JSON_VALUES, OUTCOMES, bounded, fuzz_settings, saved_json_text
 
 SETTINGS_KEYS = ["model_folders"]
 STATE_KEYS = ["recent_files", "window_geometry", "window_state", "current_panel"]
@@ -26,6 +27,9 @@ def fresh_dir() -> Path:
 
 def teardown_module(module):
     shutil.rmtree(ROOT, ignore_errors=True)
+    stats = os.environ.get("FUZZ_STATS")
+    if stats:       # the counts of every fuzz module so far (they share OUTCOMES)
+        Path(stats).write_text(json.dumps({f"{p}:{o}": n for (p, o), n in sorted(OUTCOMES.items())}, indent=1))
 
 
 @fuzz_settings(40)
