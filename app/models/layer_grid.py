@@ -15,6 +15,9 @@ from engine.plan.inventory import Inventory, InventoryTensor
 from engine.plan.placement import INPUT_SLOT, Moved, Placement, TensorRef, expert_ranges, tensor_slot
 from engine.units import format_bytes
 
+DELTA_NET_MARK = "\u0394"      # row header mark of a Gated DeltaNet (recurrent) layer
+ATTENTION_MARK = "A"            # ... of a full-attention layer in a hybrid model
+
 
 class LayerGridModel(QAbstractTableModel):
     """Rows: the input tensors, one row per layer, the output tensors; columns: `inventory.groups()`.
@@ -97,6 +100,13 @@ class LayerGridModel(QAbstractTableModel):
 
     def is_layer_row(self, row: int) -> bool:
         return self._rows[row][0] is not None
+
+    def layer_kind(self, layer: int) -> str:
+        """In a hybrid model, whether the layer is DeltaNet or attention; "" elsewhere."""
+        hp = self.inventory.hparams if self.inventory is not None else None
+        if hp is None or not any(hp.is_recurrent(il) for il in range(hp.n_layer)):
+            return ""
+        return DELTA_NET_MARK if hp.is_recurrent(layer) else ATTENTION_MARK
 
     def layer_rows(self) -> range:
         rows = [r for r, (il, _) in enumerate(self._rows) if il is not None]
@@ -210,9 +220,10 @@ class LayerGridModel(QAbstractTableModel):
         if orientation == Qt.Vertical and 0 <= section < len(self._rows):
             layer, label = self._rows[section]
             if role == Qt.DisplayRole:
-                return label if layer is None else str(layer)
+                return label if layer is None else f"{layer} {self.layer_kind(layer)}".rstrip()
             if role == Qt.ToolTipRole and layer is not None and self.inventory is not None:
                 n_bytes = self.inventory.layers[layer].n_bytes
-                return f"blk.{layer}: {exact_bytes(n_bytes)}\nKV cache on {self.placement.layer_home_device(layer)}" \
+                cache = "recurrent state (DeltaNet layer)" if self.layer_kind(layer) == DELTA_NET_MARK else "KV cache"
+                return f"blk.{layer}: {exact_bytes(n_bytes)}\n{cache} on {self.placement.layer_home_device(layer)}" \
                     if self.placement is not None else f"blk.{layer}"
         return None

@@ -31,10 +31,12 @@ ALIGN_CENTER = int(Qt.AlignCenter)
 ALIGN_RIGHT = int(Qt.AlignRight | Qt.AlignVCenter)
 
 GROUP_LABELS = {"attention": "attn_*", "norm": "*_norm", "router": "ffn_gate_inp", "ffn": "ffn (dense)",
-                "shared_expert": "ffn_*_shexp", "other": "other"}
+                "shared_expert": "ffn_*_shexp", "recurrent": "ssm_* (DeltaNet)", "other": "other"}
 GROUP_HELP = {"attention": "Attention weights; the layer's KV cache sits with them",
               "norm": "Norm weights", "router": "Expert router (gate) and its bias",
               "ffn": "Dense feed-forward network", "shared_expert": "Shared expert, used by every token",
+              "recurrent": "Gated DeltaNet mixer (attn_qkv, attn_gate, ssm_*); the layer's recurrent state "
+                           "sits with it",
               "other": "Other tensors"}
 
 Index = QModelIndex | QPersistentModelIndex

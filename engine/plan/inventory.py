@@ -29,6 +29,7 @@ class Role(Enum):
     DENSE_FFN = "ffn"
     SHARED_EXPERT = "shared_expert"
     ROUTED_EXPERTS = "routed_experts"
+    RECURRENT = "recurrent"     # a Gated DeltaNet mixer (ssm_*, and its layer's attn_qkv / attn_gate)
     OTHER = "other"
 
 
@@ -50,6 +51,8 @@ def role_of(name: str) -> Role:
         return Role.SHARED_EXPERT
     if base in ("ffn_gate_inp", "exp_probs_b"):
         return Role.ROUTER
+    if base.startswith("ssm_"):
+        return Role.RECURRENT
     if base.endswith("_norm") or base.startswith("layer_output_norm"):
         return Role.NORM
     if base.startswith("attn_"):
@@ -105,7 +108,7 @@ class LayerInventory:
         return sizes
 
 
-GROUP_ORDER = [Role.ATTENTION.value, Role.NORM.value, Role.ROUTER.value, Role.DENSE_FFN.value,
+GROUP_ORDER = [Role.ATTENTION.value, Role.RECURRENT.value, Role.NORM.value, Role.ROUTER.value, Role.DENSE_FFN.value,
                Role.SHARED_EXPERT.value, "ffn_gate_exps", "ffn_up_exps", "ffn_gate_up_exps",
                "ffn_down_exps", Role.OTHER.value]
 
@@ -149,7 +152,9 @@ class Inventory:
                 notes.append(f"cannot read {mf.architecture} hyperparameters: {e}")
         for tensor_name, reason in list(mf.unsupported_types().items())[:1]:
             notes.append(f"{tensor_name} {reason}")
-        return cls(mf.architecture, mf.name, (inventory_tensor(t) for t in mf.tensors.values()), hparams, notes)
+        recurrent = {il for il in range(hparams.n_layer) if hparams.is_recurrent(il)} if hparams else set()
+        return cls(mf.architecture, mf.name, (inventory_tensor(t, recurrent) for t in mf.tensors.values()),
+                   hparams, notes)
 
     @property
     def n_layer(self) -> int:
@@ -173,8 +178,10 @@ class Inventory:
         return [g for g in GROUP_ORDER if g in present] + sorted(present - set(GROUP_ORDER))
 
 
-def inventory_tensor(t: TensorInfo) -> InventoryTensor:
+def inventory_tensor(t: TensorInfo, recurrent_layers: set[int] = frozenset()) -> InventoryTensor:
     role = role_of(t.name)
+    if role is Role.ATTENTION and layer_of(t.name) in recurrent_layers:
+        role = Role.RECURRENT       # a DeltaNet layer's attn_qkv and attn_gate feed its recurrence
     n_experts = t.n_experts if role is Role.ROUTED_EXPERTS else 0
     return InventoryTensor(
         name=t.name, layer=layer_of(t.name), role=role, group=group_of(t.name, role),

@@ -82,9 +82,10 @@ def tensor_slot(name: str, layer: int | None, n_layer: int) -> int:
 
 
 def _home_tensor(layout: _Layout, inventory: Inventory, il: int) -> int:
-    # the KV cache sits with the layer's attention; its largest tensor stands for all of it
+    # the KV cache (or a DeltaNet layer's recurrent state) sits with the layer's attention (or
+    # recurrent mixer); its largest tensor stands for all of it
     tensors = inventory.layers[il].tensors
-    attention = [t for t in tensors if t.role is Role.ATTENTION] or tensors[:1]
+    attention = [t for t in tensors if t.role in (Role.ATTENTION, Role.RECURRENT)] or tensors[:1]
     if not attention:
         return -1
     return layout.index[max(attention, key=lambda t: t.n_bytes).name]

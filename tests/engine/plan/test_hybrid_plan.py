@@ -70,3 +70,44 @@ def test_quantization_mix_equals_llama_quantize(fixture):
     for variant, info in meta["variants"].items():
         types = tensor_types(((s.name, s.shape) for s in specs), variant, hp)
         assert {n: t.name for n, t in types.items()} == info["tensor_types"], variant
+
+
+@pytest.fixture(scope="module")
+def sparse_35b(tmp_path_factory):
+    from engine.synth.writer import write_synthetic
+    path = write_synthetic(tmp_path_factory.mktemp("hybrid") / "qwen3.5-35b-a3b.gguf", "qwen3.5-35b-a3b",
+                           "Q4_K_M", sparse=True)
+    return ModelFile(path)
+
+
+def test_inventory_roles_of_the_delta_net_tensors(sparse_35b):
+    from engine.plan.inventory import Inventory, Role
+    inv = Inventory.from_model_file(sparse_35b)
+    roles = {t.name.split(".", 2)[2]: t.role for t in inv.layers[0].tensors}
+    for name in ("attn_qkv.weight", "attn_gate.weight", "ssm_conv1d.weight", "ssm_a", "ssm_dt.bias",
+                 "ssm_beta.weight", "ssm_alpha.weight", "ssm_norm.weight", "ssm_out.weight"):
+        assert roles[name] is Role.RECURRENT, name
+    assert roles["ffn_gate_inp_shexp.weight"] is Role.SHARED_EXPERT
+    assert {t.role for t in inv.layers[3].tensors if t.name.startswith("blk.3.attn_")} == {Role.ATTENTION, Role.NORM}
+    assert inv.groups()[:2] == ["attention", "recurrent"]
+
+
+def test_ot_rules_on_delta_net_names_and_the_recurrent_state_follows_its_layer(sparse_35b):
+    from engine.devices import Device, simulated_gpus
+    from engine.plan.inventory import Inventory
+    from engine.plan.llama_args import parse_llama_args
+    from engine.plan.memory import estimate_memory, kv_layer_bytes, recurrent_layer_bytes
+    inv = Inventory.from_model_file(sparse_35b)
+    devices = [Device("CPU", "cpu", 256 << 30)] + simulated_gpus("16GiB")
+    parsed = parse_llama_args(r"-ngl 99 -c 4096 -ot 'blk\.(0|1|2)\.(attn_qkv|attn_gate|ssm_.*)=CPU,exps=CPU'",
+                              inv, devices)
+    placement, rc = parsed.placement, parsed.run_config
+    assert placement.device_of("blk.0.ssm_out.weight") == "CPU" and placement.device_of("blk.4.ssm_out.weight") == "CUDA0"
+    assert [placement.layer_home_device(il) for il in range(5)] == ["CPU"] * 3 + ["CUDA0"] * 2
+    estimate = estimate_memory(inv, placement, rc, devices)
+    hp = inv.hparams
+    per_layer = [sum(kv_layer_bytes(hp, il, rc)) + sum(recurrent_layer_bytes(hp, il, rc)) for il in range(hp.n_layer)]
+    assert estimate["CPU"].kv_bytes == sum(per_layer[:3])
+    assert estimate["CUDA0"].kv_bytes == sum(per_layer[3:])
+    # llama.cpp's KV buffer (80.00 MiB) plus RS buffer (62.81 MiB) at -c 4096, split by layer home
+    assert estimate["CPU"].kv_bytes + estimate["CUDA0"].kv_bytes == int((80 + 62.8125) * MIB)
