@@ -31,11 +31,11 @@ static __device__ __forceinline__ int load_i32_a4(const uint8* p) { return *(con
 
 static __device__ __forceinline__ float load_f16(const uint8* p) { return f16_to_f32(*(const uint16*)p); }
 
-// the 16 int8 values of IQ4_NL / IQ4_XS, indexed by a nibble
-static __device__ __forceinline__ int iq4_value(int nibble) {
-    const int values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
-    return values[nibble];
-}
+// the 16 int8 values of IQ4_NL / IQ4_XS, indexed by a nibble (constant memory: a local array
+// would live in the thread's stack)
+static __device__ __constant__ int8 iq4_values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+static __device__ __forceinline__ int iq4_value(int nibble) { return iq4_values[nibble]; }
 
 // 4 nibbles (in the low nibble of each byte of `v`) -> 4 packed int8 IQ4 values
 static __device__ __forceinline__ int iq4_lookup4(int v) {
