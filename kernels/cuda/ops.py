@@ -289,12 +289,11 @@ def attention(rt, q, k_cache, v_cache, cell_pos, q_pos, n_filled: int, n_head_kv
     part_acc = rt.alloc((n_tokens, n_head, n_splits, d_v), np.float32)
     part_ml = rt.alloc((n_tokens, n_head, n_splits, 2), np.float32)
     name = f"attention_split<{CACHE_TYPES[type_k]},{CACHE_TYPES[type_v]}>"
-    # one instance per cache-type pair, built when first used (there are 81 pairs)
     rt.launch("attention.cu", name, (n_splits, n_head, n_tokens), 128,
             (q, k_cache, v_cache, cell_pos, q_pos, part_acc, part_ml, _i32(n_filled), _i32(n_head), _i32(n_head_kv),
              _i32(d_k), _i32(d_v), _i32(k_cache.shape[1]), _i32(v_cache.shape[1]), _i32(v_head_stride),
              _i32(MASK_KINDS[kind]), _i32(window), _i32(cells_per_split), _i32(n_splits), _f32(kq_scale)),
-              name_expressions=(name,))
+              name_expressions=_attention_instances(type_k, type_v))
     out = rt.alloc((n_tokens, n_head * d_v), np.float32)
     _launch(rt, "attention.cu", "attention_combine", (n_head, n_tokens), 128,
             (part_acc, part_ml, out, _i32(n_head), _i32(n_splits), _i32(d_v)))
@@ -310,8 +309,15 @@ def _attention_tiled(rt, q, k_cache, v_cache, cell_pos, q_pos, n_filled, n_head_
     rt.launch("attention.cu", name, (-(-rows // TILE_ROWS), n_head_kv), 256,
               (q, k_cache, v_cache, cell_pos, q_pos, out, _i32(n_tokens), _i32(n_filled), _i32(n_head),
                _i32(n_head_kv), _i32(d_k), _i32(d_v), _i32(k_cache.shape[1]), _i32(v_cache.shape[1]),
-               _i32(MASK_KINDS[kind]), _i32(window), _f32(kq_scale)), name_expressions=(name,))
+               _i32(MASK_KINDS[kind]), _i32(window), _f32(kq_scale)), name_expressions=_attention_instances(type_k, type_v))
     return out
+
+
+def _attention_instances(type_k: str, type_v: str) -> tuple[str, ...]:
+    """Both attention kernels of one cache-type pair: one module per pair, built when first used
+    (there are 81 pairs)."""
+    pair = f"{CACHE_TYPES[type_k]},{CACHE_TYPES[type_v]}"
+    return (f"attention_split<{pair}>", f"attention_tiled<{pair}>")
 
 
 def _row_values(type_name: str, row_bytes: int) -> int:
