@@ -20,10 +20,10 @@ from engine.backends.protocol import AttentionStep, KVLayout
 try:    # the Numba kernels, once they are built
     from kernels.cpu import dequantize_rows as kernel_dequantize_rows
     from kernels.cpu import matmul as kernel_matmul
-    from kernels.cpu import qmatmul as kernel_qmatmul, INTEGER_TYPES
+    from kernels.cpu import qmatmul as kernel_qmatmul, integer_path_is_faster
 except ImportError:
     kernel_matmul = kernel_dequantize_rows = kernel_qmatmul = None
-    INTEGER_TYPES = frozenset()
+    integer_path_is_faster = None
 
 F32 = int(GGMLQuantizationType.F32)
 F16 = int(GGMLQuantizationType.F16)
@@ -143,10 +143,10 @@ class CpuBackend:
         return y.reshape(*lead, w.n_rows)
 
     def _product(self, x: np.ndarray, data: np.ndarray, w: Weight) -> np.ndarray:
-        """x @ W.T over the bytes `data` of w: with llama.cpp's activations, integer dot products
-        on x quantized as llama.cpp quantizes it (the kernels' qmatmul) for the types that have
-        them; otherwise x rounded the same way in float, or exact."""
-        if self.round_inputs and w.ggml_type in INTEGER_TYPES:
+        """x @ W.T over the bytes `data` of w: with llama.cpp's activations, x quantized as
+        llama.cpp quantizes it, then integer dot products (the kernels' qmatmul) where those are
+        the faster kernel, else the float kernel on the same rounded values; or exact f32."""
+        if self.round_inputs and integer_path_is_faster is not None and integer_path_is_faster(w.ggml_type, len(x)):
             return kernel_qmatmul(x, data, w.ggml_type, w.n_cols)
         return matmul_bytes(self._input(x, w), data, w.ggml_type, w.n_cols)
 

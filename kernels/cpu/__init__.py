@@ -7,7 +7,8 @@
     qmatmul(x, w_bytes, ggml_type, n_cols, out=None) -> float32 (n_tokens, n_rows)
         y = x @ W.T by llama.cpp's arithmetic: x quantized to Q8_0 / Q8_K blocks, integer dot
         products per block (types in INTEGER_TYPES). `QuantizedActivations` keeps a quantized x
-        for several weights of one input type.
+        for several weights of one input type. integer_path_is_faster(type, n_tokens) says
+        where it beats matmul on the same rounded inputs.
     quantize_rows(x_f32, ggml_type, out=None) -> uint8 (n, row_bytes)
         float32 rows to F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/IQ4_NL blocks, byte-exact with
         ggml's reference quantizers (KV cache writes).
@@ -60,12 +61,13 @@ _drop_stale_numba_cache()
 from kernels.cpu.decode import dequantize_rows  # noqa: E402
 from kernels.cpu.formats import FAST_TYPES, block_shape, row_bytes  # noqa: E402
 from kernels.cpu.matmul import matmul  # noqa: E402
-from kernels.cpu.qmatmul import INTEGER_TYPES, QuantizedActivations, qmatmul  # noqa: E402
+from kernels.cpu.qmatmul import INTEGER_TYPES, QuantizedActivations, integer_path_is_faster, qmatmul  # noqa: E402
 from kernels.cpu.quantize import QUANTIZE_TYPES, quantize_rows  # noqa: E402
 
 __all__ = [
     "FAST_TYPES",
     "INTEGER_TYPES",
+    "integer_path_is_faster",
     "QUANTIZE_TYPES",
     "block_shape",
     "dequantize_rows",

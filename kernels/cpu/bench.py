@@ -1,6 +1,8 @@
-"""Timing of the CPU matmul on synthetic weights (`offload-studio bench` calls this).
+"""Timing of the CPU matmuls on synthetic weights, and this machine's memory bandwidth.
 
-    python -m kernels.cpu.bench        prints the figures for Gemma 3 270M's shapes
+    python -m kernels.cpu.bench        prints the figures for Gemma 3 270M's shapes: the float
+                                       path (matmul) and the integer path (qmatmul), and a copy
+                                       benchmark, the roofline a decode step streams against
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from gguf.constants import GGMLQuantizationType as QType
 
 from kernels.cpu.formats import as_ggml_type
 from kernels.cpu.matmul import matmul
+from kernels.cpu.qmatmul import qmatmul
 from kernels.cpu.quantize import QUANTIZE_TYPES, quantize_rows
 
 # Byte offsets of float16 scale fields in a block: random bytes there could be NaN, infinite
@@ -50,19 +53,38 @@ def bench_matmul(
     n_cols: int,
     n_tokens: int,
     repeats: int = 10,
+    integer: bool = False,
 ) -> float:
     """Median seconds of one matmul of (n_tokens, n_cols) activations with an (n_rows, n_cols)
-    weight of ggml_type, on Numba's current thread count, after one untimed warm-up call."""
+    weight of ggml_type, on Numba's current thread count, after one untimed warm-up call;
+    integer: through qmatmul (activation quantization included), else the float path."""
     w = synthetic_weight(ggml_type, n_rows, n_cols)
     x = np.random.default_rng(1).standard_normal((n_tokens, n_cols), dtype=np.float32)
     out = np.empty((n_tokens, n_rows), dtype=np.float32)
-    matmul(x, w, ggml_type, n_cols, out=out)
+    product = qmatmul if integer else matmul
+    product(x, w, ggml_type, n_cols, out=out)
     seconds = []
     for _ in range(max(1, repeats)):
         start = time.perf_counter()
-        matmul(x, w, ggml_type, n_cols, out=out)
+        product(x, w, ggml_type, n_cols, out=out)
         seconds.append(time.perf_counter() - start)
     return float(np.median(seconds))
+
+
+def copy_bandwidth_gb_s(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
+    """Best read + write rate of a large memory copy (bytes read plus bytes written per second),
+    a memory roofline (one thread: numpy copies on the calling thread)."""
+    source = np.ones(n_bytes, dtype=np.uint8)
+    target = np.empty_like(source)
+    np.copyto(target, source)       # fault the pages in first
+    best = min(_timed_copy(source, target) for _ in range(max(1, repeats)))
+    return 2 * n_bytes / best / 1e9
+
+
+def _timed_copy(source: np.ndarray, target: np.ndarray) -> float:
+    start = time.perf_counter()
+    np.copyto(target, source)
+    return time.perf_counter() - start
 
 
 # (type, n_rows, n_cols, n_tokens): Gemma 3 270M Q4_K_M's output matrix (a tied Q8_0
@@ -81,12 +103,15 @@ GEMMA3_270M_CASES = [
 def main() -> None:
     import numba
 
-    print(f"numba threads: {numba.get_num_threads()}")
+    print(f"numba threads: {numba.get_num_threads()}; memory copy {copy_bandwidth_gb_s():.1f} GB/s (read + write)")
     for type_name, n_rows, n_cols, n_tokens in GEMMA3_270M_CASES:
-        seconds = bench_matmul(QType[type_name], n_rows, n_cols, n_tokens)
+        weight_bytes = synthetic_weight(QType[type_name], 1, n_cols).nbytes * n_rows
         flops = 2.0 * n_rows * n_cols * n_tokens
-        print(f"{type_name:5s} {n_rows:7d} x {n_cols:5d}, {n_tokens:4d} tokens: "
-              f"{seconds * 1e3:8.3f} ms  ({flops / seconds / 1e9:6.1f} GFLOP/s)")
+        for integer in (False, True):
+            seconds = bench_matmul(QType[type_name], n_rows, n_cols, n_tokens, integer=integer)
+            print(f"{type_name:5s} {n_rows:7d} x {n_cols:5d}, {n_tokens:4d} tokens, "
+                  f"{'integer' if integer else 'float  '}: {seconds * 1e3:8.3f} ms  "
+                  f"({flops / seconds / 1e9:6.1f} GFLOP/s, weights at {weight_bytes / seconds / 1e9:5.1f} GB/s)")
 
 
 if __name__ == "__main__":

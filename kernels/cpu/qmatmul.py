@@ -27,6 +27,7 @@ from kernels.cpu.decode_basic import read_f16
 from kernels.cpu.formats import as_ggml_type, read_only
 from kernels.cpu.qactivations import quantize_activations, quantize_one_token
 from kernels.cpu.simd import scaled_block_dot
+from kernels.cpu.tile_matmul import SUM_FASTMATH
 
 _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = (int(QType[n]) for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"))
 _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(QType[n]) for n in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
@@ -35,36 +36,60 @@ _IQ4_NL, _IQ4_XS = int(QType.IQ4_NL), int(QType.IQ4_XS)
 Q8_0_INPUT_TYPES = frozenset(QType[n] for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"))
 Q8_K_INPUT_TYPES = frozenset(QType[n] for n in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"))
 INTEGER_TYPES = Q8_0_INPUT_TYPES | Q8_K_INPUT_TYPES
+# Where qmatmul beats the float tile path (`kernels.cpu.matmul` on the same rounded inputs) on
+# an AVX-512 Xeon (docs/benchmarks.md): one-token products of the K-quants and of Q8_0 (read in
+# place). The 32-element types pay a float scale per 32 products, and prefill's 4x4
+# register-blocked float tiles reuse each loaded value 4 times; there the float path is faster.
+INTEGER_DECODE_TYPES = Q8_K_INPUT_TYPES | {QType.Q8_0}
+INTEGER_MAX_TOKENS = 1
 
-LANES = 32
+
+def integer_path_is_faster(ggml_type: int | QType, n_tokens: int) -> bool:
+    return n_tokens <= INTEGER_MAX_TOKENS and as_ggml_type(ggml_type) in INTEGER_DECODE_TYPES
+
+LANES = 32   # the unpackers' loop width, passed at run time so that LLVM vectorises the loops
 TILE_BYTES = 32 * 1024       # unpacked rows per prefill chunk: about an L1 data cache
 SERIAL_WORK_BYTES = 64 * 1024  # weight bytes x tokens below which one thread is faster than the pool
 
 
 @njit(cache=True, nogil=True)
-def _unpack_row(type_code, w, r, n_cols, tile8, tile16, i, mins):
+def _unpack_row(type_code, w, r, n_cols, lanes, tile8, tile16, i, mins):
     if type_code == _Q4_K:
-        unpack.unpack_q4_k(w, r, n_cols, LANES, tile16, i, mins)
+        unpack.unpack_q4_k(w, r, n_cols, lanes, tile16, i, mins)
     elif type_code == _Q6_K:
-        unpack.unpack_q6_k(w, r, n_cols, LANES, tile16, i)
+        unpack.unpack_q6_k(w, r, n_cols, lanes, tile16, i)
     elif type_code == _Q5_0:
-        unpack.unpack_q5_0(w, r, n_cols, LANES, tile8, i)
+        unpack.unpack_q5_0(w, r, n_cols, lanes, tile8, i)
     elif type_code == _Q4_0:
-        unpack.unpack_q4_0(w, r, n_cols, LANES, tile8, i)
+        unpack.unpack_q4_0(w, r, n_cols, lanes, tile8, i)
     elif type_code == _Q5_K:
-        unpack.unpack_q5_k(w, r, n_cols, LANES, tile16, i, mins)
+        unpack.unpack_q5_k(w, r, n_cols, lanes, tile16, i, mins)
     elif type_code == _IQ4_NL:
-        unpack.unpack_iq4_nl(w, r, n_cols, LANES, tile8, i)
+        unpack.unpack_iq4_nl(w, r, n_cols, lanes, tile8, i)
     elif type_code == _Q4_1:
-        unpack.unpack_q4_1(w, r, n_cols, LANES, tile8, i)
+        unpack.unpack_q4_1(w, r, n_cols, lanes, tile8, i)
     elif type_code == _Q5_1:
-        unpack.unpack_q5_1(w, r, n_cols, LANES, tile8, i)
+        unpack.unpack_q5_1(w, r, n_cols, lanes, tile8, i)
     elif type_code == _Q2_K:
-        unpack.unpack_q2_k(w, r, n_cols, LANES, tile16, i, mins)
+        unpack.unpack_q2_k(w, r, n_cols, lanes, tile16, i, mins)
     elif type_code == _Q3_K:
-        unpack.unpack_q3_k(w, r, n_cols, LANES, tile16, i)
+        unpack.unpack_q3_k(w, r, n_cols, lanes, tile16, i)
     elif type_code == _IQ4_XS:
-        unpack.unpack_iq4_xs(w, r, n_cols, LANES, tile16, i)
+        unpack.unpack_iq4_xs(w, r, n_cols, lanes, tile16, i)
+
+
+_IN_PLACE, _TILE8, _TILE16 = 0, 1, 2   # how a type's rows reach the dot product
+
+
+@njit(cache=True, nogil=True)
+def _kind(type_code):
+    """Q8_0 rows are read in place; the other 32-element types are unpacked to int8, the
+    256-element types to int16 (sub-block scales multiplied in)."""
+    if type_code == _Q8_0:
+        return _IN_PLACE
+    if type_code == _Q4_0 or type_code == _Q5_0 or type_code == _IQ4_NL or type_code == _Q4_1 or type_code == _Q5_1:
+        return _TILE8
+    return _TILE16
 
 
 @njit(cache=True, nogil=True)
@@ -94,7 +119,7 @@ def _block_bytes(type_code):
 
 @njit(cache=True, nogil=True)
 def _d_offset(type_code):
-    """Byte offset of the block's f16 `d` in a 256-element block."""
+    """Byte offset of the block's f16 `d` (0 in every 32-element type)."""
     if type_code == _Q6_K:
         return 208
     if type_code == _Q3_K:
@@ -115,74 +140,109 @@ def _min_offset(type_code):
 
 
 @njit(cache=True, nogil=True)
-def _row_dot(type_code, w, wi, r, n_cols, tile8, tile16, i, mins, xq, xd, xs, t):
-    """Row r of W (unpacked into tile row i where the type needs it) dotted with token t."""
+def _unpack_mins(type_code, w, r, n_cols, mins, i, mins_f):
+    """mins_f[i]: the row's min factors as floats, paired with QuantizedActivations.min_sums:
+    Q4_1/Q5_1 one m per 32 (times Q8_1's block sum s); K-quants with mins -dmin * min per 16
+    (times d_x * bsum)."""
     block_bytes = _block_bytes(type_code)
-    if type_code == _Q8_0:
-        return scaled_block_dot(wi[r], 2, 34, w[r], 0, 34, xq[t], 0, xd[t], n_cols // 32, 1)
-    if type_code == _Q4_0 or type_code == _Q5_0 or type_code == _IQ4_NL:
-        return scaled_block_dot(tile8[i], 0, 32, w[r], 0, block_bytes, xq[t], 0, xd[t], n_cols // 32, 1)
-    if type_code == _Q4_1 or type_code == _Q5_1:
-        y = scaled_block_dot(tile8[i], 0, 32, w[r], 0, block_bytes, xq[t], 0, xd[t], n_cols // 32, 1)
-        for b in range(n_cols // 32):  # + m * s: the min times the activation block's sum
-            y += read_f16(w, r, b * block_bytes + 2) * xs[t, b]
-        return y
-    n_blocks = n_cols // 256
-    y = scaled_block_dot(tile16[i], 0, 256, w[r], _d_offset(type_code), block_bytes, xq[t], 0, xd[t], n_blocks, 8)
     min_offset = _min_offset(type_code)
-    if min_offset >= 0:  # - dmin * d_x * sum over groups of min * bsum (exact in float32)
-        for b in range(n_blocks):
-            total = np.float32(0.0)
-            for g in range(16):
-                total += np.float32(mins[i, b * 16 + g]) * xs[t, b * 16 + g]
-            y -= read_f16(w, r, b * block_bytes + min_offset) * xd[t, b] * total
-    return y
+    if type_code == _Q4_1 or type_code == _Q5_1:
+        for b in range(n_cols // 32):
+            mins_f[i, b] = read_f16(w, r, b * block_bytes + min_offset)
+        return
+    for b in range(n_cols // 256):
+        dmin = read_f16(w, r, b * block_bytes + min_offset)
+        for g in range(16):
+            mins_f[i, b * 16 + g] = -(dmin * np.float32(mins[i, b * 16 + g]))
+
+
+@njit(cache=True, nogil=True, fastmath=SUM_FASTMATH)
+def _min_term(mins_f, i, min_sums, t):
+    total = np.float32(0.0)
+    for k in range(min_sums.shape[1]):
+        total += mins_f[i, k] * min_sums[t, k]
+    return total
 
 
 @njit(cache=True, nogil=True)
-def _matmul_chunk(xq, xd, xs, w, wi, type_code, n_cols, start, n_chunk_rows, tile_rows, out, col0):
+def _dot_rows(kind, w, wi, start, n_chunk_rows, tile_row0, n_cols, d_offset, block_bytes, tile8, tile16, xq, xd, t,
+              out, col0):
+    """out[t, col0 + r] = the block dot products (no min terms) of rows r = start .. of W with
+    token t. Weight rows come from W itself (Q8_0), or from tile rows tile_row0 + i. The type
+    is resolved once per call, so the inner loop is the vector primitive alone."""
+    xqt, xdt = xq[t], xd[t]
+    if kind == _IN_PLACE:
+        for i in range(n_chunk_rows):
+            r = start + i
+            out[t, col0 + r] = scaled_block_dot(wi[r], 2, 34, w[r], 0, 34, xqt, 0, xdt, n_cols // 32, 1)
+    elif kind == _TILE8:
+        for i in range(n_chunk_rows):
+            r = start + i
+            out[t, col0 + r] = scaled_block_dot(tile8[tile_row0 + i], 0, 32, w[r], d_offset, block_bytes,
+                                                xqt, 0, xdt, n_cols // 32, 1)
+    else:
+        for i in range(n_chunk_rows):
+            r = start + i
+            out[t, col0 + r] = scaled_block_dot(tile16[tile_row0 + i], 0, 256, w[r], d_offset, block_bytes,
+                                                xqt, 0, xdt, n_cols // 256, 8)
+
+
+@njit(cache=True, nogil=True)
+def _matmul_chunk(xq, xd, min_sums, w, wi, type_code, n_cols, lanes, start, n_chunk_rows, tile_rows, out, col0):
     """Rows start .. start + n_chunk_rows of out[:, col0:] (one work item)."""
     n_tokens = xq.shape[0]
-    tile8 = np.empty((tile_rows, n_cols), dtype=np.int8)
-    tile16 = np.empty((tile_rows, n_cols), dtype=np.int16)
+    kind = _kind(type_code)
+    d_offset = _d_offset(type_code)
+    block_bytes = _block_bytes(type_code)
+    has_mins = _min_offset(type_code) >= 0
+    tile8 = np.empty((tile_rows, n_cols if kind == _TILE8 else 0), dtype=np.int8)
+    tile16 = np.empty((tile_rows, n_cols if kind == _TILE16 else 0), dtype=np.int16)
     mins = np.empty((tile_rows, n_cols // 16), dtype=np.int16)
+    mins_f = np.empty((tile_rows, min_sums.shape[1]), dtype=np.float32)
     if n_tokens == 1:   # decode: unpack one row and use it while it is in L1
         for i in range(n_chunk_rows):
             r = start + i
-            if type_code != _Q8_0:
-                _unpack_row(type_code, w, r, n_cols, tile8, tile16, 0, mins)
-            out[0, col0 + r] = _row_dot(type_code, w, wi, r, n_cols, tile8, tile16, 0, mins, xq, xd, xs, 0)
+            if kind != _IN_PLACE:
+                _unpack_row(type_code, w, r, n_cols, lanes, tile8, tile16, 0, mins)
+            _dot_rows(kind, w, wi, r, 1, 0, n_cols, d_offset, block_bytes, tile8, tile16, xq, xd, 0, out, col0)
+            if has_mins:
+                _unpack_mins(type_code, w, r, n_cols, mins, 0, mins_f)
+                out[0, col0 + r] += _min_term(mins_f, 0, min_sums, 0)
         return
-    if type_code != _Q8_0:
+    if kind != _IN_PLACE:
         for i in range(n_chunk_rows):
-            _unpack_row(type_code, w, start + i, n_cols, tile8, tile16, i, mins)
+            _unpack_row(type_code, w, start + i, n_cols, lanes, tile8, tile16, i, mins)
+            if has_mins:
+                _unpack_mins(type_code, w, start + i, n_cols, mins, i, mins_f)
     for t in range(n_tokens):
-        for i in range(n_chunk_rows):
-            out[t, col0 + start + i] = _row_dot(
-                type_code, w, wi, start + i, n_cols, tile8, tile16, i, mins, xq, xd, xs, t)
+        _dot_rows(kind, w, wi, start, n_chunk_rows, 0, n_cols, d_offset, block_bytes, tile8, tile16, xq, xd, t,
+                  out, col0)
+        if has_mins:
+            for i in range(n_chunk_rows):
+                out[t, col0 + start + i] += _min_term(mins_f, i, min_sums, t)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def qmatmul_kernel(xq, xd, xs, w, type_code, n_cols, rows_per_chunk, out, col0):
-    """out[:, col0:col0 + n_rows] = x @ W.T from x quantized (xq, xd, xs) for type_code."""
+def qmatmul_kernel(xq, xd, min_sums, w, type_code, n_cols, lanes, rows_per_chunk, out, col0):
+    """out[:, col0:col0 + n_rows] = x @ W.T from x quantized (xq, xd, min_sums) for type_code."""
     wi = w.view(np.int8)
     n_rows = w.shape[0]
     n_chunks = (n_rows + rows_per_chunk - 1) // rows_per_chunk
     tile_rows = 1 if xq.shape[0] == 1 else rows_per_chunk
     for c in prange(n_chunks):
         start = c * rows_per_chunk
-        _matmul_chunk(xq, xd, xs, w, wi, type_code, n_cols, start, min(rows_per_chunk, n_rows - start),
+        _matmul_chunk(xq, xd, min_sums, w, wi, type_code, n_cols, lanes, start, min(rows_per_chunk, n_rows - start),
                       tile_rows, out, col0)
 
 
 @njit(cache=True, nogil=True)
-def qmatmul_serial(xq, xd, xs, w, type_code, n_cols, rows_per_chunk, out, col0):
+def qmatmul_serial(xq, xd, min_sums, w, type_code, n_cols, lanes, rows_per_chunk, out, col0):
     """qmatmul_kernel on the calling thread: for products too small to pay for waking the pool."""
     wi = w.view(np.int8)
     n_rows = w.shape[0]
     tile_rows = 1 if xq.shape[0] == 1 else rows_per_chunk
     for start in range(0, n_rows, rows_per_chunk):
-        _matmul_chunk(xq, xd, xs, w, wi, type_code, n_cols, start, min(rows_per_chunk, n_rows - start),
+        _matmul_chunk(xq, xd, min_sums, w, wi, type_code, n_cols, lanes, start, min(rows_per_chunk, n_rows - start),
                       tile_rows, out, col0)
 
 
@@ -190,7 +250,7 @@ class QuantizedActivations:
     """x quantized for one vec_dot_type: reuse it for every weight of that input type (the
     q, k and v projections, or gate and up, share one)."""
 
-    __slots__ = ("q", "d", "sums", "k_blocks")
+    __slots__ = ("q", "d", "sums", "min_sums", "k_blocks")
 
     def __init__(self, x: np.ndarray, k_blocks: bool):
         n_tokens, n_cols = x.shape
@@ -203,7 +263,10 @@ class QuantizedActivations:
         self.sums = np.empty((n_tokens, n_cols // (16 if k_blocks else 32)), dtype=np.float32)
         quantize = quantize_one_token if n_tokens == 1 else quantize_activations
         quantize(read_only(np.ascontiguousarray(x, dtype=np.float32)), k_blocks, self.q, self.d, self.sums)
+        # what the weights' min factors multiply: Q8_1's s per 32, or Q8_K's d * bsum per 16
+        min_sums = self.sums * np.repeat(self.d, 16, axis=1) if k_blocks else self.sums
         self.q, self.d, self.sums = read_only(self.q), read_only(self.d), read_only(self.sums)
+        self.min_sums = read_only(np.ascontiguousarray(min_sums, dtype=np.float32))
 
     @classmethod
     def for_type(cls, x: np.ndarray, ggml_type: int | QType) -> QuantizedActivations:
@@ -250,5 +313,5 @@ def qmatmul(
         raise ValueError(f"out must be a C-ordered float32 array of shape {shape}")
     chunk = rows_per_chunk(n_cols, shape[0])
     kernel = qmatmul_serial if w.nbytes * shape[0] <= SERIAL_WORK_BYTES else qmatmul_kernel
-    kernel(xa.q, xa.d, xa.sums, w, int(qtype), n_cols, chunk, out, 0)
+    kernel(xa.q, xa.d, xa.min_sums, w, int(qtype), n_cols, LANES, chunk, out, 0)
     return out

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import random_weight
+from ggml_weights import random_weight
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as QType
 from gguf.quants import dequantize
@@ -199,7 +199,7 @@ def test_thread_pool_and_calling_thread_agree(rng, type_name, n_tokens):
     pooled = np.empty((n_tokens, n_rows), np.float32)
     serial = np.empty((n_tokens, n_rows), np.float32)
     chunk = rows_per_chunk(n_cols, n_tokens)
-    qmatmul_kernel(x.q, x.d, x.sums, read_only(w), int(qtype), n_cols, chunk, pooled, 0)
-    qmatmul_serial(x.q, x.d, x.sums, read_only(w), int(qtype), n_cols, chunk, serial, 0)
+    qmatmul_kernel(x.q, x.d, x.min_sums, read_only(w), int(qtype), n_cols, 32, chunk, pooled, 0)
+    qmatmul_serial(x.q, x.d, x.min_sums, read_only(w), int(qtype), n_cols, 32, chunk, serial, 0)
     assert np.array_equal(pooled.view(np.uint32), serial.view(np.uint32))
     assert np.array_equal(qmatmul(x, w, qtype, n_cols), pooled)
