@@ -56,7 +56,7 @@ def test_random_placements_give_bit_identical_logits(model_path):
     tokens = np.random.default_rng(1).integers(3, inventory.hparams.n_vocab, 40).astype(np.int32)
     reference, _ = logits_of(model_path, None, tokens)
     rng = np.random.default_rng(2024)
-    for _ in range(3):
+    for _ in range(2):
         placement = random_placement(inventory, rng)
         assert placement.split_tensors() or inventory.n_expert == 0
         logits, model = logits_of(model_path, placement, tokens)
