@@ -236,7 +236,7 @@ def compute_bytes_by_device(inventory, placement, rc: RunConfig, devices) -> dic
     names = [t.name for t in inventory.tensors]
     where = tuple(placement.device_of(n) for n in names) if gpus else ()
     homes = tuple(placement.layer_home_device(il) for il in range(hp.n_layer)) if gpus else ()
-    key = (id(inventory), hp, shape, gpus, where, homes)
+    key = (id(inventory), inventory.total_bytes, hp, shape, gpus, where, homes)
     if key in _COMPUTE_CACHE:
         _COMPUTE_CACHE.move_to_end(key)
         return _COMPUTE_CACHE[key]
