@@ -87,6 +87,24 @@ def test_llama_cpp_activations_round_through_q8_1(fixtures_dir):
     assert 1e-5 < gap < 0.1, gap
 
 
+def test_llama_cpp_settings_land_within_the_default_logits_tolerance(fixtures_dir):
+    """Check 2 of the fixtures README on an emulated GPU: f16 cache, q8_1 decode activations."""
+    from forward_parity import kl_mean, meta
+
+    fixture_dir = fixtures_dir / "llama-dense"
+    path = fixture_dir / "Q4_K_M.gguf"
+    inventory = Inventory.from_model_file(ModelFile(path))
+    placement = split_over(inventory, [cpu_device()] + emulated_gpus("4GiB"), ["CUDA0"])
+    model = Model.load(path, EXACT.replace(activations="llama.cpp", type_k="f16", type_v="f16"), placement=placement)
+    batch, incr = batch_and_incremental(model, tokens(fixture_dir))
+    tolerance = meta(fixture_dir)["variants"]["Q4_K_M"]["recommended_tolerance"]
+    for name, mine in (("logits_batch", batch), ("logits_incr", incr)):
+        ref, tol = np.load(fixture_dir / f"Q4_K_M.{name}.npy"), tolerance[name]
+        keep = [r for r in range(len(ref)) if r not in tol["exclude_rows"]]
+        found = (rel(mine[keep], ref[keep]), float(np.median(row_rel(mine[keep], ref[keep]))), kl_mean(mine[keep], ref[keep]))
+        assert found[0] <= tol["rel"] and found[1] <= tol["row_median_rel"] and found[2] <= tol["kl_mean"], (name, found)
+
+
 def test_run_command_on_emulated_gpus(fixtures_dir, capsys):
     from app.cli import main
 
