@@ -58,6 +58,12 @@ class TurnStats:
     n_ctx: int | None = None
 
 
+def is_base_model(loaded: LoadedModel) -> bool:
+    """The built-in Gemma 3 270M: pretrained only, so its turns are completions, not chat."""
+    from engine.synth.default_model import GEMMA_FILE
+    return loaded.path.name == GEMMA_FILE
+
+
 def reply_stats(event: GenerationEvent | None, reason: str) -> dict:
     """The statistics kept with a finished reply (what `format_stats` prints under it)."""
     stats: dict = {}
@@ -261,7 +267,8 @@ class ChatController(QObject):
                     shown_before: int = 0) -> None:
         self._sync_conversation()
         request = ChatRequest(self.loaded, self.run_config, self.placement,
-                              tuple(self.conversation.chat_messages()), settings, max_tokens)
+                              tuple(self.conversation.chat_messages()), settings, max_tokens,
+                              completion=self.loaded is not None and is_base_model(self.loaded))
         if not earlier:
             self._save_conversation()
         # the new reply is the newest version; earlier ones are saved with it from the start

@@ -317,15 +317,16 @@ def expert_rows(ids: np.ndarray, expert_device) -> ExpertRows:
         devices.setdefault(expert_device(int(expert)), []).append(int(expert))
     row_token, row_slot, segments = [], [], []
     row_of = np.empty(ids.shape, dtype=np.int64)
+    end = 0
     for device, experts in devices.items():
         spans = []
         for expert in experts:
             tokens, slots = np.nonzero(ids == expert)
-            first = sum(len(t) for t in row_token)
-            row_of[tokens, slots] = np.arange(first, first + len(tokens))
+            first, end = end, end + len(tokens)
+            row_of[tokens, slots] = np.arange(first, end)
             row_token.append(tokens)
             row_slot.append(tokens * k + slots)
-            spans.append((expert, first, first + len(tokens)))
+            spans.append((expert, first, end))
         segments.append((device, tuple(spans)))
     slot_order = np.argsort(ids, axis=-1, kind="stable")
     return ExpertRows(np.concatenate(row_token), np.concatenate(row_slot), tuple(segments),
