@@ -68,7 +68,8 @@ def reply_stats(event: GenerationEvent | None, reason: str) -> dict:
     """The statistics kept with a finished reply (what `format_stats` prints under it)."""
     stats: dict = {}
     if event is not None:
-        stats = {"prompt_tokens": event.prompt_tokens, "prompt_tps": round(event.prompt_tps, 2),
+        stats = {"prompt_tokens": event.prompt_tokens, "prompt_evaluated": event.prompt_evaluated,
+                 "prompt_tps": round(event.prompt_tps, 2),
                  "generation_tokens": event.generation_tokens,
                  "generation_tps": round(event.generation_tps, 2), "context_used": event.context_used}
     stats["finish_reason"] = reason

@@ -34,6 +34,9 @@ def format_stats(stats: dict) -> str:
             parts.append(f"{stats['generation_tps']:.1f} tok/s")
     if stats.get("prompt_tokens"):
         prompt = f"prompt {stats['prompt_tokens']} tokens"
+        evaluated = stats.get("prompt_evaluated")
+        if evaluated is not None and evaluated < stats["prompt_tokens"]:
+            prompt += f" ({evaluated} evaluated, the rest cached)"
         if stats.get("prompt_tps"):
             prompt += f" at {stats['prompt_tps']:.0f} tok/s"
         parts.append(prompt)

@@ -29,6 +29,7 @@ class GenerationEvent:
     generation_tps: float
     context_used: int               # positions the cache holds after this step
     finish_reason: str | None = None
+    prompt_evaluated: int = 0       # prompt tokens actually evaluated (the rest came from the cache)
 
 
 class Session:
@@ -39,6 +40,7 @@ class Session:
         self.tokenizer = tokenizer or Tokenizer.from_metadata(model.metadata)
         self.cache = model.new_cache(n_ctx)
         self.tokens: list[int] = []
+        self.prompt_evaluated = 0       # tokens the last prefill evaluated
 
     @property
     def n_ctx(self) -> int:
@@ -57,8 +59,19 @@ class Session:
         except ValueError:      # a sliding-window cache cannot rewind that far: start over
             keep = 0
             self.cache.reset()
+        keep = min(keep, self.cache.n_past)     # a recurrent state resumes from its last checkpoint
         del self.tokens[keep:]
         return keep
+
+    @property
+    def checkpoints(self) -> bool:
+        """The cache cannot rewind freely (a recurrent state) and keeps checkpoints instead."""
+        return hasattr(self.cache, "checkpoint")
+
+    def checkpoint(self) -> None:
+        """Mark a turn boundary: a later prompt that shares the tokens so far resumes from here."""
+        if self.checkpoints:
+            self.cache.checkpoint()
 
     def prefill(self, tokens: Sequence[int], progress: Callable[[int, int], None] | None = None,
                 cancel: threading.Event | None = None) -> np.ndarray | None:
@@ -68,16 +81,23 @@ class Session:
                              "raise the context length (-c) or shorten the conversation")
         keep = self.reuse_prefix(tokens)
         todo = np.asarray(tokens[keep:], dtype=np.int32)
-        step = self.cache.n_ubatch
-        logits = None
-        for start in range(0, len(todo), step):
-            if cancel is not None and cancel.is_set():
-                return None
-            chunk = todo[start:start + step]
-            logits = self.model.eval_logits(chunk, self.cache, last_only=True)
-            self.tokens.extend(int(t) for t in chunk)
-            if progress is not None:
-                progress(keep + start + len(chunk), len(tokens))
+        self.prompt_evaluated = len(todo)
+        # with checkpoints, the state before the prompt's last token is kept: a regenerate, which
+        # sends the same prompt again, resumes there
+        pieces = [todo[:-1], todo[-1:]] if self.checkpoints and len(todo) > 1 else [todo]
+        logits, done = None, keep
+        for piece in pieces:
+            for start in range(0, len(piece), self.cache.n_ubatch):
+                if cancel is not None and cancel.is_set():
+                    return None
+                chunk = piece[start:start + self.cache.n_ubatch]
+                logits = self.model.eval_logits(chunk, self.cache, last_only=True)
+                self.tokens.extend(int(t) for t in chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, len(tokens))
+            if piece is not pieces[-1]:
+                self.checkpoint()
         return logits[-1]
 
     def step(self, token: int) -> np.ndarray:
@@ -101,14 +121,18 @@ def generate(session: Session, prompt_tokens: Sequence[int], settings: SamplerSe
     logits = session.prefill(list(prompt_tokens), progress, cancel)
     prompt_s = time.perf_counter() - start
     n_prompt = len(prompt_tokens)
-    prompt_tps = n_prompt / prompt_s if prompt_s > 0 else 0.0
+    n_evaluated = session.prompt_evaluated
+    prompt_tps = n_evaluated / prompt_s if prompt_s > 0 else 0.0     # the tokens the prefill evaluated
     generated: list[int] = []
     gen_start = time.perf_counter()
 
     def event(text: str, token: int | None, finish: str | None = None) -> GenerationEvent:
         elapsed = time.perf_counter() - gen_start
+        if finish is not None:
+            session.checkpoint()        # the end of a reply is the next turn's boundary
         return GenerationEvent(text, token, n_prompt, prompt_tps, len(generated),
-                               len(generated) / elapsed if elapsed > 0 else 0.0, len(session.tokens), finish)
+                               len(generated) / elapsed if elapsed > 0 else 0.0, len(session.tokens), finish,
+                               n_evaluated)
 
     if logits is None:
         yield event("", None, FINISH_CANCELLED)

@@ -78,3 +78,41 @@ def test_a_recurrent_state_only_continues_its_sequence(model, toks):
     model.eval_logits(toks[:10], cache)
     with pytest.raises(ValueError, match="positions must run from 10"):
         model.eval_logits(toks[10:12], cache, positions=np.array([11, 12]))
+
+
+def test_chat_session_follow_up_regenerate_and_edit_resume_from_checkpoints(model, toks, full):
+    from engine.run.generate import Session
+    session = Session(model, n_ctx=256)
+    session.prefill(list(toks[:30]))
+    assert session.prompt_evaluated == 30
+    for t in toks[30:40]:                   # the reply, token by token
+        session.step(int(t))
+    session.checkpoint()                    # end of the reply: a turn boundary
+
+    follow_up = session.prefill(list(toks[:56]))
+    assert session.prompt_evaluated == 16               # only the new message
+    assert parity.rel(follow_up[None], full[55:56]) < 1e-5
+
+    for t in toks[56:60]:                   # a reply that gets regenerated
+        session.step(int(t))
+    regenerated = session.prefill(list(toks[:56]))
+    assert session.prompt_evaluated == 1                # back to the checkpoint before the prompt's last token
+    assert parity.rel(regenerated[None], full[55:56]) < 1e-5
+
+    edited = [*toks[:45], *toks[50:54]]     # an earlier message edited: back to the reply's end
+    logits = session.prefill(edited)
+    assert session.prompt_evaluated == len(edited) - 40
+    reference = model.eval_logits(np.array(edited))[-1:]
+    assert parity.rel(logits[None], reference) < 1e-5
+
+
+def test_generation_events_say_how_many_prompt_tokens_were_evaluated(model, toks):
+    from engine.run.generate import Session, generate
+    from engine.run.sampling import SamplerSettings
+    session = Session(model, n_ctx=256)
+    greedy = SamplerSettings(temperature=0.0)
+    first = list(generate(session, list(toks[:20]), greedy, max_tokens=4))[-1]
+    assert (first.prompt_tokens, first.prompt_evaluated) == (20, 20)
+    prompt = [*session.tokens, *toks[20:26]]
+    second = list(generate(session, prompt, greedy, max_tokens=2))[-1]
+    assert (second.prompt_tokens, second.prompt_evaluated) == (len(prompt), 6)
