@@ -126,6 +126,7 @@ class ChatRequest:
     messages: tuple[dict[str, str], ...]    # role/content, system prompt first when there is one
     settings: SamplerSettings
     max_tokens: int
+    completion: bool = False                # a base model: the text so far continued as is, no chat template
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,8 @@ class ChatRunner:
         from engine.text.chat_template import ChatTemplateError
         session = self._ensure_session(request, ctx)
         try:
-            prompt = self.template.render_prompt(list(request.messages), add_generation_prompt=True)
+            prompt = completion_prompt(request.messages) if request.completion else \
+                self.template.render_prompt(list(request.messages), add_generation_prompt=True)
         except ChatTemplateError as e:
             raise ChatTurnError(f"Cannot build the prompt: {e}") from e
         tokens = session.tokenizer.encode(prompt, add_special=True, parse_special=True)
@@ -187,7 +189,8 @@ class ChatRunner:
             raise ChatTurnError(f"The conversation is {len(tokens)} tokens long and the context holds "
                                 f"{session.n_ctx}: start a new chat, shorten this one, or raise the context length.")
         reused = _common_prefix(session.tokens, tokens)
-        yield TurnStarted(session.n_ctx, len(tokens), reused, self.template.name)
+        yield TurnStarted(session.n_ctx, len(tokens), reused,
+                          "completion (no chat template)" if request.completion else self.template.name)
         try:
             yield from generate(session, tokens, request.settings, request.max_tokens, (), ctx.cancel_event,
                                 lambda done, total: ctx.progress(done, total, "reading the prompt"))
@@ -201,6 +204,11 @@ class ChatRunner:
     def _forget_cache(session: Session) -> None:
         session.tokens.clear()
         session.cache.reset()
+
+
+def completion_prompt(messages: Sequence[dict[str, str]]) -> str:
+    """A base model's prompt: the system prompt and the turns as one running text, which the reply continues."""
+    return "".join(m["content"] for m in messages)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

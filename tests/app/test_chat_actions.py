@@ -214,3 +214,19 @@ def test_kernels_are_prepared_before_the_first_turn_is_timed(qtbot, panel):
     assert "Preparing kernels…" in statuses
     assert evaluated[0] == 1            # one token in a throwaway cache, before the prompt
     assert panel.last_turn.reused_tokens == 0
+
+
+def test_a_base_model_continues_the_text_without_a_chat_template(qtbot, bridge, store, dialogs, loaded, tmp_path):
+    import dataclasses
+    from engine.synth.default_model import GEMMA_FILE
+    from engine.text.tokenizer import Tokenizer
+    panel = ChatPanel(bridge, store, dialogs, ChatRunner(factory()))
+    qtbot.addWidget(panel)
+    panel.sampling.max_tokens.setValue(3)
+    panel.set_model(dataclasses.replace(loaded, path=tmp_path / GEMMA_FILE))
+    finish_turn(qtbot, panel, lambda: panel.send("Once upon a time"))
+    started = panel.last_turn
+    assert started.template_name == "completion (no chat template)"
+    tokenizer = Tokenizer.from_metadata(loaded.model_file.metadata)
+    assert started.prompt_tokens == len(tokenizer.encode("Once upon a time", add_special=True, parse_special=True))
+    panel.shutdown()
