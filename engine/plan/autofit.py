@@ -87,7 +87,7 @@ def auto_fit(inventory: Inventory, devices: Sequence, run_config: RunConfig,
     gpus = [d for d in devices if d.is_gpu]
     cpu = CPU_NAME if any(d.name == CPU_NAME for d in devices) else devices[0].name
     slots = _slots(inventory, run_config)
-    compute_bytes = _compute_reserve(inventory, run_config, [d.name for d in gpus], cpu)
+    compute_bytes = _compute_reserve(inventory, run_config, gpus, cpu)
     overhead = sum(t.n_bytes for t in overhead_terms(inventory.hparams, run_config, True, options.memory))
     budgets = [max(d.total_bytes - overhead - options.memory.gpu_margin_bytes - reserve, 0)
                for d, reserve in zip(gpus, compute_bytes)]
@@ -135,10 +135,11 @@ def _units(slot: int, tensors: list) -> list[_Unit]:
                   sum(t.expert_bytes for t in ts)) for ts in by_key.values()]
 
 
-def _compute_reserve(inventory: Inventory, rc: RunConfig, gpus: list[str], cpu: str) -> list[int]:
-    """The compute buffer to keep free on each GPU: llama.cpp's for the whole model on one GPU
-    and, on the first GPU of a MoE model, also with the routed experts left on the CPU (llama.cpp
-    offloads their matmuls to the first GPU a weight at a time, each copy in its compute buffer)."""
+def _compute_reserve(inventory: Inventory, rc: RunConfig, gpus: Sequence, cpu: str) -> list[int]:
+    """The compute buffer to keep free on each GPU: the larger of llama.cpp's for the whole model
+    on that GPU and, for a MoE model, its share with the layers spread over the GPUs by capacity
+    and the routed experts on the CPU (llama.cpp offloads their matmuls to the first GPU, a
+    weight at a time, each copy and the activations it reads in that GPU's compute buffer)."""
     hp = inventory.hparams
     if hp is None or not gpus:
         return [0] * len(gpus)
@@ -146,18 +147,37 @@ def _compute_reserve(inventory: Inventory, rc: RunConfig, gpus: list[str], cpu: 
         return [_rough_compute_reserve(hp, rc)] * len(gpus)
     shape = compute_buffers.GraphShape.of(hp, rc, flash_attention_on(rc, True), kv_cells)
     by_name = inventory.by_name
-    gpu = gpus[0]
-    reserves = []
-    for experts_on_cpu in (False, True) if hp.n_expert else (False,):
+    names = [g.name for g in gpus]
+    n_layer = inventory.n_layer
+
+    def weight_bytes(name: str) -> int | None:
+        return by_name[name].n_bytes if name in by_name else None
+
+    def buffers(homes: list[str], experts_on_cpu: bool) -> dict[str, int]:
         def device_of(name: str) -> str:
             t = by_name.get(name)
-            on_cpu = name.startswith("token_embd") or (experts_on_cpu and t is not None and t.role is Role.ROUTED_EXPERTS)
-            return cpu if on_cpu else gpu
-        sizes = compute_buffers.compute_buffer_bytes(
-            hp, shape, [gpu], device_of=device_of, layer_device=lambda il: gpu,
-            weight_bytes=lambda name: by_name[name].n_bytes if name in by_name else None)
-        reserves.append(sizes.get(gpu, 0))
-    return [max(reserves)] + [reserves[0]] * (len(gpus) - 1)
+            if name.startswith("token_embd") or (experts_on_cpu and t is not None and t.role is Role.ROUTED_EXPERTS):
+                return cpu
+            return homes[tensor_slot(name, t.layer if t is not None else None, n_layer)] if t is not None else homes[-1]
+        return compute_buffers.compute_buffer_bytes(hp, shape, names, device_of=device_of,
+                                                    layer_device=lambda il: homes[il], weight_bytes=weight_bytes)
+
+    whole = buffers([names[0]] * (n_layer + 1), False).get(names[0], 0)
+    reserves = [whole] * len(names)
+    if hp.n_expert:
+        spread = buffers(_spread_layers(n_layer + 1, gpus), True)
+        reserves = [max(r, spread.get(name, 0)) for r, name in zip(reserves, names)]
+    return reserves
+
+
+def _spread_layers(n_slots: int, gpus: Sequence) -> list[str]:
+    """Contiguous runs of slots over the GPUs in proportion to their memory, as -ts would."""
+    total = sum(g.total_bytes for g in gpus)
+    homes, edge = [], 0.0
+    for g in gpus:
+        edge += n_slots * g.total_bytes / total
+        homes += [g.name] * (round(edge) - len(homes))
+    return homes + [gpus[-1].name] * (n_slots - len(homes))
 
 
 def _rough_compute_reserve(hp, rc: RunConfig) -> int:

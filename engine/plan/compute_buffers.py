@@ -31,6 +31,7 @@ from engine.run_config import RunConfig
 
 CPU_NAME = "CPU"
 TENSOR_ALIGNMENT = {"cpu": 32, "cuda": 128}      # ggml-cpu TENSOR_ALIGNMENT, ggml-cuda's buffer alignment
+SCHED_MAX_COPIES = 4                            # ggml-backend's copies of the inputs with pipeline parallelism
 MIN_OFFLOAD_BATCH = 32                          # ggml-cuda offload_op: CPU weights go to the GPU from 32 tokens
 SCALAR_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "i32": 4, "i64": 8}
 # ops whose result may overwrite a source (ggml_op_can_inplace)
@@ -858,39 +859,66 @@ def assign_devices(graph: Graph, gpus: Sequence[str], n_tokens: int) -> None:
             node.device = cpu
 
 
-def insert_copies(graph: Graph) -> list[Tensor]:
-    """The scheduler's graph copy: the nodes in splits (runs on one device), each split starting
-    with a copy, in its device's buffer, of every input it reads from another device. A weight
-    offloaded from the CPU starts a split of its own, so its copy is freed by the next one's.
-    Views are no work of their own and live with the memory they view."""
+def _copy_of(src: Tensor, device: str) -> Tensor:
+    copy = Tensor(src.ne, src.type, op="CPY", src=(src,), nb=src.nb, device=device, name=f"{src.name}#copy")
+    copy.stored_bytes = src.stored_bytes        # an offloaded weight travels in its own format
+    return copy
+
+
+def insert_copies(graph: Graph, n_copies: int = 1) -> tuple[list[Tensor], list[Tensor]]:
+    """The scheduler's graph copy (nodes, leafs): nodes in splits (runs on one device), a split
+    starting with a copy, in its device's buffer, of each input it reads from another device
+    that no earlier split copied there (one copy per tensor and device, read by every later
+    split). A weight offloaded from the CPU starts a split of its own. Views are no work of
+    their own and live with the memory they view.
+
+    With pipeline parallelism (`n_copies` > 1) every copy and every graph input is kept in
+    n_copies instances, allocated before everything else and never freed."""
     splits: list[tuple[list[Tensor], list[Tensor]]] = [([], [])]     # (copies, nodes)
     split_device = None
-    copies: dict[int, Tensor] = {}
+    split_inputs = 0
+    copies: dict[tuple[int, str], Tensor] = {}
+    kept: list[Tensor] = []             # pipeline copies: leafs that live through the whole graph
     for node in graph.nodes:
         if node.view_src is not None and node.op != "SET_ROWS":
             node.device = node.view_src.device
             splits[-1][1].append(node)
             continue
         offloaded_weight = any(src.external and src.device != node.device for src in node.src)
-        if node.device != split_device or (offloaded_weight and copies):
-            split_device, copies = node.device, {}
+        if node.device != split_device or (offloaded_weight and split_inputs):
+            split_device, split_inputs = node.device, 0
             splits.append(([], []))
         new_src = []
         for src in node.src:
             if (src.view_src or src).device == split_device:
                 new_src.append(src)
                 continue
-            copy = copies.get(id(src))
+            copy = copies.get((id(src), split_device))
             if copy is None:
-                copy = Tensor(src.ne, src.type, op="CPY", src=(src,), nb=src.nb, device=split_device,
-                              name=f"{src.name}#copy")
-                copy.stored_bytes = src.stored_bytes    # an offloaded weight travels in its own format
-                copies[id(src)] = copy
-                splits[-1][0].append(copy)
+                copy = copies[(id(src), split_device)] = _copy_of(src, split_device)
+                split_inputs += 1
+                if n_copies > 1:
+                    copy.op, copy.src = "NONE", ()
+                    copy.is_input = copy.is_output = True
+                    kept += [copy] + [_copy_of(copy, split_device) for _ in range(n_copies - 1)]
+                else:
+                    splits[-1][0].append(copy)
             new_src.append(copy)
         node.src = tuple(new_src)
         splits[-1][1].append(node)
-    return [t for split_copies, split_nodes in splits for t in split_copies + split_nodes]
+    leafs = list(graph.leafs)
+    if n_copies > 1:
+        for leaf in graph.leafs:
+            if leaf.is_input:
+                leaf.is_output = True
+                extra = [_copy_of(leaf, leaf.device) for _ in range(n_copies - 1)]
+                for t in extra:
+                    t.op, t.src, t.is_output = "NONE", (), True
+                leafs += extra
+        for t in kept:
+            t.op, t.src, t.is_output = "NONE", (), True
+        leafs += kept
+    return [t for split_copies, split_nodes in splits for t in split_copies + split_nodes], leafs
 
 
 def alignment(device: str) -> int:
@@ -900,9 +928,14 @@ def alignment(device: str) -> int:
 def compute_buffer_bytes(hp: HyperParams, shape: GraphShape, gpus: Sequence[str] = (),
                          device_of: Callable[[str], str] = lambda name: CPU_NAME,
                          layer_device: Callable[[int], str] = lambda il: CPU_NAME,
-                         weight_bytes: Callable[[str], int | None] = lambda name: None) -> dict[str, int]:
-    """Bytes of each device's compute buffer as llama.cpp reserves it (devices with none: absent)."""
+                         weight_bytes: Callable[[str], int | None] = lambda name: None,
+                         pipeline_parallel: bool = False) -> dict[str, int]:
+    """Bytes of each device's compute buffer as llama.cpp reserves it (devices with none: absent).
+    `pipeline_parallel`: llama.cpp's mode for several GPUs holding every layer (-ngl all, layer
+    split, no -ot), with GGML_SCHED_MAX_COPIES copies of the inputs."""
     graph = build_graph(hp, shape, device_of, layer_device, weight_bytes)
     assign_devices(graph, gpus, shape.n_tokens)
-    nodes = insert_copies(graph) if gpus else graph.nodes
-    return allocate(nodes, graph.leafs, alignment)
+    if not gpus:
+        return allocate(graph.nodes, graph.leafs, alignment)
+    nodes, leafs = insert_copies(graph, SCHED_MAX_COPIES if pipeline_parallel else 1)
+    return allocate(nodes, leafs, alignment)

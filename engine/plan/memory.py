@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from engine.gguf import ggml_types
 from engine.arch.base import AttentionKind, HyperParams
 from engine.plan import compute_buffers
+from engine.plan.placement import INPUT_SLOT, tensor_slot
 from engine.run_config import RunConfig
 
 MIB = 1 << 20
@@ -250,7 +251,8 @@ def compute_bytes_by_device(inventory, placement, rc: RunConfig, devices) -> dic
 
     sizes = compute_buffers.compute_buffer_bytes(
         hp, shape, gpus, device_of=device_of, layer_device=placement.layer_home_device,
-        weight_bytes=lambda name: by_name[name].n_bytes if name in by_name else None)
+        weight_bytes=lambda name: by_name[name].n_bytes if name in by_name else None,
+        pipeline_parallel=pipeline_parallel(inventory, placement, rc, gpus, where))
     _COMPUTE_CACHE[key] = sizes
     if len(_COMPUTE_CACHE) > _COMPUTE_CACHE_SIZE:
         _COMPUTE_CACHE.popitem(last=False)
@@ -258,6 +260,22 @@ def compute_bytes_by_device(inventory, placement, rc: RunConfig, devices) -> dic
 
 
 CPU_NAME_FALLBACK = compute_buffers.CPU_NAME
+
+
+def pipeline_parallel(inventory, placement, rc: RunConfig, gpus: tuple[str, ...], where: tuple[str, ...]) -> bool:
+    """llama.cpp's pipeline parallelism: several GPUs holding every layer and the output, split
+    by layer, with no tensor moved away from its layer (no -ot)."""
+    if len(gpus) < 2 or rc.split_mode != "layer":
+        return False
+    layer_devices = placement.layer_devices
+    if any(d not in gpus for d in layer_devices):
+        return False
+    n_layer = inventory.n_layer
+    for t, device in zip(inventory.tensors, where):
+        slot = tensor_slot(t.name, t.layer, n_layer)
+        if slot != INPUT_SLOT and device != layer_devices[slot]:
+            return False
+    return True
 
 
 def _rough_compute_bytes(inventory, placement, rc: RunConfig, devices) -> dict[str, int]:

@@ -190,3 +190,27 @@ def test_cpu_weights_are_copied_to_the_first_gpu_from_32_tokens():
     # time: each copy starts a split of its own); at 16 tokens the CPU runs them
     assert expert_bytes["ffn_down_exps"] <= big["CUDA0"] < 2 * expert_bytes["ffn_down_exps"] + 256 * MIB
     assert small["CUDA0"] < 8 * MIB
+
+
+def test_pipeline_parallelism_keeps_four_copies_of_each_split_input():
+    hp = hparams("llama-3-8b")
+    s = shape(hp, 4096, 512, True)
+    half = hp.n_layer // 2
+
+    def device_of(name):
+        if name.startswith("token_embd"):
+            return "CPU"
+        if name.startswith("blk."):
+            return "CUDA0" if int(name.split(".")[1]) < half else "CUDA1"
+        return "CUDA1"
+
+    def layer_device(il):
+        return "CUDA0" if il < half else "CUDA1"
+
+    args = (hp, s, ["CUDA0", "CUDA1"], device_of, layer_device)
+    plain, pipelined = compute_buffer_bytes(*args), compute_buffer_bytes(*args, pipeline_parallel=True)
+    residual = hp.n_embd * 512 * 4      # what CUDA1 receives from CUDA0 (and CUDA0 from the CPU)
+    for gpu in ("CUDA0", "CUDA1"):
+        assert pipelined[gpu] >= plain[gpu] + 3 * residual
+    # the host keeps four of each graph input: token ids, the embeddings input, positions, mask, ...
+    assert pipelined["CPU"] >= plain["CPU"] + 3 * residual
