@@ -20,7 +20,6 @@ docs/memory-model.md for the per-family graphs and the measured comparison.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -500,12 +499,13 @@ class GraphBuilder(Ops):
         n_embd_k = hp.n_embd_k_gqa(il)
         k_cache = self.cache(il, "k", n_embd_k)
         g.expand(self.set_rows(k_cache, self.view(k, (n_embd_k, self.T)), inputs["k_idxs"]))
-        rk = row_bytes(self.shape.type_k, 1) if self.shape.type_k in SCALAR_BYTES else None
+        tk = self.shape.type_k
         head_k = n_embd_k if mla else hp.n_embd_head_k
         n_head_kv = 1 if mla else hp.n_head_kv[il]
+        # llama_kv_cache::get_k; the strides matter only to tell a transposed V from a plain one
         k_view = self.view(k_cache, (head_k, n_head_kv, cells),
-                           (rk or 1, row_bytes(self.shape.type_k, head_k), row_bytes(self.shape.type_k, n_embd_k),
-                            row_bytes(self.shape.type_k, n_embd_k * cells)))
+                           (SCALAR_BYTES.get(tk, 1), row_bytes(tk, head_k), row_bytes(tk, n_embd_k),
+                            row_bytes(tk, n_embd_k * cells)))
         if mla:             # V is the latent part of the cached K rows
             v_view = self.view(k_cache, (hp.kv_lora_rank, 1, cells), k_view.nb)
         else:
@@ -555,7 +555,8 @@ class GraphBuilder(Ops):
         self.graph.expand(cur)
         return cur
 
-    def ffn(self, il: int, x: Tensor, suffix: str = "", gelu: bool = False) -> Tensor:
+    def ffn(self, il: int, x: Tensor, suffix: str = "") -> Tensor:
+        """build_ffn with a parallel gate (SiLU or GELU: the same tensors either way)."""
         up = self.mul_mat(self.lw(il, f"ffn_up{suffix}"), x)
         gate = self.mul_mat(self.lw(il, f"ffn_gate{suffix}"), x)
         cur = self.glu_split(gate, up)

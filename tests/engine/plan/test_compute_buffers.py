@@ -13,7 +13,7 @@ reproduces them on demand.
 import pytest
 
 from engine import arch
-from engine.plan.compute_buffers import (DynAllocator, Graph, GraphShape, Ops, Tensor, allocate, build_graph,
+from engine.plan.compute_buffers import (DynAllocator, Graph, GraphShape, Ops, allocate, build_graph,
                                          compute_buffer_bytes)
 from engine.plan.memory import kv_cells
 from engine.run_config import RunConfig
