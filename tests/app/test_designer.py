@@ -499,6 +499,12 @@ def test_the_verdict_follows_every_kind_of_change(qtbot, state, inventory, devic
     state.apply_command_line("-ngl 99 -ts 1,1,1,1")         # everything on four GPUs: far over
     assert verdicts[-1][1] is False and set(over_by(state.estimate)) == {"CUDA0", "CUDA1", "CUDA2", "CUDA3"}
     assert verdicts[-1][0] == expected_verdict(state.estimate)
+    saved = tmp_path / "over.json"
+    state.save_plan(saved)
+    state.auto_fit()
+    assert verdicts[-1][1] is True
+    state.load_plan(saved)                                  # a plan loaded from a file
+    assert verdicts[-1] == (expected_verdict(state.estimate), False)
     state.sync_command_line()                               # remembered: the user's plan
     restored = DesignerState(tmp_path / "plans")
     restored_verdicts = changes(restored.verdict_changed)
