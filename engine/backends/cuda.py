@@ -215,6 +215,8 @@ class CudaBackend:
     def attend(self, kv: CudaKVLayer, step: AttentionStep, positions, q, k, v, kq_scale: float, v_from_k: int = 0):
         rt, xp = self.runtime, self.namespace
         n_tokens = q.shape[0]
+        if self.round_inputs and kv.layout.type_k not in ("f32", "f16", "bf16"):
+            q = q8_1_rounded(xp, q)      # llama.cpp's CUDA attention dots a quantized key with a q8_1 query
         cells = rt.upload(np.ascontiguousarray(step.cells, dtype=np.int64))
         kv.store(kv.k, cells, self.memory.to_runtime(xp.reshape(k, (n_tokens, -1))), kv.layout.type_k)
         if v is not None:
@@ -228,6 +230,17 @@ class CudaBackend:
 
     def set_threads(self, n_threads: int) -> None:
         pass        # the device's own parallelism; -t is for the CPU
+
+
+def q8_1_rounded(xp, x):
+    """x (..., d) rounded to q8_1 blocks of 32 (d = amax / 127, round half away from zero), in
+    its own namespace on its own device; unchanged when d is not a multiple of 32."""
+    if x.shape[-1] % 32:
+        return x
+    blocks = xp.reshape(x, (*x.shape[:-1], x.shape[-1] // 32, 32))
+    scale = xp.max(xp.abs(blocks), axis=-1, keepdims=True) / 127.0
+    scaled = blocks / xp.where(scale > 0, scale, xp.ones_like(scale))
+    return xp.reshape(xp.sign(scaled) * xp.floor(xp.abs(scaled) + 0.5) * scale, x.shape)
 
 
 def emulated_backend(name: str, activations: str = "f32", index: int = 0, debug: bool | None = None) -> CudaBackend:

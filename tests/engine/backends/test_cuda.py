@@ -105,6 +105,30 @@ def test_llama_cpp_settings_land_within_the_default_logits_tolerance(fixtures_di
         assert found[0] <= tol["rel"] and found[1] <= tol["row_median_rel"] and found[2] <= tol["kl_mean"], (name, found)
 
 
+def test_quantized_keys_meet_q8_1_queries_with_llama_cpp_activations():
+    """With llama.cpp's rounding a q8_0 cache is read by q8_1-rounded queries (its CUDA attention);
+    with exact activations the query is used as it is."""
+    from engine.arch.base import AttentionKind
+    from engine.backends.cuda import emulated_backend, q8_1_rounded
+    from engine.backends.protocol import AttentionStep, KVLayout
+
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((3, 4, 64)).astype(np.float32)
+    k, v = (rng.standard_normal((3, 2, 64)).astype(np.float32) for _ in range(2))
+    positions = np.arange(3, dtype=np.int64)
+    step = AttentionStep(positions, 3, AttentionKind.FULL, 0)
+    outs = {}
+    for activations, query in (("llama.cpp", q), ("f32", None)):
+        b = emulated_backend("CUDA0", activations)
+        if query is None:
+            query = b.to_host(q8_1_rounded(b.namespace, b.to_device(q)))
+        kv = b.new_kv_layer(KVLayout(8, 128, 128, "q8_0", "q8_0"))
+        outs[activations] = b.to_host(b.attend(kv, step, b.to_device(positions), b.to_device(query), b.to_device(k),
+                                               b.to_device(v), 0.125))
+    assert not np.array_equal(q8_1_rounded(np, q), q)
+    np.testing.assert_allclose(outs["llama.cpp"], outs["f32"], rtol=1e-6, atol=1e-7)
+
+
 def test_run_command_on_emulated_gpus(fixtures_dir, capsys):
     from app.cli import main
 
