@@ -90,8 +90,8 @@ def attention(m, il: int, x, batch):
         base, scaling = hp.rope_freq_base_swa, dataclasses.replace(m.rope_scaling, freq_scale=1.0)
     else:
         base, scaling = hp.rope_freq_base, m.rope_scaling
-    q = batch.rope(q, hp.n_rot, base, scaling, neox=True) * hp.attention_scale
-    k = batch.rope(k, hp.n_rot, base, scaling, neox=True)
+    q = batch.rope(q, hp.n_rot, base, scaling, neox=hp.rope_type is RopeType.NEOX) * hp.attention_scale
+    k = batch.rope(k, hp.n_rot, base, scaling, neox=hp.rope_type is RopeType.NEOX)
     out = batch.attend(il, q, k, v, kq_scale=1.0)
     return m.ops.matmul(out, lw.attn_output)
 
