@@ -17,6 +17,7 @@ key head h // (Hv/Hk); qwen35* have separate ssm_beta/ssm_alpha and tile the key
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -217,7 +218,7 @@ def delta_net_mixer(m, il: int, x, batch):
     n_tokens, d, n_k_heads, n_v_heads = len(x), hp.ssm_d_state, hp.ssm_n_group, hp.ssm_dt_rank
     state = batch.cache.recurrent
     conv_state = state.conv[il][0].reshape(hp.ssm_d_conv - 1, hp.conv_channels)       # sequence 0
-    mixed, conv_state[...] = delta_net.causal_conv(ops.matmul(x, lw.attn_qkv), conv_state, ops.dequantize(lw.ssm_conv1d))
+    mixed, conv_state[...] = delta_net.causal_conv(ops.matmul(x, lw.attn_qkv), conv_state, dense(ops, lw.ssm_conv1d))
     mixed = delta_net.silu(mixed)                                                       # (T, conv_channels)
     key_dim = n_k_heads * d
     q = delta_net.l2_normalize(mixed[:, :key_dim].reshape(n_tokens, n_k_heads, d), hp.rms_eps)
@@ -243,7 +244,17 @@ def feed_forward(m, il: int, x):
 
 
 def shared_gate_logit(ops, x, gate):
-    """(T, 1): the shared expert's gate logit; a 1-D gate (as llama-quantize writes it) is a float32 array."""
-    if isinstance(gate, np.ndarray):
-        return x @ gate.reshape(-1, 1)
-    return ops.matmul(x, gate)
+    """(T, 1): the shared expert's gate logit. The gate is F32 ({n_embd, 1}, or 1-D after
+    llama-quantize, then already a float32 array): llama.cpp multiplies it unrounded."""
+    weights = gate if isinstance(gate, np.ndarray) else dense(ops, gate)
+    return x @ weights.reshape(-1, 1)
+
+
+_DENSE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def dense(ops, weight) -> np.ndarray:
+    """A small F32 tensor (conv kernel, shared-expert gate) as a float32 array, decoded once."""
+    if weight not in _DENSE:
+        _DENSE[weight] = ops.dequantize(weight)
+    return _DENSE[weight]
