@@ -17,8 +17,11 @@ tile sized to stay in L1, then every token's quantized row is dotted with every 
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 from gguf.constants import GGMLQuantizationType as QType
+from llvmlite import binding as llvm_binding
 from numba import njit, prange
 
 from kernels.cpu import unpack
@@ -44,8 +47,20 @@ INTEGER_DECODE_TYPES = Q8_K_INPUT_TYPES | {QType.Q8_0}
 INTEGER_MAX_TOKENS = 1
 
 
+def _half_conversion_is_native() -> bool:
+    """scaled_block_dot reads f16 scales with LLVM's fpext half: one instruction with x86's F16C
+    (and on ARM), a library call that the JIT may not link elsewhere."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    return bool(llvm_binding.get_host_cpu_features().get("f16c", False))
+
+
+HALF_CONVERSION_NATIVE = _half_conversion_is_native()
+
+
 def integer_path_is_faster(ggml_type: int | QType, n_tokens: int) -> bool:
-    return n_tokens <= INTEGER_MAX_TOKENS and as_ggml_type(ggml_type) in INTEGER_DECODE_TYPES
+    return (HALF_CONVERSION_NATIVE and n_tokens <= INTEGER_MAX_TOKENS
+            and as_ggml_type(ggml_type) in INTEGER_DECODE_TYPES)
 
 LANES = 32   # the unpackers' loop width, passed at run time so that LLVM vectorises the loops
 TILE_BYTES = 32 * 1024       # unpacked rows per prefill chunk: about an L1 data cache
