@@ -28,7 +28,7 @@ from engine.arch import delta_net, layers
 from engine.arch.base import (HyperParamError, HyperParams, Metadata, RopeType, TensorSpec, blk,
                               dense_ffn_tensors, global_tensors, norm_tensor, routed_expert_tensors,
                               shared_expert_tensors)
-from engine.arch.layers import Routing, moe_feed_forward, rms_norm, sigmoid
+from engine.arch.layers import Routing, moe_feed_forward, namespace, rms_norm, sigmoid
 
 RECURRENT_LAYERS_KEY = "{arch}.attention.recurrent_layers"     # llama.cpp LLM_KV_ATTENTION_RECURRENT_LAYERS
 
@@ -180,12 +180,13 @@ def imrope_freq_factors(sections: tuple[int, ...], n_rot: int) -> np.ndarray | N
 
 def gated_attention(m, il: int, x, batch):
     hp, lw, ops = m.hparams, m.layers[il], m.ops
-    n_tokens, head = len(x), hp.n_embd_head_k
-    q_gate = ops.matmul(x, lw.attn_q).reshape(n_tokens, hp.n_head, 2 * head)
+    xp, n_tokens, head = namespace(x), x.shape[0], hp.n_embd_head_k
+    q_gate = xp.reshape(ops.matmul(x, lw.attn_q), (n_tokens, hp.n_head, 2 * head))
     q = rms_norm(q_gate[..., :head], lw.attn_q_norm, hp.rms_eps)                     # (T, n_head, head)
-    gate = q_gate[..., head:].reshape(n_tokens, hp.n_head * head)
-    k = rms_norm(ops.matmul(x, lw.attn_k).reshape(n_tokens, hp.n_head_kv[il], head), lw.attn_k_norm, hp.rms_eps)
-    v = ops.matmul(x, lw.attn_v).reshape(n_tokens, hp.n_head_kv[il], hp.n_embd_head_v)
+    gate = xp.reshape(q_gate[..., head:], (n_tokens, hp.n_head * head))
+    k = xp.reshape(ops.matmul(x, lw.attn_k), (n_tokens, hp.n_head_kv[il], head))
+    k = rms_norm(k, lw.attn_k_norm, hp.rms_eps)
+    v = xp.reshape(ops.matmul(x, lw.attn_v), (n_tokens, hp.n_head_kv[il], hp.n_embd_head_v))
     factors = imrope_freq_factors(hp.rope_sections, hp.n_rot)
     q = batch.rope(q, hp.n_rot, hp.rope_freq_base, m.rope_scaling, neox=True, freq_factors=factors)
     k = batch.rope(k, hp.n_rot, hp.rope_freq_base, m.rope_scaling, neox=True, freq_factors=factors)
@@ -193,18 +194,21 @@ def gated_attention(m, il: int, x, batch):
     return ops.matmul(out * sigmoid(gate), lw.attn_output)
 
 
-def beta_and_gate(m, il: int, x):
+# The DeltaNet math runs on the host, where the recurrent state lives: the projections run on
+# their weights' devices, and only the mixer's inputs and output cross over.
+
+def beta_and_gate(m, il: int, x) -> tuple[np.ndarray, np.ndarray]:
     """beta = sigmoid(ssm_beta x) and the log-decay g = ssm_a * softplus(ssm_alpha x + ssm_dt.bias),
-    each (T, Hv) in value-head order."""
+    each (T, Hv) float32 on the host, in value-head order."""
     hp, lw, ops = m.hparams, m.layers[il], m.ops
-    n_tokens, n_v_heads = len(x), hp.ssm_dt_rank
+    n_tokens, n_v_heads = x.shape[0], hp.ssm_dt_rank
     if hp.joint_beta_alpha:
         # ssm_ba rows per key-head group: [beta of its r value heads | alpha of the same]
-        ba = ops.matmul(x, lw.ssm_ba).reshape(n_tokens, hp.ssm_n_group, 2, n_v_heads // hp.ssm_n_group)
+        ba = ops.to_host(ops.matmul(x, lw.ssm_ba)).reshape(n_tokens, hp.ssm_n_group, 2, n_v_heads // hp.ssm_n_group)
         beta, alpha = ba[:, :, 0].reshape(n_tokens, n_v_heads), ba[:, :, 1].reshape(n_tokens, n_v_heads)
     else:
-        beta, alpha = ops.matmul(x, lw.ssm_beta), ops.matmul(x, lw.ssm_alpha)
-    g = lw.ssm_a * delta_net.softplus(alpha + lw.get("ssm_dt.bias"))
+        beta, alpha = ops.to_host(ops.matmul(x, lw.ssm_beta)), ops.to_host(ops.matmul(x, lw.ssm_alpha))
+    g = ops.to_host(lw.ssm_a) * delta_net.softplus(alpha + ops.to_host(lw.get("ssm_dt.bias")))
     return sigmoid(beta), g.astype(np.float32)
 
 
@@ -215,22 +219,24 @@ def key_head_of_value_head(hp: Qwen35HyperParams) -> np.ndarray:
 
 def delta_net_mixer(m, il: int, x, batch):
     hp, lw, ops = m.hparams, m.layers[il], m.ops
-    n_tokens, d, n_k_heads, n_v_heads = len(x), hp.ssm_d_state, hp.ssm_n_group, hp.ssm_dt_rank
+    n_tokens, d, n_k_heads, n_v_heads = x.shape[0], hp.ssm_d_state, hp.ssm_n_group, hp.ssm_dt_rank
     state = batch.cache.recurrent
     conv_state = state.conv[il][0].reshape(hp.ssm_d_conv - 1, hp.conv_channels)       # sequence 0
-    mixed, conv_state[...] = delta_net.causal_conv(ops.matmul(x, lw.attn_qkv), conv_state, dense(ops, lw.ssm_conv1d))
-    mixed = delta_net.silu(mixed)                                                       # (T, conv_channels)
+    projected = ops.to_host(ops.matmul(x, lw.attn_qkv))                                  # (T, conv_channels)
+    mixed, conv_state[...] = delta_net.causal_conv(projected, conv_state, host_dense(ops, lw.ssm_conv1d))
+    mixed = delta_net.silu(mixed)
     key_dim = n_k_heads * d
     q = delta_net.l2_normalize(mixed[:, :key_dim].reshape(n_tokens, n_k_heads, d), hp.rms_eps)
     k = delta_net.l2_normalize(mixed[:, key_dim:2 * key_dim].reshape(n_tokens, n_k_heads, d), hp.rms_eps)
-    v = mixed[:, 2 * key_dim:].reshape(n_tokens, n_v_heads, d)
+    v = np.ascontiguousarray(mixed[:, 2 * key_dim:].reshape(n_tokens, n_v_heads, d))
     heads = key_head_of_value_head(hp)
-    q, k = q[:, heads] * np.float32(1.0 / math.sqrt(d)), np.ascontiguousarray(k[:, heads])    # (T, Hv, d)
+    q, k = q[:, heads] * np.float32(1.0 / math.sqrt(d)), np.ascontiguousarray(k[:, heads])   # (T, Hv, d)
     beta, g = beta_and_gate(m, il, x)
-    out = delta_net.delta_rule(q, k, np.ascontiguousarray(v), g, beta, state.ssm[il][0].reshape(n_v_heads, d, d))   # (T, Hv, d)
-    z = ops.matmul(x, lw.attn_gate).reshape(n_tokens, n_v_heads, d)
-    out = delta_net.gated_rms_norm(out, lw.ssm_norm, z, hp.rms_eps)
-    return ops.matmul(out.reshape(n_tokens, n_v_heads * d), lw.ssm_out)
+    ssm_state = state.ssm[il][0].reshape(n_v_heads, d, d)
+    out = delta_net.delta_rule(q, k, v, g, beta, ssm_state)                             # (T, Hv, d)
+    z = ops.to_host(ops.matmul(x, lw.attn_gate)).reshape(n_tokens, n_v_heads, d)
+    out = delta_net.gated_rms_norm(out, ops.to_host(lw.ssm_norm), z, hp.rms_eps)
+    return ops.matmul(ops.home_backend.to_device(out.reshape(n_tokens, n_v_heads * d)), lw.ssm_out)
 
 
 def feed_forward(m, il: int, x):
@@ -245,16 +251,18 @@ def feed_forward(m, il: int, x):
 
 def shared_gate_logit(ops, x, gate):
     """(T, 1): the shared expert's gate logit. The gate is F32 ({n_embd, 1}, or 1-D after
-    llama-quantize, then already a float32 array): llama.cpp multiplies it unrounded."""
-    weights = gate if isinstance(gate, np.ndarray) else dense(ops, gate)
-    return x @ weights.reshape(-1, 1)
+    llama-quantize, then a vector on the layer's device): llama.cpp multiplies it unrounded."""
+    if hasattr(gate, "ggml_type"):          # a 2-D weight in its file encoding
+        return ops.matmul(x, gate)
+    xp = namespace(x)
+    return xp.reshape(xp.sum(x * gate, axis=-1), (x.shape[0], 1))
 
 
-_DENSE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_HOST_DENSE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def dense(ops, weight) -> np.ndarray:
-    """A small F32 tensor (conv kernel, shared-expert gate) as a float32 array, decoded once."""
-    if weight not in _DENSE:
-        _DENSE[weight] = ops.dequantize(weight)
-    return _DENSE[weight]
+def host_dense(ops, weight) -> np.ndarray:
+    """A small F32 tensor (the conv kernel) as a float32 host array, decoded once."""
+    if weight not in _HOST_DENSE:
+        _HOST_DENSE[weight] = ops.to_host(ops.dequantize(weight))
+    return _HOST_DENSE[weight]

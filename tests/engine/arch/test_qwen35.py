@@ -167,3 +167,24 @@ def test_the_rotation_is_what_llama_cpp_caches(hybrid_dir):
     rotated = np.load(fixture_dir / "F16.logits_batch_fa_kv-q4_0.npy")
     plain = np.load(fixture_dir / "F16.logits_batch_fa_kv-q4_0-norot.npy")
     assert parity.rel(batch, rotated) * 3 < parity.rel(batch, plain)
+
+
+def test_placed_on_simulated_gpus_gives_the_cpu_logits(hybrid_dir):
+    """DeltaNet layers on one GPU, the attention layer on another, some experts on the CPU."""
+    from engine.devices import Device, simulated_gpus
+    from engine.plan.inventory import Inventory
+    from engine.plan.llama_args import parse_llama_args
+    from engine.run.model import Model
+    from engine.run_config import RunConfig
+    path = hybrid_dir / "qwen35moe" / "F16.gguf"
+    devices = [Device("CPU", "cpu", 64 << 30)] + simulated_gpus("16GiB,16GiB")
+    placement = parse_llama_args(r"-ngl 99 -ts 1,1 -ot blk\.1\.ffn_.*_exps=CPU", Inventory.from_model_file(
+        ModelFile(path)), devices).placement
+    assert [placement.layer_home_device(il) for il in range(4)] == ["CUDA0"] * 3 + ["CUDA1"]
+    toks = parity.tokens(hybrid_dir / "qwen35moe")
+    config = RunConfig(n_ctx=512, type_k="f32", type_v="f32", activations="f32")
+    placed = Model.load(path, config, placement=placement)
+    batch, incr = parity.batch_and_incremental(placed, toks)
+    cpu_batch, cpu_incr = parity.batch_and_incremental(Model.load(path, config), toks)
+    np.testing.assert_array_equal(batch, cpu_batch)
+    np.testing.assert_array_equal(incr, cpu_incr)
