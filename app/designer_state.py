@@ -34,7 +34,7 @@ from engine.synth.default_model import APP_NAME
 from engine.devices import Device
 from engine.plan.inventory import Inventory
 from engine.plan.llama_args import DIALECTS, LLAMA_CPP, emit_llama_args, parse_llama_args
-from engine.plan.memory import MemoryEstimate, MemoryOptions, estimate_memory
+from engine.plan.memory import MemoryEstimate, MemoryOptions, estimate_memory, hybrid_kv_cache_note
 from engine.plan.placement import Moved, Placement, TensorRef
 from engine.plan.plan_file import MissingDeviceError, Plan, PlanFileError, read_plan, write_plan
 from engine.run_config import RunConfig
@@ -399,6 +399,8 @@ class DesignerState(QObject):
         # a per-expert split is ours only: say so first, with what llama.cpp gets instead
         notes = [("ours only: " + n if n.startswith("llama.cpp cannot split") else n) for n in emitted.notes]
         notes = sorted(notes, key=lambda n: not n.startswith("ours only")) + list(extra_notes)
+        hybrid_note = hybrid_kv_cache_note(self.inventory.hparams if self.inventory else None, self.run_config)
+        notes += [hybrid_note] if hybrid_note else []
         self.command_line = CommandLine(emitted.text, emitted.exact, tuple(notes))
         self.command_line_changed.emit(self.command_line)
         if self.undo_stack.count():     # the user's plan, not the auto-fit that opening made

@@ -23,6 +23,7 @@ from engine.arch.base import AttentionKind, HyperParams
 from engine.plan import compute_buffers
 from engine.plan.placement import INPUT_SLOT, tensor_slot
 from engine.run_config import RunConfig
+from engine.units import format_bytes
 
 MIB = 1 << 20
 # Per-GPU terms of a llama.cpp run. Derived (no GPU has measured them here yet): the CUDA
@@ -92,6 +93,20 @@ def recurrent_layer_bytes(hp: HyperParams, il: int, rc: RunConfig) -> tuple[int,
 def recurrent_state_bytes(hp: HyperParams, rc: RunConfig) -> int:
     """llama.cpp's `RS buffer size` over all layers."""
     return sum(sum(recurrent_layer_bytes(hp, il, rc)) for il in range(hp.n_layer))
+
+
+def hybrid_kv_cache_note(hp: HyperParams | None, rc: RunConfig) -> str | None:
+    """On a hybrid (recurrent + attention) model, what a q4_0 cache saves over f16 at this context
+    (only the attention layers have a KV cache) and the reported risk; None for other models."""
+    if hp is None or not any(hp.is_recurrent(il) for il in range(hp.n_layer)):
+        return None
+    n_kv_layers = sum(not hp.is_recurrent(il) for il in range(hp.n_layer))
+    f16 = kv_cache_bytes(hp, rc.replace(type_k="f16", type_v="f16"))
+    q4_0 = kv_cache_bytes(hp, rc.replace(type_k="q4_0", type_v="q4_0"))
+    return (f"hybrid model: {n_kv_layers} of {hp.n_layer} layers have a KV cache; at {rc.context_length(hp.n_ctx_train):,} "
+            f"tokens q4_0 saves {format_bytes(f16 - q4_0)} over f16 (the {format_bytes(recurrent_state_bytes(hp, rc))} "
+            "recurrent state stays F32). Caches below q8_0 are reported to produce NaN on these models: if a run "
+            "stops on non-finite values, use -ctk q8_0 -ctv q8_0")
 
 
 def flash_attention_on(rc: RunConfig, has_gpu: bool = False) -> bool:

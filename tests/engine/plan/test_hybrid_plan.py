@@ -111,3 +111,12 @@ def test_ot_rules_on_delta_net_names_and_the_recurrent_state_follows_its_layer(s
     assert estimate["CUDA0"].kv_bytes == sum(per_layer[3:])
     # llama.cpp's KV buffer (80.00 MiB) plus RS buffer (62.81 MiB) at -c 4096, split by layer home
     assert estimate["CPU"].kv_bytes + estimate["CUDA0"].kv_bytes == int((80 + 62.8125) * MIB)
+
+
+def test_designer_note_says_what_a_sub_q8_0_cache_saves_on_a_hybrid():
+    from engine.plan.memory import hybrid_kv_cache_note
+    note = hybrid_kv_cache_note(hparams("qwen3.5-35b-a3b"), RunConfig(n_ctx=32768))
+    # f16 640 MiB against q4_0's 180 MiB (18 bytes per 32 values) for the 10 attention layers
+    assert "10 of 40 layers have a KV cache" in note and "q4_0 saves 460.0 MiB over f16" in note
+    assert "62.8 MiB recurrent state" in note and "-ctk q8_0 -ctv q8_0" in note
+    assert hybrid_kv_cache_note(hparams("qwen3-30b-a3b"), RunConfig()) is None
