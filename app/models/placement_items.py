@@ -31,7 +31,7 @@ ALIGN_CENTER = int(Qt.AlignCenter)
 ALIGN_RIGHT = int(Qt.AlignRight | Qt.AlignVCenter)
 
 GROUP_LABELS = {"attention": "attn_*", "norm": "*_norm", "router": "ffn_gate_inp", "ffn": "ffn (dense)",
-                "shared_expert": "ffn_*_shexp", "recurrent": "ssm_* (DeltaNet)", "other": "other"}
+                "shared_expert": "ffn_*_shexp", "recurrent": "ssm_* (\u0394)", "other": "other"}
 GROUP_HELP = {"attention": "Attention weights; the layer's KV cache sits with them",
               "norm": "Norm weights", "router": "Expert router (gate) and its bias",
               "ffn": "Dense feed-forward network", "shared_expert": "Shared expert, used by every token",

@@ -30,5 +30,5 @@ def test_rows_mark_delta_net_and_attention_layers(grid):
 
 def test_delta_net_tensors_have_their_own_column(grid):
     column = grid.groups.index("recurrent")
-    assert grid.headerData(column, Qt.Horizontal) == "ssm_* (DeltaNet)"
+    assert grid.headerData(column, Qt.Horizontal) == f"ssm_* ({DELTA_NET_MARK})"
     assert "recurrent state" in grid.headerData(column, Qt.Horizontal, Qt.ToolTipRole)
