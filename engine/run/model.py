@@ -184,10 +184,10 @@ class Model:
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         config = self.run_config if n_ctx is None else self.run_config.replace(n_ctx=n_ctx)
-        hp = self.hparams
+        hp, homes = self.hparams, [self.ops.backends[device] for device in self.homes]
         if any(hp.is_recurrent(il) for il in range(hp.n_layer)):
-            return HybridCache(hp, config)      # KV for the attention layers, recurrent state for the rest
-        return KVCache(hp, config, [self.ops.backends[device] for device in self.homes])
+            return HybridCache(hp, config, homes)   # KV for the attention layers, recurrent state for the rest
+        return KVCache(hp, config, homes)
 
     def eval_logits(self, tokens, cache: KVCache | None = None, positions=None, *, last_only: bool = False,
                     progress: Callable[[int, int], None] | None = None) -> np.ndarray:

@@ -69,8 +69,10 @@ class HybridCache(KVCache):
     """A KV cache for the attention layers plus the recurrent state of the others, with
     checkpoints at turn boundaries."""
 
-    def __init__(self, hp: HyperParams, run_config: RunConfig):
-        super().__init__(hp, run_config)
+    def __init__(self, hp: HyperParams, run_config: RunConfig, homes=None):
+        """`homes[il]`: the backend of layer il's home device, which holds its KV storage; the
+        recurrent state stays in host memory, where the DeltaNet recurrence runs."""
+        super().__init__(hp, run_config, homes)
         self.recurrent = RecurrentState(hp, run_config)
         self.checkpoints: list[Checkpoint] = []
 

@@ -188,3 +188,22 @@ def test_placed_on_simulated_gpus_gives_the_cpu_logits(hybrid_dir):
     cpu_batch, cpu_incr = parity.batch_and_incremental(Model.load(path, config), toks)
     np.testing.assert_array_equal(batch, cpu_batch)
     np.testing.assert_array_equal(incr, cpu_incr)
+
+
+def test_on_emulated_cuda_devices_meets_check_1(hybrid_dir):
+    """The CUDA backend's own kernels (on the CPU emulation) for the attention layer and the
+    projections, the recurrence on the host: llama.cpp's exact-math logits, batched and cached."""
+    from engine.devices import Device, emulated_gpus
+    from engine.plan.inventory import Inventory
+    from engine.plan.llama_args import parse_llama_args
+    from engine.run.model import Model
+    from engine.run_config import RunConfig
+    fixture_dir = hybrid_dir / "qwen35moe"
+    path = fixture_dir / "F16.gguf"
+    devices = [Device("CPU", "cpu", 64 << 30)] + emulated_gpus("16GiB,16GiB")
+    placement = parse_llama_args("-ngl 99 -ts 1,1", Inventory.from_model_file(ModelFile(path)), devices).placement
+    model = Model.load(path, RunConfig(n_ctx=512, type_k="f32", type_v="f32", activations="f32"), placement=placement)
+    batch, incr = parity.batch_and_incremental(model, parity.tokens(fixture_dir))
+    ref = np.load(fixture_dir / "F16.logits_batch_f32ref.npy")
+    assert parity.rel(batch, ref) <= 1e-3 and parity.row_rel(batch, ref).max() <= 3e-3
+    assert parity.rel(incr, ref[-parity.INCR_STEPS:]) <= 1e-3
