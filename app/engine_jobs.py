@@ -188,7 +188,7 @@ class ChatRunner:
         if len(tokens) >= session.n_ctx:
             raise ChatTurnError(f"The conversation is {len(tokens)} tokens long and the context holds "
                                 f"{session.n_ctx}: start a new chat, shorten this one, or raise the context length.")
-        reused = _common_prefix(session.tokens, tokens)
+        reused = session.reusable_prefix(tokens)
         yield TurnStarted(session.n_ctx, len(tokens), reused,
                           "completion (no chat template)" if request.completion else self.template.name)
         try:
@@ -209,15 +209,6 @@ class ChatRunner:
 def completion_prompt(messages: Sequence[dict[str, str]]) -> str:
     """A base model's prompt: the system prompt and the turns as one running text, which the reply continues."""
     return "".join(m["content"] for m in messages)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return min(n, max(0, len(b) - 1))
 
 
 # ---- perplexity ---------------------------------------------------------------------------------

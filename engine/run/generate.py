@@ -63,6 +63,20 @@ class Session:
         del self.tokens[keep:]
         return keep
 
+    def reusable_prefix(self, tokens: Sequence[int]) -> int:
+        """How many leading tokens of `tokens` a prefill will take from the cache: the prefix
+        shared with what it holds (one token is always evaluated), or, where the cache keeps
+        checkpoints, the newest checkpoint inside that prefix."""
+        keep = 0
+        for cached, new in zip(self.tokens, tokens):
+            if cached != new:
+                break
+            keep += 1
+        keep = min(keep, max(0, len(tokens) - 1))
+        if self.checkpoints and keep < len(self.tokens):
+            keep = max((c.n_past for c in self.cache.checkpoints if c.n_past <= keep), default=0)
+        return keep
+
     @property
     def checkpoints(self) -> bool:
         """The cache cannot rewind freely (a recurrent state) and keeps checkpoints instead."""

@@ -89,6 +89,7 @@ def test_chat_session_follow_up_regenerate_and_edit_resume_from_checkpoints(mode
         session.step(int(t))
     session.checkpoint()                    # end of the reply: a turn boundary
 
+    assert session.reusable_prefix(list(toks[:56])) == 40
     follow_up = session.prefill(list(toks[:56]))
     assert session.prompt_evaluated == 16               # only the new message
     assert parity.rel(follow_up[None], full[55:56]) < 1e-5
@@ -100,6 +101,7 @@ def test_chat_session_follow_up_regenerate_and_edit_resume_from_checkpoints(mode
     assert parity.rel(regenerated[None], full[55:56]) < 1e-5
 
     edited = [*toks[:45], *toks[50:54]]     # an earlier message edited: back to the reply's end
+    assert session.reusable_prefix(edited) == 40
     logits = session.prefill(edited)
     assert session.prompt_evaluated == len(edited) - 40
     reference = model.eval_logits(np.array(edited))[-1:]
