@@ -284,14 +284,27 @@ class ChatController(QObject):
         self._pending_text, self._last_event = "", None
         handle = self.bridge.submit(partial(self.runner.turn, request), "chat reply")
         self.job = handle
-        handle.started.connect(lambda: self.status_changed.emit("Reading the prompt…"))
+        # bound methods, not lambdas: Qt drops these connections if the controller goes first
+        handle.started.connect(self._on_started)
         handle.progress.connect(self._on_progress)
         handle.yielded.connect(self._on_yielded)
-        handle.returned.connect(lambda result: self._on_turn_returned(handle, result))
-        handle.cancelled.connect(lambda: self._end_turn(handle, FINISH_CANCELLED))
-        handle.errored.connect(lambda message: self._end_turn(handle, "error", message))
+        handle.returned.connect(self._on_returned)
+        handle.cancelled.connect(self._on_cancelled)
+        handle.errored.connect(self._on_errored)
         self._flush_timer.start()
         self.busy_changed.emit(True)
+
+    def _on_started(self) -> None:
+        self.status_changed.emit("Reading the prompt…")
+
+    def _on_returned(self, counts) -> None:
+        self._on_turn_returned(self.sender(), counts)
+
+    def _on_cancelled(self) -> None:
+        self._end_turn(self.sender(), FINISH_CANCELLED)
+
+    def _on_errored(self, message: str) -> None:
+        self._end_turn(self.sender(), "error", message)
 
     def _on_turn_returned(self, handle: JobHandle, counts) -> None:
         if counts is not None and counts.size:

@@ -185,11 +185,12 @@ class PerplexityController(QObject):
         handle = self.bridge.submit(partial(run_perplexity, request, model_factory=self.model_factory), "perplexity")
         self.job = handle
         self._run_started_s = time.perf_counter()
+        # bound methods, not lambdas: Qt drops these connections if the controller goes first
         handle.progress.connect(self._on_progress)
         handle.yielded.connect(self._on_yielded)
-        handle.returned.connect(lambda _result: self._end_run(handle, "done"))
-        handle.cancelled.connect(lambda: self._end_run(handle, "cancelled"))
-        handle.errored.connect(lambda message: self._end_run(handle, "error", message))
+        handle.returned.connect(self._on_returned)
+        handle.cancelled.connect(self._on_cancelled)
+        handle.errored.connect(self._on_errored)
         self.progress_changed.emit(0, 0)
         self.status_changed.emit("Starting…")
         self.busy_changed.emit(True)
@@ -209,6 +210,15 @@ class PerplexityController(QObject):
         self.cleared.emit()
         self.plot_reset.emit(0)
         self._show("PPL = …", "")
+
+    def _on_returned(self, _result) -> None:
+        self._end_run(self.sender(), "done")
+
+    def _on_cancelled(self) -> None:
+        self._end_run(self.sender(), "cancelled")
+
+    def _on_errored(self, message: str) -> None:
+        self._end_run(self.sender(), "error", message)
 
     def _on_progress(self, done: int, total: int, text: str) -> None:
         if text and self.started is None:

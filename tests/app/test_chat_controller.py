@@ -121,3 +121,17 @@ def test_conversations_are_saved_reopened_renamed_and_deleted(qtbot, controller,
 
 def test_reply_stats_keep_what_the_bubble_prints():
     assert reply_stats(None, "cancelled") == {"finish_reason": "cancelled"}
+
+
+def test_a_controller_deleted_mid_turn_leaves_the_job_to_end_quietly(qtbot, bridge, store, loaded_moe):
+    import shiboken6
+    from PySide6.QtCore import QObject
+    owner = QObject()       # a panel closed while its reply streams
+    controller = ChatController(bridge, store, ChatRunner(factory(delay_s=0.02)), parent=owner)
+    controller.set_model(loaded_moe)
+    assert controller.send("Go on and on", GREEDY, 100_000)
+    handle = controller.job
+    controller.shutdown()
+    shiboken6.delete(owner)
+    with qtbot.waitSignal(handle.finished, timeout=TURN_TIMEOUT_MS):
+        pass            # the job's cancelled/finished reach no deleted object (pytest-qt fails on any slot error)

@@ -11,7 +11,7 @@ from app.widgets.chat import ChatPanel
 from engine.run_config import RunConfig
 from slow_model import factory
 
-TURN_TIMEOUT_MS = 60_000
+TURN_TIMEOUT_MS = 180_000      # a guard against a hang, not a speed check: the first turn compiles kernels
 
 
 # ---- fixtures ---------------------------------------------------------------------------------

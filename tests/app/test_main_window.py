@@ -258,11 +258,11 @@ def test_devices_and_about(qtbot, window, dialogs):
 def test_render_screenshots_writes_one_png_per_panel(qtbot, tmp_path, moe_path):
     from PySide6.QtGui import QImage
 
-    from app.screenshots import render_screenshots
+    from app.screenshots import WINDOW_SIZE, render_screenshots
     paths = render_screenshots(tmp_path / "shots", moe_path)
     assert [p.name for p in paths] == ["01-designer.png", "02-chat.png", "03-perplexity.png", "04-inspector.png"]
     image = QImage(str(paths[-1]))
-    assert (image.width(), image.height()) == (1360, 860)
+    assert (image.width(), image.height()) == WINDOW_SIZE
 
 
 def test_new_synthetic_model_is_written_on_the_engine_thread_and_opened(qtbot, window, dialogs, tmp_path):
