@@ -102,7 +102,8 @@ def test_ot_rules_on_delta_net_names_and_the_recurrent_state_follows_its_layer(s
     parsed = parse_llama_args(r"-ngl 99 -c 4096 -ot 'blk\.(0|1|2)\.(attn_qkv|attn_gate|ssm_.*)=CPU,exps=CPU'",
                               inv, devices)
     placement, rc = parsed.placement, parsed.run_config
-    assert placement.device_of("blk.0.ssm_out.weight") == "CPU" and placement.device_of("blk.4.ssm_out.weight") == "CUDA0"
+    assert placement.device_of("blk.0.ssm_out.weight") == "CPU"
+    assert placement.device_of("blk.4.ssm_out.weight") == "CUDA0"
     assert [placement.layer_home_device(il) for il in range(5)] == ["CPU"] * 3 + ["CUDA0"] * 2
     estimate = estimate_memory(inv, placement, rc, devices)
     hp = inv.hparams
