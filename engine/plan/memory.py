@@ -103,7 +103,8 @@ def hybrid_kv_cache_note(hp: HyperParams | None, rc: RunConfig) -> str | None:
     n_kv_layers = sum(not hp.is_recurrent(il) for il in range(hp.n_layer))
     f16 = kv_cache_bytes(hp, rc.replace(type_k="f16", type_v="f16"))
     q4_0 = kv_cache_bytes(hp, rc.replace(type_k="q4_0", type_v="q4_0"))
-    return (f"hybrid model: {n_kv_layers} of {hp.n_layer} layers have a KV cache; at {rc.context_length(hp.n_ctx_train):,} "
+    n_ctx = rc.context_length(hp.n_ctx_train)
+    return (f"hybrid model: {n_kv_layers} of {hp.n_layer} layers have a KV cache; at {n_ctx:,} "
             f"tokens q4_0 saves {format_bytes(f16 - q4_0)} over f16 (the {format_bytes(recurrent_state_bytes(hp, rc))} "
             "recurrent state stays F32). Caches below q8_0 are reported to produce NaN on these models: if a run "
             "stops on non-finite values, use -ctk q8_0 -ctv q8_0")
