@@ -18,6 +18,7 @@ from functools import lru_cache
 
 import numpy as np
 
+import array_api_compat
 from array_api_compat import array_namespace
 
 MIN_BLOCK = 64
@@ -97,4 +98,5 @@ def rotate_heads(x, block: int):
     xp = array_namespace(x)
     shape = x.shape
     blocks = xp.reshape(x, (*shape[:-1], shape[-1] // block, block))
-    return xp.reshape(blocks @ xp.asarray(hadamard(block)), shape)
+    h = xp.asarray(hadamard(block), device=array_api_compat.device(x))    # on the heads' device
+    return xp.reshape(blocks @ h, shape)

@@ -10,7 +10,7 @@ from gguf.quants import quantize
 from engine.arch import layers
 from engine.plan import memory
 from engine.arch import UnsupportedArchitectureError
-from engine.arch.base import AttentionKind
+from engine.arch.base import AttentionKind, HyperParamError
 from engine.backends import Weight
 from engine.backends import cpu as cpu_backend
 from engine.gguf.model_file import ModelFile, ModelFileError
@@ -268,7 +268,8 @@ def test_unsupported_tensor_type(fixtures_dir):
 def test_missing_tensor(fixtures_dir):
     model_file = ModelFile(fixtures_dir / "llama-dense" / "F32.gguf")
     del model_file.tensors["blk.1.ffn_up.weight"]
-    with pytest.raises(ModelFileError, match="tensor 'blk.1.ffn_up.weight' is missing"):
+    # the hyperparameter check refuses the file before any weight is placed
+    with pytest.raises(HyperParamError, match="tensor 'blk.1.ffn_up.weight' is missing"):
         Model.load(model_file)
 
 
