@@ -8,7 +8,7 @@ from engine.devices import simulated_gpus
 from engine.gguf.model_file import ModelFile
 from engine.plan.inventory import Inventory
 from engine.plan.llama_args import parse_llama_args
-from engine.plan.tensor_patterns import compile_pattern
+from engine.plan.tensor_patterns import TensorPatternError, compile_pattern
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +66,14 @@ def test_run_refuses_a_huge_context_before_allocating(capsys, fixtures_dir):
     assert main(["run", "-m", str(path), "-p", "hi", "-n", "1", "-c", "1000000000"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "of KV cache" in err and "on CPU, which has" in err
+
+
+@pytest.mark.parametrize("pattern", [r"(?=blk)(\w+)*\.Z", r"(a|aa)+(?!x)", r"(\w+\d*)+(?<=\.)x", r"((a+)b)*\1"])
+def test_a_fallback_pattern_that_could_backtrack_exponentially_is_refused(pattern):
+    with pytest.raises(TensorPatternError, match="exponential"):
+        compile_pattern(pattern)
+
+
+def test_fallback_patterns_without_nested_repeats_still_work():
+    assert compile_pattern(r"blk\.(?!0\.)\d+\.ffn_(up|down)_exps").search("blk.12.ffn_down_exps")
+    assert compile_pattern(r"(blk)\.\d+\.\1").search("blk.3.blk") is not None
