@@ -265,7 +265,8 @@ def run_perplexity(request: PerplexityRequest, ctx: JobContext,
 
     def eval_chunk(chunk: np.ndarray) -> np.ndarray:
         cache.reset()       # each chunk starts from an empty cache, as llama-perplexity's do
-        return model.eval_logits(chunk, cache, progress=lambda _done, _total: ctx.check_cancelled())
+        # checked before every layer: Cancel stops within a layer, not at the end of a long chunk
+        return model.eval_logits(chunk, cache, check_cancelled=ctx.check_cancelled)
 
     if base is not None:
         n_chunk = base.n_chunk if request.n_chunks is None else min(request.n_chunks, base.n_chunk)

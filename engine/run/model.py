@@ -190,10 +190,15 @@ class Model:
         return KVCache(hp, config, homes)
 
     def eval_logits(self, tokens, cache: KVCache | None = None, positions=None, *, last_only: bool = False,
-                    progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                    progress: Callable[[int, int], None] | None = None,
+                    check_cancelled: Callable[[], None] | None = None) -> np.ndarray:
         """Logits float32 (n_tokens, n_vocab) for every token (or (1, n_vocab) for the last one with
         last_only), evaluated in ubatches through the cache. Without a cache, a fresh one is used;
-        positions default to continuing after the cache's n_past."""
+        positions default to continuing after the cache's n_past.
+
+        `check_cancelled` is called before every layer and stops the evaluation by raising (the
+        caller's own cancellation exception): a long ubatch stops within a layer, not at its end.
+        The cache then holds a partly written ubatch; the caller resets it."""
         tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
         if len(tokens) == 0:
             raise ValueError("no tokens to evaluate")
@@ -213,14 +218,16 @@ class Model:
         for start in range(0, len(tokens), step):
             end = min(len(tokens), start + step)
             logits = self._eval_ubatch(tokens[start:end], positions[start:end], cache,
-                                       skip_output=last_only and end < len(tokens), last_only=last_only)
+                                       skip_output=last_only and end < len(tokens), last_only=last_only,
+                                       check_cancelled=check_cancelled)
             if logits is not None:
                 chunks.append(logits)
             if progress is not None:
                 progress(end, len(tokens))
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
-    def _eval_ubatch(self, tokens, positions, cache: KVCache, skip_output: bool, last_only: bool):
+    def _eval_ubatch(self, tokens, positions, cache: KVCache, skip_output: bool, last_only: bool,
+                     check_cancelled: Callable[[], None] | None = None):
         ops = self.ops
         batch = UBatch(self.hparams, positions, cache, ops)
         ops.enter(self.homes[0])
@@ -228,6 +235,8 @@ class Model:
         x = embed(self, tokens) if embed else self.embed_tokens(tokens)
         self.file.check_unchanged()
         for il in range(self.hparams.n_layer):
+            if check_cancelled is not None:
+                check_cancelled()
             x = self._enter(x, self.homes[il])
             x = self.family.forward_layer(self, il, x, batch)
             # a file truncated under the memory map: the bus guard let the layer read zeros; say so

@@ -102,3 +102,67 @@ def test_a_plan_over_capacity_is_not_run_without_asking(qtbot, panel, dialogs, l
     assert run_to_end(qtbot, panel) == "done"
     assert run_to_end(qtbot, panel) == "done"            # once per plan
     assert len(dialogs.asked) == 2
+
+
+class LayerGate:
+    """A test hook around a model's family: counts the layers run, and holds one chosen layer
+    until the test has pressed Cancel, so the cancel lands mid-chunk at a known layer."""
+
+    HOLD_TIMEOUT_S = 60
+
+    def __init__(self, hold_at_layer_run: int):
+        import threading
+        self.hold_at = hold_at_layer_run      # the n-th layer run (1-based, over the whole job)
+        self.layers_run = 0
+        self.reached = threading.Event()
+        self.release = threading.Event()
+
+    def wrap(self, family):
+        gate = self
+
+        class GatedFamily:
+            def __getattr__(self, name):
+                return getattr(family, name)
+
+            def forward_layer(self, model, il, x, batch):
+                gate.layers_run += 1
+                x = family.forward_layer(model, il, x, batch)
+                if gate.layers_run == gate.hold_at:
+                    gate.reached.set()
+                    gate.release.wait(gate.HOLD_TIMEOUT_S)
+                return x
+        return GatedFamily()
+
+    def factory(self, model_file, run_config, placement):
+        from app.engine_jobs import default_model_factory
+        model = default_model_factory(model_file, run_config, placement)
+        model.family = self.wrap(model.family)
+        return model
+
+
+def test_cancel_stops_within_a_layer_and_keeps_the_chunks_scored(qtbot, bridge, dialogs, fixtures_dir):
+    from engine.gguf.model_file import ModelFile
+    from engine.plan.inventory import Inventory
+    path = fixtures_dir / "gemma3" / "Q8_0.gguf"
+    model_file = ModelFile(path)
+    gemma = LoadedModel(path, model_file, Inventory.from_model_file(model_file), 0.0)
+    n_layer = int(model_file.metadata["gemma3.block_count"])
+    gate = LayerGate(hold_at_layer_run=n_layer + 2)      # the second layer of the second chunk
+    panel = PerplexityPanel(bridge, dialogs, model_factory=gate.factory)
+    qtbot.addWidget(panel)
+    panel.n_ctx_spin.setValue(64)       # one ubatch per chunk: before, a cancel waited for the whole chunk
+    panel.set_text(TEXT * 4)
+    panel.set_model(gemma)
+    results = []
+    panel.controller.perplexity_result.connect(results.append)
+    with qtbot.waitSignal(panel.run_finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        assert panel.run() is not None
+        qtbot.waitUntil(gate.reached.is_set, timeout=RUN_TIMEOUT_MS)
+        panel.cancel()
+        layers_at_cancel = gate.layers_run
+        gate.release.set()
+    assert blocker.args == ["cancelled"]
+    # the layer in flight finishes; no other starts (before: the chunk's other layers, its output and more)
+    assert gate.layers_run - layers_at_cancel == 0
+    assert panel.controller.headline.startswith("PPL = ") and panel.controller.headline != "PPL = —"
+    assert "after 1 of" in panel.controller.detail and results == []
