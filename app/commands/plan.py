@@ -1,5 +1,6 @@
-"""offload-studio plan FILE [llama.cpp flags] [--sim-gpus SPEC]: per-device memory table and
-the equivalent llama.cpp command line.
+"""offload-studio plan FILE [llama.cpp flags] [--sim-gpus SPEC]: per-device memory table, the
+verdict ("Fits: ..." / "Does not fit: CUDA2 over by 5.6 GiB, ...") and the equivalent llama.cpp
+command line.
 
 `--check-against PATH/TO/llama-perplexity` runs llama.cpp's own dry load of the same file with
 the same settings and prints its buffers beside ours, component by component."""
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 from app.commands.common import open_inventory, print_json, print_table
 from engine.devices import available_devices, cpu_device, parse_size
+from engine.plan.autofit import verdict
 from engine.plan.llama_args import emit_llama_args, parse_llama_args
 from engine.plan.llama_reference import (DRY_PASS_DONE, PRINTED_MIB, REFUSED, comparable_run_config,
                                          parse_llama_log, perplexity_command)
@@ -71,7 +73,7 @@ def run(args) -> int:
                                             for t in d.overhead_terms],
                          "margin_bytes": d.margin_bytes, "total_bytes": d.total_bytes,
                          "capacity_bytes": d.capacity_bytes, "fits": d.fits} for d in estimate.devices],
-            "fits": estimate.fits,
+            "fits": estimate.fits, "verdict": verdict(estimate),
             "command_line": emitted.text, "exact": emitted.exact, "notes": list(emitted.notes) + list(estimate.notes),
             "flags": [{"flag": f, "status": s, "message": m} for f, s, m in parsed.report],
         })
@@ -83,6 +85,7 @@ def run(args) -> int:
              f"{mib(d.overhead_bytes):.0f}", f"{mib(d.total_bytes):.0f}", f"{mib(d.capacity_bytes):.0f}",
              "yes" if d.fits else f"NO (+{mib(-d.free_bytes):.0f})"] for d in estimate.devices]
     print_table(["device", "weights MiB", "KV MiB", "compute MiB", "overhead MiB", "total MiB", "capacity MiB", "fits"], rows)
+    print(verdict(estimate))        # the designer's one line, under the table it sums up
     print(f"overhead ({args.target}):")
     for d in estimate.devices:
         terms = ", ".join(f"{t.name} {mib(t.n_bytes):.2f} MiB" + (" (derived)" if t.derived else "")
