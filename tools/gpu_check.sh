@@ -17,7 +17,9 @@
 #   3. the decode roofline bench (kernels/cuda/bench.py) on Qwen3-30B-A3B's shapes;
 #   4. `offload-studio bench` on a synthetic Qwen3-30B-A3B Q4_K_M (6 of its 48 layers, each
 #      layer at full size) fully on the GPU and hybrid (-ot exps=CPU), with pynvml's memory
-#      after the run against the planner's estimate.
+#      after the run against the planner's estimate;
+#   5. the bandwidth figures (each device's copy bandwidth, active bytes per token, the share of
+#      the roofline reached) gathered from steps 3 and 4 into bandwidth.txt and the summary.
 # Everything lands in OUTDIR: summary.txt first, one log per step beside it.
 set -u
 if [ $# -lt 1 ]; then
@@ -124,4 +126,16 @@ print(f"measured / planned: {(ran - baseline) / d.total_bytes:.3f}")
 PY
 fi
 rm -f "$MODEL"
+
+# 5. bandwidth figures: the copy bandwidths and the roofline shares the benches measured ------------
+{
+    echo "kernels.cuda.bench --layers 48 (matvecs of one Qwen3-30B-A3B token):"
+    grep -E "copy bandwidth|one token over|CUDA graph" "$OUT/roofline.log" 2>/dev/null
+    for run in bench-gpu bench-hybrid; do
+        echo "offload-studio $run ($( [ "$run" = bench-hybrid ] && echo "-ngl 99 -ot exps=CPU" || echo "-ngl 99")):"
+        sed -n '/^decode roofline/,$p' "$OUT/$run.log" 2>/dev/null
+    done
+} > "$OUT/bandwidth.txt"
+say "bandwidth figures (bandwidth.txt):"
+sed 's/^/    /' "$OUT/bandwidth.txt" >> "$SUMMARY"
 say "done in $(( $(date +%s) - START ))s; logs in $OUT"
