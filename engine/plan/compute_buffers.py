@@ -237,6 +237,11 @@ class Ops:
         t = Tensor(cache.ne, cache.type, op="SET_ROWS", src=(b, idxs, cache), view_src=cache, nb=cache.nb)
         return t
 
+    def cache_write(self, cache: Tensor, b: Tensor, ne) -> Tensor:
+        """ggml_cpy into a view of a cache: the result is the cache's memory."""
+        target = self.view(cache, ne, cache.nb)
+        return Tensor(target.ne, cache.type, op="CPY", src=(b, target), view_src=cache, nb=cache.nb)
+
     def flash_attn(self, q, k, v, mask):
         return self.new((v.ne[0], q.ne[2], q.ne[1], q.ne[3]), "f32", "FLASH_ATTN_EXT", q, k, v, mask)
 
@@ -786,8 +791,129 @@ def _deepseek2(b: GraphBuilder) -> None:
     b.finish(x)
 
 
+def _state_rows(b: GraphBuilder, il: int, which: str, n_values: int, s_copy: Tensor) -> tuple[Tensor, Tensor]:
+    """build_rs: the state of the ubatch's one sequence, gathered out of the layer's recurrent
+    cache (conv or delta-rule state, f32, one row per cell); the zeroing of a fresh cell and the
+    copy of the other sequences' rows are views of the cache and take no compute memory."""
+    cache = b.weight((n_values, 1), b.layer_device(il), f"cache_{which}_l{il}", "f32")
+    states = b.reshape(cache, n_values, 1)
+    b.graph.expand(b.view(states, (n_values,), op="SCALE"))
+    rows = b.get_rows(states, s_copy)                   # [n_values, 1]
+    b.graph.expand(rows)
+    extra = b.get_rows(states, b.view(s_copy, (0,)))
+    b.graph.expand(b.cache_write(cache, extra, (n_values, 0)))
+    return cache, rows
+
+
+def _delta_net_mixer(b: GraphBuilder, il: int, cur: Tensor, s_copy: Tensor) -> Tensor:
+    """build_layer_attn_linear (qwen35*, qwen3next) with llama.cpp's fused Gated DeltaNet op
+    (resolve_fused_ops turns it on for the CPU and CUDA)."""
+    hp = b.hp
+    T, d, n_k, n_v = b.T, hp.ssm_d_state, hp.ssm_n_group, hp.ssm_dt_rank
+    channels, kernel = hp.conv_channels, hp.ssm_d_conv
+    qkv_mixed = b.mul_mat(b.lw(il, "attn_qkv"), cur)                   # [channels, T]
+    z = b.mul_mat(b.lw(il, "attn_gate"), cur)                          # [d_inner, T]
+    if hp.joint_beta_alpha:
+        ba = b.reshape(b.mul_mat(b.lw(il, "ssm_ba"), cur), 2 * n_v // n_k, n_k, T)
+        beta = b.unary(b.cont(b.view(ba, (n_v // n_k, n_k, T), ba.nb)))
+        alpha = b.cont(b.view(ba, (n_v // n_k, n_k, T), ba.nb), n_v, T, 1)
+    else:
+        beta = b.unary(b.reshape(b.mul_mat(b.lw(il, "ssm_beta"), cur), 1, n_v, T))
+        alpha = b.reshape(b.mul_mat(b.lw(il, "ssm_alpha"), cur), n_v, T)
+    gate = b.mul(b.unary(b.add(alpha, b.w(f"blk.{il}.ssm_dt.bias"))), b.w(f"blk.{il}.ssm_a"))
+    beta, gate = b.reshape(beta, 1, n_v, T), b.reshape(gate, 1, n_v, T)
+    # build_conv_state: the kernel's last K-1 inputs of the previous ubatch, then this one's
+    conv_cache, conv_states = _state_rows(b, il, "r", hp.n_embd_r(), s_copy)
+    conv_states = b.reshape(conv_states, kernel - 1, channels, 1)
+    conv_input = b.concat(conv_states, b.transpose(qkv_mixed), 0)      # [K-1+T, channels, 1]
+    last = b.view(conv_input, (kernel - 1, channels, 1), conv_input.nb)
+    b.graph.expand(b.cache_write(conv_cache, last, (hp.n_embd_r(), 1)))
+    ssm_cache, state = _state_rows(b, il, "s", hp.n_embd_s(), s_copy)
+    state = b.reshape(state, d, d, n_v, 1)
+    mixed = b.unary(b.new((channels, T, 1), "f32", "SSM_CONV", conv_input, b.lw(il, "ssm_conv1d")))
+    row = mixed.nb[1]
+    q = b.scale(b.rms_norm(b.view(mixed, (d, n_k, T), (4, 4 * d, row, row * T))))
+    k = b.scale(b.rms_norm(b.view(mixed, (d, n_k, T), (4, 4 * d, row, row * T))))
+    v = b.view(mixed, (d, n_v, T), (4, 4 * d, row, row * T))
+    if hp.grouped_heads and n_k != n_v:     # qwen3next repeats the key heads even for the fused op
+        q = b.reshape(b.repeat(b.reshape(q, d, 1, n_k, T), d, n_v // n_k, n_k, T), d, n_v, T)
+        k = b.reshape(b.repeat(b.reshape(k, d, 1, n_k, T), d, n_v // n_k, n_k, T), d, n_v, T)
+    result = b.new((d * n_v, T + d), "f32", "GATED_DELTA_NET", q, k, v, gate, beta, state)
+    output = b.view(result, (d, n_v, T))
+    new_state = b.view(result, (d, d, n_v, 1))
+    b.graph.expand(b.cache_write(ssm_cache, new_state, (hp.n_embd_s(), 1)))
+    normed = b.mul(b.rms_norm(output), b.w(f"blk.{il}.ssm_norm.weight"))
+    out = b.mul(normed, b.unary(b.reshape(z, d, n_v, T, 1)))
+    return b.mul_mat(b.lw(il, "ssm_out"), b.reshape(out, d * n_v, T))
+
+
+def _gated_attention(b: GraphBuilder, il: int, cur: Tensor, pos: Tensor, inputs: dict) -> Tensor:
+    """build_layer_attn of qwen35* and qwen3next: attn_q gives per head [q | gate]."""
+    hp = b.hp
+    T, head, n_head = b.T, hp.n_embd_head_k, hp.n_head
+    q_full = b.linear(il, "attn_q", cur)
+    k = b.linear(il, "attn_k", cur)
+    v = b.linear(il, "attn_v", cur)
+    strides = (4, 4 * 2 * head, 4 * 2 * head * n_head)
+    q = b.norm(b.view_nb(q_full, (head, n_head, T), strides[1:]), b.lw(il, "attn_q_norm"))
+    k = b.norm(b.reshape(k, head, hp.n_head_kv[il], T), b.lw(il, "attn_k_norm"))
+    gate_view = b.view_nb(q_full, (head, n_head, T), strides[1:])
+    gate = None
+    if hp.arch != "qwen3next":
+        gate = b.cont(gate_view, head * n_head, T)
+    v = b.reshape(v, hp.n_embd_head_v, hp.n_head_kv[il], T)
+    q, k = b.rope(q, pos), b.rope(k, pos)
+    cur = b.attention(il, inputs, q, k, v, order="qvk")
+    if gate is None:
+        gate = b.cont(gate_view, head * n_head, T)
+    cur = b.mul(cur, b.unary(gate))
+    return b.mul_mat(b.lw(il, "attn_output"), cur)
+
+
+def _qwen35_hybrid(b: GraphBuilder) -> None:
+    """src/models/qwen35moe.cpp, qwen35.cpp, qwen3next.cpp: Gated DeltaNet layers with a recurrent
+    state, every fourth layer gated full attention; the output rows are taken after the final norm."""
+    hp = b.hp
+    x = b.inp_embd()
+    s_copy = b.input((1,), "i32", "rs_s_copy")
+    s_copy_main = b.view(s_copy, (1,))
+    inputs = b.attn_inputs(swa=False)
+    pos = b.input((b.T,), "i32", "inp_pos")
+    out_ids = b.input((b.shape.n_outputs,), "i32", "out_ids")
+    for il in range(hp.n_layer):
+        residual = x
+        cur = b.norm(x, b.lw(il, "attn_norm"))
+        b.graph.expand(cur)
+        if hp.is_recurrent(il):
+            cur = _delta_net_mixer(b, il, cur, s_copy_main)
+        else:
+            cur = _gated_attention(b, il, cur, pos, inputs)
+        cur = b.add(cur, residual)
+        ffn_residual = cur
+        cur = b.norm(cur, b.lw(il, "post_attention_norm"))
+        if not hp.n_expert:
+            ffn = b.ffn(il, cur)
+        else:
+            moe_out = b.moe(il, cur, "softmax", norm_w=True, w_scale=0.0)
+            shared = b.ffn(il, cur, "_shexp")
+            gate_w = b.w(f"blk.{il}.ffn_gate_inp_shexp.weight")
+            shared = b.mul(shared, b.unary(b.mul_mat(gate_w, cur)))
+            ffn = b.add(moe_out, shared)
+        x = b.add(ffn, ffn_residual)
+    norm = b.norm(x, b.w("output_norm.weight"))
+    norm.is_output = True
+    embd = b.get_rows(norm, out_ids)
+    embd.is_output = True
+    output = b.w("output.weight") or b.weight(b.shapes["token_embd.weight"], b.device_of("output.weight"),
+                                              "output.weight")
+    logits = b.mul_mat(output, embd)
+    logits.is_output = True
+    b.graph.expand(logits)
+
+
 GRAPHS = {"llama": _llama_like, "qwen2": _llama_like, "qwen3": _llama_like, "qwen3moe": _llama_like,
-          "gemma3": _gemma3, "llama4": _llama4, "deepseek2": _deepseek2}
+          "gemma3": _gemma3, "llama4": _llama4, "deepseek2": _deepseek2,
+          "qwen35moe": _qwen35_hybrid, "qwen35": _qwen35_hybrid, "qwen3next": _qwen35_hybrid}
 
 
 def build_graph(hp: HyperParams, shape: GraphShape, device_of: Callable[[str], str] = lambda name: CPU_NAME,
