@@ -166,6 +166,7 @@ class ChatPanel(QWidget):
             action.setShortcutContext(Qt.WidgetShortcut)
             action.triggered.connect(lambda _checked=False, step=step: self.show_alternative(self._reply_row(), step))
             self.message_view.addAction(action)
+        self.message_view.alternative_requested.connect(self.show_alternative)     # a click on "‹" or "›"
         self.stats = ChatStats()
 
         self.edit_banner = QLabel(objectName="noteLabel")
@@ -187,7 +188,7 @@ class ChatPanel(QWidget):
         self.addAction(self.escape_action)
         self.regenerate_button = QPushButton("Regenerate", objectName="regenerateButton")
         self.regenerate_button.setToolTip("A new reply to the last message; the earlier one stays, "
-                                          "‹ 1/2 › under the reply (Alt+Left / Alt+Right) switches between them")
+                                          "‹ 1/2 › under the reply (click an arrow, or Alt+Left / Alt+Right) switches between them")
         self.regenerate_button.clicked.connect(self.regenerate)
         buttons = QVBoxLayout()
         buttons.setSpacing(6)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from PySide6.QtCore import QEvent, QModelIndex, QRect, QRectF, QSize, Qt, Signal
-from PySide6.QtGui import (QAbstractTextDocumentLayout, QColor, QFont, QFontMetrics, QKeyEvent, QPainter,
-                           QPaintEvent, QPalette, QPen, QResizeEvent, QTextDocument, QTextOption)
+from PySide6.QtCore import QEvent, QModelIndex, QPoint, QPointF, QRect, QRectF, QSize, Qt, Signal
+from PySide6.QtGui import (QAbstractTextDocumentLayout, QColor, QFont, QFontMetrics, QKeyEvent, QMouseEvent,
+                           QPainter, QPaintEvent, QPalette, QPen, QResizeEvent, QTextDocument, QTextOption)
 from PySide6.QtWidgets import (QAbstractItemView, QDoubleSpinBox, QFormLayout, QFrame, QHBoxLayout, QLabel,
                                QPlainTextEdit, QProgressBar, QSpinBox, QStyle, QStyledItemDelegate,
                                QStyleOptionViewItem, QToolButton, QTreeView, QWidget)
@@ -74,6 +74,8 @@ CACHE_DOCS = 256               # laid-out documents kept for painting
 CACHE_HEIGHTS = 4096           # measured text heights
 SPEAKER_LABEL = {"user": "You", "assistant": "Assistant", "system": "System"}
 STREAMING_CURSOR = " ▍"
+ALTERNATIVE_PREVIOUS, ALTERNATIVE_NEXT = "‹", "›"     # the arrows of a reply's "‹ 1/2 ›" (app.models.chat)
+ARROW_SLACK_PX = 4
 EMPTY_STREAMING_TEXT = "…"
 
 
@@ -177,19 +179,44 @@ class MessageDelegate(QStyledItemDelegate):
 
     # --- painting ---
 
+    def _bubble(self, row: QRect, index: QModelIndex) -> tuple[QRectF, QTextDocument]:
+        """The bubble's rectangle in a row of the view, and its laid-out text."""
+        text_width = self._bubble_text_width()
+        doc = self.layouts.document(self._shown_text(index), text_width)
+        bubble_width = min(text_width, int(doc.idealWidth()) + 1) + 2 * PAD_X
+        label_height = QFontMetrics(self.small_font).height() + LABEL_GAP
+        bubble_height = int(doc.size().height()) + 2 * PAD_Y
+        is_user = index.data(SpeakerRole) == "user"
+        left = (row.right() - ROW_MARGIN_X - bubble_width) if is_user else (row.left() + ROW_MARGIN_X)
+        return QRectF(left, row.top() + ROW_GAP + label_height, bubble_width, bubble_height), doc
+
+    def alternative_arrows(self, row: QRect, index: QModelIndex) -> tuple[QRectF, QRectF] | None:
+        """Where the "‹" and "›" of a reply's "‹ 1/2 ›" are painted in its row (None: no
+        alternatives), a few pixels larger than the glyphs so that they are easy to hit."""
+        stats = index.data(StatsRole) or ""
+        if not stats.startswith(ALTERNATIVE_PREVIOUS) or index.data(StreamingRole) or \
+                index.data(SpeakerRole) != "assistant":
+            return None
+        metrics = QFontMetrics(self.small_font)
+        bubble, _doc = self._bubble(row, index)
+        left, top = bubble.left() + 4, bubble.bottom() + FOOTER_GAP      # the footer's first line (_paint_footer)
+        next_at = stats.find(ALTERNATIVE_NEXT)
+        if next_at < 0:
+            return None
+
+        def glyph(start_px: float, glyph_text: str) -> QRectF:
+            return QRectF(start_px, top, metrics.horizontalAdvance(glyph_text), metrics.height()).adjusted(
+                -ARROW_SLACK_PX, -ARROW_SLACK_PX / 2, ARROW_SLACK_PX, ARROW_SLACK_PX / 2)
+        return (glyph(left, ALTERNATIVE_PREVIOUS),
+                glyph(left + metrics.horizontalAdvance(stats[:next_at]), ALTERNATIVE_NEXT))
+
     def paint(self, painter: QPainter, option: QStyleOptionViewItem, index: QModelIndex) -> None:
         speaker = index.data(SpeakerRole) or "assistant"
-        text = self._shown_text(index)
-        text_width = self._bubble_text_width()
-        doc = self.layouts.document(text, text_width)
-        bubble_width = min(text_width, int(doc.idealWidth()) + 1) + 2 * PAD_X
         small = QFontMetrics(self.small_font)
-        label_height = small.height() + LABEL_GAP
-        bubble_height = int(doc.size().height()) + 2 * PAD_Y
         row = option.rect
         is_user = speaker == "user"
-        left = (row.right() - ROW_MARGIN_X - bubble_width) if is_user else (row.left() + ROW_MARGIN_X)
-        bubble = QRectF(left, row.top() + ROW_GAP + label_height, bubble_width, bubble_height)
+        bubble, doc = self._bubble(row, index)
+        bubble_width = int(bubble.width())
 
         painter.save()
         painter.setRenderHint(QPainter.Antialiasing)
@@ -236,7 +263,12 @@ class MessageDelegate(QStyledItemDelegate):
 
 
 class MessageView(QTreeView):
-    """The conversation: a flat list of bubbles, scrolled per pixel, following the end while streaming."""
+    """The conversation: a flat list of bubbles, scrolled per pixel, following the end while streaming.
+
+    A click on the "‹" or "›" under a reply asks for its previous or next alternative
+    (`alternative_requested(row, step)`), as Alt+Left / Alt+Right do."""
+
+    alternative_requested = Signal(int, int)
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -258,6 +290,36 @@ class MessageView(QTreeView):
         self.delegate = MessageDelegate(self)
         self.setItemDelegate(self.delegate)
         self._last_width = -1
+
+    def alternative_step_at(self, pos: QPoint) -> tuple[int, int] | None:
+        """(row, -1 or +1) when `pos` (viewport coordinates) is on a reply's "‹" or "›"."""
+        index = self.indexAt(pos)
+        if not index.isValid():
+            return None
+        arrows = self.delegate.alternative_arrows(self.visualRect(index), index)
+        if arrows is None:
+            return None
+        for rect, step in zip(arrows, (-1, 1)):
+            if rect.contains(QPointF(pos)):
+                return index.row(), step
+        return None
+
+    def mousePressEvent(self, event: QMouseEvent) -> None:
+        hit = self.alternative_step_at(event.position().toPoint()) if event.button() == Qt.LeftButton else None
+        if hit is None:
+            super().mousePressEvent(event)
+            return
+        event.accept()
+        self.alternative_requested.emit(*hit)
+
+    def mouseDoubleClickEvent(self, event: QMouseEvent) -> None:
+        # quick clicks on an arrow step through the replies; they do not open the message for editing
+        hit = self.alternative_step_at(event.position().toPoint()) if event.button() == Qt.LeftButton else None
+        if hit is None:
+            super().mouseDoubleClickEvent(event)
+            return
+        event.accept()
+        self.alternative_requested.emit(*hit)
 
     def is_at_bottom(self, slack_px: int = 24) -> bool:
         bar = self.verticalScrollBar()

@@ -153,6 +153,49 @@ def test_regenerate_keeps_the_earlier_reply_as_an_alternative(qtbot, panel, stor
     assert {"n_ctx", "type_k", "type_v", "flash_attn"} <= set(saved.stats)
 
 
+def painted_pixels(view, rect) -> int:
+    """How many pixels of the view inside `rect` differ from its background: a glyph is painted there."""
+    from app.widgets.chat_widgets import VIEW_BACKGROUND
+    image = view.viewport().grab().toImage()
+    box = rect.toAlignedRect()
+    return sum(image.pixelColor(x, y).rgb() != VIEW_BACKGROUND.rgb()
+               for x in range(box.left(), box.right() + 1) for y in range(box.top(), box.bottom() + 1))
+
+
+def test_the_arrows_under_a_reply_switch_between_the_kept_replies(qtbot, panel):
+    from app.models.chat import StatsRole
+    panel.sampling.temperature.setValue(1.0)
+    finish_turn(qtbot, panel, lambda: panel.send("Name three colours"))
+    first = panel.messages.message(1).content
+    panel.sampling.seed.setValue(8)
+    finish_turn(qtbot, panel, panel.regenerate)
+    second = panel.messages.message(1).content
+    assert second != first
+    view = panel.message_view
+    index = panel.messages.index(1)
+    view.scrollTo(index)
+
+    def arrows():
+        return view.delegate.alternative_arrows(view.visualRect(index), index)
+    previous, following = arrows()
+    assert previous.right() < following.left()
+    # the arrows are where the footer's "‹" and "›" are painted
+    assert painted_pixels(view, previous) > 0 and painted_pixels(view, following) > 0
+    between = previous.united(following).center().toPoint()
+    qtbot.mouseClick(view.viewport(), Qt.LeftButton, pos=between)           # on "1/2": nothing changes
+    assert panel.messages.message(1).content == second
+    qtbot.mouseClick(view.viewport(), Qt.LeftButton, pos=previous.center().toPoint())
+    assert panel.messages.message(1).content == first
+    assert panel.messages.data(index, StatsRole).startswith("‹ 1/2 ›")
+    qtbot.mouseClick(view.viewport(), Qt.LeftButton, pos=arrows()[0].center().toPoint())    # already the first
+    assert panel.messages.message(1).content == first
+    qtbot.mouseClick(view.viewport(), Qt.LeftButton, pos=arrows()[1].center().toPoint())
+    assert panel.messages.message(1).content == second
+    assert panel.messages.data(index, StatsRole).startswith("‹ 2/2 ›")
+    # the user's message has no arrows
+    assert view.delegate.alternative_arrows(view.visualRect(panel.messages.index(0)), panel.messages.index(0)) is None
+
+
 def test_stop_right_after_regenerate_gives_the_earlier_reply_back(qtbot, panel, store):
     finish_turn(qtbot, panel, lambda: panel.send("Hello"))
     first = panel.messages.message(1).content
