@@ -187,8 +187,9 @@ class ChatPanel(QWidget):
         self.escape_action.triggered.connect(self._on_escape)
         self.addAction(self.escape_action)
         self.regenerate_button = QPushButton("Regenerate", objectName="regenerateButton")
-        self.regenerate_button.setToolTip("A new reply to the last message; the earlier one stays, "
-                                          "‹ 1/2 › under the reply (click an arrow, or Alt+Left / Alt+Right) switches between them")
+        self.regenerate_button.setToolTip("A new reply to the last message; the earlier one stays, ‹ 1/2 › "
+                                          "under the reply (click an arrow, or Alt+Left / Alt+Right) switches "
+                                          "between them")
         self.regenerate_button.clicked.connect(self.regenerate)
         buttons = QVBoxLayout()
         buttons.setSpacing(6)
