@@ -791,37 +791,39 @@ def _deepseek2(b: GraphBuilder) -> None:
     b.finish(x)
 
 
-def _state_rows(b: GraphBuilder, il: int, which: str, n_values: int, s_copy: Tensor) -> tuple[Tensor, Tensor]:
+def _state_rows(b: GraphBuilder, il: int, which: str, n_values: int, s_copy: tuple[Tensor, Tensor]
+                ) -> tuple[Tensor, Tensor]:
     """build_rs: the state of the ubatch's one sequence, gathered out of the layer's recurrent
     cache (conv or delta-rule state, f32, one row per cell); the zeroing of a fresh cell and the
     copy of the other sequences' rows are views of the cache and take no compute memory."""
     cache = b.weight((n_values, 1), b.layer_device(il), f"cache_{which}_l{il}", "f32")
     states = b.reshape(cache, n_values, 1)
-    b.graph.expand(b.view(states, (n_values,), op="SCALE"))
-    rows = b.get_rows(states, s_copy)                   # [n_values, 1]
+    b.graph.expand(b.view(b.view(states, (n_values,)), (n_values,), op="SCALE"))
+    s_copy_main, s_copy_extra = s_copy
+    rows = b.get_rows(states, s_copy_main)              # [n_values, 1]
     b.graph.expand(rows)
-    extra = b.get_rows(states, b.view(s_copy, (0,)))
+    extra = b.get_rows(states, s_copy_extra)
     b.graph.expand(b.cache_write(cache, extra, (n_values, 0)))
     return cache, rows
 
 
-def _delta_net_mixer(b: GraphBuilder, il: int, cur: Tensor, s_copy: Tensor) -> Tensor:
+def _delta_net_mixer(b: GraphBuilder, il: int, cur: Tensor, s_copy: tuple[Tensor, Tensor]) -> Tensor:
     """build_layer_attn_linear (qwen35*, qwen3next) with llama.cpp's fused Gated DeltaNet op
     (resolve_fused_ops turns it on for the CPU and CUDA)."""
     hp = b.hp
     T, d, n_k, n_v = b.T, hp.ssm_d_state, hp.ssm_n_group, hp.ssm_dt_rank
     channels, kernel = hp.conv_channels, hp.ssm_d_conv
-    qkv_mixed = b.mul_mat(b.lw(il, "attn_qkv"), cur)                   # [channels, T]
+    qkv_mixed = b.reshape(b.mul_mat(b.lw(il, "attn_qkv"), cur), channels, T, 1)
     z = b.mul_mat(b.lw(il, "attn_gate"), cur)                          # [d_inner, T]
     if hp.joint_beta_alpha:
         ba = b.reshape(b.mul_mat(b.lw(il, "ssm_ba"), cur), 2 * n_v // n_k, n_k, T)
-        beta = b.unary(b.cont(b.view(ba, (n_v // n_k, n_k, T), ba.nb)))
+        beta = b.reshape(b.unary(b.cont(b.view(ba, (n_v // n_k, n_k, T), ba.nb))), 1, n_v, T)
         alpha = b.cont(b.view(ba, (n_v // n_k, n_k, T), ba.nb), n_v, T, 1)
     else:
         beta = b.unary(b.reshape(b.mul_mat(b.lw(il, "ssm_beta"), cur), 1, n_v, T))
         alpha = b.reshape(b.mul_mat(b.lw(il, "ssm_alpha"), cur), n_v, T)
     gate = b.mul(b.unary(b.add(alpha, b.w(f"blk.{il}.ssm_dt.bias"))), b.w(f"blk.{il}.ssm_a"))
-    beta, gate = b.reshape(beta, 1, n_v, T), b.reshape(gate, 1, n_v, T)
+    gate = b.reshape(gate, 1, n_v, T)
     # build_conv_state: the kernel's last K-1 inputs of the previous ubatch, then this one's
     conv_cache, conv_states = _state_rows(b, il, "r", hp.n_embd_r(), s_copy)
     conv_states = b.reshape(conv_states, kernel - 1, channels, 1)
@@ -844,7 +846,7 @@ def _delta_net_mixer(b: GraphBuilder, il: int, cur: Tensor, s_copy: Tensor) -> T
     b.graph.expand(b.cache_write(ssm_cache, new_state, (hp.n_embd_s(), 1)))
     normed = b.mul(b.rms_norm(output), b.w(f"blk.{il}.ssm_norm.weight"))
     out = b.mul(normed, b.unary(b.reshape(z, d, n_v, T, 1)))
-    return b.mul_mat(b.lw(il, "ssm_out"), b.reshape(out, d * n_v, T))
+    return b.reshape(b.mul_mat(b.lw(il, "ssm_out"), b.reshape(out, d * n_v, T)), hp.n_embd, T)
 
 
 def _gated_attention(b: GraphBuilder, il: int, cur: Tensor, pos: Tensor, inputs: dict) -> Tensor:
@@ -854,6 +856,8 @@ def _gated_attention(b: GraphBuilder, il: int, cur: Tensor, pos: Tensor, inputs:
     q_full = b.linear(il, "attn_q", cur)
     k = b.linear(il, "attn_k", cur)
     v = b.linear(il, "attn_v", cur)
+    if hp.arch == "qwen3next":
+        q_full = b.reshape(q_full, 2 * head, n_head, T, 1)
     strides = (4, 4 * 2 * head, 4 * 2 * head * n_head)
     q = b.norm(b.view_nb(q_full, (head, n_head, T), strides[1:]), b.lw(il, "attn_q_norm"))
     k = b.norm(b.reshape(k, head, hp.n_head_kv[il], T), b.lw(il, "attn_k_norm"))
@@ -876,7 +880,7 @@ def _qwen35_hybrid(b: GraphBuilder) -> None:
     hp = b.hp
     x = b.inp_embd()
     s_copy = b.input((1,), "i32", "rs_s_copy")
-    s_copy_main = b.view(s_copy, (1,))
+    s_copy_views = (b.view(s_copy, (1,)), b.view(s_copy, (0,)))     # this ubatch's sequence, the others
     inputs = b.attn_inputs(swa=False)
     pos = b.input((b.T,), "i32", "inp_pos")
     out_ids = b.input((b.shape.n_outputs,), "i32", "out_ids")
@@ -885,7 +889,7 @@ def _qwen35_hybrid(b: GraphBuilder) -> None:
         cur = b.norm(x, b.lw(il, "attn_norm"))
         b.graph.expand(cur)
         if hp.is_recurrent(il):
-            cur = _delta_net_mixer(b, il, cur, s_copy_main)
+            cur = _delta_net_mixer(b, il, cur, s_copy_views)
         else:
             cur = _gated_attention(b, il, cur, pos, inputs)
         cur = b.add(cur, residual)
