@@ -59,9 +59,9 @@ def _wait_signal(signal, timeout_ms: int) -> None:
     loop.exec()
 
 
-def _run_panels(window, run_model: str | Path) -> None:
-    """A real chat turn and a real perplexity run, so those screenshots show the engine at work."""
-    _wait_for(window.open_model(run_model), LOAD_TIMEOUT_MS)
+def _run_chat(window, model: str | Path) -> None:
+    """A real chat turn, so the screenshot shows the engine at work."""
+    _wait_for(window.open_model(model), LOAD_TIMEOUT_MS)
     window.chat.sampling.temperature.setValue(0.0)
     window.chat.sampling.max_tokens.setValue(48)
     # a base model (the built-in Gemma 3 270M) continues text: give it the start of one
@@ -69,6 +69,11 @@ def _run_panels(window, run_model: str | Path) -> None:
     prompt = COMPLETION_PROMPT if window.chat.base_model_open else CHAT_PROMPT
     if window.chat.send(prompt):
         _wait_signal(window.chat.turn_finished, RUN_TIMEOUT_MS)
+
+
+def _run_perplexity(window, model: str | Path) -> None:
+    """A real perplexity run over a short text."""
+    _wait_for(window.open_model(model), LOAD_TIMEOUT_MS)
     text = PPL_TEXT_FILE.read_text() if PPL_TEXT_FILE.exists() else PPL_FALLBACK_TEXT
     window.perplexity.set_text(text[:12000])
     window.perplexity.n_ctx_spin.setValue(256)
@@ -92,8 +97,12 @@ def temporary_profile(root: Path):
 
 
 def render_screenshots(out_dir: str | Path, model_path: str | Path | None,
-                       sim_gpus: str | None = None, run_model: str | Path | None = None) -> list[Path]:
-    """Open the main window offscreen on a model (the built-in one when None) and save one PNG per panel."""
+                       sim_gpus: str | None = None, run_model: str | Path | None = None,
+                       chat_model: str | Path | None = None) -> list[Path]:
+    """Open the main window offscreen on a model (the built-in one when None) and save one PNG per panel.
+
+    With `run_model`, the chat and perplexity panels run it for real before their PNGs are taken;
+    `chat_model` (an instruction-tuned model) replaces it for the chat panel."""
     if not os.environ.get("QT_QPA_PLATFORM"):
         os.environ["QT_QPA_PLATFORM"] = "offscreen"
     from PySide6.QtWidgets import QApplication
@@ -124,9 +133,10 @@ def render_screenshots(out_dir: str | Path, model_path: str | Path | None,
             for name in shown_first:
                 saved.append(_grab(window, QApplication, out_dir, names.index(name), name))
             if run_model is not None:
-                _run_panels(window, run_model)
-                for name in ("Chat", "Perplexity"):
-                    saved.append(_grab(window, QApplication, out_dir, names.index(name), name))
+                _run_chat(window, chat_model or run_model)
+                saved.append(_grab(window, QApplication, out_dir, names.index("Chat"), "Chat"))
+                _run_perplexity(window, run_model)
+                saved.append(_grab(window, QApplication, out_dir, names.index("Perplexity"), "Perplexity"))
         finally:
             window.close()
             window.deleteLater()
