@@ -14,10 +14,18 @@ runtimes carry it (kernels.cuda.runtime):
 Decode (up to 8 tokens) uses the fused matvec kernels: q8_1-rounded activations and integer dot
 products with `activations="llama.cpp"` (llama.cpp's CUDA path), exact float32 activations with
 "f32". Prefill decodes weight tiles to float32 on the device and multiplies them with cuBLAS.
+
+`CapturedDecode` runs a decode step of a layer range that lives on one device as a CUDA graph:
+captured once, replayed on later tokens with the token's id, position and cache cell copied into
+device buffers its kernels read (llama.cpp's way), captured anew when a shape baked into the
+launches changes; direct launches, with the reason in a debug log, where the placement or the
+step needs the host in the middle.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import logging
+import re
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -27,6 +35,9 @@ from engine.backends.protocol import AttentionStep, KVLayout
 from kernels.cuda import ops
 
 MASK_KIND = {AttentionKind.FULL: "full", AttentionKind.SLIDING: "sliding", AttentionKind.CHUNKED: "chunked"}
+LAYER_NAME = re.compile(r"blk\.(\d+)\.")
+GRAPH_CELL_PADDING = 256        # the attended cache length is padded to this, as llama.cpp pads its KV view
+log = logging.getLogger(__name__)
 
 
 class CudaUnavailableError(RuntimeError):
@@ -230,6 +241,82 @@ class CudaBackend:
 
     def set_threads(self, n_threads: int) -> None:
         pass        # the device's own parallelism; -t is for the CPU
+
+
+def graph_blocker(tensor_devices: Mapping[str, str | tuple[str, ...]], device: str, layers: range) -> str | None:
+    """Why a decode step of `layers` on `device` cannot be one CUDA graph (a tensor of those layers,
+    or some of its experts, on another device: the step would wait for the host in between), or
+    None. tensor_devices is the placement's name -> device, or per-expert devices for split tensors."""
+    for name, where in sorted(tensor_devices.items()):
+        m = LAYER_NAME.match(name)
+        if m is None or int(m.group(1)) not in layers:
+            continue
+        others = sorted(set(where if isinstance(where, tuple) else (where,)) - {device})
+        if others:
+            return f"{name} is on {', '.join(others)}: its layer's step needs the host between launches"
+    return None
+
+
+def padded_cells(n_filled: int, n_cells: int, padding: int = GRAPH_CELL_PADDING) -> int:
+    """The cache length a captured attention launch covers: n_filled rounded up to `padding` (cells
+    past the filled ones are masked by their position), at most the whole cache."""
+    return min(n_cells, -(-n_filled // padding) * padding)
+
+
+class CapturedDecode:
+    """A decode step of kernels on one runtime, captured as a CUDA graph and replayed.
+
+    step(key, inputs) launches kernels only and returns its output device arrays; `inputs` are
+    device arrays of the names and shapes given on each call (token id, position, cache cell...),
+    static while a graph lives, refilled from the host before each replay. `key` holds what the
+    launches bake in (the padded cache length, the batch shape); a new key captures anew and drops
+    the old graph. With `blocker` set (graph_blocker's reason), or when capturing meets work that
+    needs the host (CaptureError), every step runs as direct launches and the reason is logged."""
+
+    def __init__(self, runtime, step: Callable, blocker: str | None = None, name: str = "decode step"):
+        self.runtime, self.step, self.name = runtime, step, name
+        self.blocker = None
+        self.key = None
+        self.graph = self.inputs = self.outputs = None
+        self.captures = self.replays = self.direct_steps = 0
+        if blocker is not None:
+            self._fall_back(blocker)
+
+    def __call__(self, key, inputs: Mapping[str, np.ndarray]):
+        if self.blocker is None and (key != self.key or self.graph is None):
+            self._capture(key, inputs)
+        if self.blocker is not None:
+            self.direct_steps += 1
+            return self.step(key, {name: self.runtime.upload(np.ascontiguousarray(v)) for name, v in inputs.items()})
+        for name, value in inputs.items():
+            self.runtime.copy_into(self.inputs[name], np.ascontiguousarray(value, dtype=self.inputs[name].dtype))
+        self.runtime.replay(self.graph)
+        self.replays += 1
+        return self.outputs
+
+    def _capture(self, key, inputs: Mapping[str, np.ndarray]) -> None:
+        from kernels.cuda.runtime import CaptureError
+
+        rt = self.runtime
+        self.graph = None                    # the old graph's memory goes with it
+        static = {name: rt.upload(np.ascontiguousarray(v)) for name, v in inputs.items()}
+        rt.begin_capture()
+        try:
+            outputs = self.step(key, static)
+        except CaptureError as e:
+            rt.abort_capture()
+            self._fall_back(str(e))
+            return
+        except BaseException:
+            rt.abort_capture()
+            raise
+        self.graph, self.inputs, self.outputs, self.key = rt.end_capture(), static, outputs, key
+        self.captures += 1
+        log.debug("%s on %s captured as a CUDA graph for %r", self.name, rt.device_name, key)
+
+    def _fall_back(self, reason: str) -> None:
+        self.blocker = reason
+        log.debug("%s on %s runs as direct launches, not a CUDA graph: %s", self.name, self.runtime.device_name, reason)
 
 
 def q8_1_rounded(xp, x):

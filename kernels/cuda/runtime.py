@@ -4,6 +4,15 @@
     launch(source, kernel, grid, block, args, shared_bytes=0, name_expressions=())
     gemm_nt(a, b)           a @ b.T in float32 (cuBLAS through CuPy; NumPy on the emulator)
     synchronize()
+    begin_capture() / end_capture() -> graph / abort_capture() / replay(graph)
+
+A capture records the launches and device-to-device copies issued on the runtime's stream without
+running them; replay runs the recorded sequence again with the scalar arguments it was captured
+with, reading whatever the captured buffers hold by then. Memory allocated while capturing belongs
+to the graph (kept alive, never reused) as a captured kernel writes it on every replay. Anything
+that needs the host in the middle — an upload from host memory, a download, a synchronize — cannot
+be part of a graph and raises CaptureError on both runtimes, so a caller can fall back to direct
+launches.
 
 `CupyRuntime` runs on a GPU: RawModule kernels from `loader`, cuBLAS through CuPy, one stream per
 runtime, pinned host buffers for downloads, CUDA graphs for a captured decode step.
@@ -26,6 +35,19 @@ from kernels.cuda import emu
 
 class KernelLaunchError(RuntimeError):
     pass
+
+
+class CaptureError(RuntimeError):
+    """Work that a CUDA graph cannot hold (a host sync or a copy from host memory) was issued
+    while capturing."""
+
+
+class Graph:
+    """A captured sequence: `nodes` to replay, and the device memory allocated during the capture."""
+
+    def __init__(self):
+        self.nodes: list = []
+        self.keep: list = []
 
 
 def _dim3(v) -> tuple[int, int, int]:
@@ -142,6 +164,7 @@ class EmulatedRuntime:
         self.launches = 0
         self.allocated_bytes = 0
         self._buffers: weakref.WeakSet = weakref.WeakSet()
+        self._capturing: Graph | None = None
 
     # memory
     def alloc(self, shape, dtype) -> EmuArray:
@@ -152,32 +175,77 @@ class EmulatedRuntime:
         if self.debug:
             buffer = GuardedBuffer(nbytes)
             self._buffers.add(buffer)
-            return EmuArray(buffer.data.view(dtype).reshape(shape), buffer)
+            a = EmuArray(buffer.data.view(dtype).reshape(shape), buffer)
+            if self._capturing is not None:
+                self._capturing.keep.append(a)
+            return a
         raw = np.empty(nbytes + ALIGN_BYTES, np.uint8)
         start = -raw.ctypes.data % ALIGN_BYTES
         raw[start:start + nbytes] = POISON
-        return EmuArray(raw[start:start + nbytes].view(dtype).reshape(shape))
+        a = EmuArray(raw[start:start + nbytes].view(dtype).reshape(shape))
+        if self._capturing is not None:
+            self._capturing.keep.append(a)
+        return a
 
     def zeros(self, shape, dtype) -> EmuArray:
+        self._refuse_in_capture("zeros (a memset from the host)")
         a = self.alloc(shape, dtype)
         a.host[...] = 0
         return a
 
     def upload(self, host: np.ndarray) -> EmuArray:
+        self._refuse_in_capture("an upload from host memory")
         host = np.asarray(host)
         a = self.alloc(host.shape, host.dtype)
         a.host[...] = host
         return a
 
     def download(self, a: EmuArray) -> np.ndarray:
+        self._refuse_in_capture("a download (a host sync)")
         return np.array(a.host, copy=True)
 
     def copy_into(self, dst: EmuArray, src) -> None:
         """Device-to-device (or host-to-device) copy into an existing array."""
+        if self._capturing is not None:
+            if not isinstance(src, EmuArray):
+                self._refuse_in_capture("a copy from host memory")
+            self._capturing.nodes.append(("copy", dst, src))
+            return
         dst.host[...] = src.host if isinstance(src, EmuArray) else src
 
     def synchronize(self) -> None:
-        pass
+        self._refuse_in_capture("a synchronize")
+
+    # CUDA graphs: launches and device copies recorded, not run, until replayed
+    def begin_capture(self) -> None:
+        if self._capturing is not None:
+            raise CaptureError(f"{self.device_name} is already capturing")
+        self._capturing = Graph()
+
+    def end_capture(self) -> Graph:
+        graph, self._capturing = self._capturing, None
+        if graph is None:
+            raise CaptureError(f"{self.device_name} is not capturing")
+        return graph
+
+    def abort_capture(self) -> None:
+        self._capturing = None
+
+    def replay(self, graph: Graph) -> None:
+        self._refuse_in_capture("a graph replay")
+        for node in graph.nodes:
+            if node[0] == "copy":
+                node[1].host[...] = node[2].host
+            else:
+                self._launch_now(*node[1:])
+
+    @property
+    def capturing(self) -> bool:
+        return self._capturing is not None
+
+    def _refuse_in_capture(self, what: str) -> None:
+        if self._capturing is not None:
+            raise CaptureError(f"{what} on {self.device_name} cannot be part of a CUDA graph")
 
     # compute
     def gemm_nt(self, a: EmuArray, b: EmuArray) -> EmuArray:
@@ -189,6 +257,18 @@ class EmulatedRuntime:
 
     def launch(self, source: str, kernel: str, grid, block, args, shared_bytes: int = 0,
                name_expressions: tuple[str, ...] = ()) -> None:
+        if self._capturing is not None:
+            emu.build(source, tuple(name_expressions)).kernel(kernel)     # a missing kernel fails at capture
+            for i, arg in enumerate(args):
+                if not isinstance(arg, (EmuArray, np.generic)):
+                    raise TypeError(f"{kernel} argument {i}: pass an EmuArray or a NumPy scalar, not {type(arg).__name__}")
+            self._capturing.nodes.append(("launch", source, kernel, grid, block, tuple(args), shared_bytes,
+                                          tuple(name_expressions)))
+            return
+        self._launch_now(source, kernel, grid, block, args, shared_bytes, name_expressions)
+
+    def _launch_now(self, source: str, kernel: str, grid, block, args, shared_bytes: int = 0,
+                    name_expressions: tuple[str, ...] = ()) -> None:
         module = emu.build(source, tuple(name_expressions))
         entry = module.kernel(kernel)
         storage, sizes, arrays = [], [], []
@@ -252,26 +332,32 @@ class CupyRuntime:
             self.stream = cupy.cuda.Stream(non_blocking=True)
         self.allocated_bytes = 0
         self.graph = None
+        self._capturing: Graph | None = None
 
     def alloc(self, shape, dtype):
         with self.device:
             a = self.cp.empty(shape, dtype)
         self.allocated_bytes += a.nbytes
+        if self._capturing is not None:       # the pool must not hand this memory out while the graph lives
+            self._capturing.keep.append(a)
         return a
 
     def zeros(self, shape, dtype):
+        self._refuse_in_capture("zeros")
         with self.device, self.stream:
             a = self.cp.zeros(shape, dtype)
         self.allocated_bytes += a.nbytes
         return a
 
     def upload(self, host: np.ndarray):
+        self._refuse_in_capture("an upload from host memory")
         with self.device, self.stream:
             a = self.cp.asarray(np.ascontiguousarray(host))
         self.allocated_bytes += a.nbytes
         return a
 
     def download(self, a) -> np.ndarray:
+        self._refuse_in_capture("a download (a host sync)")
         with self.device:
             pinned = self.pinned_empty(a.shape, a.dtype)
             a.get(stream=self.stream, out=pinned)
@@ -284,6 +370,8 @@ class CupyRuntime:
         return cupyx.empty_pinned(shape, dtype)
 
     def copy_into(self, dst, src) -> None:
+        if isinstance(src, np.ndarray):
+            self._refuse_in_capture("a copy from host memory")
         with self.device, self.stream:
             if isinstance(src, np.ndarray):
                 dst.set(np.ascontiguousarray(src), stream=self.stream)
@@ -291,7 +379,16 @@ class CupyRuntime:
                 dst[...] = src
 
     def synchronize(self) -> None:
+        self._refuse_in_capture("a synchronize")
         self.stream.synchronize()
+
+    def _refuse_in_capture(self, what: str) -> None:
+        if self._capturing is not None:
+            raise CaptureError(f"{what} on {self.device_name} cannot be part of a CUDA graph")
+
+    @property
+    def capturing(self) -> bool:
+        return self._capturing is not None
 
     def gemm_nt(self, a, b):
         with self.device, self.stream:
@@ -312,11 +409,29 @@ class CupyRuntime:
 
     # CUDA graphs: capture a sequence of launches once, replay it with one call
     def begin_capture(self) -> None:
-        self.stream.begin_capture()
+        if self._capturing is not None:
+            raise CaptureError(f"{self.device_name} is already capturing")
+        with self.device:
+            self.stream.begin_capture()
+        self._capturing = Graph()
 
     def end_capture(self):
-        self.graph = self.stream.end_capture()
-        return self.graph
+        graph, self._capturing = self._capturing, None
+        if graph is None:
+            raise CaptureError(f"{self.device_name} is not capturing")
+        with self.device:
+            self.graph = self.stream.end_capture()
+        graph.nodes.append(self.graph)
+        return graph
+
+    def abort_capture(self) -> None:
+        if self._capturing is not None:
+            self._capturing = None
+            with self.device:
+                self.stream.end_capture()         # an unfinished capture is ended and dropped
 
     def replay(self, graph) -> None:
-        graph.launch(stream=self.stream)
+        self._refuse_in_capture("a graph replay")
+        for node in getattr(graph, "nodes", [graph]):
+            with self.device:
+                node.launch(stream=self.stream)
