@@ -20,4 +20,4 @@ def test_f32_math_is_bit_identical_on_a_simulated_gpu(fixtures_dir, fixture, var
 
 @pytest.mark.parametrize("fixture,variant", [("llama-moe", "Q4_K_M"), ("gemma3", "Q8_0"), ("deepseek2", "Q4_K_M")])
 def test_llama_cpp_settings_are_bit_identical_on_a_simulated_gpu(fixtures_dir, fixture, variant):
-    parity.check_on_simulated_gpu(fixtures_dir / fixture, variant, kv_type="f16", activations="llama.cpp")
+    parity.check_on_simulated_gpu(fixtures_dir / fixture, variant, kv_type="q8_0", activations="llama.cpp")
