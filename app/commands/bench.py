@@ -2,6 +2,8 @@
 
     offload-studio bench -m MODEL.gguf -p 128,512 -n 32 [-t THREADS] [llama.cpp placement flags]
         [--against PATH/TO/llama-bench]     llama.cpp's own bench right after ours, and the ratios
+    (with -n: the decode roofline per device: active weight bytes per token against the device's
+    measured copy bandwidth; see app.commands.inference_bench)
     offload-studio bench -m MODEL.gguf --planner [--sim-gpus SPEC] [llama.cpp placement flags]
 """
 from __future__ import annotations

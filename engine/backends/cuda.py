@@ -300,6 +300,10 @@ class CapturedDecode:
         rt = self.runtime
         self.graph = None                    # the old graph's memory goes with it
         static = {name: rt.upload(np.ascontiguousarray(v)) for name, v in inputs.items()}
+        # one direct run first, as llama.cpp evaluates a graph before capturing it: modules are
+        # compiled and the memory pool grown outside the capture (a decode step run twice on the
+        # same inputs writes the same cache cells again)
+        self.step(key, static)
         rt.begin_capture()
         try:
             outputs = self.step(key, static)
