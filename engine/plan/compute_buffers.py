@@ -882,7 +882,8 @@ def _qwen35_hybrid(b: GraphBuilder) -> None:
     s_copy = b.input((1,), "i32", "rs_s_copy")
     s_copy_views = (b.view(s_copy, (1,)), b.view(s_copy, (0,)))     # this ubatch's sequence, the others
     inputs = b.attn_inputs(swa=False)
-    pos = b.input((b.T,), "i32", "inp_pos")
+    # IMROPE (qwen35*) reads four positions per token (llama_hparams::n_pos_per_embd)
+    pos = b.input((b.T * (4 if hp.rope_sections else 1),), "i32", "inp_pos")
     out_ids = b.input((b.shape.n_outputs,), "i32", "out_ids")
     for il in range(hp.n_layer):
         residual = x
