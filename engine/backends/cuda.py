@@ -242,6 +242,15 @@ class CudaBackend:
     def set_threads(self, n_threads: int) -> None:
         pass        # the device's own parallelism; -t is for the CPU
 
+    # --- CUDA graphs ----------------------------------------------------------------------------
+
+    def captured_decode(self, step: Callable, tensor_devices: Mapping[str, str | tuple[str, ...]], layers: range,
+                        name: str = "decode step") -> CapturedDecode:
+        """`step` (kernels on this device for `layers`) as a CUDA graph, or as direct launches where
+        the placement (tensor_devices: name -> device or per-expert devices) puts part of those
+        layers elsewhere."""
+        return CapturedDecode(self.runtime, step, graph_blocker(tensor_devices, self.name, layers), name)
+
 
 def graph_blocker(tensor_devices: Mapping[str, str | tuple[str, ...]], device: str, layers: range) -> str | None:
     """Why a decode step of `layers` on `device` cannot be one CUDA graph (a tensor of those layers,

@@ -261,7 +261,8 @@ class EmulatedRuntime:
             emu.build(source, tuple(name_expressions)).kernel(kernel)     # a missing kernel fails at capture
             for i, arg in enumerate(args):
                 if not isinstance(arg, (EmuArray, np.generic)):
-                    raise TypeError(f"{kernel} argument {i}: pass an EmuArray or a NumPy scalar, not {type(arg).__name__}")
+                    raise TypeError(f"{kernel} argument {i}: pass an EmuArray or a NumPy scalar, "
+                                    f"not {type(arg).__name__}")
             self._capturing.nodes.append(("launch", source, kernel, grid, block, tuple(args), shared_bytes,
                                           tuple(name_expressions)))
             return

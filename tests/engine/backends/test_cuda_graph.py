@@ -159,11 +159,12 @@ def test_hybrid_placements_are_not_captured(fixtures_dir, caplog):
             placement.assign(TensorRef(t.name), "CPU")
     reason = graph_blocker(placement.tensor_devices(), "CUDA0", layers)
     assert "_exps.weight is on CPU" in reason
-    from kernels.cuda.runtime import EmulatedRuntime
+    from engine.backends.cuda import emulated_backend
 
     calls = []
     with caplog.at_level(logging.DEBUG, logger="engine.backends.cuda"):
-        step = CapturedDecode(EmulatedRuntime(), lambda key, inputs: calls.append(key) or inputs["x"], blocker=reason)
+        step = emulated_backend("CUDA0").captured_decode(lambda key, inputs: calls.append(key) or inputs["x"],
+                                                         placement.tensor_devices(), layers)
         step(4, dict(x=np.zeros(3, np.float32)))
     assert calls == [4] and step.captures == 0 and step.direct_steps == 1
     assert reason in caplog.text
