@@ -861,15 +861,11 @@ def _gated_attention(b: GraphBuilder, il: int, cur: Tensor, pos: Tensor, inputs:
     strides = (4, 4 * 2 * head, 4 * 2 * head * n_head)
     q = b.norm(b.view_nb(q_full, (head, n_head, T), strides[1:]), b.lw(il, "attn_q_norm"))
     k = b.norm(b.reshape(k, head, hp.n_head_kv[il], T), b.lw(il, "attn_k_norm"))
-    gate_view = b.view_nb(q_full, (head, n_head, T), strides[1:])
-    gate = None
-    if hp.arch != "qwen3next":
-        gate = b.cont(gate_view, head * n_head, T)
+    # the gate's cont enters the graph with its first use, after the attention, in every variant
+    gate = b.cont(b.view_nb(q_full, (head, n_head, T), strides[1:]), head * n_head, T)
     v = b.reshape(v, hp.n_embd_head_v, hp.n_head_kv[il], T)
     q, k = b.rope(q, pos), b.rope(k, pos)
     cur = b.attention(il, inputs, q, k, v, order="qvk")
-    if gate is None:
-        gate = b.cont(gate_view, head * n_head, T)
     cur = b.mul(cur, b.unary(gate))
     return b.mul_mat(b.lw(il, "attn_output"), cur)
 
