@@ -32,6 +32,20 @@ class GenerationEvent:
     prompt_evaluated: int = 0       # prompt tokens actually evaluated (the rest came from the cache)
 
 
+class _Stopped(Exception):
+    """Raised between layers when a prefill is cancelled."""
+
+
+def _raise_when_set(cancel: threading.Event | None) -> Callable[[], None] | None:
+    if cancel is None:
+        return None
+
+    def check() -> None:
+        if cancel.is_set():
+            raise _Stopped
+    return check
+
+
 class Session:
     """A model, its tokenizer and a KV cache that remembers the tokens it holds."""
 
@@ -100,12 +114,17 @@ class Session:
         # sends the same prompt again, resumes there
         pieces = [todo[:-1], todo[-1:]] if self.checkpoints and len(todo) > 1 else [todo]
         logits, done = None, keep
+        check = _raise_when_set(cancel)
         for piece in pieces:
             for start in range(0, len(piece), self.cache.n_ubatch):
                 if cancel is not None and cancel.is_set():
                     return None
                 chunk = piece[start:start + self.cache.n_ubatch]
-                logits = self.model.eval_logits(chunk, self.cache, last_only=True)
+                try:
+                    logits = self.model.eval_logits(chunk, self.cache, last_only=True, check_cancelled=check)
+                except _Stopped:
+                    self._forget_partial_ubatch()
+                    return None
                 self.tokens.extend(int(t) for t in chunk)
                 done += len(chunk)
                 if progress is not None:
@@ -113,6 +132,23 @@ class Session:
             if piece is not pieces[-1]:
                 self.checkpoint()
         return logits[-1]
+
+    def _forget_partial_ubatch(self) -> None:
+        """A stop inside a ubatch leaves part of it in the cache (some layers' keys, a recurrent
+        state moved on in some layers): go back to what is whole. A recurrent state cannot be
+        trimmed, so it goes back to a checkpoint before the tokens kept."""
+        whole = len(self.tokens)
+        if self.checkpoints:
+            if whole == 0:
+                self.cache.reset()
+            else:
+                self.cache.truncate(whole - 1)
+        else:
+            try:
+                self.cache.truncate(whole)
+            except ValueError:
+                self.cache.reset()
+        del self.tokens[self.cache.n_past:]
 
     def step(self, token: int) -> np.ndarray:
         if len(self.tokens) >= self.n_ctx:
