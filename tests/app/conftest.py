@@ -24,10 +24,18 @@ def settings(tmp_path) -> Settings:
     return Settings(tmp_path / "config" / "settings.json", tmp_path / "state" / "state.json")
 
 
-@pytest.fixture
-def loaded_moe(moe_path):
+@pytest.fixture(scope="module")
+def loaded(fixtures_dir):
+    """The llama-moe Q4_K_M fixture as the app holds an open model."""
     from app.engine_jobs import LoadedModel
     from engine.gguf.model_file import ModelFile
     from engine.plan.inventory import Inventory
-    model_file = ModelFile(moe_path)
-    return LoadedModel(moe_path, model_file, Inventory.from_model_file(model_file), 0.0)
+    path = fixtures_dir / "llama-moe" / "Q4_K_M.gguf"
+    model_file = ModelFile(path)
+    return LoadedModel(path, model_file, Inventory.from_model_file(model_file), 0.0)
+
+
+@pytest.fixture
+def store(tmp_path):
+    from app.conversations import ConversationStore
+    return ConversationStore(tmp_path / "conversations")

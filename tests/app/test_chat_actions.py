@@ -6,22 +6,13 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QApplication
 
 from app.conversations import ConversationStore
-from app.engine_jobs import ChatRunner, LoadedModel
+from app.engine_jobs import ChatRunner
 from app.widgets.chat import ChatPanel
 from slow_model import factory
 
 TURN_TIMEOUT_MS = 240_000
 REFUSAL = ("Does not fit: CUDA0 over by 5.6 GiB. Loading it would run out of memory. Ways out: Auto-fit in the "
            "Designer, a smaller context (now 8,192 tokens), a smaller KV cache type, or a smaller quant of the model.")
-
-
-@pytest.fixture(scope="module")
-def loaded(fixtures_dir) -> LoadedModel:
-    from engine.gguf.model_file import ModelFile
-    from engine.plan.inventory import Inventory
-    path = fixtures_dir / "llama-moe" / "Q4_K_M.gguf"
-    model_file = ModelFile(path)
-    return LoadedModel(path, model_file, Inventory.from_model_file(model_file), 0.0)
 
 
 class FakeDialogs:
@@ -40,11 +31,6 @@ class FakeDialogs:
 @pytest.fixture
 def dialogs() -> FakeDialogs:
     return FakeDialogs()
-
-
-@pytest.fixture
-def store(tmp_path) -> ConversationStore:
-    return ConversationStore(tmp_path / "conversations")
 
 
 @pytest.fixture

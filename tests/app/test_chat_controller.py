@@ -2,7 +2,6 @@
 import pytest
 
 from app.chat_controller import ChatController, TurnStats, reply_stats
-from app.conversations import ConversationStore
 from app.engine_jobs import ChatRunner
 from engine.run.sampling import SamplerSettings
 from slow_model import factory
@@ -12,14 +11,9 @@ GREEDY = SamplerSettings(temperature=0.0)
 
 
 @pytest.fixture
-def store(tmp_path) -> ConversationStore:
-    return ConversationStore(tmp_path / "conversations")
-
-
-@pytest.fixture
-def controller(qtbot, bridge, store, loaded_moe):
+def controller(qtbot, bridge, store, loaded):
     controller = ChatController(bridge, store, ChatRunner(factory()))
-    controller.set_model(loaded_moe)
+    controller.set_model(loaded)
     yield controller
     controller.shutdown()
 
@@ -123,12 +117,12 @@ def test_reply_stats_keep_what_the_bubble_prints():
     assert reply_stats(None, "cancelled") == {"finish_reason": "cancelled"}
 
 
-def test_a_controller_deleted_mid_turn_leaves_the_job_to_end_quietly(qtbot, bridge, store, loaded_moe):
+def test_a_controller_deleted_mid_turn_leaves_the_job_to_end_quietly(qtbot, bridge, store, loaded):
     import shiboken6
     from PySide6.QtCore import QObject
     owner = QObject()       # a panel closed while its reply streams
     controller = ChatController(bridge, store, ChatRunner(factory(delay_s=0.02)), parent=owner)
-    controller.set_model(loaded_moe)
+    controller.set_model(loaded)
     assert controller.send("Go on and on", GREEDY, 100_000)
     handle = controller.job
     controller.shutdown()

@@ -3,7 +3,7 @@ from gguf.constants import Keys
 from PySide6.QtCore import Qt
 
 from app.engine_jobs import LoadedModel
-from app.conversations import ConversationStore, ConversationSummary, Message
+from app.conversations import ConversationSummary, Message
 from app.models.chat import (ConversationIdRole, ConversationListModel, ErrorRole, MessageListModel, SpeakerRole,
                              StatsRole, StreamingRole, format_stats)
 from app.engine_jobs import ChatRunner
@@ -16,15 +16,6 @@ TURN_TIMEOUT_MS = 180_000      # a guard against a hang, not a speed check: the 
 
 # ---- fixtures ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def loaded(fixtures_dir) -> LoadedModel:
-    from engine.gguf.model_file import ModelFile
-    from engine.plan.inventory import Inventory
-    path = fixtures_dir / "llama-moe" / "Q4_K_M.gguf"
-    model_file = ModelFile(path)
-    return LoadedModel(path, model_file, Inventory.from_model_file(model_file), 0.0)
-
-
 class FakeDialogs:
     def __init__(self, answer: bool = True):
         self.answer = answer
@@ -33,11 +24,6 @@ class FakeDialogs:
     def confirm_delete(self, parent, title: str) -> bool:
         self.asked.append(title)
         return self.answer
-
-
-@pytest.fixture
-def store(tmp_path) -> ConversationStore:
-    return ConversationStore(tmp_path / "conversations")
 
 
 @pytest.fixture

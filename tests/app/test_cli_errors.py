@@ -3,7 +3,6 @@ stderr and exit status 2; `--debug` keeps the traceback; outputs are written ato
 import errno
 import os
 import stat
-import sys
 
 import numpy as np
 import pytest

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import app.conversations as conversations
-from app.conversations import (TEMP_PREFIX, BackgroundWriter, Conversation, ConversationError, ConversationStore,
-                               Message, title_from_text, write_atomic)
+from app.conversations import (TEMP_PREFIX, BackgroundWriter, Conversation, ConversationError, Message,
+                               title_from_text, write_atomic)
 
 
 def make_conversation(title: str = "Chat", n_turns: int = 2, updated_s: float = 1000.0) -> Conversation:
@@ -20,11 +20,6 @@ def make_conversation(title: str = "Chat", n_turns: int = 2, updated_s: float = 
                                              {"generation_tokens": 12 + i, "generation_tps": 41.5,
                                               "finish_reason": "stop"}))
     return conversation
-
-
-@pytest.fixture
-def store(tmp_path) -> ConversationStore:
-    return ConversationStore(tmp_path / "conversations")
 
 
 def test_a_saved_conversation_loads_back_equal(store):

@@ -11,13 +11,13 @@ EXPERT_TENSOR = "blk.0.ffn_up_exps.weight"
 
 
 @pytest.fixture
-def metadata_model(loaded_moe):
-    return MetadataModel(loaded_moe.model_file.metadata)
+def metadata_model(loaded):
+    return MetadataModel(loaded.model_file.metadata)
 
 
 @pytest.fixture
-def tensor_model(loaded_moe):
-    return TensorTableModel(loaded_moe.inventory)
+def tensor_model(loaded):
+    return TensorTableModel(loaded.inventory)
 
 
 def cell(model, key_or_row, column, role=Qt.DisplayRole):
@@ -38,9 +38,9 @@ def test_metadata_model_passes_the_model_tester(qtmodeltester, metadata_model):
     qtmodeltester.check(metadata_model)
 
 
-def test_metadata_rows_hold_key_type_and_value(metadata_model, loaded_moe):
+def test_metadata_rows_hold_key_type_and_value(metadata_model, loaded):
     m = MetadataModel
-    assert metadata_model.rowCount() == len(loaded_moe.model_file.metadata) == 27
+    assert metadata_model.rowCount() == len(loaded.model_file.metadata) == 27
     assert metadata_model.columnCount() == 3
     assert cell(metadata_model, 0, m.COL_KEY) == "general.architecture"
     assert cell(metadata_model, "general.architecture", m.COL_TYPE) == "string"
@@ -86,7 +86,7 @@ def test_tensor_model_passes_the_model_tester(qtmodeltester, tensor_model):
     qtmodeltester.check(tensor_model)
 
 
-def test_tensor_rows(tensor_model, loaded_moe):
+def test_tensor_rows(tensor_model, loaded):
     t = TensorTableModel
     assert tensor_model.rowCount() == 23
     assert [tensor_model.headerData(c, Qt.Horizontal) for c in range(5)] == ["Name", "Type", "Shape (ne)", "Bytes", "Device"]
@@ -98,13 +98,13 @@ def test_tensor_rows(tensor_model, loaded_moe):
     assert cell(tensor_model, EXPERT_TENSOR, t.COL_SHAPE, SortRole) == 4 * 256 * 256
     assert cell(tensor_model, EXPERT_TENSOR, t.COL_DEVICE) == "CPU"
     assert cell(tensor_model, EXPERT_TENSOR, t.COL_DEVICE, DeviceRole) == "CPU"
-    assert cell(tensor_model, EXPERT_TENSOR, t.COL_NAME, TensorRole) is loaded_moe.inventory.by_name[EXPERT_TENSOR]
+    assert cell(tensor_model, EXPERT_TENSOR, t.COL_NAME, TensorRole) is loaded.inventory.by_name[EXPERT_TENSOR]
     assert "4 experts × 36,864 bytes" in cell(tensor_model, EXPERT_TENSOR, t.COL_BYTES, Qt.ToolTipRole)
     assert "ne = [256, 256, 4]" in cell(tensor_model, EXPERT_TENSOR, t.COL_SHAPE, Qt.ToolTipRole)
     assert "numpy order (rows first): 4 × 256 × 256" in cell(tensor_model, EXPERT_TENSOR, t.COL_SHAPE, Qt.ToolTipRole)
     assert cell(tensor_model, "output_norm.weight", t.COL_SHAPE) == "256"
     total = sum(cell(tensor_model, row, t.COL_BYTES, BytesRole) for row in range(23))
-    assert total == loaded_moe.total_bytes
+    assert total == loaded.total_bytes
 
 
 def test_device_column_follows_device_of_with_one_narrow_change(qtbot, tensor_model):
@@ -168,18 +168,18 @@ def test_an_invalid_regex_matches_literally(tensor_proxy):
     assert tensor_proxy.rowCount() == 0
 
 
-def test_bytes_sort_numerically(tensor_proxy, loaded_moe):
+def test_bytes_sort_numerically(tensor_proxy, loaded):
     tensor_proxy.sort(TensorTableModel.COL_BYTES, Qt.DescendingOrder)
     shown = [tensor_proxy.index(row, 0).data(BytesRole) for row in range(tensor_proxy.rowCount())]
-    assert shown == sorted((t.n_bytes for t in loaded_moe.inventory.tensors), reverse=True)
+    assert shown == sorted((t.n_bytes for t in loaded.inventory.tensors), reverse=True)
     assert shown[0] == 215040       # blk.1.ffn_down_exps (Q6_K)
     assert tensor_proxy.index(0, 0).data() == "blk.1.ffn_down_exps.weight"
 
 
-def test_sorting_the_view_sorts_the_source_once_and_keeps_selections(qtbot, loaded_moe):
+def test_sorting_the_view_sorts_the_source_once_and_keeps_selections(qtbot, loaded):
     panel = InspectorPanel()
     qtbot.addWidget(panel)
-    panel.set_model(loaded_moe)
+    panel.set_model(loaded)
     source = panel.tensor_model
     selected = QPersistentModelIndex(source.index(source.row_of(EXPERT_TENSOR), TensorTableModel.COL_NAME))
     with qtbot.waitSignal(source.layoutChanged):
@@ -190,19 +190,19 @@ def test_sorting_the_view_sorts_the_source_once_and_keeps_selections(qtbot, load
     names = [panel.tensor_proxy.index(r, 0).data() for r in range(panel.tensor_proxy.rowCount())]
     assert names[:3] == ["blk.0.attn_k.weight", "blk.0.attn_norm.weight", "blk.0.attn_output.weight"]
     assert names[-1] == "token_embd.weight"
-    panel.set_model(loaded_moe)         # a new model keeps the chosen order
+    panel.set_model(loaded)         # a new model keeps the chosen order
     assert panel.tensor_proxy.index(0, 0).data() == "blk.0.attn_k.weight"
     source.sort(-1)
-    assert source.index(0, 0).data() == loaded_moe.inventory.tensors[0].name
+    assert source.index(0, 0).data() == loaded.inventory.tensors[0].name
 
 
 # --- the panel --------------------------------------------------------------------------------
 
-def test_panel_shows_the_model_and_sums_what_the_search_matches(qtbot, loaded_moe):
+def test_panel_shows_the_model_and_sums_what_the_search_matches(qtbot, loaded):
     panel = InspectorPanel()
     qtbot.addWidget(panel)
     assert panel.stack.currentWidget() is panel.empty_label
-    panel.set_model(loaded_moe)
+    panel.set_model(loaded)
     assert panel.stack.currentIndex() == 1
     assert panel.title.text() == "fixture-llama-moe"
     assert "llama" in panel.subtitle.text() and "4 experts" in panel.subtitle.text()
@@ -222,21 +222,21 @@ def test_panel_shows_the_model_and_sums_what_the_search_matches(qtbot, loaded_mo
     assert panel.tensor_model.rowCount() == 0
 
 
-def test_panel_takes_a_device_function(qtbot, loaded_moe):
+def test_panel_takes_a_device_function(qtbot, loaded):
     panel = InspectorPanel(device_of=lambda name: "CUDA1")
     qtbot.addWidget(panel)
-    panel.set_model(loaded_moe)
+    panel.set_model(loaded)
     assert panel.tensor_proxy.index(0, TensorTableModel.COL_DEVICE).data() == "CUDA1"
     panel.set_device_of(None)
     assert panel.tensor_proxy.index(0, TensorTableModel.COL_DEVICE).data() == "CPU"
 
 
-def test_metadata_keys_are_not_cut_off(qtbot, loaded_moe):
+def test_metadata_keys_are_not_cut_off(qtbot, loaded):
     from app.models.inspector import MetadataModel
     panel = InspectorPanel()
     qtbot.addWidget(panel)
     panel.resize(1280, 760)
-    panel.set_model(loaded_moe)
+    panel.set_model(loaded)
     view = panel.metadata_view
     metrics = view.fontMetrics()
     model = view.model()

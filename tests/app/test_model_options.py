@@ -22,18 +22,18 @@ def job_context() -> JobContext:
 
 
 @pytest.fixture
-def overrides_model(loaded_moe):
-    model = OverridesModel(loaded_moe.model_file.metadata)
+def overrides_model(loaded):
+    model = OverridesModel(loaded.model_file.metadata)
     model.set_overrides([parse_override_kv(f"{USED}=int:1"), parse_override_kv("general.name=str:a, b"),
                          parse_override_kv("llama.rope.scaling.type=str:linear")])
     return model
 
 
 @pytest.fixture
-def options(qtbot, loaded_moe):
+def options(qtbot, loaded):
     widget = ModelOptionsWidget()
     qtbot.addWidget(widget)
-    widget.set_model(loaded_moe)
+    widget.set_model(loaded)
     return widget
 
 
@@ -113,8 +113,8 @@ def test_flags_are_llama_cpp_arguments_that_read_back_to_the_same_overrides(over
     assert override_kv_flags([]) == ""
 
 
-def test_keys_and_their_types_come_from_the_file_and_the_architecture(loaded_moe):
-    md = loaded_moe.model_file.metadata
+def test_keys_and_their_types_come_from_the_file_and_the_architecture(loaded):
+    md = loaded.model_file.metadata
     keys = override_key_candidates("llama", md)
     assert keys[:3] == ["general.architecture", "general.name", "llama.vocab_size"]      # file order first
     assert USED in keys and "llama.rope.scaling.type" in keys and "llama.expert_shared_count" in keys

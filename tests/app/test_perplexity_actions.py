@@ -13,15 +13,6 @@ TEXT = ("The quick brown fox jumps over the lazy dog while the engine counts eve
 REFUSAL = "Does not fit: CUDA0 over by 5.6 GiB. Loading it would run out of memory. Ways out: Auto-fit ..."
 
 
-@pytest.fixture(scope="module")
-def loaded(fixtures_dir) -> LoadedModel:
-    from engine.gguf.model_file import ModelFile
-    from engine.plan.inventory import Inventory
-    path = fixtures_dir / "llama-moe" / "Q4_K_M.gguf"
-    model_file = ModelFile(path)
-    return LoadedModel(path, model_file, Inventory.from_model_file(model_file), 0.0)
-
-
 class FakeDialogs:
     def __init__(self):
         self.overwrite = False

@@ -14,9 +14,9 @@ TEXT = ("A controller holds the run and the panel only shows it; the engine scor
 
 
 @pytest.fixture
-def controller(qtbot, bridge, loaded_moe):
+def controller(qtbot, bridge, loaded):
     controller = PerplexityController(bridge)
-    controller.set_model(loaded_moe)
+    controller.set_model(loaded)
     return controller
 
 
@@ -51,10 +51,10 @@ def test_a_run_logs_plots_and_ends_with_the_engine_result(qtbot, controller):
     assert seen["result_changed"][-1] == (controller.headline, controller.detail)
 
 
-def test_cancel_between_chunks_keeps_no_result(qtbot, bridge, loaded_moe):
+def test_cancel_between_chunks_keeps_no_result(qtbot, bridge, loaded):
     from slow_model import factory
     controller = PerplexityController(bridge, factory(delay_s=0.05, endless=False))
-    controller.set_model(loaded_moe)
+    controller.set_model(loaded)
     assert controller.run(controller.request(TEXT * 8, None, 32, None)) is not None
     qtbot.waitUntil(lambda: controller.started is not None, timeout=RUN_TIMEOUT_MS)
     with qtbot.waitSignal(controller.run_finished, timeout=RUN_TIMEOUT_MS) as finished:

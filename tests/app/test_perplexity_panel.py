@@ -21,15 +21,6 @@ TEXT = ("The quick brown fox jumps over the lazy dog while the engine counts eve
         "Perplexity measures how surprised a model is by a text, chunk by chunk. ") * 4
 
 
-@pytest.fixture(scope="module")
-def loaded(fixtures_dir) -> LoadedModel:
-    from engine.gguf.model_file import ModelFile
-    from engine.plan.inventory import Inventory
-    path = fixtures_dir / "llama-moe" / "Q4_K_M.gguf"
-    model_file = ModelFile(path)
-    return LoadedModel(path, model_file, Inventory.from_model_file(model_file), 0.0)
-
-
 class FakeDialogs:
     def __init__(self, path: str | None):
         self.path = path
