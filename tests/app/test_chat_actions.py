@@ -1,56 +1,17 @@
 """Chat actions that must never lose work or run what the plan says cannot run: a plan over
 capacity is refused before anything loads, Esc stops a reply, the focus goes back to the message
 box after Stop, Regenerate keeps the earlier reply as an alternative."""
-import pytest
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QApplication
 
 from app.conversations import ConversationStore
 from app.engine_jobs import ChatRunner
 from app.widgets.chat import ChatPanel
+from chat_support import TURN_TIMEOUT_MS, finish_turn
 from slow_model import factory
 
-TURN_TIMEOUT_MS = 240_000
 REFUSAL = ("Does not fit: CUDA0 over by 5.6 GiB. Loading it would run out of memory. Ways out: Auto-fit in the "
            "Designer, a smaller context (now 8,192 tokens), a smaller KV cache type, or a smaller quant of the model.")
-
-
-class FakeDialogs:
-    def __init__(self):
-        self.run_anyway = False
-        self.asked: list[str] = []
-
-    def confirm_delete(self, parent, title: str) -> bool:
-        return True
-
-    def confirm_over_capacity(self, parent, refusal: str) -> bool:
-        self.asked.append(refusal)
-        return self.run_anyway
-
-
-@pytest.fixture
-def dialogs() -> FakeDialogs:
-    return FakeDialogs()
-
-
-@pytest.fixture
-def panel(qtbot, bridge, store, dialogs, loaded):
-    panel = ChatPanel(bridge, store, dialogs, ChatRunner(factory()))
-    qtbot.addWidget(panel)
-    panel.resize(1200, 760)
-    panel.show()
-    qtbot.waitExposed(panel)
-    panel.set_model(loaded)
-    panel.sampling.seed.setValue(7)
-    panel.sampling.max_tokens.setValue(6)
-    yield panel
-    panel.shutdown()
-
-
-def finish_turn(qtbot, panel, start) -> str:
-    with qtbot.waitSignal(panel.turn_finished, timeout=TURN_TIMEOUT_MS) as blocker:
-        assert start()
-    return blocker.args[0]
 
 
 def test_a_plan_over_capacity_is_refused_before_anything_loads(qtbot, panel, dialogs):

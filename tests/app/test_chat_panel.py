@@ -1,4 +1,3 @@
-import pytest
 from gguf.constants import Keys
 from PySide6.QtCore import Qt
 
@@ -6,50 +5,14 @@ from app.engine_jobs import LoadedModel
 from app.conversations import ConversationSummary, Message
 from app.models.chat import (ConversationIdRole, ConversationListModel, ErrorRole, MessageListModel, SpeakerRole,
                              StatsRole, StreamingRole, format_stats)
-from app.engine_jobs import ChatRunner
 from app.widgets.chat import ChatPanel
 from engine.run_config import RunConfig
+from chat_support import TURN_TIMEOUT_MS, finish_turn
 from slow_model import factory
 
-TURN_TIMEOUT_MS = 180_000      # a guard against a hang, not a speed check: the first turn compiles kernels
 
 
 # ---- fixtures ---------------------------------------------------------------------------------
-
-class FakeDialogs:
-    def __init__(self, answer: bool = True):
-        self.answer = answer
-        self.asked: list[str] = []
-
-    def confirm_delete(self, parent, title: str) -> bool:
-        self.asked.append(title)
-        return self.answer
-
-
-@pytest.fixture
-def dialogs() -> FakeDialogs:
-    return FakeDialogs()
-
-
-@pytest.fixture
-def panel(qtbot, bridge, store, dialogs, loaded):
-    panel = ChatPanel(bridge, store, dialogs, ChatRunner(factory()))
-    qtbot.addWidget(panel)
-    panel.resize(1200, 760)
-    panel.show()
-    qtbot.waitExposed(panel)
-    panel.set_model(loaded)
-    panel.sampling.seed.setValue(7)
-    panel.sampling.max_tokens.setValue(6)
-    yield panel
-    panel.shutdown()
-
-
-def finish_turn(qtbot, panel, start) -> str:
-    with qtbot.waitSignal(panel.turn_finished, timeout=TURN_TIMEOUT_MS) as blocker:
-        assert start()
-    return blocker.args[0]
-
 
 def roles(panel) -> list[str]:
     return [m.role for m in panel.messages.messages()]
