@@ -5,7 +5,7 @@ Shared here: the message bar that shows errors inside the window instead of in a
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QToolButton, QWidget
+from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QMessageBox, QToolButton, QWidget
 
 from engine.gguf.quoting import printable
 
@@ -53,3 +53,12 @@ class MessageBar(QFrame):
     def dismiss(self) -> None:
         self.hide()
         self.dismissed.emit()
+
+
+def confirm_over_capacity(parent: QWidget, refusal: str) -> bool:
+    """Ask whether to run a plan the verdict refuses; Cancel is the default."""
+    box = QMessageBox(QMessageBox.Warning, "The plan does not fit", refusal, QMessageBox.Cancel, parent)
+    run = box.addButton("Run anyway", QMessageBox.DestructiveRole)
+    box.setDefaultButton(QMessageBox.Cancel)
+    box.exec()
+    return box.clickedButton() is run

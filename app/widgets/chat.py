@@ -19,7 +19,7 @@ from app.chat_controller import ChatController, TurnStats, is_base_model
 from app.conversations import Conversation, ConversationStore, Message
 from app.engine_jobs import ChatRunner, LoadedModel
 from app.models.chat import ConversationIdRole
-from app.widgets import MessageBar
+from app.widgets import MessageBar, confirm_over_capacity
 from app.widgets.chat_widgets import CHAT_STYLE, ChatInput, ChatStats, MessageView, SamplingControls
 from engine.run.sampling import SamplerSettings
 from engine.run_config import RunConfig
@@ -41,12 +41,7 @@ class ChatDialogs:
                                       QMessageBox.Delete | QMessageBox.Cancel, QMessageBox.Cancel)
         return answer == QMessageBox.Delete
 
-    def confirm_over_capacity(self, parent: QWidget, refusal: str) -> bool:
-        box = QMessageBox(QMessageBox.Warning, "The plan does not fit", refusal, QMessageBox.Cancel, parent)
-        run = box.addButton("Run anyway", QMessageBox.DestructiveRole)
-        box.setDefaultButton(QMessageBox.Cancel)
-        box.exec()
-        return box.clickedButton() is run
+    confirm_over_capacity = staticmethod(confirm_over_capacity)
 
 
 class ChatPanel(QWidget):

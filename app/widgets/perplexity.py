@@ -23,7 +23,7 @@ from app.engine_jobs import (MODE_COMPARE, MODE_PERPLEXITY, MODE_SAVE_BASE, Load
                              PerplexityRequest, default_model_factory)
 from app.models.perplexity import KldStatsModel
 from app.perplexity_controller import PerplexityController
-from app.widgets import MessageBar
+from app.widgets import MessageBar, confirm_over_capacity
 from app.widgets.ppl_plot import PerplexityPlot
 from engine.eval.perplexity import KLDivergenceStats, PerplexityResult
 from engine.run_config import RunConfig
@@ -74,12 +74,7 @@ class PerplexityDialogs:
                                       QMessageBox.Yes | QMessageBox.Cancel, QMessageBox.Cancel)
         return answer == QMessageBox.Yes
 
-    def confirm_over_capacity(self, parent: QWidget, refusal: str) -> bool:
-        box = QMessageBox(QMessageBox.Warning, "The plan does not fit", refusal, QMessageBox.Cancel, parent)
-        run = box.addButton("Run anyway", QMessageBox.DestructiveRole)
-        box.setDefaultButton(QMessageBox.Cancel)
-        box.exec()
-        return box.clickedButton() is run
+    confirm_over_capacity = staticmethod(confirm_over_capacity)
 
 
 class PerplexityPanel(QWidget):

@@ -119,16 +119,6 @@ def yarn_corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float, 
     return max(0.0, low), min(n_dims - 1.0, high)
 
 
-def yarn_corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float, beta_slow: float):
-    """ggml_rope_yarn_corr_dims: the dimension range over which YaRN ramps from interpolation
-    to extrapolation."""
-    def corr_dim(n_rot: float) -> float:
-        return n_dims * math.log(n_ctx_orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
-    low = math.floor(corr_dim(beta_fast))
-    high = math.ceil(corr_dim(beta_slow))
-    return max(0.0, low), min(n_dims - 1.0, high)
-
-
 def rope_cos_sin(positions, n_dims: int, base: float, scaling: RopeScaling = RopeScaling(), freq_factors=None):
     """cos and sin (n_tokens, n_dims/2) of each rotation, magnitude included
     (ggml_rope_cache_init), on the device of `positions` (int64 (n_tokens,))."""

@@ -18,17 +18,6 @@ from kernels.cpu import dequantize_rows, quantize_rows
 FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16}
 
 
-def row_bytes(type_name: str, n_values: int) -> int:
-    """Bytes of one cached row (engine.plan.memory.kv_row_bytes sizes the estimate the same way)."""
-    if n_values == 0:
-        return 0
-    size = ggml_types.row_bytes(ggml_types.type_id_by_name(type_name), n_values)
-    if size is None:
-        raise ValueError(f"KV cache type {type_name} needs rows that are a multiple of its block size; "
-                         f"this model caches {n_values} values per token: use f16 or q8_0")
-    return size
-
-
 class RowCodec:
     """How one cache type stores rows."""
 
@@ -40,7 +29,7 @@ class RowCodec:
     def empty(self, cells: int, n_values: int) -> np.ndarray:
         if self.dtype is not None:
             return np.zeros((cells, n_values), dtype=self.dtype)
-        return np.zeros((cells, row_bytes(self.type_name, n_values)), dtype=np.uint8)
+        return np.zeros((cells, ggml_types.kv_row_bytes(self.type_name, n_values)), dtype=np.uint8)
 
     def encode(self, rows: np.ndarray) -> np.ndarray:
         return rows if self.dtype is not None else quantize_rows(np.ascontiguousarray(rows, np.float32), self.type_id)

@@ -82,3 +82,15 @@ def type_id_by_name(name: str) -> int:
         if t.name.upper() == upper:
             return t.type_id
     raise UnknownTypeError(f"unknown ggml type {name!r}")
+
+
+def kv_row_bytes(type_name: str, n_values: int) -> int:
+    """Bytes of one token's row of `n_values` in a KV cache of `type_name` (f16, q8_0, ...): what
+    the planner estimates and the backends allocate."""
+    if n_values == 0:
+        return 0
+    row = row_bytes(type_id_by_name(type_name), n_values)
+    if row is None:
+        raise ValueError(f"KV cache type {type_name} needs rows that are a multiple of its block size; "
+                         f"this model caches {n_values} values per token: use f16 or q8_0")
+    return row

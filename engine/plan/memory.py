@@ -55,21 +55,11 @@ def kv_cells(hp: HyperParams, il: int, rc: RunConfig) -> int:
     return pad_cells(min(n_ctx, hp.attention_window * rc.n_seq + rc.n_ubatch))
 
 
-def kv_row_bytes(type_name: str, n_values: int) -> int:
-    if n_values == 0:
-        return 0
-    row = ggml_types.row_bytes(ggml_types.type_id_by_name(type_name), n_values)
-    if row is None:
-        raise ValueError(f"KV cache type {type_name} needs rows that are a multiple of its block size; "
-                         f"this model caches {n_values} values per token: use f16 or q8_0")
-    return row
-
-
 def kv_layer_bytes(hp: HyperParams, il: int, rc: RunConfig) -> tuple[int, int]:
     """(K bytes, V bytes) of layer il's cache."""
     cells = kv_cells(hp, il, rc)
-    return (kv_row_bytes(rc.type_k, hp.n_embd_k_gqa(il)) * cells,
-            kv_row_bytes(rc.type_v, hp.n_embd_v_gqa(il)) * cells)
+    return (ggml_types.kv_row_bytes(rc.type_k, hp.n_embd_k_gqa(il)) * cells,
+            ggml_types.kv_row_bytes(rc.type_v, hp.n_embd_v_gqa(il)) * cells)
 
 
 def kv_cache_bytes(hp: HyperParams, rc: RunConfig) -> int:

@@ -1,5 +1,4 @@
 """GGUF files made to break the parser: each ends in one bounded, printable ModelFileError."""
-import numpy as np
 import pytest
 from gguf.constants import GGUFValueType
 

@@ -13,7 +13,7 @@ from engine.arch import UnsupportedArchitectureError
 from engine.arch.base import AttentionKind, HyperParamError
 from engine.backends import Weight
 from engine.backends import cpu as cpu_backend
-from engine.gguf.model_file import ModelFile, ModelFileError
+from engine.gguf.model_file import ModelFile
 from engine.run.kv_cache import ContextOverflowError
 from engine.arch.layers import RopeScaling, Routing, select_experts
 from engine.run.model import Model, NonFiniteError, UnsupportedTensorTypeError
