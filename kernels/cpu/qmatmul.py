@@ -237,6 +237,14 @@ def _matmul_chunk(xq, xd, min_sums, w, wi, type_code, n_cols, lanes, start, n_ch
                 out[t, col0 + start + i] += _min_term(mins_f, i, min_sums, t)
 
 
+@njit(cache=True, nogil=True)
+def qmatmul_rows(xq, xd, min_sums, w, type_code, n_cols, start, n_rows, out, col0):
+    """out[:, col0 + start : col0 + start + n_rows] = rows start .. of x @ W.T on the calling
+    thread: the unit other parallel kernels (the grouped experts of a MoE layer) schedule."""
+    tile_rows = 1 if xq.shape[0] == 1 else n_rows
+    _matmul_chunk(xq, xd, min_sums, w, w.view(np.int8), type_code, n_cols, LANES, start, n_rows, tile_rows, out, col0)
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def qmatmul_kernel(xq, xd, min_sums, w, type_code, n_cols, lanes, rows_per_chunk, out, col0):
     """out[:, col0:col0 + n_rows] = x @ W.T from x quantized (xq, xd, min_sums) for type_code."""

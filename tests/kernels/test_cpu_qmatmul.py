@@ -22,7 +22,7 @@ from numba import njit
 
 from kernels.cpu import INTEGER_TYPES, QuantizedActivations, qmatmul
 from kernels.cpu.formats import read_only
-from kernels.cpu.qmatmul import Q8_K_INPUT_TYPES, qmatmul_kernel, qmatmul_serial, rows_per_chunk
+from kernels.cpu.qmatmul import Q8_K_INPUT_TYPES, qmatmul_kernel, qmatmul_rows, qmatmul_serial, rows_per_chunk
 from kernels.cpu.simd import scaled_block_dot, scaled_block_dot_reference
 
 INTEGER_TYPE_NAMES = sorted(t.name for t in INTEGER_TYPES)
@@ -203,3 +203,18 @@ def test_thread_pool_and_calling_thread_agree(rng, type_name, n_tokens):
     qmatmul_serial(x.q, x.d, x.min_sums, read_only(w), int(qtype), n_cols, 32, chunk, serial, 0)
     assert np.array_equal(pooled.view(np.uint32), serial.view(np.uint32))
     assert np.array_equal(qmatmul(x, w, qtype, n_cols), pooled)
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_1", "Q4_K", "IQ4_XS"])
+@pytest.mark.parametrize("n_tokens", [1, 3])
+def test_a_range_of_rows_is_the_same_slice_of_the_product(rng, type_name, n_tokens):
+    """qmatmul_rows, the unit other kernels schedule, writes exactly its rows, as qmatmul computes them."""
+    qtype = QType[type_name]
+    n_cols, n_rows, start, count = 512, 200, 37, 101
+    w = read_only(random_weight(rng, type_name, n_rows, n_cols))
+    x = QuantizedActivations.for_type(rng.standard_normal((n_tokens, n_cols)).astype(np.float32), qtype)
+    whole = qmatmul(x, w, qtype, n_cols)
+    out = np.full((n_tokens, n_rows + 5), np.nan, np.float32)
+    qmatmul_rows(x.q, x.d, x.min_sums, w, int(qtype), n_cols, start, count, out, 5)
+    assert np.array_equal(out[:, 5 + start:5 + start + count], whole[:, start:start + count])
+    assert np.isnan(out[:, :5 + start]).all() and np.isnan(out[:, 5 + start + count:]).all()
