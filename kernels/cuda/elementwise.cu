@@ -1,5 +1,5 @@
 // Row and element-wise ops of a forward pass: RMS norm, softmax, rope (tables and rotation),
-// SwiGLU / GeGLU, residual add. Shapes are NumPy order; every array is contiguous float32.
+// SwiGLU / GeGLU, residual add, scaling by a constant and logit soft-capping. Shapes are NumPy order; every array is contiguous float32.
 #include "common.cuh"
 
 // out = x / sqrt(mean(x^2) + eps) (* w). grid n_rows, block 256 (llama.cpp build_norm, RMS).
@@ -97,4 +97,15 @@ extern "C" __global__ void geglu(const float* gate, const float* up, float* out,
 extern "C" __global__ void add(const float* a, const float* b, float* out, int64 n) {
     int64 i = (int64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = a[i] + b[i];
+}
+
+extern "C" __global__ void scale(const float* x, float* out, int64 n, float s) {
+    int64 i = (int64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = x[i] * s;
+}
+
+// cap * tanh(x / cap) (gemma's final_logit_softcapping)
+extern "C" __global__ void softcap(const float* x, float* out, int64 n, float cap) {
+    int64 i = (int64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = cap * tanhf(x[i] / cap);
 }

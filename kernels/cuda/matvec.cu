@@ -2,7 +2,8 @@
 // once. Quantized types: the activations are first quantized to q8_1 blocks (quantize_q8_1), then
 // each warp computes one output row with integer dot products per 32-value unit (quant.cuh).
 // mul_mat_vec_f: float activations used as they are (the float weight types; every type when
-// the run asks for exact f32 activations), one warp per row.
+// the run asks for exact f32 activations), one warp per row. mul_mat_vec_id_q / _f: one token
+// through the experts its router picked on the device (ids in device memory, nothing read back).
 #include "quant.cuh"
 
 #define MAX_TOKENS 8
@@ -26,14 +27,13 @@ extern "C" __global__ void __launch_bounds__(256) quantize_q8_1(const float* x, 
 }
 
 // W: (n_rows, row_bytes) bytes of TYPE; y: (n_tokens, n_cols / 32) q8_1 blocks;
-// out[t * out_stride + row] = sum over the row.
+// out[t * out_stride + row] = sum over the row. One warp per row.
 template <int TYPE>
-__global__ void __launch_bounds__(128) mul_mat_vec_q(const uint8* W, const block_q8_1* y, float* out, int n_rows,
+static __device__ __forceinline__ void mat_vec_q_row(const uint8* W, const block_q8_1* y, float* out, int row,
                                                      int n_cols, int row_bytes, int n_tokens, int out_stride) {
     typedef Quant<TYPE> Q;
     const int UNITS_PER_BLOCK = Q::QK / 32;
-    int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
-    if (row >= n_rows) return;
+    int lane = threadIdx.x % WARP_SIZE;
     int n_units = n_cols / 32;
     const uint8* w = W + (int64)row * row_bytes;
     float acc[MAX_TOKENS];
@@ -56,12 +56,11 @@ __global__ void __launch_bounds__(128) mul_mat_vec_q(const uint8* W, const block
 }
 
 // W: (n_rows, row_bytes) of any type; x: (n_tokens, n_cols) f32, used exactly (no q8_1 rounding):
-// the float weight types, and every type when activations are not rounded.
+// the float weight types, and every type when activations are not rounded. One warp per row.
 template <int TYPE>
-__global__ void __launch_bounds__(128) mul_mat_vec_f(const uint8* W, const float* x, float* out, int n_rows,
-                                                     int n_cols, int row_bytes, int n_tokens, int out_stride) {
-    int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
-    if (row >= n_rows) return;
+static __device__ __forceinline__ void mat_vec_f_row(const uint8* W, const float* x, float* out, int row, int n_cols,
+                                                     int row_bytes, int n_tokens, int out_stride) {
+    int lane = threadIdx.x % WARP_SIZE;
     const uint8* w = W + (int64)row * row_bytes;
     float acc[MAX_TOKENS];
 #pragma unroll
@@ -79,4 +78,47 @@ __global__ void __launch_bounds__(128) mul_mat_vec_f(const uint8* W, const float
             if (lane == 0) out[(int64)t * out_stride + row] = total;
         }
     }
+}
+
+template <int TYPE>
+__global__ void __launch_bounds__(128) mul_mat_vec_q(const uint8* W, const block_q8_1* y, float* out, int n_rows,
+                                                     int n_cols, int row_bytes, int n_tokens, int out_stride) {
+    int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP_SIZE;
+    if (row < n_rows) mat_vec_q_row<TYPE>(W, y, out, row, n_cols, row_bytes, n_tokens, out_stride);
+}
+
+template <int TYPE>
+__global__ void __launch_bounds__(128) mul_mat_vec_f(const uint8* W, const float* x, float* out, int n_rows,
+                                                     int n_cols, int row_bytes, int n_tokens, int out_stride) {
+    int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP_SIZE;
+    if (row < n_rows) mat_vec_f_row<TYPE>(W, x, out, row, n_cols, row_bytes, n_tokens, out_stride);
+}
+
+// ---- the selected experts of one token, chosen on the device ------------------------------------
+
+// One token through the experts ids[s] (s < n_slots) of a routed-expert tensor W (n_expert,
+// n_rows, row_bytes): out (n_slots, n_rows), slot s from expert ids[s]. The input is one row
+// shared by every slot (x_slot_stride 0: gate and up) or one row per slot (down). Each slot's
+// row is the sum mul_mat_vec computes for that expert alone, so a decode step whose router stays
+// on the device (a CUDA graph) gives the numbers of one launch per expert.
+// grid (ceil(n_rows / ROWS_PER_BLOCK), n_slots), block 128.
+template <int TYPE>
+__global__ void __launch_bounds__(128) mul_mat_vec_id_q(const uint8* W, const int64* ids, const block_q8_1* y,
+                                                        float* out, int n_rows, int n_cols, int row_bytes,
+                                                        int y_slot_stride) {
+    int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP_SIZE, slot = blockIdx.y;
+    if (row >= n_rows) return;
+    const uint8* expert = W + ids[slot] * (int64)n_rows * row_bytes;
+    mat_vec_q_row<TYPE>(expert, y + (int64)slot * y_slot_stride, out + (int64)slot * n_rows, row, n_cols, row_bytes,
+                        1, n_rows);
+}
+
+template <int TYPE>
+__global__ void __launch_bounds__(128) mul_mat_vec_id_f(const uint8* W, const int64* ids, const float* x, float* out,
+                                                        int n_rows, int n_cols, int row_bytes, int x_slot_stride) {
+    int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP_SIZE, slot = blockIdx.y;
+    if (row >= n_rows) return;
+    const uint8* expert = W + ids[slot] * (int64)n_rows * row_bytes;
+    mat_vec_f_row<TYPE>(expert, x + (int64)slot * x_slot_stride, out + (int64)slot * n_rows, row, n_cols, row_bytes,
+                        1, n_rows);
 }

@@ -2,7 +2,8 @@
 // sigmoid), selection scores (the probabilities or the raw logits, plus an optional bias),
 // DeepSeek-V3's grouped top-k (only the n_groups_used groups with the best sum of their top-2
 // scores compete), top-k with ties to the lower expert, weights from the unbiased probabilities,
-// optionally renormalised and scaled. One block of 256 threads per token.
+// optionally renormalised and scaled. One block of 256 threads per token. moe_combine: the chosen
+// experts' outputs weighted and summed on the device, in ascending expert order.
 #include "common.cuh"
 
 #define MAX_EXPERTS 512
@@ -67,4 +68,24 @@ extern "C" __global__ void __launch_bounds__(256) moe_route(
         if (norm_weights) for (int j = 0; j < k; ++j) out_w[j] /= fmaxf(total, 6.103515625e-5f);
         if (weights_scale != 0.0f && weights_scale != 1.0f) for (int j = 0; j < k; ++j) out_w[j] *= weights_scale;
     }
+}
+
+// out (T, n) = sum over the k slots of token t, in ascending expert id, of y[t * k + slot] *
+// weights[t, slot]: the order and the rounding (a product, then a sum, never fused) of the
+// engine's host-routed sum, so both give the same numbers. grid (ceil(n / 256), T), block 256.
+extern "C" __global__ void __launch_bounds__(256) moe_combine(const float* y, const int64* ids, const float* weights,
+                                                              float* out, int n, int k) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+    if (i >= n) return;
+    const int64* token_ids = ids + (int64)t * k;
+    float acc = 0.0f;
+    int64 previous = -1;
+    for (int j = 0; j < k; ++j) {
+        int slot = -1;                       // the slot of the smallest expert above the previous one
+        for (int s = 0; s < k; ++s)
+            if (token_ids[s] > previous && (slot < 0 || token_ids[s] < token_ids[slot])) slot = s;
+        previous = token_ids[slot];
+        acc = __fadd_rn(acc, __fmul_rn(y[((int64)t * k + slot) * n + i], weights[(int64)t * k + slot]));
+    }
+    out[(int64)t * n + i] = acc;
 }

@@ -82,7 +82,8 @@ def matvec_name(fmt: QuantFormat, exact: bool = False) -> str:
 
 
 def all_matvec_names() -> tuple[str, ...]:
-    return tuple(dict.fromkeys(matvec_name(f, exact) for f in FORMATS.values() for exact in (False, True)))
+    names = (matvec_name(f, exact) for f in FORMATS.values() for exact in (False, True))
+    return tuple(dict.fromkeys(name for base in names for name in (base, base.replace("_vec_", "_vec_id_"))))
 
 
 def quantize_q8_1(rt, x, out=None):
@@ -128,6 +129,38 @@ def matvec(rt, x, weight, type_name: str, n_cols: int, out=None, exact: bool = F
         activations = quantize_q8_1(rt, x, q8_scratch)
     _launch(rt, "matvec.cu", matvec_name(fmt, exact), -(-n_rows // 4), 128,
             (weight, activations, out, _i32(n_rows), _i32(n_cols), _i32(row_bytes), _i32(n_tokens), _i32(n_rows)))
+    return out
+
+
+def expert_matvec(rt, x, weight, ids, type_name: str, n_cols: int, exact: bool = False):
+    """One token through the experts `ids` (device int64 (k,)) of weight (n_expert, n_rows,
+    row_bytes) uint8 -> (k, n_rows) f32, slot s through expert ids[s]; x is (1, n_cols), shared by
+    the slots, or (k, n_cols), one row per slot. Nothing is read back to the host: the router's
+    choice stays on the device (a decode step captured as a CUDA graph)."""
+    fmt = FORMATS.get(type_name)
+    _require(fmt is not None, f"no CUDA matvec for {type_name} (have {', '.join(FORMATS)})")
+    _float_array(x, "x")
+    _dtype(weight, np.uint8, "weight")
+    _contiguous(weight, "weight")
+    _dtype(ids, np.int64, "ids")
+    _contiguous(ids, "ids")
+    _require(weight.ndim == 3, f"weight must be (n_expert, n_rows, row_bytes), got {weight.shape}")
+    n_expert, n_rows, row_bytes = weight.shape
+    k = ids.shape[0]
+    _require(ids.shape == (k,) and 0 < k <= n_expert, f"ids must be (k,) with 0 < k <= {n_expert}, got {ids.shape}")
+    _require(x.ndim == 2 and x.shape[0] in (1, k) and x.shape[1] == n_cols, f"x must be (1 or {k}, {n_cols}), got {x.shape}")
+    _require(n_cols % fmt.block_values == 0 and row_bytes == n_cols // fmt.block_values * fmt.block_bytes,
+             f"{type_name} rows of {n_cols} values are {n_cols // fmt.block_values * fmt.block_bytes} bytes, got {row_bytes}")
+    _aligned(weight, 4 if fmt.name == "F32" else 2, "weight")
+    out = rt.alloc((k, n_rows), np.float32)
+    per_slot = x.shape[0] == k and k > 1
+    if fmt.is_float or exact:
+        activations, stride = x, n_cols if per_slot else 0
+    else:
+        _require(n_cols % 32 == 0, "quantized rows are whole 32-value units")
+        activations, stride = quantize_q8_1(rt, x), n_cols // 32 if per_slot else 0
+    _launch(rt, "matvec.cu", matvec_name(fmt, exact).replace("_vec_", "_vec_id_"), (-(-n_rows // 4), k), 128,
+            (weight, ids, activations, out, _i32(n_rows), _i32(n_cols), _i32(row_bytes), _i32(stride)))
     return out
 
 
@@ -414,6 +447,25 @@ def add(rt, a, b):
     return _binary(rt, "add", a, b)
 
 
+def _unary(rt, kernel: str, x, value: float):
+    _float_array(x, "x")
+    out = rt.alloc(x.shape, np.float32)
+    if x.size:
+        _launch(rt, "elementwise.cu", kernel, -(-x.size // 256), 256, (x, out, np.int64(x.size), _f32(value)))
+    return out
+
+
+def scale(rt, x, s: float):
+    """x * s."""
+    return _unary(rt, "scale", x, s)
+
+
+def softcap(rt, x, cap: float):
+    """cap * tanh(x / cap)."""
+    _require(cap > 0, f"a soft cap must be positive, got {cap}")
+    return _unary(rt, "softcap", x, cap)
+
+
 # ---- MoE routing -------------------------------------------------------------------------------------
 
 MAX_EXPERTS = 512
@@ -437,6 +489,23 @@ def moe_route(rt, logits, k: int, gating: str = "softmax", select_on_logits: boo
                  _i32(gating == "sigmoid"), _i32(select_on_logits), _i32(bias is not None), _i32(n_groups),
                  _i32(n_groups_used), _i32(norm_weights), _f32(weights_scale)))
     return ids, weights
+
+
+def moe_combine(rt, y, ids, weights):
+    """(T, n) sums of each token's k expert outputs y (T * k, n), weighted by weights (T, k), in
+    ascending expert id (ids (T, k) int64): the order of the engine's host-routed sum."""
+    _float_array(y, "y")
+    _float_array(weights, "weights")
+    _dtype(ids, np.int64, "ids")
+    _contiguous(ids, "ids")
+    n_tokens, k = ids.shape
+    _require(weights.shape == (n_tokens, k) and y.ndim == 2 and y.shape[0] == n_tokens * k,
+             f"y must be ({n_tokens * k}, n) and weights ({n_tokens}, {k})")
+    n = y.shape[1]
+    out = rt.alloc((n_tokens, n), np.float32)
+    if n_tokens and n:
+        _launch(rt, "moe.cu", "moe_combine", (-(-n // 256), n_tokens), 256, (y, ids, weights, out, _i32(n), _i32(k)))
+    return out
 
 
 # Template instances each source is built with (CuPy name_expressions; the emulator's entry points)

@@ -576,6 +576,8 @@ inline float __cosf(float x) { return cosf(x); }
 inline float __powf(float x, float y) { return powf(x, y); }
 inline float __fdividef(float x, float y) { return x / y; }
 inline float __frcp_rn(float x) { return 1.0f / x; }
+inline float __fmul_rn(float x, float y) { return x * y; }     // never contracted into an FMA
+inline float __fadd_rn(float x, float y) { return x + y; }
 inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
 inline void sincosf_(float x, float* s, float* c) { *s = sinf(x); *c = cosf(x); }
 inline int __float2int_rn(float x) { return (int)nearbyintf(x); }
