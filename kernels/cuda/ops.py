@@ -513,3 +513,63 @@ NAME_EXPRESSIONS = {
     "matvec.cu": all_matvec_names(),
     "rows.cu": tuple(f"{kernel}<{f.ggml_type}>" for kernel in ("get_rows", "dequantize_rows") for f in FORMATS.values()),
 }
+
+
+# ---- the Gated DeltaNet mixer (Qwen3.5, Qwen3-Next) -------------------------------------------------
+
+CONV_KERNELS = (4,)             # ssm_d_conv of the released models: causal_conv_silu's instances
+MAX_DELTA_HEAD_DIM = 128        # delta_net.cu: 4 key rows of a state column per lane of a warp
+DELTA_COLUMNS_PER_BLOCK = 32    # 8 state columns per warp, 4 warps
+NAME_EXPRESSIONS["delta_net.cu"] = tuple(f"causal_conv_silu<{k}>" for k in CONV_KERNELS)
+
+
+def causal_conv_silu(rt, x, state, weight):
+    """silu of the causal depthwise conv of x (T, C) over time, continuing from state (K-1, C), the
+    previous K-1 inputs, which becomes the last K-1 inputs (in place); weight (C, K) -> (T, C)."""
+    for a, what in ((x, "x"), (state, "state"), (weight, "weight")):
+        _float_array(a, what)
+    n_tokens, n_channels = x.shape
+    kernel = weight.shape[-1]
+    _require(kernel in CONV_KERNELS, f"no CUDA causal conv with a kernel of {kernel} (have {CONV_KERNELS})")
+    _require(weight.shape == (n_channels, kernel), f"weight must be ({n_channels}, {kernel}), got {weight.shape}")
+    _require(state.shape == (kernel - 1, n_channels), f"state must be ({kernel - 1}, {n_channels}), got {state.shape}")
+    out = rt.alloc(x.shape, np.float32)
+    if x.size:
+        _launch(rt, "delta_net.cu", f"causal_conv_silu<{kernel}>", -(-n_channels // 128), 128,
+                (x, state, weight, out, _i32(n_tokens), _i32(n_channels)))
+    return out
+
+
+def gated_delta_rule(rt, mixed, g, beta, state, n_k_heads: int, n_v_heads: int, d: int, grouped: bool, eps: float,
+                     q_scale: float):
+    """The delta rule over the tokens of mixed (T, C) = [q (Hk x d) | k (Hk x d) | v (Hv x d) | ...],
+    q and k L2-normalised (eps) and q times q_scale on the way; value head h reads key head
+    h // (Hv / Hk) when grouped, else h % Hk. g, beta (T, Hv); state (Hv, d, d) in any shape of
+    that size, updated in place. -> (T, Hv, d)."""
+    for a, what in ((mixed, "mixed"), (g, "g"), (beta, "beta"), (state, "state")):
+        _float_array(a, what)
+    n_tokens, row_values = mixed.shape
+    _require(0 < n_k_heads and n_v_heads % n_k_heads == 0, f"{n_v_heads} value heads do not group over {n_k_heads} key heads")
+    _require(0 < d <= MAX_DELTA_HEAD_DIM, f"the CUDA delta rule takes heads of 1 to {MAX_DELTA_HEAD_DIM} values, got {d}")
+    _require(row_values >= (2 * n_k_heads + n_v_heads) * d, f"rows of {row_values} values cannot hold q, k and v")
+    _require(g.shape == beta.shape == (n_tokens, n_v_heads), f"g and beta must be ({n_tokens}, {n_v_heads})")
+    _require(state.size == n_v_heads * d * d, f"state must hold {n_v_heads} states of {d} x {d}")
+    out = rt.alloc((n_tokens, n_v_heads, d), np.float32)
+    if n_tokens:
+        _launch(rt, "delta_net.cu", "gated_delta_rule", (n_v_heads, -(-d // DELTA_COLUMNS_PER_BLOCK)), 128,
+                (mixed, _i32(row_values), g, beta, state, out, _i32(n_tokens), _i32(n_k_heads), _i32(n_v_heads),
+                 _i32(d), _i32(grouped), _f32(eps), _f32(q_scale)))
+    return out
+
+
+def gated_rms_norm(rt, x, weight, z, eps: float):
+    """x (..., d) / sqrt(mean(x^2) + eps) * weight (d,) * silu(z), z shaped as x."""
+    for a, what in ((x, "x"), (weight, "weight"), (z, "z")):
+        _float_array(a, what)
+    d = x.shape[-1]
+    _require(weight.shape == (d,), f"weight must be ({d},), got {weight.shape}")
+    _require(z.shape == x.shape, f"z must be shaped as x {x.shape}, got {z.shape}")
+    out = rt.alloc(x.shape, np.float32)
+    if x.size:
+        _launch(rt, "delta_net.cu", "gated_rms_norm", x.size // d, 128, (x, weight, z, out, _i32(d), _f32(eps)))
+    return out

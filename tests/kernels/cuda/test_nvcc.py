@@ -12,7 +12,7 @@ import pytest
 from kernels.cuda import loader, ops
 
 ARCHS = ("80", "86", "89", "90")
-DECODE_SOURCES = ("matvec.cu", "attention.cu")
+DECODE_SOURCES = ("matvec.cu", "attention.cu", "delta_net.cu")
 SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 FUNCTION_RE = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+)'")
 
