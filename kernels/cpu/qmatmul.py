@@ -4,15 +4,16 @@
 
 x is quantized once (`qactivations`: Q8_0 blocks for the 32-element weight types, Q8_K for
 the K-quants and IQ4_XS), then every output is, per weight block,
-`d_w * d_x * (exact integer sum of products)` (+ the min terms of the types with mins),
-computed by `simd.scaled_block_dot`. The results equal llama.cpp's up to the order of the
-float additions. Types outside INTEGER_TYPES have no integer form here (F32/F16/BF16 and
-the IQ1-IQ3/TQ/MXFP4 families): use `kernels.cpu.matmul`.
+`d_w * d_x * (exact integer sum of products)` (+ the min terms of the types with mins). The
+results equal llama.cpp's up to the order of the float additions. Types outside INTEGER_TYPES
+have no integer form here (F32/F16/BF16 and the IQ1-IQ3/TQ/MXFP4 families): use
+`kernels.cpu.matmul`.
 
-Work split: the rows of W in chunks over Numba's threads. One token (decode): each row is
-unpacked into a small scratch row and dotted at once, so every weight byte is read once from
-memory, in order. Several tokens (prefill): a chunk of rows is unpacked once into an int8/int16
-tile sized to stay in L1, then every token's quantized row is dotted with every tile row.
+Work split: the rows of W in chunks over Numba's threads. One token (decode): each row's raw
+GGUF blocks go straight through the type's fused kernel (`blockdot`: decoded in vector
+registers), so every weight byte is read once from memory, in order. Several tokens (prefill):
+a chunk of rows is unpacked once into an int8/int16 tile sized to stay in L1, then every
+token's quantized row is dotted with every tile row (`simd.scaled_block_dot`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from llvmlite import binding as llvm_binding
 from numba import njit, prange
 
 from kernels.cpu import unpack
+from kernels.cpu.blockdot import ROW_DOTS
 from kernels.cpu.decode import checked_weight
 from kernels.cpu.decode_basic import read_f16
+from kernels.cpu.decode_kquants import k_scale_min
 from kernels.cpu.formats import as_ggml_type, read_only
 from kernels.cpu.qactivations import quantize_activations, quantize_one_token
 from kernels.cpu.simd import scaled_block_dot
@@ -35,6 +38,10 @@ from kernels.cpu.tile_matmul import SUM_FASTMATH
 _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = (int(QType[n]) for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"))
 _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(QType[n]) for n in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
 _IQ4_NL, _IQ4_XS = int(QType.IQ4_NL), int(QType.IQ4_XS)
+_DOT_Q4_0, _DOT_Q4_1, _DOT_Q5_0, _DOT_Q5_1, _DOT_Q8_0, _DOT_IQ4_NL = (
+    ROW_DOTS[n] for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"))
+_DOT_Q2_K, _DOT_Q3_K, _DOT_Q4_K, _DOT_Q5_K, _DOT_Q6_K, _DOT_IQ4_XS = (
+    ROW_DOTS[n] for n in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"))
 
 Q8_0_INPUT_TYPES = frozenset(QType[n] for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"))
 Q8_K_INPUT_TYPES = frozenset(QType[n] for n in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"))
@@ -68,9 +75,9 @@ SERIAL_WORK_BYTES = 64 * 1024  # weight bytes x tokens below which one thread is
 
 
 @njit(cache=True, nogil=True)
-def _unpack_row(type_code, w, r, n_cols, lanes, tile8, tile16, i, mins):
+def _unpack_row(type_code, w, r, n_cols, lanes, tile8, tile16, i):
     if type_code == _Q4_K:
-        unpack.unpack_q4_k(w, r, n_cols, lanes, tile16, i, mins)
+        unpack.unpack_q4_k(w, r, n_cols, lanes, tile16, i)
     elif type_code == _Q6_K:
         unpack.unpack_q6_k(w, r, n_cols, lanes, tile16, i)
     elif type_code == _Q5_0:
@@ -78,7 +85,7 @@ def _unpack_row(type_code, w, r, n_cols, lanes, tile8, tile16, i, mins):
     elif type_code == _Q4_0:
         unpack.unpack_q4_0(w, r, n_cols, lanes, tile8, i)
     elif type_code == _Q5_K:
-        unpack.unpack_q5_k(w, r, n_cols, lanes, tile16, i, mins)
+        unpack.unpack_q5_k(w, r, n_cols, lanes, tile16, i)
     elif type_code == _IQ4_NL:
         unpack.unpack_iq4_nl(w, r, n_cols, lanes, tile8, i)
     elif type_code == _Q4_1:
@@ -86,7 +93,7 @@ def _unpack_row(type_code, w, r, n_cols, lanes, tile8, tile16, i, mins):
     elif type_code == _Q5_1:
         unpack.unpack_q5_1(w, r, n_cols, lanes, tile8, i)
     elif type_code == _Q2_K:
-        unpack.unpack_q2_k(w, r, n_cols, lanes, tile16, i, mins)
+        unpack.unpack_q2_k(w, r, n_cols, lanes, tile16, i)
     elif type_code == _Q3_K:
         unpack.unpack_q3_k(w, r, n_cols, lanes, tile16, i)
     elif type_code == _IQ4_XS:
@@ -155,10 +162,10 @@ def _min_offset(type_code):
 
 
 @njit(cache=True, nogil=True)
-def _unpack_mins(type_code, w, r, n_cols, mins, i, mins_f):
+def _min_factors(type_code, w, r, n_cols, i, mins_f):
     """mins_f[i]: the row's min factors as floats, paired with QuantizedActivations.min_sums:
     Q4_1/Q5_1 one m per 32 (times Q8_1's block sum s); K-quants with mins -dmin * min per 16
-    (times d_x * bsum)."""
+    (times d_x * bsum), the 6-bit mins of Q4_K/Q5_K per 32, Q2_K's high nibbles per 16."""
     block_bytes = _block_bytes(type_code)
     min_offset = _min_offset(type_code)
     if type_code == _Q4_1 or type_code == _Q5_1:
@@ -166,9 +173,14 @@ def _unpack_mins(type_code, w, r, n_cols, mins, i, mins_f):
             mins_f[i, b] = read_f16(w, r, b * block_bytes + min_offset)
         return
     for b in range(n_cols // 256):
-        dmin = read_f16(w, r, b * block_bytes + min_offset)
+        offset = b * block_bytes
+        dmin = read_f16(w, r, offset + min_offset)
         for g in range(16):
-            mins_f[i, b * 16 + g] = -(dmin * np.float32(mins[i, b * 16 + g]))
+            if type_code == _Q2_K:
+                minimum = np.int32(w[r, offset + g]) >> 4
+            else:
+                minimum = k_scale_min(w, r, offset + 4, g >> 1)[1]
+            mins_f[i, b * 16 + g] = -(dmin * np.float32(minimum))
 
 
 @njit(cache=True, nogil=True, fastmath=SUM_FASTMATH)
@@ -203,32 +215,66 @@ def _dot_rows(kind, w, wi, start, n_chunk_rows, tile_row0, n_cols, d_offset, blo
 
 
 @njit(cache=True, nogil=True)
+def _row_dot(type_code, w, r, x, dx, n_cols):
+    """Row r of W . one token's quantized activations (no min terms), by the type's fused kernel."""
+    if type_code == _Q8_0:
+        return _DOT_Q8_0(w, r, x, dx, n_cols // 32)
+    if type_code == _Q6_K:
+        return _DOT_Q6_K(w, r, x, dx, n_cols // 256)
+    if type_code == _Q4_K:
+        return _DOT_Q4_K(w, r, x, dx, n_cols // 256)
+    if type_code == _Q5_0:
+        return _DOT_Q5_0(w, r, x, dx, n_cols // 32)
+    if type_code == _Q4_0:
+        return _DOT_Q4_0(w, r, x, dx, n_cols // 32)
+    if type_code == _Q5_K:
+        return _DOT_Q5_K(w, r, x, dx, n_cols // 256)
+    if type_code == _IQ4_NL:
+        return _DOT_IQ4_NL(w, r, x, dx, n_cols // 32)
+    if type_code == _Q4_1:
+        return _DOT_Q4_1(w, r, x, dx, n_cols // 32)
+    if type_code == _Q5_1:
+        return _DOT_Q5_1(w, r, x, dx, n_cols // 32)
+    if type_code == _Q2_K:
+        return _DOT_Q2_K(w, r, x, dx, n_cols // 256)
+    if type_code == _Q3_K:
+        return _DOT_Q3_K(w, r, x, dx, n_cols // 256)
+    return _DOT_IQ4_XS(w, r, x, dx, n_cols // 256)
+
+
+@njit(cache=True, nogil=True)
+def _decode_rows(xq, xd, min_sums, w, type_code, n_cols, start, n_rows, out, col0):
+    """One token: out[0, col0 + r] for rows r = start .., every weight byte read once, in order."""
+    has_mins = _min_offset(type_code) >= 0
+    mins_f = np.empty((1, min_sums.shape[1] if has_mins else 0), dtype=np.float32)
+    x, dx = xq[0], xd[0]
+    for r in range(start, start + n_rows):
+        value = _row_dot(type_code, w, r, x, dx, n_cols)
+        if has_mins:
+            _min_factors(type_code, w, r, n_cols, 0, mins_f)
+            value += _min_term(mins_f, 0, min_sums, 0)
+        out[0, col0 + r] = value
+
+
+@njit(cache=True, nogil=True)
 def _matmul_chunk(xq, xd, min_sums, w, wi, type_code, n_cols, lanes, start, n_chunk_rows, tile_rows, out, col0):
     """Rows start .. start + n_chunk_rows of out[:, col0:] (one work item)."""
     n_tokens = xq.shape[0]
+    if n_tokens == 1:
+        _decode_rows(xq, xd, min_sums, w, type_code, n_cols, start, n_chunk_rows, out, col0)
+        return
     kind = _kind(type_code)
     d_offset = _d_offset(type_code)
     block_bytes = _block_bytes(type_code)
     has_mins = _min_offset(type_code) >= 0
     tile8 = np.empty((tile_rows, n_cols if kind == _TILE8 else 0), dtype=np.int8)
     tile16 = np.empty((tile_rows, n_cols if kind == _TILE16 else 0), dtype=np.int16)
-    mins = np.empty((tile_rows, n_cols // 16), dtype=np.int16)
     mins_f = np.empty((tile_rows, min_sums.shape[1]), dtype=np.float32)
-    if n_tokens == 1:   # decode: unpack one row and use it while it is in L1
-        for i in range(n_chunk_rows):
-            r = start + i
-            if kind != _IN_PLACE:
-                _unpack_row(type_code, w, r, n_cols, lanes, tile8, tile16, 0, mins)
-            _dot_rows(kind, w, wi, r, 1, 0, n_cols, d_offset, block_bytes, tile8, tile16, xq, xd, 0, out, col0)
-            if has_mins:
-                _unpack_mins(type_code, w, r, n_cols, mins, 0, mins_f)
-                out[0, col0 + r] += _min_term(mins_f, 0, min_sums, 0)
-        return
-    if kind != _IN_PLACE:
-        for i in range(n_chunk_rows):
-            _unpack_row(type_code, w, start + i, n_cols, lanes, tile8, tile16, i, mins)
-            if has_mins:
-                _unpack_mins(type_code, w, start + i, n_cols, mins, i, mins_f)
+    for i in range(n_chunk_rows):
+        if kind != _IN_PLACE:
+            _unpack_row(type_code, w, start + i, n_cols, lanes, tile8, tile16, i)
+        if has_mins:
+            _min_factors(type_code, w, start + i, n_cols, i, mins_f)
     for t in range(n_tokens):
         _dot_rows(kind, w, wi, start, n_chunk_rows, 0, n_cols, d_offset, block_bytes, tile8, tile16, xq, xd, t,
                   out, col0)

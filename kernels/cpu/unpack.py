@@ -1,18 +1,19 @@
 """Weight rows unpacked to small integers for the integer dot products of `qmatmul`.
 
 A row of a quantized weight is, per block, `d * (integer values)` (minus `dmin * min` for the
-types with mins). The unpackers write the integer values, with every sub-block scale that is
-itself an integer already multiplied in, so that one int8 x int16 multiply-add per element and
-one float scale per block (`d`, read in place from the row) give the row's dot product:
+types with mins, which `qmatmul` reads from the row itself). The unpackers write the integer
+values, with every sub-block scale that is itself an integer already multiplied in, so that
+one int8 x int16 multiply-add per element and one float scale per block (`d`, read in place
+from the row) give the row's dot product:
 
     32-element types (Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL)  -> int8 tile row, one `d` per 32
     256-element types (Q2_K .. Q6_K, IQ4_XS)           -> int16 tile row: q * sub-block scale,
                                                           one `d` per 256
-    mins (Q4_K, Q5_K, Q2_K), per 16-element group      -> int16 `mins` row, times `dmin`
 
 Q8_0 needs no unpacking (its int8 values are read in place). The values written are exactly
-ggml's: `unpacked * d` (- `mins * dmin`) equals `gguf.quants.dequantize` up to float rounding,
-and the tests check the integers themselves against gguf's dequantized values.
+ggml's: `unpacked * d` (- `min * dmin`) equals `gguf.quants.dequantize` up to float rounding,
+and the tests check the integers themselves against gguf's dequantized values. They are the
+prefill path's tiles and the reference the fused decode kernels (`blockdot`) are tested with.
 
 Same signature habits as the decoders (`decode_basic`): row r of w (uint8, rows first), `lanes`
 is 32 but passed at run time so that the loops stay loops LLVM vectorises.
@@ -100,13 +101,11 @@ def unpack_iq4_nl(w, r, n_cols, lanes, tile, i):
 # Q4_K, 144 bytes: d | dmin | scales[12] | qs[128]; sub-block j (32 elements) is nibble j % 2 of
 # qs[32 * (j // 2) ...]; value = d * scale_j * q - dmin * min_j.
 @njit(cache=True, nogil=True)
-def unpack_q4_k(w, r, n_cols, lanes, tile, i, mins):
+def unpack_q4_k(w, r, n_cols, lanes, tile, i):
     for b in range(n_cols // 256):
         offset = b * 144
         for j in range(8):
-            scale, minimum = k_scale_min(w, r, offset + 4, j)
-            mins[i, b * 16 + 2 * j] = minimum
-            mins[i, b * 16 + 2 * j + 1] = minimum
+            scale = k_scale_min(w, r, offset + 4, j)[0]
             q_offset = offset + 16 + (j >> 1) * 32
             nibble_shift = 4 * (j & 1)
             e = b * 256 + j * 32
@@ -117,13 +116,11 @@ def unpack_q4_k(w, r, n_cols, lanes, tile, i, mins):
 
 # Q5_K, 176 bytes: d | dmin | scales[12] | qh[32] | qs[128]; Q4_K with fifth bits (qh[l] >> j) & 1.
 @njit(cache=True, nogil=True)
-def unpack_q5_k(w, r, n_cols, lanes, tile, i, mins):
+def unpack_q5_k(w, r, n_cols, lanes, tile, i):
     for b in range(n_cols // 256):
         offset = b * 176
         for j in range(8):
-            scale, minimum = k_scale_min(w, r, offset + 4, j)
-            mins[i, b * 16 + 2 * j] = minimum
-            mins[i, b * 16 + 2 * j + 1] = minimum
+            scale = k_scale_min(w, r, offset + 4, j)[0]
             q_offset = offset + 48 + (j >> 1) * 32
             nibble_shift = 4 * (j & 1)
             e = b * 256 + j * 32
@@ -161,7 +158,7 @@ def unpack_q6_k(w, r, n_cols, lanes, tile, i):
 # Q2_K, 84 bytes: scales[16] | qs[64] | d | dmin; group g (16 elements) has scale byte g
 # (multiplier low nibble, min high nibble); layout of decode_kquants.decode_q2_k.
 @njit(cache=True, nogil=True)
-def unpack_q2_k(w, r, n_cols, lanes, tile, i, mins):
+def unpack_q2_k(w, r, n_cols, lanes, tile, i):
     half_lanes = lanes >> 1
     for b in range(n_cols // 256):
         offset = b * 84
@@ -171,7 +168,6 @@ def unpack_q2_k(w, r, n_cols, lanes, tile, i, mins):
                 group = half * 8 + shift * 2
                 for part in range(2):
                     scale = np.int32(w[r, offset + group + part])
-                    mins[i, b * 16 + group + part] = scale >> 4
                     q_offset = offset + 16 + half * 32 + part * half_lanes
                     e = base + part * half_lanes
                     for l in range(half_lanes):

@@ -1,0 +1,314 @@
+"""Fused dot products of one quantized weight row with one quantized activation row, in LLVM IR.
+
+    ROW_DOTS[type_name](w, r, x, dx, n_blocks) -> float32     (Numba intrinsics, host form)
+    row_dot_intrinsic(type_name, form)                         the same kernel in any isa.FORMS
+
+w: the weight's raw GGUF bytes (uint8, rows first), r: the row; x: the token's activations
+quantized to int8 (Q8_0 blocks of 32 for Q4_0 .. IQ4_NL, Q8_K blocks of 256 for the K-quants and
+IQ4_XS), dx: their float32 block scales. The result leaves out the min terms of the types with
+mins (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K), which need the activation block sums (`qmatmul`).
+
+Why: for one token (decode) a matmul streams every weight byte once, so it runs at memory speed
+only if decoding costs less than reading. Each block is loaded straight into vector registers,
+its nibbles, high bits and sub-block scales decoded there, and multiplied with the activations
+by the CPU's u8 x s8 multiply-add (`isa.dot_u8_s8`): no scratch row in memory, no int16 detour.
+
+Lanes and exactness (8 int32 / float32 lanes, one ymm register, measured faster here than zmm):
+per block, lane i of the integer sum is, over the block's 32-element groups g,
+scale_g(i) * (sum over k < 4 of w[32g + 4i + k] * x[32g + 4i + k]), where scale_g(i) is the
+integer sub-block scale of those elements (1 for the 32-element types). These sums are exact
+(below 2**24, so their float conversion is exact too), hence identical in every isa form; then
+
+    acc = acc + float(isum) * (d_w * dx[b])      (float32, block by block)
+    result = acc's 8 lanes summed by halves (lane i + lane i + 4, then + 2, then + 1)
+
+which `row_dot_reference` repeats in NumPy. Signed weights use isa.sign_transfer (|w| and x with
+w's sign), so activations must lie in [-127, 127], as the Q8 quantizers write them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf.quants import IQ4_NL
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from kernels.cpu import isa
+from kernels.cpu.isa import f32, i8, i32, i64, ir
+
+LANES = 8
+PREFETCH_DISTANCE = 0    # bytes ahead of the block being read; 0: the hardware prefetcher alone
+_IQ4_TABLE = isa.constant_vector(i8, [int(v) for v in IQ4_NL.kvalues])
+
+# type -> (block bytes, elements per block, byte offset of the f16 scale d)
+LAYOUTS = {
+    "Q4_0": (18, 32, 0), "Q4_1": (20, 32, 0), "Q5_0": (22, 32, 0), "Q5_1": (24, 32, 0),
+    "Q8_0": (34, 32, 0), "IQ4_NL": (18, 32, 0),
+    "Q2_K": (84, 256, 80), "Q3_K": (110, 256, 108), "Q4_K": (144, 256, 0), "Q5_K": (176, 256, 0),
+    "Q6_K": (210, 256, 208), "IQ4_XS": (136, 256, 0),
+}
+
+
+class _Block:
+    """IR emission for one weight block and its activations: loads and the dot product step."""
+
+    def __init__(self, builder, w, x, form):
+        self.builder, self.w, self.x, self.form = builder, w, x, form
+
+    def bytes(self, offset, n=32):
+        return isa.load_vector(self.builder, self.builder.gep(self.w, [ir.Constant(i64, offset)]), i8, n)
+
+    def byte(self, offset):
+        """One weight byte as an unsigned int32."""
+        return self.builder.zext(self.builder.load(self.builder.gep(self.w, [ir.Constant(i64, offset)])), i32)
+
+    def activations(self, group):
+        return isa.load_vector(self.builder, self.builder.gep(self.x, [ir.Constant(i64, 32 * group)]), i8, 32)
+
+    def dot(self, acc, weights, group, signed):
+        """acc + the lanes of weights . activations of 32-element group `group`."""
+        x = self.activations(group)
+        u, s = isa.sign_transfer(self.builder, weights, x) if signed else (weights, x)
+        return isa.dot_u8_s8(self.builder, acc, u, s, self.form)
+
+    def scaled_dot(self, acc, weights, group, signed, scales):
+        """acc + scales * (the lanes of weights . activations): scales <8 x i32> per lane."""
+        return self.builder.add(acc, self.builder.mul(self.dot(_zero_lanes(), weights, group, signed), scales))
+
+
+def _zero_lanes():
+    return ir.Constant(isa.vector(i32, LANES), None)
+
+
+def _bytes_of(value, n=32):
+    return ir.Constant(isa.vector(i8, n), value)
+
+
+def _low(builder, v):
+    return builder.and_(v, _bytes_of(15, v.type.count))
+
+
+def _high(builder, v):
+    return builder.lshr(v, _bytes_of(4, v.type.count))
+
+
+def _bits(builder, v, shift, mask):
+    """(v >> shift) & mask per byte."""
+    return builder.and_(builder.lshr(v, _bytes_of(shift)), _bytes_of(mask)) if shift else builder.and_(v, _bytes_of(mask))
+
+
+def _nibbles(builder, v16):
+    """<32 x i8>: the 16 low nibbles, then the 16 high ones (the 32-element types' order)."""
+    return builder.shuffle_vector(_low(builder, v16), _high(builder, v16), isa.indices(range(32)))
+
+
+def _spread(builder, scales16, group):
+    """<8 x i32>: lanes 0-3 scales16[group], lanes 4-7 scales16[group + 1] (16-element groups)."""
+    return builder.shuffle_vector(scales16, scales16, isa.indices([group] * 4 + [group + 1] * 4))
+
+
+def _fifth_bits(builder, blk, offset):
+    """<32 x i8>: 16 where bit j of the u32 at offset is set (element j's fifth bit), else 0."""
+    bits = isa.load_scalar(builder, builder.gep(blk.w, [ir.Constant(i64, offset)]), i32)
+    return builder.shl(isa.bits_to_bytes(builder, bits, 32), _bytes_of(4))
+
+
+# --- the 32-element types: one group per block --------------------------------------------------
+
+def _q8_0(builder, blk):
+    return blk.dot(_zero_lanes(), blk.bytes(2), 0, signed=True)
+
+
+def _q4_0(builder, blk):
+    return blk.dot(_zero_lanes(), builder.sub(_nibbles(builder, blk.bytes(2, 16)), _bytes_of(8)), 0, signed=True)
+
+
+def _q4_1(builder, blk):
+    return blk.dot(_zero_lanes(), _nibbles(builder, blk.bytes(4, 16)), 0, signed=False)
+
+
+def _q5_0(builder, blk):
+    q = builder.or_(_nibbles(builder, blk.bytes(6, 16)), _fifth_bits(builder, blk, 2))
+    return blk.dot(_zero_lanes(), builder.sub(q, _bytes_of(16)), 0, signed=True)
+
+
+def _q5_1(builder, blk):
+    q = builder.or_(_nibbles(builder, blk.bytes(8, 16)), _fifth_bits(builder, blk, 4))
+    return blk.dot(_zero_lanes(), q, 0, signed=False)
+
+
+def _iq4_nl(builder, blk):
+    values = isa.lookup16(builder, _IQ4_TABLE, _nibbles(builder, blk.bytes(2, 16)), blk.form)
+    return blk.dot(_zero_lanes(), values, 0, signed=True)
+
+
+# --- the 256-element types: eight groups of 32 with integer sub-block scales ---------------------
+
+def _k_scale(builder, blk, j):
+    """Q4_K / Q5_K 6-bit scale of sub-block j from the 12 bytes at 4 (see k_scale_min)."""
+    if j < 4:
+        return builder.and_(blk.byte(4 + j), ir.Constant(i32, 63))
+    low = builder.and_(blk.byte(4 + j + 4), ir.Constant(i32, 15))
+    high = builder.shl(builder.lshr(blk.byte(4 + j - 4), ir.Constant(i32, 6)), ir.Constant(i32, 4))
+    return builder.or_(low, high)
+
+
+def _q4_k(builder, blk):
+    acc = _zero_lanes()
+    for j in range(8):   # sub-block j: nibble j % 2 of qs[32 * (j // 2) ...], qs at 16
+        q = blk.bytes(16 + 32 * (j >> 1))
+        q = _high(builder, q) if j & 1 else _low(builder, q)
+        acc = blk.scaled_dot(acc, q, j, False, isa.splat(builder, _k_scale(builder, blk, j), LANES))
+    return acc
+
+
+def _q5_k(builder, blk):
+    acc = _zero_lanes()
+    qh = blk.bytes(16)
+    for j in range(8):   # Q4_K's nibbles at 48, fifth bit (qh[l] >> j) & 1
+        q = blk.bytes(48 + 32 * (j >> 1))
+        q = _high(builder, q) if j & 1 else _low(builder, q)
+        q = builder.or_(q, builder.shl(_bits(builder, qh, j, 1), _bytes_of(4)))
+        acc = blk.scaled_dot(acc, q, j, False, isa.splat(builder, _k_scale(builder, blk, j), LANES))
+    return acc
+
+
+def _q6_k(builder, blk):
+    """ql[128] | qh[64] | scales int8[16] | d: element 128a + 32s + l has low nibble s // 2 of
+    ql[64a + 32(s % 2) + l], high bits (qh[32a + l] >> 2s) & 3, value q - 32, scale per 16."""
+    scales = builder.sext(blk.bytes(192, 16), isa.vector(i32, 16))
+    acc = _zero_lanes()
+    for a in range(2):
+        qh = blk.bytes(128 + 32 * a)
+        for s in range(4):
+            ql = blk.bytes(64 * a + 32 * (s & 1))
+            low = _high(builder, ql) if s >> 1 else _low(builder, ql)
+            q = builder.or_(low, builder.shl(_bits(builder, qh, 2 * s, 3), _bytes_of(4)))
+            acc = blk.scaled_dot(acc, builder.sub(q, _bytes_of(32)), 4 * a + s, True,
+                                 _spread(builder, scales, 8 * a + 2 * s))
+    return acc
+
+
+def _q2_k(builder, blk):
+    """scales[16] | qs[64] | d | dmin: element 128h + 32s + l is (qs[32h + l] >> 2s) & 3, its
+    16-element group's multiplier the low nibble of scales[8h + 2s + l // 16]."""
+    scales = builder.zext(_low(builder, blk.bytes(0, 16)), isa.vector(i32, 16))
+    acc = _zero_lanes()
+    for h in range(2):
+        qs = blk.bytes(16 + 32 * h)
+        for s in range(4):
+            acc = blk.scaled_dot(acc, _bits(builder, qs, 2 * s, 3), 4 * h + s, False,
+                                 _spread(builder, scales, 8 * h + 2 * s))
+    return acc
+
+
+def _q3_k_scales(builder, blk):
+    """<16 x i32>: the signed 6-bit scales of Q3_K's 16 groups (see q3_k_scale): low 4 bits
+    from bytes 96..103 (low nibbles for groups 0-7, high for 8-15), high 2 bits from 104..107."""
+    low8 = blk.bytes(96, 8)
+    low = builder.shuffle_vector(_low(builder, low8), _high(builder, low8), isa.indices(range(16)))
+    high4 = blk.bytes(104, 4)
+    high = builder.shuffle_vector(high4, high4, isa.indices([g & 3 for g in range(16)]))
+    shifts = isa.constant_vector(i8, [2 * (g >> 2) for g in range(16)])
+    high = builder.and_(builder.lshr(high, shifts), _bytes_of(3, 16))
+    scales = builder.or_(low, builder.shl(high, _bytes_of(4, 16)))
+    return builder.sub(builder.zext(scales, isa.vector(i32, 16)), ir.Constant(isa.vector(i32, 16), 32))
+
+
+def _q3_k(builder, blk):
+    """hmask[32] | qs[64] | scales[12] | d: element 128h + 32s + l has low bits
+    (qs[32h + l] >> 2s) & 3 and high bit (hmask[l] >> (4h + s)) & 1; value low + 4 high - 4."""
+    scales = _q3_k_scales(builder, blk)
+    hmask = blk.bytes(0)
+    acc = _zero_lanes()
+    for h in range(2):
+        qs = blk.bytes(32 + 32 * h)
+        for s in range(4):
+            high = builder.shl(_bits(builder, hmask, 4 * h + s, 1), _bytes_of(2))
+            q = builder.sub(builder.or_(_bits(builder, qs, 2 * s, 3), high), _bytes_of(4))
+            acc = blk.scaled_dot(acc, q, 4 * h + s, True, _spread(builder, scales, 8 * h + 2 * s))
+    return acc
+
+
+def _iq4_xs(builder, blk):
+    """d | scales_h u16 | scales_l[4] | qs[128]: sub-block j's 16 bytes at 8 + 16j as IQ4_NL,
+    scale ((scales_l[j // 2] >> 4(j % 2)) & 15 | ((scales_h >> 2j) & 3) << 4) - 32."""
+    scales_high = builder.or_(blk.byte(2), builder.shl(blk.byte(3), ir.Constant(i32, 8)))
+    acc = _zero_lanes()
+    for j in range(8):
+        low = builder.and_(builder.lshr(blk.byte(4 + (j >> 1)), ir.Constant(i32, 4 * (j & 1))), ir.Constant(i32, 15))
+        high = builder.and_(builder.lshr(scales_high, ir.Constant(i32, 2 * j)), ir.Constant(i32, 3))
+        scale = builder.sub(builder.or_(low, builder.shl(high, ir.Constant(i32, 4))), ir.Constant(i32, 32))
+        values = isa.lookup16(builder, _IQ4_TABLE, _nibbles(builder, blk.bytes(8 + 16 * j, 16)), blk.form)
+        acc = blk.scaled_dot(acc, values, j, True, isa.splat(builder, scale, LANES))
+    return acc
+
+
+_DECODERS = {
+    "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0, "IQ4_NL": _iq4_nl,
+    "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k, "IQ4_XS": _iq4_xs,
+}
+
+
+def _emit_row_dot(context, builder, signature, args, type_name, form):
+    """The block loop: integer lanes per block, scaled and accumulated in float32 lanes."""
+    block_bytes, block_elements, d_offset = LAYOUTS[type_name]
+    w_type, _, x_type, dx_type, _ = signature.args
+    w_arr, r, x_arr, dx_arr, n_blocks = args
+    zero = ir.Constant(i64, 0)
+    row = isa.row_pointer(context, builder, w_type, w_arr, r)
+    x_row = isa.element_pointer(context, builder, x_type, x_arr, zero)
+    dx_row = isa.element_pointer(context, builder, dx_type, dx_arr, zero)
+    f32_lanes = isa.vector(f32, LANES)
+    acc = cgutils.alloca_once_value(builder, ir.Constant(f32_lanes, None))
+    with cgutils.for_range(builder, n_blocks) as loop:
+        b = loop.index
+        w_block = builder.gep(row, [builder.mul(b, ir.Constant(i64, block_bytes))])
+        if PREFETCH_DISTANCE:
+            isa.prefetch(builder, builder.gep(w_block, [ir.Constant(i64, PREFETCH_DISTANCE)]))
+        x_block = builder.gep(x_row, [builder.mul(b, ir.Constant(i64, block_elements))])
+        isum = _DECODERS[type_name](builder, _Block(builder, w_block, x_block, form))
+        d_w = isa.load_half(builder, builder.gep(w_block, [ir.Constant(i64, d_offset)]))
+        scale = builder.fmul(d_w, builder.load(builder.gep(dx_row, [b])))
+        term = builder.fmul(builder.sitofp(isum, f32_lanes), isa.splat(builder, scale, LANES))
+        builder.store(builder.fadd(builder.load(acc), term), acc)
+    return isa.sum_lanes_by_halves(builder, builder.load(acc))
+
+
+def row_dot_intrinsic(type_name: str, form: str = isa.ISA):
+    """A Numba intrinsic row_dot(w, r, x, dx, n_blocks) -> float32 for one type and isa form."""
+    if type_name not in _DECODERS:
+        raise ValueError(f"no fused block dot for {type_name}")
+
+    @intrinsic
+    def row_dot(typingctx, w, r, x, dx, n_blocks):
+        if w.dtype != types.uint8 or w.ndim != 2 or x.dtype != types.int8 or dx.dtype != types.float32:
+            return None
+
+        def codegen(context, builder, signature, args):
+            return _emit_row_dot(context, builder, signature, args, type_name, form)
+
+        return types.float32(w, types.int64, x, dx, types.int64), codegen
+
+    return row_dot
+
+
+ROW_DOTS = {name: row_dot_intrinsic(name) for name in _DECODERS}
+
+
+def row_dot_reference(w_values: np.ndarray, d_w: np.ndarray, x: np.ndarray, dx: np.ndarray) -> np.float32:
+    """NumPy twin of a row dot: w_values the row's integer weights (sub-block scales multiplied
+    in; unpack's tile row), d_w float32 per block; the same exact lanes, the same float steps."""
+    n_blocks = len(d_w)
+    products = (np.asarray(w_values, np.int64) * np.asarray(x, np.int64)).reshape(n_blocks, -1, LANES, 4)
+    isums = products.sum(axis=(1, 3))                                   # (n_blocks, LANES), exact
+    acc = np.zeros(LANES, dtype=np.float32)
+    for b in range(n_blocks):
+        acc = acc + isums[b].astype(np.float32) * (np.float32(d_w[b]) * np.float32(dx[b]))
+    width = LANES
+    while width > 1:
+        width //= 2
+        acc = acc[:width] + acc[width:2 * width]
+    return np.float32(acc[0])
+
