@@ -23,6 +23,9 @@ class RunConfig:
     # "llama.cpp": round matmul inputs as llama.cpp's CPU backend does (Q8_0/Q8_K blocks for
     # quantized weights, f16 for f16 weights), so perplexity and logits match it; "f32": exact
     activations: str = "llama.cpp"
+    # one-token steps of the layers a CUDA device holds whole run as a captured CUDA graph
+    # (--no-cuda-graphs, or llama.cpp's GGML_CUDA_DISABLE_GRAPHS=1, launches every kernel directly)
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         for name in ("type_k", "type_v"):

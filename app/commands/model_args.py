@@ -5,6 +5,7 @@ All of them accept llama.cpp's placement and run flags (-ngl, -ts, -ot, -c, -ctk
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -31,6 +32,9 @@ def add_model_arguments(p) -> None:
                    help="override a metadata value, e.g. llama4.expert_used_count=int:2 (repeatable)")
     p.add_argument("--ignore-fit", action="store_true",
                    help="load even when the memory estimate says a GPU is over its memory")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="launch every CUDA kernel of a decode step directly instead of replaying it as a CUDA graph "
+                        "(as llama.cpp's GGML_CUDA_DISABLE_GRAPHS=1, which is honoured too)")
     p.epilog = ("Other flags are read as llama.cpp placement and run flags: -ngl, -ts, -ot, --n-cpu-moe, "
                 "-c, -ctk/-ctv, -ub, -b, -fa.")
 
@@ -84,7 +88,8 @@ def load_model(args, n_ctx_default: int | None = None) -> LoadedModel:
     for flag, status, message in parsed.report:
         if status == "ignored":
             print(f"note: {flag} ignored{': ' + message if message else ''}", file=sys.stderr)
-    run_config = parsed.run_config.replace(n_threads=args.threads)
+    graphs = not (args.no_cuda_graphs or os.environ.get("GGML_CUDA_DISABLE_GRAPHS", "") not in ("", "0"))
+    run_config = parsed.run_config.replace(n_threads=args.threads, cuda_graphs=graphs)
     check_cache_fits(inventory, parsed, run_config, devices)
     check_gpus_fit(inventory, parsed, run_config, devices, getattr(args, "ignore_fit", False))
     model = Model.load(mf, run_config, placement=parsed.placement)

@@ -100,3 +100,21 @@ def output(m, x):
     logits = m.output_logits(x)
     cap = m.hparams.final_logit_softcapping
     return softcap(logits, cap) if cap else logits
+
+
+def decode_plan(m):
+    """forward_layer, embed and output as data, for a one-token step of kernels only
+    (engine.arch.decode_plan)."""
+    from engine.arch.decode_plan import BlockPlan, DecodePlan, RopePlan
+
+    hp = m.hparams
+
+    def block(il: int) -> BlockPlan:
+        if hp.swa_layers[il]:
+            rope = RopePlan(hp.n_rot, hp.rope_freq_base_swa, dataclasses.replace(m.rope_scaling, freq_scale=1.0), True)
+        else:
+            rope = RopePlan(hp.n_rot, hp.rope_freq_base, m.rope_scaling, True)
+        return BlockPlan(rope, kq_scale=1.0, q_scale=hp.attention_scale, qk_norm=True, post_norms=True,
+                         activation="geglu")
+    return DecodePlan(tuple(block(il) for il in range(hp.n_layer)), embed_scale=math.sqrt(hp.n_embd),
+                      logit_softcap=hp.final_logit_softcapping)

@@ -82,4 +82,15 @@ def feed_forward(m, il: int, x):
     return layers.feed_forward(m.ops, x, lw.ffn_gate, lw.ffn_up, lw.ffn_down)
 
 
+def decode_plan(m):
+    """forward_layer as data, for a one-token step of kernels only (engine.arch.decode_plan)."""
+    from engine.arch.decode_plan import BlockPlan, DecodePlan, RopePlan
+
+    hp = m.hparams
+    rope = RopePlan(hp.n_rot, hp.rope_freq_base, m.rope_scaling, hp.rope_type is RopeType.NEOX, "rope_freqs.weight")
+    routing = Routing(hp.n_expert_used, gating="softmax", norm_weights=True) if hp.n_expert else None
+    block = BlockPlan(rope, kq_scale=1.0 / math.sqrt(hp.n_embd_head_k), qk_norm=hp.qk_norm, routing=routing)
+    return DecodePlan((block,) * hp.n_layer)
+
+
 __all__ = ["LlamaHyperParams", "hyperparams", "tensor_specs", "blk", "forward_layer"]

@@ -277,7 +277,8 @@ class CapturedDecode:
 
     step(key, inputs) launches kernels only and returns its output device arrays; `inputs` are
     device arrays of the names and shapes given on each call (token id, position, cache cell...),
-    static while a graph lives, refilled from the host before each replay. `key` holds what the
+    static while a graph lives, refilled before each replay from the host arrays or the runtime's
+    device arrays (an activation already on the device) given. `key` holds what the
     launches bake in (the padded cache length, the batch shape); a new key captures anew and drops
     the old graph. With `blocker` set (graph_blocker's reason), or when capturing meets work that
     needs the host (CaptureError), every step runs as direct launches and the reason is logged."""
@@ -296,9 +297,11 @@ class CapturedDecode:
             self._capture(key, inputs)
         if self.blocker is not None:
             self.direct_steps += 1
-            return self.step(key, {name: self.runtime.upload(np.ascontiguousarray(v)) for name, v in inputs.items()})
+            return self.step(key, {name: self._on_device(v) for name, v in inputs.items()})
         for name, value in inputs.items():
-            self.runtime.copy_into(self.inputs[name], np.ascontiguousarray(value, dtype=self.inputs[name].dtype))
+            if isinstance(value, np.ndarray):
+                value = np.ascontiguousarray(value, dtype=self.inputs[name].dtype)
+            self.runtime.copy_into(self.inputs[name], value)
         self.runtime.replay(self.graph)
         self.replays += 1
         return self.outputs
@@ -308,7 +311,7 @@ class CapturedDecode:
 
         rt = self.runtime
         self.graph = None                    # the old graph's memory goes with it
-        static = {name: rt.upload(np.ascontiguousarray(v)) for name, v in inputs.items()}
+        static = {name: self._on_device(v) for name, v in inputs.items()}
         # one direct run first, as llama.cpp evaluates a graph before capturing it: modules are
         # compiled and the memory pool grown outside the capture (a decode step run twice on the
         # same inputs writes the same cache cells again)
@@ -326,6 +329,14 @@ class CapturedDecode:
         self.graph, self.inputs, self.outputs, self.key = rt.end_capture(), static, outputs, key
         self.captures += 1
         log.debug("%s on %s captured as a CUDA graph for %r", self.name, rt.device_name, key)
+
+    def _on_device(self, value):
+        """A host input uploaded, or a copy of a device one (the step's own buffer while a graph lives)."""
+        if isinstance(value, np.ndarray):
+            return self.runtime.upload(np.ascontiguousarray(value))
+        copy = self.runtime.alloc(value.shape, value.dtype)
+        self.runtime.copy_into(copy, value)
+        return copy
 
     def _fall_back(self, reason: str) -> None:
         self.blocker = reason

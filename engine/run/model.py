@@ -228,6 +228,11 @@ class Model:
 
     def _eval_ubatch(self, tokens, positions, cache: KVCache, skip_output: bool, last_only: bool,
                      check_cancelled: Callable[[], None] | None = None):
+        if len(tokens) == 1 and not skip_output:       # a decode step: CUDA graphs where the placement allows
+            from engine.run.graph_decode import graph_decode
+            logits = graph_decode(self, tokens, positions, cache, check_cancelled)
+            if logits is not None:
+                return logits
         ops = self.ops
         batch = UBatch(self.hparams, positions, cache, ops)
         ops.enter(self.homes[0])
