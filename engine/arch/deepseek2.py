@@ -18,7 +18,7 @@ from gguf.constants import Keys
 
 from engine.arch.base import (HyperParams, Metadata, TensorSpec, blk, dense_ffn_tensors, global_tensors,
                               norm_tensor, routed_expert_tensors, shared_expert_tensors)
-from engine.arch.layers import RopeScaling, Routing, feed_forward, namespace, rms_norm, routed_and_shared_experts
+from engine.arch.layers import RopeScaling, Routing, feed_forward, namespace, routed_and_shared_experts
 
 
 class GatingFunc(IntEnum):      # llama.cpp's llama_expert_gating_func_type
@@ -134,9 +134,9 @@ def tensor_specs(hp: DeepSeek2HyperParams, tied_output: bool = False) -> list[Te
 
 
 def forward_layer(m, il: int, x, batch):
-    lw, eps = m.layers[il], m.hparams.rms_eps
-    h = x + attention(m, il, rms_norm(x, lw.attn_norm, eps), batch)
-    return h + feed_forward_block(m, il, rms_norm(h, lw.ffn_norm, eps))
+    lw, eps, ops = m.layers[il], m.hparams.rms_eps, m.ops
+    h = x + attention(m, il, ops.rms_norm(x, lw.attn_norm, eps), batch)
+    return h + feed_forward_block(m, il, ops.rms_norm(h, lw.ffn_norm, eps))
 
 
 def rope_scaling(md, hp: DeepSeek2HyperParams) -> RopeScaling:
@@ -156,14 +156,14 @@ def attention(m, il: int, x, batch):
     hp, lw, ops, xp = m.hparams, m.layers[il], m.ops, namespace(x)
     n_tokens, n_head, n_nope, kv_lora = x.shape[0], hp.n_head, hp.n_embd_head_qk_nope, hp.kv_lora_rank
     if hp.q_lora_rank:
-        q = ops.matmul(rms_norm(ops.matmul(x, lw.attn_q_a), lw.attn_q_a_norm, hp.rms_eps), lw.attn_q_b)
+        q = ops.matmul(ops.rms_norm(ops.matmul(x, lw.attn_q_a), lw.attn_q_a_norm, hp.rms_eps), lw.attn_q_b)
     else:
         q = ops.matmul(x, lw.attn_q)
     q = xp.reshape(q, (n_tokens, n_head, hp.n_embd_head_k_mla))    # per head [nope | rope]
     kv = ops.matmul(x, lw.attn_kv_a_mqa)                            # (T, kv_lora + n_rot)
-    latent = rms_norm(kv[:, :kv_lora], lw.attn_kv_a_norm, hp.rms_eps)
-    q_rope = batch.rope(q[..., n_nope:], hp.n_rot, hp.rope_freq_base, m.rope_scaling, neox=False)
-    k_rope = batch.rope(kv[:, None, kv_lora:], hp.n_rot, hp.rope_freq_base, m.rope_scaling, neox=False)   # (T, 1, n_rot)
+    latent = ops.rms_norm(kv[:, :kv_lora], lw.attn_kv_a_norm, hp.rms_eps)
+    q_rope, k_rope = batch.rope_qk(q[..., n_nope:], kv[:, None, kv_lora:], hp.n_rot, hp.rope_freq_base,
+                                   m.rope_scaling, neox=False)                     # k_rope (T, 1, n_rot)
     scale = kq_scale(hp, m.rope_scaling)
     if hp.is_mla:
         q_latent = ops.head_matmul(q[..., :n_nope], lw.attn_k_b)                  # (T, n_head, kv_lora)

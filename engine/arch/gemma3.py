@@ -18,7 +18,7 @@ from gguf.constants import Keys
 from engine.arch import layers
 from engine.arch.base import (AttentionKind, HyperParams, Metadata, RopeType, TensorSpec, attention_tensors,
                               dense_ffn_tensors, global_tensors, norm_tensor, swa_layer_pattern)
-from engine.arch.layers import geglu, qkv_projections, rms_norm, softcap
+from engine.arch.layers import geglu, qkv_projections, softcap
 
 DEFAULT_SWA_PATTERN = 6
 DEFAULT_ROPE_BASE_SWA = 10000.0
@@ -75,23 +75,23 @@ def embed(m, tokens):
 
 
 def forward_layer(m, il: int, x, batch):
-    lw, eps = m.layers[il], m.hparams.rms_eps
-    h = x + rms_norm(attention(m, il, rms_norm(x, lw.attn_norm, eps), batch), lw.post_attention_norm, eps)
-    ffn_out = layers.feed_forward(m.ops, rms_norm(h, lw.ffn_norm, eps), lw.ffn_gate, lw.ffn_up, lw.ffn_down, geglu)
-    return h + rms_norm(ffn_out, lw.post_ffw_norm, eps)
+    lw, eps, ops = m.layers[il], m.hparams.rms_eps, m.ops
+    # h = x + post_attention_norm(attention(attn_norm(x))); out = h + post_ffw_norm(ffn(ffn_norm(h)))
+    h = ops.add_rms_norm(x, attention(m, il, ops.rms_norm(x, lw.attn_norm, eps), batch), lw.post_attention_norm, eps)
+    ffn_out = layers.feed_forward(ops, ops.rms_norm(h, lw.ffn_norm, eps), lw.ffn_gate, lw.ffn_up, lw.ffn_down, geglu)
+    return ops.add_rms_norm(h, ffn_out, lw.post_ffw_norm, eps)
 
 
 def attention(m, il: int, x, batch):
-    hp, lw = m.hparams, m.layers[il]
-    q, k, v = qkv_projections(m.ops, x, lw, hp.n_head, hp.n_head_kv[il], hp.n_embd_head_k, hp.n_embd_head_v)
-    q = rms_norm(q, lw.attn_q_norm, hp.rms_eps)
-    k = rms_norm(k, lw.attn_k_norm, hp.rms_eps)
+    hp, lw, ops = m.hparams, m.layers[il], m.ops
+    q, k, v = qkv_projections(ops, x, lw, hp.n_head, hp.n_head_kv[il], hp.n_embd_head_k, hp.n_embd_head_v)
+    q = ops.rms_norm(q, lw.attn_q_norm, hp.rms_eps)
+    k = ops.rms_norm(k, lw.attn_k_norm, hp.rms_eps)
     if hp.swa_layers[il]:       # llama_model::get_rope_freq_base/scale for sliding layers
         base, scaling = hp.rope_freq_base_swa, dataclasses.replace(m.rope_scaling, freq_scale=1.0)
     else:
         base, scaling = hp.rope_freq_base, m.rope_scaling
-    q = batch.rope(q, hp.n_rot, base, scaling, neox=hp.rope_type is RopeType.NEOX) * hp.attention_scale
-    k = batch.rope(k, hp.n_rot, base, scaling, neox=hp.rope_type is RopeType.NEOX)
+    q, k = batch.rope_qk(q, k, hp.n_rot, base, scaling, neox=hp.rope_type is RopeType.NEOX, q_scale=hp.attention_scale)
     out = batch.attend(il, q, k, v, kq_scale=1.0)
     return m.ops.matmul(out, lw.attn_output)
 

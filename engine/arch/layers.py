@@ -69,6 +69,16 @@ def softcap(x, cap: float):
     return cap * namespace(x).tanh(x / cap)
 
 
+def add_rms_norm(residual, y, weight, eps: float):
+    """residual + rms_norm(y) * weight: a sub-block's output normalised into the residual (gemma)."""
+    return residual + rms_norm(y, weight, eps)
+
+
+def glu(gate, up, activation=swiglu):
+    """activation(gate, up): swiglu or geglu, the gated unit of a feed-forward block."""
+    return activation(gate, up)
+
+
 # --- rotary position embedding ----------------------------------------------------------------
 
 
@@ -157,6 +167,23 @@ def apply_rope(x, cos, sin, neox: bool):
     return rotated[0] if len(rotated) == 1 else xp.concat(rotated, axis=-1)
 
 
+def rope_qk(q, k, cos, sin, neox: bool, q_scale: float = 1.0):
+    """q and k (T, heads, head_dim) rotated by the same tables; q also times q_scale (gemma
+    scales its queries right after the rotation)."""
+    q = apply_rope(q, cos, sin, neox)
+    return (q if q_scale == 1.0 else q * q_scale), apply_rope(k, cos, sin, neox)
+
+
+class ArrayOps:
+    """The small ops of a layer over the array namespace of their inputs: what runs on a
+    backend without kernels of its own for them (engine.backends.protocol.LayerOps)."""
+
+    rms_norm = staticmethod(rms_norm)
+    add_rms_norm = staticmethod(add_rms_norm)
+    glu = staticmethod(glu)
+    rope_qk = staticmethod(rope_qk)
+
+
 # --- attention ----------------------------------------------------------------------------------
 
 
@@ -222,7 +249,7 @@ def qkv_projections(ops, x, lw, n_head: int, n_head_kv: int, head_k: int, head_v
 
 def feed_forward(ops, x, gate, up, down, activation=swiglu):
     """down(act(gate(x)) * up(x)) (llama.cpp build_ffn, LLM_FFN_PAR)."""
-    return ops.matmul(activation(ops.matmul(x, gate), ops.matmul(x, up)), down)
+    return ops.matmul(ops.glu(ops.matmul(x, gate), ops.matmul(x, up), activation), down)
 
 
 def expert_feed_forward(backend, x, gate, up, down, expert: int, activation=swiglu):

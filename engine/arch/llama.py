@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from engine.arch import layers
 from engine.arch.base import (HyperParams, RopeType, TensorSpec, attention_tensors, blk, dense_ffn_tensors,
                               global_tensors, norm_tensor, routed_expert_tensors)
-from engine.arch.layers import Routing, moe_feed_forward, qkv_projections, rms_norm
+from engine.arch.layers import Routing, moe_feed_forward, qkv_projections
 
 # the variants: rope type (llama_model_rope_type), per-head q/k norms, q/k/v biases
 VARIANTS = {
@@ -56,20 +56,19 @@ def tensor_specs(hp: LlamaHyperParams, tied_output: bool = False) -> list[Tensor
 
 
 def forward_layer(m, il: int, x, batch):
-    lw, eps = m.layers[il], m.hparams.rms_eps
-    h = x + attention(m, il, rms_norm(x, lw.attn_norm, eps), batch)
-    return h + feed_forward(m, il, rms_norm(h, lw.ffn_norm, eps))
+    lw, eps, ops = m.layers[il], m.hparams.rms_eps, m.ops
+    h = x + attention(m, il, ops.rms_norm(x, lw.attn_norm, eps), batch)
+    return h + feed_forward(m, il, ops.rms_norm(h, lw.ffn_norm, eps))
 
 
 def attention(m, il: int, x, batch):
-    hp, lw = m.hparams, m.layers[il]
-    q, k, v = qkv_projections(m.ops, x, lw, hp.n_head, hp.n_head_kv[il], hp.n_embd_head_k, hp.n_embd_head_v)
+    hp, lw, ops = m.hparams, m.layers[il], m.ops
+    q, k, v = qkv_projections(ops, x, lw, hp.n_head, hp.n_head_kv[il], hp.n_embd_head_k, hp.n_embd_head_v)
     if hp.qk_norm:
-        q = rms_norm(q, lw.attn_q_norm, hp.rms_eps)
-        k = rms_norm(k, lw.attn_k_norm, hp.rms_eps)
+        q = ops.rms_norm(q, lw.attn_q_norm, hp.rms_eps)
+        k = ops.rms_norm(k, lw.attn_k_norm, hp.rms_eps)
     neox, rope_freqs = hp.rope_type is RopeType.NEOX, m.vector_here("rope_freqs.weight")
-    q = batch.rope(q, hp.n_rot, hp.rope_freq_base, m.rope_scaling, neox=neox, freq_factors=rope_freqs)
-    k = batch.rope(k, hp.n_rot, hp.rope_freq_base, m.rope_scaling, neox=neox, freq_factors=rope_freqs)
+    q, k = batch.rope_qk(q, k, hp.n_rot, hp.rope_freq_base, m.rope_scaling, neox=neox, freq_factors=rope_freqs)
     out = batch.attend(il, q, k, v, kq_scale=1.0 / math.sqrt(hp.n_embd_head_k))
     return m.ops.matmul(out, lw.attn_output)
 

@@ -16,7 +16,7 @@ from gguf.constants import Keys
 from engine.arch.base import (AttentionKind, HyperParams, Metadata, TensorSpec, attention_tensors,
                               dense_ffn_tensors, global_tensors, norm_tensor, routed_expert_tensors,
                               shared_expert_tensors, swa_layer_pattern)
-from engine.arch.layers import Routing, feed_forward, namespace, qkv_projections, rms_norm, routed_and_shared_experts
+from engine.arch.layers import Routing, feed_forward, namespace, qkv_projections, routed_and_shared_experts
 
 DEFAULT_CHUNK = 8192
 DEFAULT_PATTERN = 4
@@ -89,9 +89,9 @@ def tensor_specs(hp: Llama4HyperParams, tied_output: bool = False) -> list[Tenso
 
 
 def forward_layer(m, il: int, x, batch):
-    lw, eps = m.layers[il], m.hparams.rms_eps
-    h = x + attention(m, il, rms_norm(x, lw.attn_norm, eps), batch)
-    return h + feed_forward_block(m, il, rms_norm(h, lw.ffn_norm, eps))
+    lw, eps, ops = m.layers[il], m.hparams.rms_eps, m.ops
+    h = x + attention(m, il, ops.rms_norm(x, lw.attn_norm, eps), batch)
+    return h + feed_forward_block(m, il, ops.rms_norm(h, lw.ffn_norm, eps))
 
 
 def attention(m, il: int, x, batch):
@@ -100,10 +100,9 @@ def attention(m, il: int, x, batch):
     if hp.uses_rope(il):
         base = hp.rope_freq_base_swa if hp.chunked_layers[il] and hp.rope_freq_base_swa else hp.rope_freq_base
         rope_freqs = m.vector_here("rope_freqs.weight")
-        q = batch.rope(q, hp.n_rot, base, m.rope_scaling, neox=False, freq_factors=rope_freqs)
-        k = batch.rope(k, hp.n_rot, base, m.rope_scaling, neox=False, freq_factors=rope_freqs)
+        q, k = batch.rope_qk(q, k, hp.n_rot, base, m.rope_scaling, neox=False, freq_factors=rope_freqs)
         if hp.use_kq_norm:
-            q, k = rms_norm(q, None, hp.rms_eps), rms_norm(k, None, hp.rms_eps)
+            q, k = m.ops.rms_norm(q, None, hp.rms_eps), m.ops.rms_norm(k, None, hp.rms_eps)
     else:
         q = q * hp.attention_temperature(batch.device_positions())[:, None, None]
     out = batch.attend(il, q, k, v, kq_scale=1.0 / math.sqrt(hp.n_embd_head_k))

@@ -12,10 +12,11 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from engine.arch.layers import numpy_namespace
+from engine.arch.layers import geglu, numpy_namespace, swiglu
 from engine.backends import Weight
 from engine.backends.kv_store import HostKVLayer, attend_cached
 from engine.backends.protocol import AttentionStep, KVLayout
+from kernels.cpu.fused_ops import GELU, SILU, add_rms_norm_rows, glu_rows, q8_0_round_rows, rms_norm_rows, rope_rows
 
 try:    # the Numba kernels, once they are built
     from kernels.cpu import dequantize_rows as kernel_dequantize_rows
@@ -74,12 +75,10 @@ FLOAT_TYPES = frozenset({F32, F16, BF16})
 def q8_0_rounded(x: np.ndarray) -> np.ndarray:
     """x as llama.cpp's CPU backend feeds it to a Q4_0..Q8_0 dot product: blocks of 32 scaled to
     int8 (round half to even, as the x86 quantize_row_q8_0 does) with an f16 scale."""
-    blocks = x.reshape(-1, 32)
-    amax = np.abs(blocks).max(axis=1, keepdims=True)
-    d = amax / np.float32(127)
-    inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
-    q = np.round(blocks * inv)
-    return (q * d.astype(np.float16).astype(np.float32)).reshape(x.shape)
+    rows = _rows(x)
+    out = np.empty_like(rows)
+    q8_0_round_rows(rows.reshape(-1, 32), out.reshape(-1, 32))
+    return out.reshape(x.shape)
 
 
 def q8_k_rounded(x: np.ndarray) -> np.ndarray:
@@ -103,6 +102,15 @@ def llama_cpp_input(x: np.ndarray, ggml_type: int) -> np.ndarray:
     if ggml_type in Q8_0_INPUT:
         return q8_0_rounded(x)
     return q8_k_rounded(x)
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    """x as C-ordered float32 rows over its last axis (no copy when it already is)."""
+    return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+
+
+NO_WEIGHT = np.zeros(0, dtype=np.float32)
+GLU_KINDS = {swiglu: SILU, geglu: GELU}
 
 
 class CpuBackend:
@@ -180,6 +188,41 @@ class CpuBackend:
         rows = w.data.reshape(-1, w.data.shape[-1])
         return dequantize_rows(rows, w.ggml_type, w.n_cols).reshape(w.shape)
 
+    # --- the small ops of a layer (engine.backends.protocol.LayerOps), one pass each --------------
+
+    @staticmethod
+    def rms_norm(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
+        rows = _rows(x)
+        out = np.empty_like(rows)
+        rms_norm_rows(rows, NO_WEIGHT if w is None else w, eps, out)
+        return out.reshape(x.shape)
+
+    @staticmethod
+    def add_rms_norm(residual: np.ndarray, y: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+        rows = _rows(y)
+        out = np.empty_like(rows)
+        add_rms_norm_rows(_rows(residual), rows, w, eps, out)
+        return out.reshape(y.shape)
+
+    @staticmethod
+    def glu(gate: np.ndarray, up: np.ndarray, activation) -> np.ndarray:
+        kind = GLU_KINDS.get(activation)
+        if kind is None:
+            return activation(gate, up)
+        rows = _rows(gate)
+        out = np.empty_like(rows)
+        glu_rows(rows, _rows(up), kind, out)
+        return out.reshape(gate.shape)
+
+    @staticmethod
+    def rope_qk(q: np.ndarray, k: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool,
+                q_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        q, k = np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(k, dtype=np.float32)
+        q_out, k_out = np.empty_like(q), np.empty_like(k)
+        rope_rows(q, cos, sin, neox, np.float32(q_scale), q_out)
+        rope_rows(k, cos, sin, neox, np.float32(1.0), k_out)
+        return q_out, k_out
+
     # --- memory, transfers, the KV cache (engine.backends.protocol) -------------------------------
 
     def upload(self, w: Weight, experts=None) -> Weight:
@@ -213,5 +256,7 @@ class CpuBackend:
     @staticmethod
     def attend(kv: HostKVLayer, step: AttentionStep, positions, q, k, v, kq_scale: float, v_from_k: int = 0):
         kv.store(step.cells, positions, k, v)
+        if kv.attends_by_rows(len(q)):
+            return kv.attend_rows(step, positions, q, k.shape[1], kq_scale)
         keys, values, key_pos = kv.view(step.n_filled)
         return attend_cached(keys, values, key_pos, positions, step, q, k.shape[1], kq_scale, v_from_k)

@@ -20,6 +20,7 @@ import numpy as np
 from engine.arch.layers import expert_feed_forward
 from engine.backends import Weight
 from engine.backends.cpu import CpuBackend
+from engine.backends.protocol import layer_ops
 from engine.backends.strict import DeviceMismatchError, StrictSimBackend
 
 __all__ = ["DeviceMismatchError", "NoCudaBackendError", "SplitExpertWeight", "make_backends",
@@ -66,6 +67,7 @@ class PlacedOps:
 
     def __init__(self, backends: dict):
         self.backends = backends
+        self._layer_ops = {name: layer_ops(backend) for name, backend in backends.items()}
         self.home = next(iter(backends))
         self.transfers = 0
         self.transfer_bytes = 0
@@ -77,8 +79,15 @@ class PlacedOps:
         self.home = device
 
     @property
-    def home_backend(self):
-        return self.backends[self.home]
+    def home(self) -> str:
+        return self._home
+
+    @home.setter
+    def home(self, device: str) -> None:
+        # looked up once here, not on each of a layer's dozens of ops
+        self._home = device
+        self.home_backend = self.backends[device]
+        self.home_layer_ops = self._layer_ops[device]
 
     def move(self, x, src: str, dst: str):
         """x from device src to device dst, counted; as is when they are the same device."""
@@ -106,6 +115,8 @@ class PlacedOps:
         return self.move(y, w.device, self.home)
 
     def matmul(self, x, w: Weight):
+        if w.device == self._home:
+            return self.home_backend.matmul(x, w)
         return self._on_weight_device("matmul", x, w)
 
     def head_matmul(self, x, w: Weight):
@@ -123,6 +134,20 @@ class PlacedOps:
 
     def dequantize(self, w: Weight):
         return self.move(self.backends[w.device].dequantize(w), w.device, self.home)
+
+    # --- the small ops of a layer, on the home device (engine.backends.protocol.LayerOps) ----------
+
+    def rms_norm(self, x, w, eps: float):
+        return self.home_layer_ops.rms_norm(x, w, eps)
+
+    def add_rms_norm(self, residual, y, w, eps: float):
+        return self.home_layer_ops.add_rms_norm(residual, y, w, eps)
+
+    def glu(self, gate, up, activation):
+        return self.home_layer_ops.glu(gate, up, activation)
+
+    def rope_qk(self, q, k, cos, sin, neox: bool, q_scale: float = 1.0):
+        return self.home_layer_ops.rope_qk(q, k, cos, sin, neox, q_scale)
 
     # --- mixture of experts -------------------------------------------------------------------
 

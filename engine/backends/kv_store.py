@@ -5,17 +5,27 @@ quantized with the same block formats and rounding as llama.cpp's CPU cache. Eac
 the position it holds (-1: empty), which is what the attention mask is built from. The CPU
 backend uses this storage directly; the simulated GPU keeps it as its device memory and hands
 out device arrays of what it reads.
+
+A few queries (a decode step) attend straight over the stored rows in one kernel
+(`kernels.cpu.attention`), which decodes each visible row once and allocates nothing the size of
+the cache; a longer ubatch decodes the filled cells once and multiplies them as whole matrices.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from engine.arch import layers
+from engine.arch.base import AttentionKind
 from engine.backends.protocol import AttentionStep, KVLayout
 from engine.gguf import ggml_types
 from kernels.cpu import dequantize_rows, quantize_rows
+from kernels.cpu.attention import CHUNKED, FULL, SLIDING, attend_cache
 
 FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16}
+MASK_KIND = {AttentionKind.FULL: FULL, AttentionKind.SLIDING: SLIDING, AttentionKind.CHUNKED: CHUNKED}
+# queries that attend row by row over the stored cache; a longer ubatch decodes the cells once
+# and multiplies whole matrices, which reuses each decoded row for all its queries
+ROW_ATTENTION_MAX_TOKENS = 4
 
 
 class RowCodec:
@@ -49,6 +59,9 @@ class HostKVLayer:
         self.k = self.k_codec.empty(layout.n_cells, layout.n_k)
         self.v = self.v_codec.empty(layout.n_cells, layout.n_v) if layout.n_v else None   # MLA: V is part of K
         self.cell_pos = np.full(layout.n_cells, -1, dtype=np.int64)
+        # the storage as the bytes the attention kernel decodes (views: no copy)
+        self.k_bytes = self.k.view(np.uint8)
+        self.v_bytes = None if self.v is None else self.v.view(np.uint8)
 
     @property
     def nbytes(self) -> int:
@@ -69,6 +82,22 @@ class HostKVLayer:
 
     def forget(self, n_past: int) -> None:
         self.cell_pos[self.cell_pos >= n_past] = -1
+
+    def attends_by_rows(self, n_tokens: int) -> bool:
+        """Whether `attend_rows` serves a ubatch of n_tokens (a decode step with separate values)."""
+        return self.v is not None and n_tokens <= ROW_ATTENTION_MAX_TOKENS
+
+    def attend_rows(self, step: AttentionStep, positions: np.ndarray, q: np.ndarray, n_head_kv: int,
+                    kq_scale: float) -> np.ndarray:
+        """softmax(kq_scale * q K^T + mask) V (T, n_head * d_v) over the first step.n_filled cells,
+        read in their storage type: q (T, n_head, d_k) float32 host array."""
+        n_tokens, n_head, _ = q.shape
+        out = np.empty((n_tokens, n_head * (self.layout.n_v // n_head_kv)), dtype=np.float32)
+        n = step.n_filled
+        attend_cache(np.ascontiguousarray(q, dtype=np.float32), self.k_bytes[:n], self.k_codec.type_id,
+                     self.v_bytes[:n], self.v_codec.type_id, n_head_kv, self.cell_pos[:n], positions,
+                     MASK_KIND[step.kind], step.window, kq_scale, out)
+        return out
 
 
 def attend_cached(keys, values, key_pos, positions, step: AttentionStep, q, n_head_kv: int, kq_scale: float,

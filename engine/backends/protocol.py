@@ -40,6 +40,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from engine.arch.base import AttentionKind
+from engine.arch.layers import ArrayOps
 from engine.backends import Weight
 
 Array = Any     # an array of the backend's namespace (numpy.ndarray, array_api_strict.Array, cupy.ndarray)
@@ -148,3 +149,31 @@ class Backend(Protocol):
 
     def set_threads(self, n_threads: int) -> None:
         """Worker threads for ops called from the calling thread (-t); 0 leaves the default."""
+
+
+@runtime_checkable
+class LayerOps(Protocol):
+    """The small ops of a layer on activations of one device, optional for a backend: one that
+    has them runs its own kernels (the CPU's one-pass loops, `kernels.cpu.fused_ops`); for one
+    that has not, the dispatcher runs `engine.arch.layers.ArrayOps`, the same math over the
+    backend's array namespace (`layer_ops`). Arrays float32, rows first, the backend's own."""
+
+    def rms_norm(self, x: Array, w: Array | None, eps: float) -> Array:
+        """x / sqrt(mean(x^2 over the last axis) + eps), times w (n,) unless w is None."""
+
+    def add_rms_norm(self, residual: Array, y: Array, w: Array, eps: float) -> Array:
+        """residual + rms_norm(y, w, eps)."""
+
+    def glu(self, gate: Array, up: Array, activation) -> Array:
+        """activation(gate, up): `layers.swiglu` or `layers.geglu` (another function is applied as is)."""
+
+    def rope_qk(self, q: Array, k: Array, cos: Array, sin: Array, neox: bool,
+                q_scale: float = 1.0) -> tuple[Array, Array]:
+        """q and k (T, heads, head_dim) rotated by cos/sin (T, n_dims/2) (`layers.apply_rope`),
+        q then times q_scale."""
+
+
+def layer_ops(backend) -> LayerOps:
+    """The backend's own small ops, or the array-namespace ones."""
+    return backend if isinstance(backend, LayerOps) else ArrayOps
+

@@ -19,7 +19,7 @@ from array_api_strict._array_object import Array as StrictArray
 
 from engine.backends import Weight
 from engine.arch.kv_rotation import is_quantized
-from engine.backends.cpu import CpuBackend, q8_0_rounded
+from engine.backends.cpu import GLU_KINDS, CpuBackend, q8_0_rounded
 from engine.backends.kv_store import HostKVLayer, attend_cached
 from engine.backends.protocol import AttentionStep, KVLayout
 
@@ -100,6 +100,24 @@ class StrictSimBackend:
     def dequantize(self, w: Weight):
         return self._wrap(self.kernels.dequantize(self._weight(w)))
 
+    # --- the small ops of a layer: the CPU's kernels on this device's memory ----------------------
+
+    def rms_norm(self, x, w, eps: float):
+        return self._wrap(self.kernels.rms_norm(self._memory(x), None if w is None else self._memory(w), eps))
+
+    def add_rms_norm(self, residual, y, w, eps: float):
+        return self._wrap(self.kernels.add_rms_norm(self._memory(residual), self._memory(y), self._memory(w), eps))
+
+    def glu(self, gate, up, activation):
+        if activation not in GLU_KINDS:
+            return activation(gate, up)
+        return self._wrap(self.kernels.glu(self._memory(gate), self._memory(up), activation))
+
+    def rope_qk(self, q, k, cos, sin, neox: bool, q_scale: float = 1.0):
+        q, k = self.kernels.rope_qk(self._memory(q), self._memory(k), self._memory(cos), self._memory(sin), neox,
+                                    q_scale)
+        return self._wrap(q), self._wrap(k)
+
     # --- the KV cache: host-layout storage that only this device reads ---------------------------
 
     @staticmethod
@@ -111,7 +129,10 @@ class StrictSimBackend:
         if self.kernels.round_inputs and is_quantized(kv.layout.type_k):
             # as on the CPU: llama.cpp dots a quantized key with the query in Q8_0 blocks
             q = self._wrap(q8_0_rounded(np.ascontiguousarray(self._memory(q), dtype=np.float32)))
-        kv.store(step.cells, self._memory(positions), self._memory(k), None if v is None else self._memory(v))
+        host_positions = self._memory(positions)
+        kv.store(step.cells, host_positions, self._memory(k), None if v is None else self._memory(v))
+        if kv.attends_by_rows(q.shape[0]):
+            return self._wrap(kv.attend_rows(step, host_positions, self._memory(q), k.shape[1], kq_scale))
         keys, values, key_pos = kv.view(step.n_filled)
         keys, key_pos = self._wrap(np.array(keys, copy=True)), self._wrap(np.array(key_pos, copy=True))
         values = None if values is None else self._wrap(np.array(values, copy=True))

@@ -30,7 +30,7 @@ from engine.gguf.model_file import ModelFile, ModelFileError
 from engine.run.kv_cache import KVCache
 from engine.run.recurrent_state import HybridCache
 from engine.arch.kv_rotation import is_quantized, rotation_for
-from engine.arch.layers import RopeScaling, apply_rope, namespace, rms_norm, rope_cos_sin
+from engine.arch.layers import RopeScaling, apply_rope, namespace, rope_cos_sin
 from engine.backends.dispatch import PlacedOps, make_backends, place_weight
 from engine.run_config import RunConfig
 
@@ -177,7 +177,7 @@ class Model:
         return self.ops.embedding(self.globals["token_embd.weight"], tokens)
 
     def output_logits(self, x):
-        x = rms_norm(x, self.vector_here("output_norm.weight"), self.hparams.rms_eps)
+        x = self.ops.rms_norm(x, self.vector_here("output_norm.weight"), self.hparams.rms_eps)
         return self.ops.matmul(x, self.output_weight)
 
     # --- running ----------------------------------------------------------------------------------
@@ -305,14 +305,23 @@ class UBatch:
             self._device_positions[home] = self.ops.home_backend.to_device(self.positions)
         return self._device_positions[home]
 
-    def rope(self, x, n_dims: int, base: float, scaling: RopeScaling, neox: bool, freq_factors=None):
-        """x (T, n_head, head_dim) rotated by its tokens' positions, tables built on x's device."""
+    def rope_tables(self, n_dims: int, base: float, scaling: RopeScaling, freq_factors=None):
+        """(cos, sin) (T, n_dims/2) of these positions on the current home device, built once."""
         key = (self.ops.home, n_dims, base, scaling, None if freq_factors is None else id(freq_factors))
         if key not in self._rope_tables:
             # the factors are part of the key by identity: keep them alive as long as the table
             self._rope_tables[key] = (rope_cos_sin(self.device_positions(), n_dims, base, scaling, freq_factors),
                                       freq_factors)
-        return apply_rope(x, *self._rope_tables[key][0], neox)
+        return self._rope_tables[key][0]
+
+    def rope(self, x, n_dims: int, base: float, scaling: RopeScaling, neox: bool, freq_factors=None):
+        """x (T, n_head, head_dim) rotated by its tokens' positions, tables built on x's device."""
+        return apply_rope(x, *self.rope_tables(n_dims, base, scaling, freq_factors), neox)
+
+    def rope_qk(self, q, k, n_dims: int, base: float, scaling: RopeScaling, neox: bool, q_scale: float = 1.0,
+                freq_factors=None):
+        """q and k rotated in one op of the home device (`rope`), q then times q_scale."""
+        return self.ops.rope_qk(q, k, *self.rope_tables(n_dims, base, scaling, freq_factors), neox, q_scale)
 
     def attend(self, il: int, q, k, v, kq_scale: float, v_from_k: int = 0):
         """Store this ubatch's k/v (T, n_head_kv, d) in layer il's cache and attend over the cache

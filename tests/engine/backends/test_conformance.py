@@ -14,8 +14,9 @@ from gguf.quants import dequantize
 
 from backend_registry import backend_params, make_backend
 from engine.arch.base import AttentionKind
+from engine.arch.layers import geglu, swiglu
 from engine.backends import Weight
-from engine.backends.protocol import AttentionStep, Backend, KVLayout
+from engine.backends.protocol import AttentionStep, Backend, KVLayout, layer_ops
 from kernels.cpu import quantize_rows
 
 pytestmark = pytest.mark.parametrize("backend_name", backend_params())
@@ -141,6 +142,66 @@ def test_transfers_and_vectors_round_trip_exactly(backend_name):
     assert np.array_equal(host(backend, backend.to_device(positions)), positions)
     norm = RNG.standard_normal(13).astype(np.float32)
     assert np.array_equal(host(backend, backend.upload_vector(norm)), norm)
+
+
+# --- the small ops of a layer (the backend's own kernels, or the array-namespace math) ---------------
+
+
+def rms_normed(x: np.ndarray, w) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6) * (1.0 if w is None else w)
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_rms_norm_over_rows_and_heads(backend_name, weighted):
+    backend = make_backend(backend_name)
+    x = RNG.standard_normal((3, 2, 48)).astype(np.float32) * 10       # (T, heads, head_dim): per head
+    w = RNG.standard_normal(48).astype(np.float32) if weighted else None
+    y = host(backend, layer_ops(backend).rms_norm(on(backend, x), w if w is None else backend.upload_vector(w), 1e-6))
+    assert y.shape == x.shape and nmse(y, rms_normed(x, w)) < 1e-10
+
+
+def test_add_rms_norm(backend_name):
+    backend = make_backend(backend_name)
+    residual, y = RNG.standard_normal((2, 64)).astype(np.float32), RNG.standard_normal((2, 64)).astype(np.float32)
+    w = RNG.standard_normal(64).astype(np.float32)
+    out = host(backend, layer_ops(backend).add_rms_norm(on(backend, residual), on(backend, y),
+                                                        backend.upload_vector(w), 1e-6))
+    assert nmse(out, residual + rms_normed(y, w)) < 1e-10
+
+
+@pytest.mark.parametrize("activation", [swiglu, geglu], ids=["swiglu", "geglu"])
+def test_glu(backend_name, activation):
+    backend = make_backend(backend_name)
+    gate, up = RNG.standard_normal((3, 80)).astype(np.float32) * 3, RNG.standard_normal((3, 80)).astype(np.float32)
+    g = gate.astype(np.float64)
+    if activation is swiglu:
+        act = g / (1.0 + np.exp(-g))
+    else:
+        act = 0.5 * g * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (g + 0.044715 * g ** 3)))
+    out = host(backend, layer_ops(backend).glu(on(backend, gate), on(backend, up), activation))
+    assert nmse(out, act * up) < 1e-10
+
+
+@pytest.mark.parametrize("neox", [True, False], ids=["neox", "norm"])
+def test_rope_qk_rotates_both_and_scales_q(backend_name, neox):
+    backend = make_backend(backend_name)
+    n_dims, head_dim = 16, 20                                         # a tail of 4 dims is not rotated
+    q = RNG.standard_normal((2, 4, head_dim)).astype(np.float32)
+    k = RNG.standard_normal((2, 2, head_dim)).astype(np.float32)
+    angles = RNG.uniform(-3.0, 3.0, (2, n_dims // 2))
+    cos, sin = (backend.to_device(f(angles).astype(np.float32)) for f in (np.cos, np.sin))
+    q_out, k_out = layer_ops(backend).rope_qk(on(backend, q), on(backend, k), cos, sin, neox, 0.25)
+
+    def rotated(x):
+        y = x.astype(np.float64).copy()
+        for i in range(n_dims // 2):
+            a, b = (i, i + n_dims // 2) if neox else (2 * i, 2 * i + 1)
+            c, s = np.cos(angles[:, i])[:, None], np.sin(angles[:, i])[:, None]
+            y[..., a], y[..., b] = x[..., a] * c - x[..., b] * s, x[..., a] * s + x[..., b] * c
+        return y
+    assert nmse(host(backend, q_out), 0.25 * rotated(q)) < 1e-10
+    assert nmse(host(backend, k_out), rotated(k)) < 1e-10
 
 
 # --- the KV cache and attention --------------------------------------------------------------------
