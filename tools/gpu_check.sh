@@ -10,14 +10,16 @@
 #   pip download -d wheels --only-binary=:all: --python-version 3.12 \
 #       gguf platformdirs google-re2 array-api-compat array-api-strict pytest
 #
-# Steps (each with its own time limit; the whole run stays under 8 minutes):
+# Steps (each with its own time limit; the whole run stays under 10 minutes):
 #   1. environment: a venv over the system packages, the wheels installed, the GPU described;
 #   2. the `gpu` tests: every kernel on CuPy, the backend conformance suite on CUDA, llama.cpp
 #      fixture parity (check 1) fully on the GPU and hybrid (routed experts on the CPU);
-#   3. the decode roofline bench (kernels/cuda/bench.py) on Qwen3-30B-A3B's shapes;
+#   3. the decode step as a CUDA graph: the model's captured step against direct launches of it,
+#      the eager CUDA path and the CPU (llama, qwen3moe, gemma3 fixtures);
+#      then the decode roofline bench (kernels/cuda/bench.py) on Qwen3-30B-A3B's shapes;
 #   4. `offload-studio bench` on a synthetic Qwen3-30B-A3B Q4_K_M (6 of its 48 layers, each
-#      layer at full size) fully on the GPU and hybrid (-ot exps=CPU), with pynvml's memory
-#      after the run against the planner's estimate;
+#      layer at full size) fully on the GPU with CUDA graphs and without (--no-cuda-graphs), and
+#      hybrid (-ot exps=CPU), with pynvml's memory after the run against the planner's estimate;
 #   5. the bandwidth figures (each device's copy bandwidth, active bytes per token, the share of
 #      the roofline reached) gathered from steps 3 and 4 into bandwidth.txt and the summary.
 # Everything lands in OUTDIR: summary.txt first, one log per step beside it.
@@ -77,7 +79,9 @@ import gguf, array_api_strict, re2; print('gguf', gguf.__name__, 'ok')
 step gpu-tests 150 python -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" \
     tests/kernels/cuda tests/engine/backends/test_conformance.py tests/engine/backends/test_cuda.py
 
-# 3. decode roofline -------------------------------------------------------------------------------
+# 3. the decode step as a CUDA graph, and the decode roofline -------------------------------------
+step graph-decode 90 python -m pytest -q -m gpu -p no:cacheprovider tests/engine/backends/test_cuda_graph_decode.py \
+    tests/engine/backends/test_cuda_graph.py
 step roofline 45 python -m kernels.cuda.bench --layers 48 --reps 20
 
 # 4. model bench: synthetic Qwen3-30B-A3B, all on the GPU and hybrid --------------------------------
@@ -85,6 +89,7 @@ LAYERS=${GPU_CHECK_LAYERS:-6}
 MODEL="$OUT/qwen3-30b-a3b-${LAYERS}L-Q4_K_M.gguf"
 if step synth 75 python -m app.cli synth --preset qwen3-30b-a3b --quant Q4_K_M --layers "$LAYERS" -o "$MODEL"; then
     step bench-gpu 45 python -m app.cli bench -m "$MODEL" -p 512 -n 32 -r 2 -ngl 99
+    step bench-gpu-no-graphs 45 python -m app.cli bench -m "$MODEL" -p 512 -n 32 -r 2 -ngl 99 --no-cuda-graphs
     step bench-hybrid 45 python -m app.cli bench -m "$MODEL" -p 512 -n 32 -r 2 -ngl 99 -ot exps=CPU
     step memory 45 python - "$MODEL" <<'PY'
 # pynvml's used memory on CUDA0 after loading and after a 2048-token prefill, against the planner
@@ -131,8 +136,13 @@ rm -f "$MODEL"
 {
     echo "kernels.cuda.bench --layers 48 (matvecs of one Qwen3-30B-A3B token):"
     grep -E "copy bandwidth|one token over|CUDA graph" "$OUT/roofline.log" 2>/dev/null
-    for run in bench-gpu bench-hybrid; do
-        echo "offload-studio $run ($( [ "$run" = bench-hybrid ] && echo "-ngl 99 -ot exps=CPU" || echo "-ngl 99")):"
+    for run in bench-gpu bench-gpu-no-graphs bench-hybrid; do
+        case $run in
+            bench-hybrid) flags="-ngl 99 -ot exps=CPU" ;;
+            bench-gpu-no-graphs) flags="-ngl 99 --no-cuda-graphs" ;;
+            *) flags="-ngl 99" ;;
+        esac
+        echo "offload-studio $run ($flags):"
         sed -n '/^decode roofline/,$p' "$OUT/$run.log" 2>/dev/null
     done
 } > "$OUT/bandwidth.txt"

@@ -154,6 +154,9 @@ class GraphDecode:
         key = tuple(padded_cells(s.n_filled, cache.layers[il].layout.n_cells, self.padding)
                     for il, s in zip(r.layers, steps))
         out, routed = r.step(key, inputs)
+        # the family's array math (the head, a non-finite check) runs on the device's default
+        # stream, not the runtime's: the replay must be done before anything reads its output
+        backend.runtime.synchronize()
         if routed is not None:
             moe_layers = r.step.step.moe_layers
             for il, ids in zip(moe_layers, backend.runtime.download(routed)):
