@@ -19,7 +19,8 @@ products with `activations="llama.cpp"` (llama.cpp's CUDA path), exact float32 a
 captured once, replayed on later tokens with the token's id, position and cache cell copied into
 device buffers its kernels read (llama.cpp's way), captured anew when a shape baked into the
 launches changes; direct launches, with the reason in a debug log, where the placement or the
-step needs the host in the middle.
+step needs the host in the middle. The model's one-token steps are such steps wherever a device
+holds a range of layers whole (engine.run.graph_decode, over engine.backends.cuda_decode).
 """
 from __future__ import annotations
 
