@@ -117,7 +117,7 @@ def make_tile_block(sub_block: int, n_sub: int, has_offset: bool, has_scales: bo
                 t = builder.add(t0_v, ir.Constant(i64, i))
                 tokens.append(builder.select(builder.icmp_signed("<", t, last_token), t, last_token))
             x_rows = [_flat_pointer(context, builder, at[5], xq_v, t, zero) for t in tokens]
-            tq_ptr = _data_pointer(context, builder, at[0], tq_v, zero)
+            tq_ptr = builder.bitcast(_data_pointer(context, builder, at[0], tq_v, zero), ir.IntType(8).as_pointer())
             tsc_ptr = _data_pointer(context, builder, at[1], tsc_v, zero)
             tmn_ptr = _data_pointer(context, builder, at[2], tmn_v, zero)
             td_ptr = _data_pointer(context, builder, at[3], td_v, zero)

@@ -25,7 +25,8 @@ from gguf.constants import GGMLQuantizationType as QType
 from gguf.quants import dequantize
 
 from kernels.cpu import isa
-from kernels.cpu.qgemm import QGEMM_TYPES, decode_rows, prefill_is_faster, qgemm, type_layout
+from kernels.cpu.qgemm import QGEMM_TYPES, prefill_is_faster, qgemm, type_layout
+from kernels.cpu.qgemm_tile import decode_rows
 from kernels.cpu.qgemm_ir import ROWS
 from kernels.cpu.qmatmul import QuantizedActivations
 
@@ -48,7 +49,7 @@ def activations(rng: np.random.Generator, n_tokens: int, n_cols: int) -> np.ndar
 
 def decoded(w: np.ndarray, qtype: QType, n_cols: int):
     family, offset, _, n_sub, block = type_layout(qtype)
-    return decode_rows(w, int(qtype), n_cols, offset, n_sub, block)
+    return decode_rows(w, qtype, n_cols, n_sub, block)
 
 
 def reference_qgemm(xa: QuantizedActivations, w: np.ndarray, qtype: QType, n_cols: int) -> np.ndarray:
