@@ -32,6 +32,7 @@ from kernels.cpu.decode_basic import read_f16
 from kernels.cpu.decode_kquants import k_scale_min
 from kernels.cpu.formats import as_ggml_type, read_only
 from kernels.cpu.qactivations import quantize_activations, quantize_one_token
+from kernels.cpu.qgemm import prefill_is_faster, qgemm
 from kernels.cpu.simd import scaled_block_dot
 from kernels.cpu.tile_matmul import SUM_FASTMATH
 
@@ -67,7 +68,7 @@ HALF_CONVERSION_NATIVE = _half_conversion_is_native()
 
 def integer_path_is_faster(ggml_type: int | QType, n_tokens: int) -> bool:
     return (HALF_CONVERSION_NATIVE and n_tokens <= INTEGER_MAX_TOKENS
-            and as_ggml_type(ggml_type) in INTEGER_DECODE_TYPES)
+            and as_ggml_type(ggml_type) in INTEGER_DECODE_TYPES) or prefill_is_faster(ggml_type, n_tokens)
 
 LANES = 32   # the unpackers' loop width, passed at run time so that LLVM vectorises the loops
 TILE_BYTES = 32 * 1024       # unpacked rows per prefill chunk: about an L1 data cache
@@ -380,6 +381,8 @@ def qmatmul(
         out = np.empty(shape, dtype=np.float32)
     elif out.dtype != np.float32 or out.shape != shape or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-ordered float32 array of shape {shape}")
+    if prefill_is_faster(qtype, shape[0]):   # several tokens: the integer GEMM
+        return qgemm(xa, w, qtype, n_cols, out)
     chunk = rows_per_chunk(n_cols, shape[0])
     kernel = qmatmul_serial if w.nbytes * shape[0] <= SERIAL_WORK_BYTES else qmatmul_kernel
     kernel(xa.q, xa.d, xa.min_sums, w, int(qtype), n_cols, LANES, chunk, out, 0)
