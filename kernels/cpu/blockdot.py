@@ -1,12 +1,13 @@
 """Fused dot products of one quantized weight row with one quantized activation row, in LLVM IR.
 
-    ROW_DOTS[type_name](w, r, x, dx, n_blocks) -> float32     (Numba intrinsics, host form)
+    ROW_DOTS[type_name](w, r, x, dx, sx, n_blocks) -> float32  (Numba intrinsics, host form)
     row_dot_intrinsic(type_name, form)                         the same kernel in any isa.FORMS
 
 w: the weight's raw GGUF bytes (uint8, rows first), r: the row; x: the token's activations
 quantized to int8 (Q8_0 blocks of 32 for Q4_0 .. IQ4_NL, Q8_K blocks of 256 for the K-quants and
-IQ4_XS), dx: their float32 block scales. The result leaves out the min terms of the types with
-mins (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K), which need the activation block sums (`qmatmul`).
+IQ4_XS), dx: their float32 block scales; sx: Q8_1's f16-rounded block sums s, which Q4_1 and
+Q5_1 multiply their min m with (llama.cpp's vec_dot_q4_1_q8_1), unread by the other types. The
+K-quants' mins enter as exact integer sums of min * x, as llama.cpp forms them from Q8_K's bsums.
 
 Why: for one token (decode) a matmul streams every weight byte once, so it runs at memory speed
 only if decoding costs less than reading. Each block is loaded straight into vector registers,
@@ -20,7 +21,9 @@ integer sub-block scale of those elements (1 for the 32-element types). These su
 (below 2**24, so their float conversion is exact too), hence identical in every isa form; then
 
     acc = acc + float(isum) * (d_w * dx[b])      (float32, block by block)
-    result = acc's 8 lanes summed by halves (lane i + lane i + 4, then + 2, then + 1)
+    acc = acc - float(imin) * (dmin * dx[b])     (Q2_K, Q4_K, Q5_K: imin the lanes of min * x)
+    m_acc = m_acc + m_b * sx[b]                  (Q4_1, Q5_1: a float32 scalar)
+    result = acc's 8 lanes summed by halves (lane i + lane i + 4, then + 2, then + 1) + m_acc
 
 which `row_dot_reference` repeats in NumPy. Signed weights use isa.sign_transfer (|w| and x with
 w's sign), so activations must lie in [-127, 127], as the Q8 quantizers write them.
@@ -41,6 +44,9 @@ LANES = 8
 PREFETCH_DISTANCE = 0    # bytes ahead of the block being read; 0: the hardware prefetcher alone
 _IQ4_TABLE = isa.constant_vector(i8, [int(v) for v in IQ4_NL.kvalues])
 
+# K-quants with mins: byte offset of the f16 dmin
+MIN_OFFSETS = {"Q2_K": 82, "Q4_K": 2, "Q5_K": 2}
+SUM_MIN_TYPES = ("Q4_1", "Q5_1")   # the f16 m at byte 2 times Q8_1's s
 # type -> (block bytes, elements per block, byte offset of the f16 scale d)
 LAYOUTS = {
     "Q4_0": (18, 32, 0), "Q4_1": (20, 32, 0), "Q5_0": (22, 32, 0), "Q5_1": (24, 32, 0),
@@ -71,6 +77,10 @@ class _Block:
         x = self.activations(group)
         u, s = isa.sign_transfer(self.builder, weights, x) if signed else (weights, x)
         return isa.dot_u8_s8(self.builder, acc, u, s, self.form)
+
+    def min_dot(self, acc, mins, group):
+        """acc + the lanes of mins . activations: mins <32 x i8>, each element's 6-bit min."""
+        return isa.dot_u8_s8(self.builder, acc, mins, self.activations(group), self.form)
 
     def scaled_dot(self, acc, weights, group, signed, scales):
         """acc + scales * (the lanes of weights . activations): scales <8 x i32> per lane."""
@@ -145,33 +155,43 @@ def _iq4_nl(builder, blk):
 
 # --- the 256-element types: eight groups of 32 with integer sub-block scales ---------------------
 
-def _k_scale(builder, blk, j):
-    """Q4_K / Q5_K 6-bit scale of sub-block j from the 12 bytes at 4 (see k_scale_min)."""
+def _k_scale_min(builder, blk, j):
+    """Q4_K / Q5_K 6-bit (scale, min) of sub-block j from the 12 bytes at 4 (see k_scale_min)."""
+    def six_bits(offset):
+        return builder.and_(blk.byte(offset), ir.Constant(i32, 63))
+
     if j < 4:
-        return builder.and_(blk.byte(4 + j), ir.Constant(i32, 63))
-    low = builder.and_(blk.byte(4 + j + 4), ir.Constant(i32, 15))
-    high = builder.shl(builder.lshr(blk.byte(4 + j - 4), ir.Constant(i32, 6)), ir.Constant(i32, 4))
-    return builder.or_(low, high)
+        return six_bits(4 + j), six_bits(8 + j)
+    packed, top_scale, top_min = blk.byte(8 + j), blk.byte(j), blk.byte(4 + j)
+    six = ir.Constant(i32, 6)
+    scale = builder.or_(builder.and_(packed, ir.Constant(i32, 15)), builder.shl(builder.lshr(top_scale, six), ir.Constant(i32, 4)))
+    minimum = builder.or_(builder.lshr(packed, ir.Constant(i32, 4)), builder.shl(builder.lshr(top_min, six), ir.Constant(i32, 4)))
+    return scale, minimum
+
+
+def _k_sub_blocks(builder, blk, qs_offset, fifth_bits):
+    """Q4_K and Q5_K: sub-block j is nibble j % 2 of the 32 bytes at qs_offset + 32 (j // 2), with
+    fifth bit (fifth_bits[l] >> j) & 1 (Q5_K); (isum, imin) lanes."""
+    acc, acc_min = _zero_lanes(), _zero_lanes()
+    for j in range(8):
+        q = blk.bytes(qs_offset + 32 * (j >> 1))
+        q = _high(builder, q) if j & 1 else _low(builder, q)
+        if fifth_bits is not None:
+            q = builder.or_(q, builder.shl(_bits(builder, fifth_bits, j, 1), _bytes_of(4)))
+        scale, minimum = _k_scale_min(builder, blk, j)
+        acc = blk.scaled_dot(acc, q, j, False, isa.splat(builder, scale, LANES))
+        acc_min = blk.min_dot(acc_min, isa.splat(builder, builder.trunc(minimum, i8), 32), j)
+    return acc, acc_min
 
 
 def _q4_k(builder, blk):
-    acc = _zero_lanes()
-    for j in range(8):   # sub-block j: nibble j % 2 of qs[32 * (j // 2) ...], qs at 16
-        q = blk.bytes(16 + 32 * (j >> 1))
-        q = _high(builder, q) if j & 1 else _low(builder, q)
-        acc = blk.scaled_dot(acc, q, j, False, isa.splat(builder, _k_scale(builder, blk, j), LANES))
-    return acc
+    """d | dmin | scales[12] | qs[128]."""
+    return _k_sub_blocks(builder, blk, 16, None)
 
 
 def _q5_k(builder, blk):
-    acc = _zero_lanes()
-    qh = blk.bytes(16)
-    for j in range(8):   # Q4_K's nibbles at 48, fifth bit (qh[l] >> j) & 1
-        q = blk.bytes(48 + 32 * (j >> 1))
-        q = _high(builder, q) if j & 1 else _low(builder, q)
-        q = builder.or_(q, builder.shl(_bits(builder, qh, j, 1), _bytes_of(4)))
-        acc = blk.scaled_dot(acc, q, j, False, isa.splat(builder, _k_scale(builder, blk, j), LANES))
-    return acc
+    """d | dmin | scales[12] | qh[32] | qs[128]."""
+    return _k_sub_blocks(builder, blk, 48, blk.bytes(16))
 
 
 def _q6_k(builder, blk):
@@ -193,14 +213,18 @@ def _q6_k(builder, blk):
 def _q2_k(builder, blk):
     """scales[16] | qs[64] | d | dmin: element 128h + 32s + l is (qs[32h + l] >> 2s) & 3, its
     16-element group's multiplier the low nibble of scales[8h + 2s + l // 16]."""
-    scales = builder.zext(_low(builder, blk.bytes(0, 16)), isa.vector(i32, 16))
-    acc = _zero_lanes()
+    scale_bytes = blk.bytes(0, 16)
+    scales = builder.zext(_low(builder, scale_bytes), isa.vector(i32, 16))
+    mins = _high(builder, scale_bytes)
+    acc, acc_min = _zero_lanes(), _zero_lanes()
     for h in range(2):
         qs = blk.bytes(16 + 32 * h)
         for s in range(4):
-            acc = blk.scaled_dot(acc, _bits(builder, qs, 2 * s, 3), 4 * h + s, False,
-                                 _spread(builder, scales, 8 * h + 2 * s))
-    return acc
+            group = 8 * h + 2 * s
+            acc = blk.scaled_dot(acc, _bits(builder, qs, 2 * s, 3), 4 * h + s, False, _spread(builder, scales, group))
+            group_mins = builder.shuffle_vector(mins, mins, isa.indices([group] * 16 + [group + 1] * 16))
+            acc_min = blk.min_dot(acc_min, group_mins, 4 * h + s)
+    return acc, acc_min
 
 
 def _q3_k_scales(builder, blk):
@@ -251,45 +275,62 @@ _DECODERS = {
 }
 
 
+def _scaled(builder, lanes, w_block, half_offset, dx_b):
+    """float(lanes) * (the block's f16 at half_offset * dx_b)."""
+    d_w = isa.load_half(builder, builder.gep(w_block, [ir.Constant(i64, half_offset)]))
+    scale = builder.fmul(d_w, dx_b)
+    return builder.fmul(builder.sitofp(lanes, isa.vector(f32, LANES)), isa.splat(builder, scale, LANES))
+
+
 def _emit_row_dot(context, builder, signature, args, type_name, form):
     """The block loop: integer lanes per block, scaled and accumulated in float32 lanes."""
     block_bytes, block_elements, d_offset = LAYOUTS[type_name]
-    w_type, _, x_type, dx_type, _ = signature.args
-    w_arr, r, x_arr, dx_arr, n_blocks = args
+    w_type, _, x_type, dx_type, sx_type, _ = signature.args
+    w_arr, r, x_arr, dx_arr, sx_arr, n_blocks = args
     zero = ir.Constant(i64, 0)
     row = isa.row_pointer(context, builder, w_type, w_arr, r)
     x_row = isa.element_pointer(context, builder, x_type, x_arr, zero)
     dx_row = isa.element_pointer(context, builder, dx_type, dx_arr, zero)
+    sx_row = isa.element_pointer(context, builder, sx_type, sx_arr, zero)
     f32_lanes = isa.vector(f32, LANES)
     acc = cgutils.alloca_once_value(builder, ir.Constant(f32_lanes, None))
+    m_acc = cgutils.alloca_once_value(builder, ir.Constant(f32, 0))
     with cgutils.for_range(builder, n_blocks) as loop:
         b = loop.index
         w_block = builder.gep(row, [builder.mul(b, ir.Constant(i64, block_bytes))])
         if PREFETCH_DISTANCE:
             isa.prefetch(builder, builder.gep(w_block, [ir.Constant(i64, PREFETCH_DISTANCE)]))
         x_block = builder.gep(x_row, [builder.mul(b, ir.Constant(i64, block_elements))])
-        isum = _DECODERS[type_name](builder, _Block(builder, w_block, x_block, form))
-        d_w = isa.load_half(builder, builder.gep(w_block, [ir.Constant(i64, d_offset)]))
-        scale = builder.fmul(d_w, builder.load(builder.gep(dx_row, [b])))
-        term = builder.fmul(builder.sitofp(isum, f32_lanes), isa.splat(builder, scale, LANES))
-        builder.store(builder.fadd(builder.load(acc), term), acc)
-    return isa.sum_lanes_by_halves(builder, builder.load(acc))
+        lanes = _DECODERS[type_name](builder, _Block(builder, w_block, x_block, form))
+        dx_b = builder.load(builder.gep(dx_row, [b]))
+        isum, imin = lanes if type_name in MIN_OFFSETS else (lanes, None)
+        total = builder.fadd(builder.load(acc), _scaled(builder, isum, w_block, d_offset, dx_b))
+        if imin is not None:
+            total = builder.fsub(total, _scaled(builder, imin, w_block, MIN_OFFSETS[type_name], dx_b))
+        builder.store(total, acc)
+        if type_name in SUM_MIN_TYPES:
+            m_b = isa.load_half(builder, builder.gep(w_block, [ir.Constant(i64, 2)]))
+            m_term = builder.fmul(m_b, builder.load(builder.gep(sx_row, [b])))
+            builder.store(builder.fadd(builder.load(m_acc), m_term), m_acc)
+    return builder.fadd(isa.sum_lanes_by_halves(builder, builder.load(acc)), builder.load(m_acc))
 
 
 def row_dot_intrinsic(type_name: str, form: str = isa.ISA):
-    """A Numba intrinsic row_dot(w, r, x, dx, n_blocks) -> float32 for one type and isa form."""
+    """A Numba intrinsic row_dot(w, r, x, dx, sx, n_blocks) -> float32 for one type and isa form."""
     if type_name not in _DECODERS:
         raise ValueError(f"no fused block dot for {type_name}")
 
     @intrinsic
-    def row_dot(typingctx, w, r, x, dx, n_blocks):
-        if w.dtype != types.uint8 or w.ndim != 2 or x.dtype != types.int8 or dx.dtype != types.float32:
+    def row_dot(typingctx, w, r, x, dx, sx, n_blocks):
+        if w.dtype != types.uint8 or w.ndim != 2 or x.dtype != types.int8:
+            return None
+        if dx.dtype != types.float32 or sx.dtype != types.float32:
             return None
 
         def codegen(context, builder, signature, args):
             return _emit_row_dot(context, builder, signature, args, type_name, form)
 
-        return types.float32(w, types.int64, x, dx, types.int64), codegen
+        return types.float32(w, types.int64, x, dx, sx, types.int64), codegen
 
     return row_dot
 
@@ -297,18 +338,30 @@ def row_dot_intrinsic(type_name: str, form: str = isa.ISA):
 ROW_DOTS = {name: row_dot_intrinsic(name) for name in _DECODERS}
 
 
-def row_dot_reference(w_values: np.ndarray, d_w: np.ndarray, x: np.ndarray, dx: np.ndarray) -> np.float32:
+def _lane_sums(values, x, n_blocks):
+    products = np.asarray(values, np.int64) * np.asarray(x, np.int64)
+    return products.reshape(n_blocks, -1, LANES, 4).sum(axis=(1, 3))    # (n_blocks, LANES), exact
+
+
+def row_dot_reference(w_values, d_w, x, dx, min_values=None, dmin=None, m=None, sx=None) -> np.float32:
     """NumPy twin of a row dot: w_values the row's integer weights (sub-block scales multiplied
-    in; unpack's tile row), d_w float32 per block; the same exact lanes, the same float steps."""
+    in; unpack's tile row), d_w float32 per block; for Q2_K / Q4_K / Q5_K also min_values (each
+    element's integer sub-block min) and dmin per block; for Q4_1 / Q5_1 m per block and sx.
+    The same lanes, the same float steps."""
     n_blocks = len(d_w)
-    products = (np.asarray(w_values, np.int64) * np.asarray(x, np.int64)).reshape(n_blocks, -1, LANES, 4)
-    isums = products.sum(axis=(1, 3))                                   # (n_blocks, LANES), exact
+    isums = _lane_sums(w_values, x, n_blocks)
+    imins = None if min_values is None else _lane_sums(min_values, x, n_blocks)
     acc = np.zeros(LANES, dtype=np.float32)
     for b in range(n_blocks):
         acc = acc + isums[b].astype(np.float32) * (np.float32(d_w[b]) * np.float32(dx[b]))
+        if imins is not None:
+            acc = acc - imins[b].astype(np.float32) * (np.float32(dmin[b]) * np.float32(dx[b]))
     width = LANES
     while width > 1:
         width //= 2
         acc = acc[:width] + acc[width:2 * width]
-    return np.float32(acc[0])
+    m_acc = np.float32(0)
+    for b in range(n_blocks if m is not None else 0):
+        m_acc = np.float32(m_acc + np.float32(m[b]) * np.float32(sx[b]))
+    return np.float32(acc[0] + m_acc)
 

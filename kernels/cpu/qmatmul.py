@@ -48,10 +48,10 @@ Q8_0_INPUT_TYPES = frozenset(QType[n] for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", 
 Q8_K_INPUT_TYPES = frozenset(QType[n] for n in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"))
 INTEGER_TYPES = Q8_0_INPUT_TYPES | Q8_K_INPUT_TYPES
 # Where qmatmul beats the float tile path (`kernels.cpu.matmul` on the same rounded inputs) on
-# an AVX-512 Xeon (docs/benchmarks.md): one-token products of the K-quants and of Q8_0 (read in
-# place). The 32-element types pay a float scale per 32 products, and prefill's 4x4
-# register-blocked float tiles reuse each loaded value 4 times; there the float path is faster.
-INTEGER_DECODE_TYPES = Q8_K_INPUT_TYPES | {QType.Q8_0}
+# an AVX-512 Xeon: one-token products of every integer type, whose fused kernels (`blockdot`)
+# run 1.5-5x faster than the float path (`python -m kernels.cpu.bench`). For prefill, the 4x4
+# register-blocked float tiles reuse each loaded value 4 times and are faster than these.
+INTEGER_DECODE_TYPES = INTEGER_TYPES
 INTEGER_MAX_TOKENS = 1
 
 
@@ -216,45 +216,40 @@ def _dot_rows(kind, w, wi, start, n_chunk_rows, tile_row0, n_cols, d_offset, blo
 
 
 @njit(cache=True, nogil=True)
-def _row_dot(type_code, w, r, x, dx, n_cols):
-    """Row r of W . one token's quantized activations (no min terms), by the type's fused kernel."""
+def _row_dot(type_code, w, r, x, dx, sx, n_cols):
+    """Row r of W . one token's quantized activations, by the type's fused kernel (sx: Q8_1's
+    block sums for Q4_1 / Q5_1's mins)."""
     if type_code == _Q8_0:
-        return _DOT_Q8_0(w, r, x, dx, n_cols // 32)
+        return _DOT_Q8_0(w, r, x, dx, sx, n_cols // 32)
     if type_code == _Q6_K:
-        return _DOT_Q6_K(w, r, x, dx, n_cols // 256)
+        return _DOT_Q6_K(w, r, x, dx, sx, n_cols // 256)
     if type_code == _Q4_K:
-        return _DOT_Q4_K(w, r, x, dx, n_cols // 256)
+        return _DOT_Q4_K(w, r, x, dx, sx, n_cols // 256)
     if type_code == _Q5_0:
-        return _DOT_Q5_0(w, r, x, dx, n_cols // 32)
+        return _DOT_Q5_0(w, r, x, dx, sx, n_cols // 32)
     if type_code == _Q4_0:
-        return _DOT_Q4_0(w, r, x, dx, n_cols // 32)
+        return _DOT_Q4_0(w, r, x, dx, sx, n_cols // 32)
     if type_code == _Q5_K:
-        return _DOT_Q5_K(w, r, x, dx, n_cols // 256)
+        return _DOT_Q5_K(w, r, x, dx, sx, n_cols // 256)
     if type_code == _IQ4_NL:
-        return _DOT_IQ4_NL(w, r, x, dx, n_cols // 32)
+        return _DOT_IQ4_NL(w, r, x, dx, sx, n_cols // 32)
     if type_code == _Q4_1:
-        return _DOT_Q4_1(w, r, x, dx, n_cols // 32)
+        return _DOT_Q4_1(w, r, x, dx, sx, n_cols // 32)
     if type_code == _Q5_1:
-        return _DOT_Q5_1(w, r, x, dx, n_cols // 32)
+        return _DOT_Q5_1(w, r, x, dx, sx, n_cols // 32)
     if type_code == _Q2_K:
-        return _DOT_Q2_K(w, r, x, dx, n_cols // 256)
+        return _DOT_Q2_K(w, r, x, dx, sx, n_cols // 256)
     if type_code == _Q3_K:
-        return _DOT_Q3_K(w, r, x, dx, n_cols // 256)
-    return _DOT_IQ4_XS(w, r, x, dx, n_cols // 256)
+        return _DOT_Q3_K(w, r, x, dx, sx, n_cols // 256)
+    return _DOT_IQ4_XS(w, r, x, dx, sx, n_cols // 256)
 
 
 @njit(cache=True, nogil=True)
 def _decode_rows(xq, xd, min_sums, w, type_code, n_cols, start, n_rows, out, col0):
     """One token: out[0, col0 + r] for rows r = start .., every weight byte read once, in order."""
-    has_mins = _min_offset(type_code) >= 0
-    mins_f = np.empty((1, min_sums.shape[1] if has_mins else 0), dtype=np.float32)
-    x, dx = xq[0], xd[0]
+    x, dx, sx = xq[0], xd[0], min_sums[0]
     for r in range(start, start + n_rows):
-        value = _row_dot(type_code, w, r, x, dx, n_cols)
-        if has_mins:
-            _min_factors(type_code, w, r, n_cols, 0, mins_f)
-            value += _min_term(mins_f, 0, min_sums, 0)
-        out[0, col0 + r] = value
+        out[0, col0 + r] = _row_dot(type_code, w, r, x, dx, sx, n_cols)
 
 
 @njit(cache=True, nogil=True)

@@ -1,7 +1,7 @@
 """The fused decode kernels (kernels.cpu.blockdot) bit for bit against their NumPy twin.
 
 - the unpackers, which give the reference its integer weights, against gguf's dequantization;
-- every type's row dot, in every isa form this CPU runs (the generic IR fallback included),
+- every type's row dot (with the K-quants' mins), in every isa form this CPU runs (the generic IR fallback included),
   bit-identical to `row_dot_reference` on awkward rows: all nibbles and high bits set, all
   zero (zero sub-block scales), random; activations at +-127 and random.
 """
@@ -41,7 +41,7 @@ def integer_row(type_name: str, w: np.ndarray, r: int) -> np.ndarray:
 def block_scales(type_name: str, w: np.ndarray, r: int, field: str = "d") -> np.ndarray:
     """float32 per block: the f16 `d` (or the min factor `dmin` / `m`) of row r."""
     block_bytes, _, d_offset = blockdot.LAYOUTS[type_name]
-    offset = d_offset if field == "d" else {"Q2_K": 82}.get(type_name, 2)
+    offset = d_offset if field == "d" else blockdot.MIN_OFFSETS.get(type_name, 2)
     blocks = w[r].reshape(-1, block_bytes)
     return np.ascontiguousarray(blocks[:, offset:offset + 2]).view(np.float16)[:, 0].astype(np.float32)
 
@@ -76,12 +76,16 @@ def test_integer_rows_are_ggml_values(rng, type_name):
 
 
 def awkward_weights(rng, type_name: str, n_cols: int) -> np.ndarray:
-    """Rows: every bit set but `d`'s, every bit clear but `d`'s, then random blocks."""
+    """Rows: every bit set but those of the f16 `d` and `dmin` / `m`, every bit clear but
+    theirs, then random blocks."""
     block_bytes, _, d_offset = blockdot.LAYOUTS[type_name]
     w = random_weight(rng, type_name, 4, n_cols)
     blocks = w.reshape(4, -1, block_bytes)
     keep = np.zeros(block_bytes, bool)
     keep[d_offset:d_offset + 2] = True
+    min_offset = blockdot.MIN_OFFSETS.get(type_name, 2 if type_name in blockdot.SUM_MIN_TYPES else None)
+    if min_offset is not None:
+        keep[min_offset:min_offset + 2] = True
     blocks[0][:, ~keep] = 0xFF
     blocks[1][:, ~keep] = 0
     return w
@@ -102,7 +106,7 @@ def row_dot(type_name: str, form: str):
     key = (type_name, form)
     if key not in _KERNELS:
         kernel = blockdot.row_dot_intrinsic(type_name, form)
-        _KERNELS[key] = njit(lambda w, r, x, dx, n_blocks: kernel(w, r, x, dx, n_blocks))
+        _KERNELS[key] = njit(lambda w, r, x, dx, sx, n_blocks: kernel(w, r, x, dx, sx, n_blocks))
     return _KERNELS[key]
 
 
@@ -115,18 +119,25 @@ def test_row_dot_is_bit_exact(rng, type_name, form):
     w = awkward_weights(rng, type_name, n_cols)
     x = awkward_activations(rng, n_cols)
     dx = rng.standard_normal(n_blocks).astype(np.float32)
+    sx = rng.standard_normal(n_blocks).astype(np.float32)
     kernel = row_dot(type_name, form)
     for r in range(w.shape[0]):
+        mins = {}
+        if type_name in blockdot.MIN_OFFSETS:
+            mins = {"min_values": min_values(type_name, w, r), "dmin": block_scales(type_name, w, r, "dmin")}
+        if type_name in blockdot.SUM_MIN_TYPES:
+            mins = {"m": block_scales(type_name, w, r, "dmin"), "sx": sx}
         for t in range(x.shape[0]):
             expected = blockdot.row_dot_reference(integer_row(type_name, w, r), block_scales(type_name, w, r),
-                                                  x[t], dx)
-            result = np.float32(kernel(w, r, x[t], dx, n_blocks))
+                                                  x[t], dx, **mins)
+            result = np.float32(kernel(w, r, x[t], dx, sx, n_blocks))
             assert result.view(np.uint32) == expected.view(np.uint32), f"row {r}, activations {t}"
 
 
 def test_no_blocks_is_zero(rng):
     w = random_weight(rng, "Q4_K", 2, 256)
-    assert row_dot("Q4_K", isa.ISA)(w, 1, np.zeros(256, np.int8), np.ones(1, np.float32), 0) == 0
+    ones = np.ones(1, np.float32)
+    assert row_dot("Q4_K", isa.ISA)(w, 1, np.zeros(256, np.int8), ones, ones, 0) == 0
 
 
 def test_unknown_type_is_refused():
