@@ -20,19 +20,27 @@ after which the outputs and the chunk's final state are matrix products:
     S_C = exp(G_C) S0 + K^T diag(exp(G_C - G)) U
 
 Arrays are float32, tokens first; heads are the value heads (q/k already mapped to them).
+
+The layer's conv and delta-rule states live on its home device (`RecurrentLayer`); `mixer` is
+the host's implementation of the whole mixer over them, which a backend may replace by its own
+(`engine.backends.protocol.DeltaNetBackend`: the CUDA kernels of kernels/cuda/delta_net.cu).
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
-from engine.arch.layers import rms_norm, sigmoid
+from engine.arch.layers import namespace, rms_norm, sigmoid
 
 CHUNK_TOKENS = 64       # llama.cpp's chunk size for the scalar-gate delta rule
 
 
-def softplus(x: np.ndarray) -> np.ndarray:
-    """log(1 + exp(x)) (ggml_softplus), without overflow for large x."""
-    return np.logaddexp(np.float32(0.0), x).astype(np.float32)
+def softplus(x):
+    """log(1 + exp(x)) (ggml_softplus), without overflow for large x, in x's own namespace."""
+    xp = namespace(x)
+    return xp.logaddexp(xp.zeros_like(x), x)
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -112,3 +120,89 @@ def delta_rule(q, k, v, g, beta, state):
     if len(q) == 1:
         return delta_rule_recurrent(q, k, v, g, beta, state)
     return delta_rule_chunked(q, k, v, g, beta, state)
+
+
+# --- the mixer over a layer's state -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeltaNetHeads:
+    """The head layout of a DeltaNet mixer: the conv output is [q (Hk x d) | k (Hk x d) | v (Hv x d)]."""
+
+    n_k_heads: int          # Hk (ssm.group_count)
+    n_v_heads: int          # Hv (ssm.time_step_rank)
+    head_dim: int           # d (ssm.state_size)
+    grouped: bool           # value head h reads key head h // (Hv/Hk) (qwen3next), else h % Hk
+    eps: float              # of the L2 norms and the gated RMSNorm (rms_eps)
+
+    def key_heads(self) -> np.ndarray:
+        """The key head each value head reads."""
+        heads = np.arange(self.n_v_heads)
+        return heads // (self.n_v_heads // self.n_k_heads) if self.grouped else heads % self.n_k_heads
+
+
+class HostMemory:
+    """Host memory behind the interface of a device runtime (kernels.cuda.runtime): what
+    `RecurrentLayer` needs to allocate, copy and clear its states."""
+
+    @staticmethod
+    def zeros(shape, dtype) -> np.ndarray:
+        return np.zeros(shape, dtype)
+
+    @staticmethod
+    def alloc(shape, dtype) -> np.ndarray:
+        return np.empty(shape, dtype)
+
+    @staticmethod
+    def copy_into(dst: np.ndarray, src) -> None:
+        dst[...] = src
+
+
+class RecurrentLayer:
+    """One DeltaNet layer's states in one device's memory (host memory, or a CUDA runtime's):
+    `conv` (rows, n_embd_r) and `ssm` (rows, n_embd_s) float32, one row per sequence, zero at the
+    start. Snapshots (checkpoints) are copies in the same memory."""
+
+    def __init__(self, memory, rows: int, conv_values: int, ssm_values: int):
+        self.memory = memory
+        self.conv = memory.zeros((rows, conv_values), np.float32)
+        self.ssm = memory.zeros((rows, ssm_values), np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return self.conv.nbytes + self.ssm.nbytes
+
+    def snapshot(self) -> tuple:
+        return tuple(self._copy(a) for a in (self.conv, self.ssm))
+
+    def restore(self, saved: tuple) -> None:
+        for mine, copy in zip((self.conv, self.ssm), saved):
+            self.memory.copy_into(mine, copy)
+
+    def clear(self) -> None:
+        for a in (self.conv, self.ssm):
+            self.memory.copy_into(a, np.zeros(a.shape, np.float32))
+
+    def _copy(self, a):
+        copy = self.memory.alloc(a.shape, a.dtype)
+        self.memory.copy_into(copy, a)
+        return copy
+
+
+def mixer(state: RecurrentLayer, qkv, beta, g, z, conv_weight, norm_weight, heads: DeltaNetHeads) -> np.ndarray:
+    """The mixer of one ubatch on the host, sequence 0 of `state` updated: qkv (T, C) the attn_qkv
+    projection, beta and the log-decay g (T, Hv), z (T, Hv * d) the attn_gate projection,
+    conv_weight (C, K), norm_weight (d,). Returns (T, Hv * d), the input of ssm_out."""
+    n_tokens, d, n_k, n_v = len(qkv), heads.head_dim, heads.n_k_heads, heads.n_v_heads
+    conv_state = state.conv[0].reshape(conv_weight.shape[1] - 1, qkv.shape[1])        # the last K-1 inputs
+    mixed, conv_state[...] = causal_conv(qkv, conv_state, conv_weight)
+    mixed = silu(mixed)
+    key_dim = n_k * d
+    q = l2_normalize(mixed[:, :key_dim].reshape(n_tokens, n_k, d), heads.eps)
+    k = l2_normalize(mixed[:, key_dim:2 * key_dim].reshape(n_tokens, n_k, d), heads.eps)
+    v = np.ascontiguousarray(mixed[:, 2 * key_dim:].reshape(n_tokens, n_v, d))
+    mapped = heads.key_heads()
+    q, k = q[:, mapped] * np.float32(1.0 / math.sqrt(d)), np.ascontiguousarray(k[:, mapped])   # (T, Hv, d)
+    out = delta_rule(q, k, v, g, beta, state.ssm[0].reshape(n_v, d, d))                   # (T, Hv, d)
+    out = gated_rms_norm(out, norm_weight, z.reshape(n_tokens, n_v, d), heads.eps)
+    return out.reshape(n_tokens, n_v * d)

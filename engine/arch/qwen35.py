@@ -194,49 +194,40 @@ def gated_attention(m, il: int, x, batch):
     return ops.matmul(out * sigmoid(gate), lw.attn_output)
 
 
-# The DeltaNet math runs on the host, where the recurrent state lives: the projections run on
-# their weights' devices, and only the mixer's inputs and output cross over.
+# The DeltaNet mixer runs on the layer's home device, next to its recurrent state: the backend's
+# own mixer where it has one (engine.backends.protocol.DeltaNetBackend: CUDA), else the host's
+# NumPy mixer on host copies of its inputs (the CPU itself; the simulated GPU, whose memory is the
+# host's). The projections run on their weights' devices, as everywhere.
 
-def beta_and_gate(m, il: int, x) -> tuple[np.ndarray, np.ndarray]:
+def beta_and_gate(m, il: int, x):
     """beta = sigmoid(ssm_beta x) and the log-decay g = ssm_a * softplus(ssm_alpha x + ssm_dt.bias),
-    each (T, Hv) float32 on the host, in value-head order."""
+    each (T, Hv) float32 on the home device, in value-head order."""
     hp, lw, ops = m.hparams, m.layers[il], m.ops
-    n_tokens, n_v_heads = x.shape[0], hp.ssm_dt_rank
+    xp, n_tokens, n_v_heads = namespace(x), x.shape[0], hp.ssm_dt_rank
     if hp.joint_beta_alpha:
         # ssm_ba rows per key-head group: [beta of its r value heads | alpha of the same]
-        ba = ops.to_host(ops.matmul(x, lw.ssm_ba)).reshape(n_tokens, hp.ssm_n_group, 2, n_v_heads // hp.ssm_n_group)
-        beta, alpha = ba[:, :, 0].reshape(n_tokens, n_v_heads), ba[:, :, 1].reshape(n_tokens, n_v_heads)
+        ba = xp.reshape(ops.matmul(x, lw.ssm_ba), (n_tokens, hp.ssm_n_group, 2, n_v_heads // hp.ssm_n_group))
+        beta = xp.reshape(ba[:, :, 0, :], (n_tokens, n_v_heads))
+        alpha = xp.reshape(ba[:, :, 1, :], (n_tokens, n_v_heads))
     else:
-        beta, alpha = ops.to_host(ops.matmul(x, lw.ssm_beta)), ops.to_host(ops.matmul(x, lw.ssm_alpha))
-    g = ops.to_host(lw.ssm_a) * delta_net.softplus(alpha + ops.to_host(lw.get("ssm_dt.bias")))
-    return sigmoid(beta), g.astype(np.float32)
+        beta, alpha = ops.matmul(x, lw.ssm_beta), ops.matmul(x, lw.ssm_alpha)
+    return sigmoid(beta), lw.ssm_a * delta_net.softplus(alpha + lw.get("ssm_dt.bias"))
 
 
-def key_head_of_value_head(hp: Qwen35HyperParams) -> np.ndarray:
-    heads = np.arange(hp.ssm_dt_rank)
-    return heads // (hp.ssm_dt_rank // hp.ssm_n_group) if hp.grouped_heads else heads % hp.ssm_n_group
+def delta_net_heads(hp: Qwen35HyperParams) -> delta_net.DeltaNetHeads:
+    return delta_net.DeltaNetHeads(hp.ssm_n_group, hp.ssm_dt_rank, hp.ssm_d_state, hp.grouped_heads, hp.rms_eps)
 
 
 def delta_net_mixer(m, il: int, x, batch):
-    hp, lw, ops = m.hparams, m.layers[il], m.ops
-    n_tokens, d, n_k_heads, n_v_heads = x.shape[0], hp.ssm_d_state, hp.ssm_n_group, hp.ssm_dt_rank
-    state = batch.cache.recurrent
-    conv_state = state.conv[il][0].reshape(hp.ssm_d_conv - 1, hp.conv_channels)       # sequence 0
-    projected = ops.to_host(ops.matmul(x, lw.attn_qkv))                                  # (T, conv_channels)
-    mixed, conv_state[...] = delta_net.causal_conv(projected, conv_state, host_dense(ops, lw.ssm_conv1d))
-    mixed = delta_net.silu(mixed)
-    key_dim = n_k_heads * d
-    q = delta_net.l2_normalize(mixed[:, :key_dim].reshape(n_tokens, n_k_heads, d), hp.rms_eps)
-    k = delta_net.l2_normalize(mixed[:, key_dim:2 * key_dim].reshape(n_tokens, n_k_heads, d), hp.rms_eps)
-    v = np.ascontiguousarray(mixed[:, 2 * key_dim:].reshape(n_tokens, n_v_heads, d))
-    heads = key_head_of_value_head(hp)
-    q, k = q[:, heads] * np.float32(1.0 / math.sqrt(d)), np.ascontiguousarray(k[:, heads])   # (T, Hv, d)
-    beta, g = beta_and_gate(m, il, x)
-    ssm_state = state.ssm[il][0].reshape(n_v_heads, d, d)
-    out = delta_net.delta_rule(q, k, v, g, beta, ssm_state)                             # (T, Hv, d)
-    z = ops.to_host(ops.matmul(x, lw.attn_gate)).reshape(n_tokens, n_v_heads, d)
-    out = delta_net.gated_rms_norm(out, ops.to_host(lw.ssm_norm), z, hp.rms_eps)
-    return ops.matmul(ops.home_backend.to_device(out.reshape(n_tokens, n_v_heads * d)), lw.ssm_out)
+    lw, ops = m.layers[il], m.ops
+    inputs = (ops.matmul(x, lw.attn_qkv), *beta_and_gate(m, il, x), ops.matmul(x, lw.attn_gate))   # qkv, beta, g, z
+    weights = (home_dense(ops, lw.ssm_conv1d), lw.ssm_norm)
+    state, heads, home = batch.cache.recurrent.layers[il], delta_net_heads(m.hparams), ops.home_backend
+    if hasattr(home, "delta_net"):
+        out = home.delta_net(state, *inputs, *weights, heads)
+    else:
+        out = home.to_device(delta_net.mixer(state, *map(ops.to_host, inputs + weights), heads))
+    return ops.matmul(out, lw.ssm_out)
 
 
 def feed_forward(m, il: int, x):
@@ -258,11 +249,11 @@ def shared_gate_logit(ops, x, gate):
     return xp.reshape(xp.sum(x * gate, axis=-1), (x.shape[0], 1))
 
 
-_HOST_DENSE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_HOME_DENSE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def host_dense(ops, weight) -> np.ndarray:
-    """A small F32 tensor (the conv kernel) as a float32 host array, decoded once."""
-    if weight not in _HOST_DENSE:
-        _HOST_DENSE[weight] = ops.to_host(ops.dequantize(weight))
-    return _HOST_DENSE[weight]
+def home_dense(ops, weight):
+    """A small F32 tensor (the conv kernel) as float32 on the layer's home device, decoded once."""
+    if weight not in _HOME_DENSE:
+        _HOME_DENSE[weight] = ops.dequantize(weight)
+    return _HOME_DENSE[weight]

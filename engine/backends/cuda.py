@@ -240,6 +240,24 @@ class CudaBackend:
                             step.window, v_from_k if v is None else 0)
         return self.memory.from_runtime(out)
 
+    # --- the Gated DeltaNet mixer next to its recurrent state (protocol.DeltaNetBackend) ----------
+
+    def new_recurrent_layer(self, rows: int, conv_values: int, ssm_values: int):
+        from engine.arch.delta_net import RecurrentLayer
+
+        return RecurrentLayer(self.runtime, rows, conv_values, ssm_values)
+
+    def delta_net(self, state, qkv, beta, g, z, conv_weight, norm_weight, heads):
+        """engine.arch.delta_net.mixer with the kernels of delta_net.cu, sequence 0 of `state`."""
+        rt, mem, d = self.runtime, self.memory, heads.head_dim
+        n_tokens, channels = qkv.shape
+        conv_state = state.conv[0].reshape(conv_weight.shape[1] - 1, channels)
+        mixed = ops.causal_conv_silu(rt, mem.to_runtime(qkv), conv_state, mem.to_runtime(conv_weight))
+        out = ops.gated_delta_rule(rt, mixed, mem.to_runtime(g), mem.to_runtime(beta), state.ssm[0], heads.n_k_heads,
+                                   heads.n_v_heads, d, heads.grouped, heads.eps, 1.0 / d ** 0.5)     # (T, Hv, d)
+        out = ops.gated_rms_norm(rt, out, mem.to_runtime(norm_weight), mem.to_runtime(z).reshape(out.shape), heads.eps)
+        return self.namespace.reshape(mem.from_runtime(out), (n_tokens, heads.n_v_heads * d))
+
     def set_threads(self, n_threads: int) -> None:
         pass        # the device's own parallelism; -t is for the CPU
 

@@ -85,6 +85,23 @@ class KVLayer(Protocol):
 
 
 @runtime_checkable
+class DeltaNetBackend(Protocol):
+    """Optional: a device that runs the Gated DeltaNet mixer (Qwen3.5, Qwen3-Next) itself, next to
+    the recurrent state it holds in its own memory. Without these the layer's state stays in host
+    memory and the host's NumPy mixer runs on host copies of the inputs (the CPU's own way, and
+    the simulated GPU's, whose memory is the host's); a real GPU must have them."""
+
+    def new_recurrent_layer(self, rows: int, conv_values: int, ssm_values: int):
+        """One layer's zeroed states (engine.arch.delta_net.RecurrentLayer) in this device's memory."""
+
+    def delta_net(self, state, qkv: Array, beta: Array, g: Array, z: Array, conv_weight: Array, norm_weight: Array,
+                  heads) -> Array:
+        """engine.arch.delta_net.mixer on this device: qkv (T, C), beta and g (T, Hv), z (T, Hv * d),
+        conv_weight (C, K) and norm_weight (d,) its arrays, `heads` a DeltaNetHeads; sequence 0 of
+        `state` updated. -> (T, Hv * d)."""
+
+
+@runtime_checkable
 class Backend(Protocol):
     """One device: its memory, its transfers and the ops that read its weights or its cache."""
 

@@ -1,15 +1,17 @@
 """The recurrent state of hybrid models (Qwen3.5, Qwen3-Next): per sequence and recurrent layer,
-the conv state and the delta-rule state in F32, next to the KV cache of the attention layers.
+the conv state and the delta-rule state in F32, next to the KV cache of the attention layers, on
+the layer's home device like that cache (the mixer runs there, next to its state).
 
 The sizes come from `engine.plan.memory.recurrent_layer_bytes`, the planner's own rule, which is
 llama.cpp's (`llama_memory_recurrent`: n_embd_r + n_embd_s floats per sequence and layer), so the
 estimate and the allocation cannot drift apart.
 
 A recurrent state cannot be rewound the way a KV cache is (it has folded every token in), so
-the hybrid cache keeps checkpoints: copies of the state together with the position they belong
-to. Rewinding restores the newest checkpoint at or before the wanted position (the KV cache of
-the attention layers is simply cut there), which is what lets a chat follow-up or a regenerate
-evaluate only the tokens after the last turn boundary instead of the whole conversation.
+the hybrid cache keeps checkpoints: copies of the state (each on its layer's device) together
+with the position they belong to. Rewinding restores the newest checkpoint at or before the
+wanted position (the KV cache of the attention layers is simply cut there), which is what lets a
+chat follow-up or a regenerate evaluate only the tokens after the last turn boundary instead of
+the whole conversation.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.arch.base import HyperParams
+from engine.arch.delta_net import HostMemory, RecurrentLayer
 from engine.plan.memory import recurrent_layer_bytes, recurrent_sequences
 from engine.run.kv_cache import KVCache
 from engine.run_config import RunConfig
@@ -26,43 +29,53 @@ MAX_CHECKPOINTS = 4     # each one is a full copy of the recurrent state
 
 
 class RecurrentState:
-    """Conv and delta-rule states of every recurrent layer: `conv[il]` (rows, n_embd_r) and
-    `ssm[il]` (rows, n_embd_s) float32, one row per sequence; None on attention layers."""
+    """Conv and delta-rule states of every recurrent layer (`layers[il]`, None on attention
+    layers), each in the memory of the layer's home device: the backend's own
+    (`new_recurrent_layer`, a `DeltaNetBackend`), else host memory, where the host mixer runs."""
 
-    def __init__(self, hp: HyperParams, run_config: RunConfig):
+    def __init__(self, hp: HyperParams, run_config: RunConfig, homes=None):
         rows = recurrent_sequences(run_config)
-        self.conv: list[np.ndarray | None] = []
-        self.ssm: list[np.ndarray | None] = []
+        self.layers: list[RecurrentLayer | None] = []
         for il in range(hp.n_layer):
             conv_bytes, ssm_bytes = recurrent_layer_bytes(hp, il, run_config)
-            recurrent = hp.is_recurrent(il)
-            self.conv.append(np.zeros((rows, conv_bytes // 4 // rows), np.float32) if recurrent else None)
-            self.ssm.append(np.zeros((rows, ssm_bytes // 4 // rows), np.float32) if recurrent else None)
+            if not hp.is_recurrent(il):
+                self.layers.append(None)
+                continue
+            allocate = getattr(homes[il], "new_recurrent_layer", None) if homes else None
+            sizes = (rows, conv_bytes // 4 // rows, ssm_bytes // 4 // rows)
+            self.layers.append(allocate(*sizes) if allocate else RecurrentLayer(HostMemory(), *sizes))
+
+    @property
+    def conv(self) -> list:
+        """Each layer's conv state (rows, n_embd_r) as its device holds it; None on attention layers."""
+        return [None if layer is None else layer.conv for layer in self.layers]
+
+    @property
+    def ssm(self) -> list:
+        return [None if layer is None else layer.ssm for layer in self.layers]
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.conv + self.ssm if a is not None)
+        return sum(layer.nbytes for layer in self.layers if layer is not None)
 
-    def copy_arrays(self) -> tuple[list, list]:
-        return ([None if a is None else a.copy() for a in self.conv],
-                [None if a is None else a.copy() for a in self.ssm])
+    def snapshot(self) -> list:
+        return [None if layer is None else layer.snapshot() for layer in self.layers]
 
-    def load_arrays(self, conv: list, ssm: list) -> None:
-        for mine, saved in zip(self.conv + self.ssm, conv + ssm):
-            if mine is not None:
-                mine[...] = saved
+    def restore(self, saved: list) -> None:
+        for layer, copy in zip(self.layers, saved):
+            if layer is not None:
+                layer.restore(copy)
 
     def clear(self) -> None:
-        for a in self.conv + self.ssm:
-            if a is not None:
-                a.fill(0.0)
+        for layer in self.layers:
+            if layer is not None:
+                layer.clear()
 
 
 @dataclass(frozen=True)
 class Checkpoint:
     n_past: int
-    conv: list
-    ssm: list
+    states: list        # per layer a snapshot on the layer's device (RecurrentLayer.snapshot)
 
 
 class HybridCache(KVCache):
@@ -70,10 +83,10 @@ class HybridCache(KVCache):
     checkpoints at turn boundaries."""
 
     def __init__(self, hp: HyperParams, run_config: RunConfig, homes=None):
-        """`homes[il]`: the backend of layer il's home device, which holds its KV storage; the
-        recurrent state stays in host memory, where the DeltaNet recurrence runs."""
+        """`homes[il]`: the backend of layer il's home device, which holds its KV storage or its
+        recurrent state."""
         super().__init__(hp, run_config, homes)
-        self.recurrent = RecurrentState(hp, run_config)
+        self.recurrent = RecurrentState(hp, run_config, homes)
         self.checkpoints: list[Checkpoint] = []
 
     @property
@@ -90,7 +103,7 @@ class HybridCache(KVCache):
     def checkpoint(self) -> None:
         """Remember the state at the current position (a turn boundary)."""
         self.checkpoints = [c for c in self.checkpoints if c.n_past != self.n_past]
-        self.checkpoints.append(Checkpoint(self.n_past, *self.recurrent.copy_arrays()))
+        self.checkpoints.append(Checkpoint(self.n_past, self.recurrent.snapshot()))
         self.checkpoints.sort(key=lambda c: c.n_past)
         del self.checkpoints[:-MAX_CHECKPOINTS]
 
@@ -104,7 +117,7 @@ class HybridCache(KVCache):
             self.reset()
             return
         restored = usable[-1]
-        self.recurrent.load_arrays(restored.conv, restored.ssm)
+        self.recurrent.restore(restored.states)
         super().truncate(restored.n_past)
         self.checkpoints = usable
 

@@ -190,20 +190,65 @@ def test_placed_on_simulated_gpus_gives_the_cpu_logits(hybrid_dir):
     np.testing.assert_array_equal(incr, cpu_incr)
 
 
-def test_on_emulated_cuda_devices_meets_check_1(hybrid_dir):
-    """The CUDA backend's own kernels (on the CPU emulation) for the attention layer and the
-    projections, the recurrence on the host: llama.cpp's exact-math logits, batched and cached."""
-    from engine.devices import Device, emulated_gpus
+def placed_model(path, args: str, devices):
     from engine.plan.inventory import Inventory
     from engine.plan.llama_args import parse_llama_args
     from engine.run.model import Model
     from engine.run_config import RunConfig
-    fixture_dir = hybrid_dir / "qwen35moe"
-    path = fixture_dir / "F16.gguf"
-    devices = [Device("CPU", "cpu", 64 << 30)] + emulated_gpus("16GiB,16GiB")
-    placement = parse_llama_args("-ngl 99 -ts 1,1", Inventory.from_model_file(ModelFile(path)), devices).placement
-    model = Model.load(path, RunConfig(n_ctx=512, type_k="f32", type_v="f32", activations="f32"), placement=placement)
+    placement = parse_llama_args(args, Inventory.from_model_file(ModelFile(path)), devices).placement
+    return Model.load(path, RunConfig(n_ctx=512, type_k="f32", type_v="f32", activations="f32"), placement=placement)
+
+
+def assert_check_1(model, fixture_dir):
+    """llama.cpp's exact-math logits, batched (prefill) and one token at a time (decode)."""
     batch, incr = parity.batch_and_incremental(model, parity.tokens(fixture_dir))
     ref = np.load(fixture_dir / "F16.logits_batch_f32ref.npy")
     assert parity.rel(batch, ref) <= 1e-3 and parity.row_rel(batch, ref).max() <= 3e-3
     assert parity.rel(incr, ref[-parity.INCR_STEPS:]) <= 1e-3
+
+
+def assert_states_on_their_homes(model):
+    """Each DeltaNet layer's state lives in its home device's memory; the CUDA ones run the kernels."""
+    from engine.backends.cuda import CudaBackend
+    cache = model.new_cache()
+    for il, layer in enumerate(cache.recurrent.layers):
+        if layer is not None:
+            home = model.ops.backends[model.homes[il]]
+            assert (layer.memory is home.runtime) if isinstance(home, CudaBackend) else type(layer.conv) is np.ndarray
+
+
+@pytest.mark.parametrize("fixture", ["qwen35moe", "qwen3next"])
+def test_on_emulated_cuda_devices_meets_check_1(hybrid_dir, fixture):
+    """Every layer on two emulated CUDA devices: the DeltaNet mixer runs the kernels of
+    delta_net.cu there, its recurrent state in the device's memory, as the attention layer does
+    with its KV cache."""
+    from engine.devices import Device, emulated_gpus
+    fixture_dir = hybrid_dir / fixture
+    model = placed_model(fixture_dir / "F16.gguf", "-ngl 99 -ts 1,1",
+                         [Device("CPU", "cpu", 64 << 30)] + emulated_gpus("16GiB,16GiB"))
+    assert set(model.homes) == {"CUDA0", "CUDA1"}
+    assert_states_on_their_homes(model)
+    assert_check_1(model, fixture_dir)
+
+
+def test_hybrid_placement_cpu_and_emulated_cuda_meets_check_1(hybrid_dir):
+    """The first two layers on the CPU (the host mixer), the last two on an emulated GPU (its kernels)."""
+    from engine.devices import Device, emulated_gpus
+    fixture_dir = hybrid_dir / "qwen35"
+    model = placed_model(fixture_dir / "F16.gguf", "-ngl 3", [Device("CPU", "cpu", 64 << 30)] + emulated_gpus("16GiB"))
+    assert model.homes == ["CPU", "CPU", "CUDA0", "CUDA0"]
+    assert_states_on_their_homes(model)
+    assert_check_1(model, fixture_dir)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fixture", ["qwen35moe", "qwen3next", "qwen35"])
+def test_on_the_gpu_and_hybrid_meets_check_1(hybrid_dir, fixture):
+    """On a real GPU: every layer on CUDA0, then the first two layers on the CPU."""
+    from engine.devices import Device, cpu_device
+    fixture_dir = hybrid_dir / fixture
+    devices = [cpu_device(), Device("CUDA0", "gpu", 16 << 30, "GPU")]
+    for args in ("-ngl 99", "-ngl 3"):
+        model = placed_model(fixture_dir / "F16.gguf", args, devices)
+        assert_states_on_their_homes(model)
+        assert_check_1(model, fixture_dir)

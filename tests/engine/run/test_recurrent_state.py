@@ -118,3 +118,30 @@ def test_generation_events_say_how_many_prompt_tokens_were_evaluated(model, toks
     prompt = [*session.tokens, *toks[20:26]]
     second = list(generate(session, prompt, greedy, max_tokens=2))[-1]
     assert (second.prompt_tokens, second.prompt_evaluated) == (len(prompt), 6)
+
+
+def test_checkpoints_of_a_state_on_an_emulated_gpu(toks, full):
+    """The DeltaNet layers on an emulated CUDA device: checkpoints are copies in its memory, and
+    rewinding to one, or past every one, resumes as the CPU's full evaluation does."""
+    from engine.devices import Device, emulated_gpus
+    from engine.plan.inventory import Inventory
+    from engine.plan.llama_args import parse_llama_args
+    from engine.gguf.model_file import ModelFile
+    from engine.run.model import Model
+    path = HYBRID_FIXTURES / "qwen35moe" / "F16.gguf"
+    devices = [Device("CPU", "cpu", 64 << 30)] + emulated_gpus("16GiB")
+    placement = parse_llama_args("-ngl 99", Inventory.from_model_file(ModelFile(path)), devices).placement
+    model = Model.load(path, parity.load(HYBRID_FIXTURES / "qwen35moe", "F16").run_config, placement=placement)
+    runtime = model.ops.backends["CUDA0"].runtime
+    cache = model.new_cache()
+    model.eval_logits(toks[:40], cache)
+    cache.checkpoint()
+    assert all(a.memory is runtime for a in cache.recurrent.layers if a is not None)
+    assert all(type(a) is type(cache.recurrent.ssm[0]) for a in cache.checkpoints[0].states[0])
+    model.eval_logits(toks[40:52], cache)
+    cache.truncate(46)
+    assert cache.n_past == 40
+    assert parity.rel(model.eval_logits(toks[40:], cache), full[40:]) < 1e-4
+    cache.truncate(20)
+    assert cache.n_past == 0 and not any(runtime.download(a).any() for a in cache.recurrent.ssm if a is not None)
+    assert parity.rel(model.eval_logits(toks[:24], cache), full[:24]) < 1e-4
