@@ -13,7 +13,8 @@
 # Steps (each with its own time limit; the whole run stays under 10 minutes):
 #   1. environment: a venv over the system packages, the wheels installed, the GPU described;
 #   2. the `gpu` tests: every kernel on CuPy, the backend conformance suite on CUDA, llama.cpp
-#      fixture parity (check 1) fully on the GPU and hybrid (routed experts on the CPU);
+#      fixture parity (check 1) fully on the GPU and hybrid (routed experts on the CPU), and for the
+#      hybrid DeltaNet models (qwen35*, qwen3next) fully on the GPU and split with the CPU;
 #   3. the decode step as a CUDA graph: the model's captured step against direct launches of it,
 #      the eager CUDA path and the CPU (llama, qwen3moe, gemma3 fixtures);
 #      then the decode roofline bench (kernels/cuda/bench.py) on Qwen3-30B-A3B's shapes;
@@ -77,7 +78,8 @@ import gguf, array_api_strict, re2; print('gguf', gguf.__name__, 'ok')
 
 # 2. the gpu tests ---------------------------------------------------------------------------------
 step gpu-tests 150 python -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" \
-    tests/kernels/cuda tests/engine/backends/test_conformance.py tests/engine/backends/test_cuda.py
+    tests/kernels/cuda tests/engine/backends/test_conformance.py tests/engine/backends/test_cuda.py \
+    tests/engine/arch/test_qwen35.py
 
 # 3. the decode step as a CUDA graph, and the decode roofline -------------------------------------
 step graph-decode 90 python -m pytest -q -m gpu -p no:cacheprovider tests/engine/backends/test_cuda_graph_decode.py \
