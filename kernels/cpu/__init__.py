@@ -28,12 +28,14 @@ thread) decides how many threads a call uses. Every kernel releases the GIL.
 Numba caches compiled kernels next to these sources (cache=True), but it checks only the
 file of the function it loads: a kernel compiled against an older version of a function in
 another file would be reused. `_drop_stale_numba_cache` below guards against that by
-dropping the whole cache whenever any source of this package changes.
+dropping the whole cache whenever any source of this package changes, or the integer
+kernels' instruction set (`isa`: OFFLOAD_STUDIO_CPU_ISA) does.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 
@@ -44,6 +46,7 @@ def _drop_stale_numba_cache() -> None:
     for source in sorted(package_dir.glob("*.py")):
         digest.update(source.name.encode())
         digest.update(source.read_bytes())
+    digest.update(os.environ.get("OFFLOAD_STUDIO_CPU_ISA", "").encode())
     stamp = cache_dir / "numba-sources.sha256"
     try:
         if stamp.exists() and stamp.read_text() == digest.hexdigest():

@@ -8,8 +8,8 @@ Plain IR of the same sums is the fallback: LLVM compiles it for any CPU, only sl
 
     ISA            the form used here: "avx512vnni", "avx512bw", "avx2" or "generic", the best
                    the host has, or what OFFLOAD_STUDIO_CPU_ISA names (read at import; it may
-                   only name a form the host has). Numba's cache does not key on it: run a
-                   forced form with its own NUMBA_CACHE_DIR.
+                   only name a form the host has). Changing it drops the package's Numba
+                   cache (kernels.cpu._drop_stale_numba_cache), which does not key on it.
 
 Exactness: every form gives the same int32 lanes (lane i = sum over k < 4 of u[4i+k] * s[4i+k])
 as long as no int16 pair sum of vpmaddubsw saturates: |u[2j] * s[2j] + u[2j+1] * s[2j+1]| must
