@@ -105,7 +105,8 @@ def _high(builder, v):
 
 def _bits(builder, v, shift, mask):
     """(v >> shift) & mask per byte."""
-    return builder.and_(builder.lshr(v, _bytes_of(shift)), _bytes_of(mask)) if shift else builder.and_(v, _bytes_of(mask))
+    shifted = builder.lshr(v, _bytes_of(shift)) if shift else v
+    return builder.and_(shifted, _bytes_of(mask))
 
 
 def _nibbles(builder, v16):
@@ -162,10 +163,13 @@ def _k_scale_min(builder, blk, j):
 
     if j < 4:
         return six_bits(4 + j), six_bits(8 + j)
-    packed, top_scale, top_min = blk.byte(8 + j), blk.byte(j), blk.byte(4 + j)
-    six = ir.Constant(i32, 6)
-    scale = builder.or_(builder.and_(packed, ir.Constant(i32, 15)), builder.shl(builder.lshr(top_scale, six), ir.Constant(i32, 4)))
-    minimum = builder.or_(builder.lshr(packed, ir.Constant(i32, 4)), builder.shl(builder.lshr(top_min, six), ir.Constant(i32, 4)))
+    def with_top_bits(low, top_byte):
+        """low | (the top 2 bits of top_byte) << 4."""
+        return builder.or_(low, builder.shl(builder.lshr(top_byte, ir.Constant(i32, 6)), ir.Constant(i32, 4)))
+
+    packed = blk.byte(8 + j)
+    scale = with_top_bits(builder.and_(packed, ir.Constant(i32, 15)), blk.byte(j))
+    minimum = with_top_bits(builder.lshr(packed, ir.Constant(i32, 4)), blk.byte(4 + j))
     return scale, minimum
 
 
