@@ -22,9 +22,11 @@ try:    # the Numba kernels, once they are built
     from kernels.cpu import dequantize_rows as kernel_dequantize_rows
     from kernels.cpu import matmul as kernel_matmul
     from kernels.cpu import qmatmul as kernel_qmatmul, integer_path_is_faster
+    from kernels.cpu.moe import GROUPED_TYPES, grouped_experts
 except ImportError:
     kernel_matmul = kernel_dequantize_rows = kernel_qmatmul = None
-    integer_path_is_faster = None
+    integer_path_is_faster = grouped_experts = None
+    GROUPED_TYPES = frozenset()
 
 F32 = int(GGMLQuantizationType.F32)
 F16 = int(GGMLQuantizationType.F16)
@@ -163,6 +165,24 @@ class CpuBackend:
         rows, when a range is given)."""
         data = w.data[expert] if rows is None else w.data[expert, rows]
         return self._product(x, data, w)
+
+    def routed_experts(self, x: np.ndarray, spans, gate: Weight, up: Weight, down: Weight, activation):
+        """down(activation(gate(x), up(x))) of each expert of `spans` (expert, first_row,
+        end_row) over its rows of x (R, n_cols), as (R, n_embd): the grouped products of
+        `kernels.cpu.moe` (one parallel region for all the gate and up products, one for the
+        down), bit-identical with one expert_matmul each. None for weight types it lacks."""
+        if grouped_experts is None or any(w.ggml_type not in GROUPED_TYPES for w in (gate, up, down)):
+            return None
+        round_inputs = self.round_inputs
+
+        def rounded(rows: np.ndarray, ggml_type: int) -> np.ndarray:
+            return llama_cpp_input(rows, ggml_type) if round_inputs else rows
+
+        def integer_for(ggml_type: int, n_tokens: int) -> bool:
+            return round_inputs and integer_path_is_faster(ggml_type, n_tokens)
+
+        return grouped_experts(x, spans, (gate.data, gate.ggml_type), (up.data, up.ggml_type),
+                               (down.data, down.ggml_type), activation, rounded, integer_for)
 
     def head_matmul(self, x: np.ndarray, w: Weight) -> np.ndarray:
         """x (n_tokens, n_head, n_cols) with W (n_head, n_rows, n_cols) -> (n_tokens, n_head, n_rows),

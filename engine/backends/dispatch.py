@@ -169,12 +169,39 @@ class PlacedOps:
             x = self.move(rows_in[first:end, ...], home, device)
             self.home = device          # the experts' own matmuls run here
             try:
-                ys = [self._one_expert(x[a - first:b - first, ...], lw, expert, activation) for expert, a, b in spans]
+                y = self._experts_on(device, x, [(e, a - first, b - first) for e, a, b in spans], lw, activation)
             finally:
                 self.home = home
-            y = ys[0] if len(ys) == 1 else self.backends[device].namespace.concat(ys, axis=0)
             outputs.append(self.move(y, device, home))
         return outputs[0] if len(outputs) == 1 else self.home_backend.namespace.concat(outputs, axis=0)
+
+    def _experts_on(self, device: str, x, spans, lw, activation):
+        """The experts of `spans` (expert, first, end) over their rows of x, on `device`: in one
+        backend op (protocol.RoutedExperts) where the backend has it and holds all three tensors
+        of these experts at one index, else one expert at a time."""
+        grouped = getattr(self.backends[device], "routed_experts", None)
+        parts = self._parts_on(device, [e for e, _, _ in spans], lw)
+        y = None
+        if grouped is not None and parts is not None:
+            local_spans = [(local, a, b) for local, (_, a, b) in zip(parts[0], spans)]
+            y = grouped(x, local_spans, *parts[1], activation)
+        if y is None:
+            ys = [self._one_expert(x[a:b, ...], lw, expert, activation) for expert, a, b in spans]
+            y = ys[0] if len(ys) == 1 else self.backends[device].namespace.concat(ys, axis=0)
+        return y
+
+    @staticmethod
+    def _parts_on(device: str, experts, lw):
+        """(the experts' index in their parts, the gate, up and down parts) when all three
+        tensors hold these experts on `device` at the same index; else None."""
+        parts, indices = [], []
+        for w in (lw.ffn_gate_exps, lw.ffn_up_exps, lw.ffn_down_exps):
+            placed = [expert_part(w, e) for e in experts]
+            if any(d != device for d, _, _ in placed):
+                return None
+            parts.append(placed[0][1])
+            indices.append([local for _, _, local in placed])
+        return (indices[0], parts) if indices[0] == indices[1] == indices[2] else None
 
     def _one_expert(self, x, lw, expert: int, activation):
         # gate, up and down of one expert usually share the device the rows were moved to; where

@@ -169,6 +169,18 @@ class Backend(Protocol):
 
 
 @runtime_checkable
+class RoutedExperts(Protocol):
+    """Optional: a device that runs all the selected experts of a MoE layer it holds in one op
+    (the CPU's grouped products, one parallel region for all gate and up products). Without it,
+    or where it returns None, the dispatcher runs one expert at a time through expert_matmul."""
+
+    def routed_experts(self, x: Array, spans, gate: Weight, up: Weight, down: Weight, activation) -> Array | None:
+        """down(activation(gate(x), up(x))) per expert over its rows of x (R, n_cols) -> (R, n_embd):
+        `spans` lists (expert, first_row, end_row) covering x's rows in order, `expert` indexing
+        all three weights; bit-identical to one expert_feed_forward per expert, or None."""
+
+
+@runtime_checkable
 class LayerOps(Protocol):
     """The small ops of a layer on activations of one device, optional for a backend: one that
     has them runs its own kernels (the CPU's one-pass loops, `kernels.cpu.fused_ops`); for one

@@ -198,6 +198,10 @@ class SpyBackend(cpu_backend.CpuBackend):
         self.expert_calls.append((w.name, expert))
         return super().expert_matmul(x, w, expert)
 
+    def routed_experts(self, x, spans, gate, up, down, activation):
+        self.expert_calls += [(w.name, e) for e, _, _ in spans for w in (gate, up, down)]
+        return super().routed_experts(x, spans, gate, up, down, activation)
+
     def matmul(self, x, w):
         self.matmul_shapes.append(w.shape)
         return super().matmul(x, w)
