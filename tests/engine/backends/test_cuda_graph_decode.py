@@ -80,6 +80,22 @@ def test_graph_decode_equals_direct_launches_eager_cuda_and_the_cpu(fixtures_dir
     assert rel(logits, cpu_logits) <= 1e-4, rel(logits, cpu_logits)
 
 
+@pytest.mark.slow
+def test_a_sliding_window_ring_wraps_inside_the_graph(fixtures_dir):
+    """gemma3's sliding layers keep a 256-cell ring here: position 256 goes to cell 0 of the ring
+    while the full-attention layer crosses to 512 attended cells."""
+    path = fixtures_dir / "gemma3" / "Q8_0.gguf"
+    toks = tokens(fixtures_dir / "gemma3")
+    config = EXACT.replace(n_ctx=1024, n_ubatch=64)
+    placement = placed(path, ["CUDA0"], embedding="CUDA0")
+    model = Model.load(path, config, placement=placement)
+    assert [layer.layout.n_cells for layer in model.new_cache().layers] == [256] * 5 + [1024]
+    logits, decoder = decoded(model, toks)
+    assert counters(decoder)[0][2] == (2, N_DECODE, 0)
+    eager = decoded(Model.load(path, config.replace(cuda_graphs=False), placement=placement), toks)[0]
+    assert rel(logits, eager) <= 1e-5, rel(logits, eager)
+
+
 def incremental(model: Model, toks) -> np.ndarray:
     cache = model.new_cache()
     model.eval_logits(toks[:-INCR_STEPS], cache)
