@@ -14,7 +14,9 @@ only if decoding costs less than reading. Each block is loaded straight into vec
 its nibbles, high bits and sub-block scales decoded there, and multiplied with the activations
 by the CPU's u8 x s8 multiply-add (`isa.dot_u8_s8`): no scratch row in memory, no int16 detour.
 
-Lanes and exactness (8 int32 / float32 lanes, one ymm register, measured faster here than zmm):
+Lanes and exactness (8 int32 / float32 lanes: one ymm register holds a 32-element group, the
+unit of every layout here, and its multiply-add output; a zmm form would pair groups of two
+blocks or sub-blocks):
 per block, lane i of the integer sum is, over the block's 32-element groups g,
 scale_g(i) * (sum over k < 4 of w[32g + 4i + k] * x[32g + 4i + k]), where scale_g(i) is the
 integer sub-block scale of those elements (1 for the 32-element types). These sums are exact
