@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.arch.layers import yarn_corr_dims
+from engine.backends import Weight
 from engine.backends.cuda import MASK_KIND, CudaBackend
 from kernels.cuda import ops
 
@@ -33,21 +34,19 @@ class RangeDecode:
     (n_moe_layers, k) int64, or None)."""
 
     def __init__(self, backend: CudaBackend, hp, plan, layers: range, layer_tensors, kv_layers, vectors,
-                 embedding=None, head=None):
-        self.backend, self.rt, self.hp, self.plan, self.layers = backend, backend.runtime, hp, plan, layers
+                 embedding: Weight | None = None, head=None):
+        self.rt, self.hp, self.plan, self.layers = backend.runtime, hp, plan, layers
         self.exact = not backend.round_inputs
         self.weights = [layer_tensors[il] for il in layers]
         self.kv = [kv_layers[il] for il in layers]
         # 1-D tensors (norms, biases; activations of the backend's namespace) as runtime arrays, once
-        self.vectors = [{name: self._runtime_vector(t) for name, t in lt.tensors.items() if not hasattr(t, "ggml_type")}
+        to_runtime = backend.memory.to_runtime
+        self.vectors = [{name: to_runtime(t) for name, t in lt.tensors.items() if not isinstance(t, Weight)}
                         for lt in self.weights]
         self.freq_factors = {name: self.rt.upload(np.ascontiguousarray(v, np.float32)) for name, v in vectors.items()}
         self.embedding = embedding
         self.head = None if head is None else (self.rt.upload(np.ascontiguousarray(head[0], np.float32)), head[1])
         self.moe_layers = [il for il in layers if plan.blocks[il].routing is not None]
-
-    def _runtime_vector(self, v):
-        return self.backend.memory.to_runtime(v)
 
     # --- the step ---------------------------------------------------------------------------------
 
