@@ -123,5 +123,6 @@ extern "C" __global__ void __launch_bounds__(128) gated_rms_norm(const float* x,
     float sum = 0.0f;
     for (int i = threadIdx.x; i < d; i += blockDim.x) sum += x[base + i] * x[base + i];
     float scale = 1.0f / sqrtf(block_sum(sum, scratch) / (float)d + eps);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) out[base + i] = x[base + i] * scale * weight[i] * silu(z[base + i]);
+    for (int i = threadIdx.x; i < d; i += blockDim.x)
+        out[base + i] = x[base + i] * scale * weight[i] * silu(z[base + i]);
 }

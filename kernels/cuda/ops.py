@@ -549,8 +549,10 @@ def gated_delta_rule(rt, mixed, g, beta, state, n_k_heads: int, n_v_heads: int, 
     for a, what in ((mixed, "mixed"), (g, "g"), (beta, "beta"), (state, "state")):
         _float_array(a, what)
     n_tokens, row_values = mixed.shape
-    _require(0 < n_k_heads and n_v_heads % n_k_heads == 0, f"{n_v_heads} value heads do not group over {n_k_heads} key heads")
-    _require(0 < d <= MAX_DELTA_HEAD_DIM, f"the CUDA delta rule takes heads of 1 to {MAX_DELTA_HEAD_DIM} values, got {d}")
+    _require(0 < n_k_heads and n_v_heads % n_k_heads == 0,
+             f"{n_v_heads} value heads do not group over {n_k_heads} key heads")
+    _require(0 < d <= MAX_DELTA_HEAD_DIM,
+             f"the CUDA delta rule takes heads of 1 to {MAX_DELTA_HEAD_DIM} values, got {d}")
     _require(row_values >= (2 * n_k_heads + n_v_heads) * d, f"rows of {row_values} values cannot hold q, k and v")
     _require(g.shape == beta.shape == (n_tokens, n_v_heads), f"g and beta must be ({n_tokens}, {n_v_heads})")
     _require(state.size == n_v_heads * d * d, f"state must hold {n_v_heads} states of {d} x {d}")

@@ -81,9 +81,10 @@ def check_f32ref(fixture_dir: Path, variant: str) -> dict:
     return found
 
 
-def check_llama_cpp_default(fixture_dir: Path, variant: str) -> None:
-    """Check 2: the F16-cache engine against llama.cpp's default-settings logits."""
-    model = load(fixture_dir, variant, "f16", activations="llama.cpp")
+def check_llama_cpp_default(fixture_dir: Path, variant: str, model: Model | None = None) -> None:
+    """Check 2: the F16-cache engine against llama.cpp's default-settings logits (`model`: the
+    variant loaded with those settings and a placement; all on the CPU when None)."""
+    model = model or load(fixture_dir, variant, "f16", activations="llama.cpp")
     batch, incr = batch_and_incremental(model, tokens(fixture_dir))
     tolerance = meta(fixture_dir)["variants"][variant]["recommended_tolerance"]
     for name, mine in (("logits_batch", batch), ("logits_incr", incr)):

@@ -1,5 +1,6 @@
-"""qwen35moe, qwen35 and qwen3next (hybrid Gated DeltaNet) against the llama.cpp fixtures, and the
-delta rule's chunked form against its recurrence."""
+"""qwen35moe, qwen35 and qwen3next (hybrid Gated DeltaNet) against the llama.cpp fixtures, on the
+CPU, on simulated GPUs and with the mixer's CUDA kernels on emulated (or, marked gpu, real) devices;
+and the delta rule's chunked form against its recurrence."""
 from pathlib import Path
 
 import numpy as np
@@ -190,13 +191,14 @@ def test_placed_on_simulated_gpus_gives_the_cpu_logits(hybrid_dir):
     np.testing.assert_array_equal(incr, cpu_incr)
 
 
-def placed_model(path, args: str, devices):
+def placed_model(path, args: str, devices, cache_type: str = "f32", activations: str = "f32"):
     from engine.plan.inventory import Inventory
     from engine.plan.llama_args import parse_llama_args
     from engine.run.model import Model
     from engine.run_config import RunConfig
     placement = parse_llama_args(args, Inventory.from_model_file(ModelFile(path)), devices).placement
-    return Model.load(path, RunConfig(n_ctx=512, type_k="f32", type_v="f32", activations="f32"), placement=placement)
+    config = RunConfig(n_ctx=512, type_k=cache_type, type_v=cache_type, activations=activations)
+    return Model.load(path, config, placement=placement)
 
 
 def assert_check_1(model, fixture_dir):
@@ -239,6 +241,15 @@ def test_hybrid_placement_cpu_and_emulated_cuda_meets_check_1(hybrid_dir):
     assert model.homes == ["CPU", "CPU", "CUDA0", "CUDA0"]
     assert_states_on_their_homes(model)
     assert_check_1(model, fixture_dir)
+
+
+def test_on_an_emulated_cuda_device_with_llama_cpp_settings(hybrid_dir):
+    """Check 2 (an F16 cache, llama.cpp's rounding of matmul inputs) with the mixer's kernels."""
+    from engine.devices import Device, emulated_gpus
+    fixture_dir = hybrid_dir / "qwen3next"
+    devices = [Device("CPU", "cpu", 64 << 30)] + emulated_gpus("16GiB")
+    model = placed_model(fixture_dir / "Q4_K_M.gguf", "-ngl 99", devices, "f16", "llama.cpp")
+    parity.check_llama_cpp_default(fixture_dir, "Q4_K_M", model)
 
 
 @pytest.mark.gpu

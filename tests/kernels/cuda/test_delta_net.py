@@ -61,12 +61,12 @@ def test_gated_rms_norm(rt, rng, shape):
 
 
 def test_launchers_refuse_what_the_kernels_cannot_do(emu_rt):
-    rt = emu_rt
+    def zeros(*shape):
+        return emu_rt.zeros(shape, np.float32)
+
     with pytest.raises(ops.KernelArgumentError, match="kernel of 3"):
-        ops.causal_conv_silu(rt, rt.zeros((2, 8), np.float32), rt.zeros((2, 8), np.float32), rt.zeros((8, 3), np.float32))
+        ops.causal_conv_silu(emu_rt, zeros(2, 8), zeros(2, 8), zeros(8, 3))
     with pytest.raises(ops.KernelArgumentError, match="heads of 1 to 128"):
-        ops.gated_delta_rule(rt, rt.zeros((1, 1024), np.float32), rt.zeros((1, 1), np.float32),
-                             rt.zeros((1, 1), np.float32), rt.zeros((256, 256), np.float32), 1, 1, 256, False, 1e-6, 1.0)
+        ops.gated_delta_rule(emu_rt, zeros(1, 1024), zeros(1, 1), zeros(1, 1), zeros(256, 256), 1, 1, 256, False, 1e-6, 1.0)
     with pytest.raises(ops.KernelArgumentError, match="do not group"):
-        ops.gated_delta_rule(rt, rt.zeros((1, 64), np.float32), rt.zeros((1, 3), np.float32),
-                             rt.zeros((1, 3), np.float32), rt.zeros((3, 8, 8), np.float32), 2, 3, 8, False, 1e-6, 1.0)
+        ops.gated_delta_rule(emu_rt, zeros(1, 64), zeros(1, 3), zeros(1, 3), zeros(3, 8, 8), 2, 3, 8, False, 1e-6, 1.0)
