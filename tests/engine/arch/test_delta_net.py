@@ -1,13 +1,18 @@
-"""The DeltaNet mixer over a layer's state: the CUDA backend's (delta_net.cu on the emulator)
-against the host's NumPy mixer, prefill across a chunk boundary then decode steps, the states
-compared after each call; and a snapshot restored in the device's memory."""
+"""The DeltaNet mixer over a layer's state: the CUDA backend's (delta_net.cu on the emulator, and
+on a GPU where there is one) against the host's NumPy mixer, prefill across a chunk boundary then
+decode steps, the states compared after each call; and a snapshot restored in the device's memory."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from engine.arch import delta_net
-from engine.backends.cuda import emulated_backend
+from engine.backends.cuda import emulated_backend, gpu_backend
+
+
+@pytest.fixture(params=["emulated", pytest.param("cupy", marks=pytest.mark.gpu)])
+def backend(request):
+    return emulated_backend("CUDA0") if request.param == "emulated" else gpu_backend("CUDA0", 0)
 
 
 def mixer_inputs(rng, n_tokens, heads: delta_net.DeltaNetHeads, kernel: int = 4):
@@ -28,10 +33,9 @@ def new_states(backend, heads, kernel: int = 4):
 
 
 @pytest.mark.parametrize("grouped", [False, True])
-def test_cuda_mixer_follows_the_host_mixer_through_prefill_and_decode(grouped):
+def test_cuda_mixer_follows_the_host_mixer_through_prefill_and_decode(backend, grouped):
     rng = np.random.default_rng(5)
     heads = delta_net.DeltaNetHeads(2, 4, 16, grouped, 1e-6)
-    backend = emulated_backend("CUDA0")
     host_state, device_state = new_states(backend, heads)
     weights = None
     for n_tokens in (70, 1, 1, 5):
@@ -44,10 +48,9 @@ def test_cuda_mixer_follows_the_host_mixer_through_prefill_and_decode(grouped):
             np.testing.assert_allclose(backend.runtime.download(mine), reference, rtol=1e-4, atol=1e-5)
 
 
-def test_a_snapshot_in_device_memory_restores_the_state():
+def test_a_snapshot_in_device_memory_restores_the_state(backend):
     rng = np.random.default_rng(6)
     heads = delta_net.DeltaNetHeads(1, 2, 8, False, 1e-6)
-    backend = emulated_backend("CUDA0")
     _, state = new_states(backend, heads)
     inputs, weights = mixer_inputs(rng, 6, heads)
     device_inputs = [backend.to_device(a) for a in inputs + weights]
