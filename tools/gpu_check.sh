@@ -79,7 +79,7 @@ import gguf, array_api_strict, re2; print('gguf', gguf.__name__, 'ok')
 # 2. the gpu tests ---------------------------------------------------------------------------------
 step gpu-tests 150 python -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" \
     tests/kernels/cuda tests/engine/backends/test_conformance.py tests/engine/backends/test_cuda.py \
-    tests/engine/arch/test_qwen35.py tests/engine/arch/test_delta_net.py
+    tests/engine/arch/test_qwen35.py tests/engine/arch/test_delta_net_mixer.py
 
 # 3. the decode step as a CUDA graph, and the decode roofline -------------------------------------
 step graph-decode 90 python -m pytest -q -m gpu -p no:cacheprovider tests/engine/backends/test_cuda_graph_decode.py \
