@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.arch.kv_rotation import hadamard, is_quantized, rotation_for
 from engine.arch.layers import yarn_corr_dims
 from engine.backends import Weight
 from engine.backends.cuda import MASK_KIND, CudaBackend
@@ -37,8 +38,14 @@ class RangeDecode:
                  embedding: Weight | None = None, head=None):
         self.rt, self.hp, self.plan, self.layers = backend.runtime, hp, plan, layers
         self.exact = not backend.round_inputs
+        self.round_queries = backend.round_inputs and hp.n_embd_head_k % 32 == 0
         self.weights = [layer_tensors[il] for il in layers]
         self.kv = [kv_layers[il] for il in layers]
+        # a quantized cache holds Hadamard-rotated heads: each block size's matrix on the device
+        self.rotations = [rotation_for(hp.n_embd_head_k, hp.n_embd_head_v, kv.layout.type_k, kv.layout.type_v)
+                          for kv in self.kv]
+        blocks = {b for r in self.rotations for b in (r.k_block, r.v_block) if b}
+        self.hadamard = {b: self.rt.upload(hadamard(b)) for b in blocks}
         # 1-D tensors (norms, biases; activations of the backend's namespace) as runtime arrays, once
         to_runtime = backend.memory.to_runtime
         self.vectors = [{name: to_runtime(t) for name, t in lt.tensors.items() if not isinstance(t, Weight)}
@@ -109,12 +116,24 @@ class RangeDecode:
         if plan.q_scale != 1.0:
             q = ops.scale(rt, q, plan.q_scale)
         layout = kv.layout
+        rotation = self.rotations[i]
+        if rotation.k_block:        # rotated as UBatch.attend rotates them
+            q, k = self._rotated(q, rotation.k_block), self._rotated(k, rotation.k_block)
+        if rotation.v_block:
+            v = self._rotated(v, rotation.v_block)
+        if self.round_queries and is_quantized(layout.type_k):      # CudaBackend.attend
+            q = ops.round_q8_1(rt, q)
         ops.store_rows(rt, k.reshape(1, -1), kv.k, cell, layout.type_k)
         ops.store_rows(rt, v, kv.v, cell, layout.type_v)
         ops.store_positions(rt, kv.cell_pos, cell, pos)
         a = ops.attention(rt, q, kv.k, kv.v, kv.cell_pos, pos, n_attend, n_head_kv, layout.type_k, layout.type_v,
                           plan.kq_scale, MASK_KIND[hp.attention_kind(il)], hp.attention_window)
+        if rotation.v_block:
+            a = self._rotated(a, rotation.v_block)
         return self._mv(a, self.weights[i].attn_output)
+
+    def _rotated(self, x, block: int):
+        return ops.rotate_blocks(self.rt, x, self.hadamard[block])
 
     def _rope_table(self, pos, rope, tables: dict):
         """cos and sin of this token, built once per step for each rope the layers use."""
@@ -154,9 +173,8 @@ def decode_blocker(plan, hp, layers: range, kv_layers) -> str | None:
     for il in layers:
         layout, block = kv_layers[il].layout, plan.blocks[il]
         for type_name in (layout.type_k, layout.type_v):
-            if type_name not in ("f32", "f16"):
-                return (f"a {type_name} KV cache: its heads are rotated and its queries rounded as array math, "
-                        "which the graph step has no kernels for")
+            if type_name not in ops.STORED_ON_DEVICE:
+                return f"a {type_name} KV cache is quantized on the host, which a CUDA graph cannot hold"
         if block.routing is not None and block.routing.weight_before_ffn:
             return f"layer {il} weights its experts' inputs, which the graph step has no kernel for"
         if block.activation not in GATED_ACTIVATIONS:

@@ -1,5 +1,6 @@
 // Row and element-wise ops of a forward pass: RMS norm, softmax, rope (tables and rotation),
-// SwiGLU / GeGLU, residual add, scaling by a constant and logit soft-capping. Shapes are NumPy order; every array is contiguous float32.
+// SwiGLU / GeGLU, residual add, scaling by a constant and logit soft-capping; for a quantized KV
+// cache, the Hadamard rotation of heads and queries rounded to q8_1. Shapes are NumPy order; every array is contiguous float32.
 #include "common.cuh"
 
 // out = x / sqrt(mean(x^2) + eps) (* w). grid n_rows, block 256 (llama.cpp build_norm, RMS).
@@ -108,4 +109,26 @@ extern "C" __global__ void scale(const float* x, float* out, int64 n, float s) {
 extern "C" __global__ void softcap(const float* x, float* out, int64 n, float cap) {
     int64 i = (int64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = cap * tanhf(x[i] / cap);
+}
+
+// out = each `block`-sized run of x times the block x block matrix h (a quantized KV cache's
+// Hadamard rotation, engine.arch.kv_rotation). grid ceil(n / 256).
+extern "C" __global__ void rotate_blocks(const float* x, const float* h, float* out, int64 n, int block) {
+    int64 i = (int64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    int j = (int)(i % block);
+    const float* run = x + (i - j);
+    float sum = 0.0f;
+    for (int k = 0; k < block; ++k) sum += run[k] * h[(int64)k * block + j];
+    out[i] = sum;
+}
+
+// x rounded to q8_1 values: per 32, d = amax / 127, d * round(x / d) (quantize_q8_1's rounding,
+// kept as floats: the query a quantized key is dotted with). One warp per 32 values; n % 32 == 0.
+extern "C" __global__ void __launch_bounds__(256) round_q8_1(const float* x, float* out, int64 n) {
+    int64 i = (int64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i - (int64)(threadIdx.x % WARP_SIZE) >= n) return;         // whole warps
+    float v = x[i];
+    float d = warp_max(fabsf(v)) / 127.0f;
+    out[i] = d == 0.0f ? 0.0f : roundf(v / d) * d;
 }

@@ -466,6 +466,28 @@ def softcap(rt, x, cap: float):
     return _unary(rt, "softcap", x, cap)
 
 
+def rotate_blocks(rt, x, h):
+    """Each run of h.shape[0] values of x (..., d) times h (block, block) float32."""
+    _float_array(x, "x")
+    _float_array(h, "h")
+    block = h.shape[0]
+    _require(h.shape == (block, block) and x.shape[-1] % block == 0, f"x's last axis is not whole blocks of {block}")
+    out = rt.alloc(x.shape, np.float32)
+    if x.size:
+        _launch(rt, "elementwise.cu", "rotate_blocks", -(-x.size // 256), 256, (x, h, out, np.int64(x.size), _i32(block)))
+    return out
+
+
+def round_q8_1(rt, x):
+    """x (..., d), d % 32 == 0, rounded to q8_1 values (as quantize_q8_1 rounds), kept as float32."""
+    _float_array(x, "x")
+    _require(x.shape[-1] % 32 == 0, f"q8_1 rounds whole 32-value blocks, not rows of {x.shape[-1]}")
+    out = rt.alloc(x.shape, np.float32)
+    if x.size:
+        _launch(rt, "elementwise.cu", "round_q8_1", -(-x.size // 256), 256, (x, out, np.int64(x.size)))
+    return out
+
+
 # ---- MoE routing -------------------------------------------------------------------------------------
 
 MAX_EXPERTS = 512

@@ -63,3 +63,22 @@ def test_scale_and_softcap(rt, rng):
                                rtol=2e-6, atol=2e-6)
     with pytest.raises(ops.KernelArgumentError, match="positive"):
         ops.softcap(rt, rt.upload(x), 0.0)
+
+
+def test_rotate_blocks_is_the_kv_caches_hadamard_rotation(rt, rng):
+    from engine.arch.kv_rotation import hadamard, rotate_heads
+
+    x = rng.standard_normal((2, 3, 128)).astype(np.float32)
+    for block in (64, 128):
+        got = rt.download(ops.rotate_blocks(rt, rt.upload(x), rt.upload(hadamard(block))))
+        np.testing.assert_allclose(got, rotate_heads(x, block), rtol=1e-5, atol=1e-5)
+
+
+def test_round_q8_1_rounds_like_the_eager_query_rounding(rt, rng):
+    from engine.backends.cuda import q8_1_rounded
+
+    x = rng.standard_normal((3, 2, 64)).astype(np.float32) * 5
+    x[0, 0, :32] = 0.0                                      # an all-zero block stays zero
+    got = rt.download(ops.round_q8_1(rt, rt.upload(x)))
+    np.testing.assert_allclose(got, q8_1_rounded(np, x), rtol=1e-6, atol=0)
+    assert np.array_equal(got[0, 0, :32], np.zeros(32, np.float32))
