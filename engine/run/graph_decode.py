@@ -54,9 +54,13 @@ class GraphDecode:
     padding = GRAPH_CELL_PADDING
 
     def __init__(self, model):
-        self.model = model
+        self._model = weakref.ref(model)        # the decoders' table must not keep a model alive
         self.ranges: list[DeviceRange] = []
         self._cache = None
+
+    @property
+    def model(self):
+        return self._model()
 
     @property
     def graphed(self) -> bool:

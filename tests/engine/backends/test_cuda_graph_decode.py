@@ -80,6 +80,20 @@ def test_graph_decode_equals_direct_launches_eager_cuda_and_the_cpu(fixtures_dir
     assert rel(logits, cpu_logits) <= 1e-4, rel(logits, cpu_logits)
 
 
+def test_a_graph_decoded_model_is_freed(fixtures_dir):
+    """The graphs live with their model: the decoders' table holds no model alive."""
+    import gc
+    import weakref
+
+    path = fixtures_dir / "llama-dense" / "Q4_K_M.gguf"
+    model = Model.load(path, EXACT, placement=placed(path, ["CUDA0"], embedding="CUDA0"))
+    assert decoded(model, tokens(fixtures_dir / "llama-dense"))[1].graphed
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
 @pytest.mark.slow
 def test_a_sliding_window_ring_wraps_inside_the_graph(fixtures_dir):
     """gemma3's sliding layers keep a 256-cell ring here: position 256 goes to cell 0 of the ring
