@@ -95,12 +95,28 @@ def decode_rows_serial(w, rows, type_code, n_cols, lanes, out):
 SERIAL_ROWS = 8             # rows decoded without waking the thread pool
 
 
+_ROW_BYTES: dict = {}
+
+
+def _row_bytes(ggml_type: int | QType, n_cols: int) -> int:
+    """row_bytes, remembered per (type, n_cols): the check runs on every product."""
+    key = (int(ggml_type), n_cols)
+    size = _ROW_BYTES.get(key)
+    if size is None:
+        size = _ROW_BYTES[key] = row_bytes(ggml_type, n_cols)
+    return size
+
+
 def checked_weight(w_bytes: np.ndarray, ggml_type: int | QType, n_cols: int) -> np.ndarray:
     """w_bytes as the 2-D, C-ordered, read-only uint8 array the kernels take.
 
     Raises ValueError when its shape does not hold whole rows of n_cols elements of ggml_type.
     The view is read-only so that every caller reaches the same compiled kernel.
     """
+    w = w_bytes
+    if (type(w) is np.ndarray and w.dtype == np.uint8 and w.ndim == 2 and not w.flags.writeable
+            and w.flags.c_contiguous and w.shape[1] == _row_bytes(ggml_type, n_cols)):
+        return w        # a memory-mapped weight as it is stored: nothing to convert
     w = np.asarray(w_bytes)
     if w.dtype != np.uint8:
         w = w.view(np.uint8) if w.flags.c_contiguous else np.ascontiguousarray(w).view(np.uint8)

@@ -26,8 +26,15 @@ FAST_TYPES = frozenset(
 )
 
 
+_TYPE_BY_VALUE = {int(t): t for t in GGMLQuantizationType}
+
+
 def as_ggml_type(ggml_type: int | GGMLQuantizationType) -> GGMLQuantizationType:
     """The ggml type enum for an int or enum value; ValueError for an unknown one."""
+    try:
+        return _TYPE_BY_VALUE[ggml_type]     # one lookup: this runs on every kernel call
+    except (KeyError, TypeError):
+        pass
     try:
         return GGMLQuantizationType(int(ggml_type))
     except ValueError:

@@ -12,7 +12,11 @@ once. Inputs are C-ordered float32; every function fills a caller-provided `out`
     q8_0_round_rows(x, out)                  x rounded as llama.cpp quantizes it to Q8_0
 
 The arithmetic is float32 in the order of `engine.arch.layers` (no fused multiply-adds), except
-the RMS sum, accumulated in float64 as ggml_compute_forward_rms_norm_f32 does.
+the RMS sum, accumulated in float64 as ggml_compute_forward_rms_norm_f32 does, and the
+activations' exponential: libm's expf and tanhf are scalar calls that keep a loop from being
+vectorised (slower than NumPy's SIMD ufuncs), so `_exp` is a branch-free Cody-Waite reduction
+and polynomial (Cephes expf, within 2 ulp) that LLVM vectorises, as ggml's ggml_v_expf does
+for the same reason; tanh is written through it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,30 @@ from kernels.cpu.formats import f16_bits_to_f32, f32_to_f16_bits
 SILU, GELU = 0, 1
 _GELU_COEF_A = np.float32(0.044715)
 _SQRT_2_OVER_PI = np.float32(0.7978845608028654)
-_HALF, _ONE = np.float32(0.5), np.float32(1.0)
+_HALF, _ONE, _TWO = np.float32(0.5), np.float32(1.0), np.float32(2.0)
+_EXP_LO, _EXP_HI = np.float32(-87.0), np.float32(88.0)     # 2**n stays a normal float
+_LOG2E = np.float32(1.44269504088896341)
+_LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
+_EXP_POLY = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                                          1.6666665459e-1, 5.0000001201e-1))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _exp(v):
+    """exp(v) for float32 v, saturating below -87 (to ~1e-38) and above 88."""
+    v = min(max(v, _EXP_LO), _EXP_HI)
+    n = np.float32(np.floor(v * _LOG2E + _HALF))
+    r = v - n * _LN2_HI - n * _LN2_LO                       # |r| <= ln2 / 2
+    c0, c1, c2, c3, c4, c5 = _EXP_POLY
+    p = ((((c0 * r + c1) * r + c2) * r + c3) * r + c4) * r + c5
+    p = p * r * r + r + _ONE
+    scale = np.int32((np.int32(n) + np.int32(127)) << np.int32(23)).view(np.float32)
+    return p * scale
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _tanh(v):
+    return _ONE - _TWO / (_exp(_TWO * v) + _ONE)
 
 
 @njit(cache=True, nogil=True)
@@ -64,18 +91,20 @@ def add_rms_norm_rows(residual, y, w, eps, out):
             out[r, k] = residual[r, k] + (y[r, k] * scale) * w[k]
 
 
-@njit(cache=True, nogil=True)
+# error_model="numpy": a division without Python's zero check, which would keep the loops
+# from being vectorised
+@njit(cache=True, nogil=True, error_model="numpy")
 def glu_rows(gate, up, kind, out):
     """out = silu(gate) * up (SILU) or gelu_tanh(gate) * up (GELU), elementwise."""
     for r in range(gate.shape[0]):
-        for k in range(gate.shape[1]):
-            g = gate[r, k]
-            if kind == SILU:
-                a = g * (_ONE / (_ONE + np.exp(-g)))
-            else:
-                inner = _SQRT_2_OVER_PI * g * (_ONE + _GELU_COEF_A * g * g)
-                a = _HALF * g * (_ONE + np.tanh(inner))
-            out[r, k] = a * up[r, k]
+        g, u, o = gate[r], up[r], out[r]
+        if kind == SILU:
+            for k in range(g.shape[0]):
+                o[k] = g[k] * (_ONE / (_ONE + _exp(-g[k]))) * u[k]
+        else:
+            for k in range(g.shape[0]):
+                x = g[k]
+                o[k] = _HALF * x * (_ONE + _tanh(_SQRT_2_OVER_PI * x * (_ONE + _GELU_COEF_A * x * x))) * u[k]
 
 
 @njit(cache=True, nogil=True)
