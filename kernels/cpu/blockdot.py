@@ -27,8 +27,10 @@ integer sub-block scale of those elements (1 for the 32-element types). These su
     m_acc = m_acc + m_b * sx[b]                  (Q4_1, Q5_1: a float32 scalar)
     result = acc's 8 lanes summed by halves (lane i + lane i + 4, then + 2, then + 1) + m_acc
 
-which `row_dot_reference` repeats in NumPy. Signed weights use isa.sign_transfer (|w| and x with
-w's sign), so activations must lie in [-127, 127], as the Q8 quantizers write them.
+which `row_dot_reference` repeats in NumPy. Values stored with an offset (Q4_0's q - 8, Q5_0,
+Q3_K, Q6_K) are multiplied as unsigned bytes and the offset taken off as offset * sum(x); signed
+ones (Q8_0, the IQ4 tables) use isa.sign_transfer (|w| and x with w's sign), so activations
+must lie in [-127, 127], as the Q8 quantizers write them.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from kernels.cpu import isa
 from kernels.cpu.isa import f32, i8, i32, i64, ir
 
 LANES = 8
+SIGNED = None            # the offset argument of _Block.dot for weights that are signed bytes
 PREFETCH_DISTANCE = 0    # bytes ahead of the block being read; 0: the hardware prefetcher alone
 _IQ4_TABLE = isa.constant_vector(i8, [int(v) for v in IQ4_NL.kvalues])
 
@@ -74,19 +77,28 @@ class _Block:
     def activations(self, group):
         return isa.load_vector(self.builder, self.builder.gep(self.x, [ir.Constant(i64, 32 * group)]), i8, 32)
 
-    def dot(self, acc, weights, group, signed):
-        """acc + the lanes of weights . activations of 32-element group `group`."""
+    def dot(self, acc, weights, group, offset):
+        """acc + the lanes of (weights - offset) . activations of 32-element group `group`.
+
+        offset SIGNED: the weights are signed bytes, multiplied through isa.sign_transfer;
+        otherwise unsigned values below 64, and the offset is taken off as offset * sum(x),
+        a second multiply-add instead of a sign transfer's three or four operations."""
         x = self.activations(group)
-        u, s = isa.sign_transfer(self.builder, weights, x) if signed else (weights, x)
-        return isa.dot_u8_s8(self.builder, acc, u, s, self.form)
+        if offset is SIGNED:
+            u, s = isa.sign_transfer(self.builder, weights, x)
+            return isa.dot_u8_s8(self.builder, acc, u, s, self.form)
+        total = isa.dot_u8_s8(self.builder, acc, weights, x, self.form)
+        if offset:
+            total = self.builder.sub(total, isa.dot_u8_s8(self.builder, _zero_lanes(), _bytes_of(offset), x, self.form))
+        return total
 
     def min_dot(self, acc, mins, group):
         """acc + the lanes of mins . activations: mins <32 x i8>, each element's 6-bit min."""
         return isa.dot_u8_s8(self.builder, acc, mins, self.activations(group), self.form)
 
-    def scaled_dot(self, acc, weights, group, signed, scales):
-        """acc + scales * (the lanes of weights . activations): scales <8 x i32> per lane."""
-        return self.builder.add(acc, self.builder.mul(self.dot(_zero_lanes(), weights, group, signed), scales))
+    def scaled_dot(self, acc, weights, group, offset, scales):
+        """acc + scales * (the lanes of (weights - offset) . activations): scales <8 x i32>."""
+        return self.builder.add(acc, self.builder.mul(self.dot(_zero_lanes(), weights, group, offset), scales))
 
 
 def _zero_lanes():
@@ -130,30 +142,30 @@ def _fifth_bits(builder, blk, offset):
 # --- the 32-element types: one group per block --------------------------------------------------
 
 def _q8_0(builder, blk):
-    return blk.dot(_zero_lanes(), blk.bytes(2), 0, signed=True)
+    return blk.dot(_zero_lanes(), blk.bytes(2), 0, SIGNED)
 
 
 def _q4_0(builder, blk):
-    return blk.dot(_zero_lanes(), builder.sub(_nibbles(builder, blk.bytes(2, 16)), _bytes_of(8)), 0, signed=True)
+    return blk.dot(_zero_lanes(), _nibbles(builder, blk.bytes(2, 16)), 0, 8)
 
 
 def _q4_1(builder, blk):
-    return blk.dot(_zero_lanes(), _nibbles(builder, blk.bytes(4, 16)), 0, signed=False)
+    return blk.dot(_zero_lanes(), _nibbles(builder, blk.bytes(4, 16)), 0, 0)
 
 
 def _q5_0(builder, blk):
     q = builder.or_(_nibbles(builder, blk.bytes(6, 16)), _fifth_bits(builder, blk, 2))
-    return blk.dot(_zero_lanes(), builder.sub(q, _bytes_of(16)), 0, signed=True)
+    return blk.dot(_zero_lanes(), q, 0, 16)
 
 
 def _q5_1(builder, blk):
     q = builder.or_(_nibbles(builder, blk.bytes(8, 16)), _fifth_bits(builder, blk, 4))
-    return blk.dot(_zero_lanes(), q, 0, signed=False)
+    return blk.dot(_zero_lanes(), q, 0, 0)
 
 
 def _iq4_nl(builder, blk):
     values = isa.lookup16(builder, _IQ4_TABLE, _nibbles(builder, blk.bytes(2, 16)), blk.form)
-    return blk.dot(_zero_lanes(), values, 0, signed=True)
+    return blk.dot(_zero_lanes(), values, 0, SIGNED)
 
 
 # --- the 256-element types: eight groups of 32 with integer sub-block scales ---------------------
@@ -185,7 +197,7 @@ def _k_sub_blocks(builder, blk, qs_offset, fifth_bits):
         if fifth_bits is not None:
             q = builder.or_(q, builder.shl(_bits(builder, fifth_bits, j, 1), _bytes_of(4)))
         scale, minimum = _k_scale_min(builder, blk, j)
-        acc = blk.scaled_dot(acc, q, j, False, isa.splat(builder, scale, LANES))
+        acc = blk.scaled_dot(acc, q, j, 0, isa.splat(builder, scale, LANES))
         acc_min = blk.min_dot(acc_min, isa.splat(builder, builder.trunc(minimum, i8), 32), j)
     return acc, acc_min
 
@@ -211,8 +223,7 @@ def _q6_k(builder, blk):
             ql = blk.bytes(64 * a + 32 * (s & 1))
             low = _high(builder, ql) if s >> 1 else _low(builder, ql)
             q = builder.or_(low, builder.shl(_bits(builder, qh, 2 * s, 3), _bytes_of(4)))
-            acc = blk.scaled_dot(acc, builder.sub(q, _bytes_of(32)), 4 * a + s, True,
-                                 _spread(builder, scales, 8 * a + 2 * s))
+            acc = blk.scaled_dot(acc, q, 4 * a + s, 32, _spread(builder, scales, 8 * a + 2 * s))
     return acc
 
 
@@ -227,7 +238,7 @@ def _q2_k(builder, blk):
         qs = blk.bytes(16 + 32 * h)
         for s in range(4):
             group = 8 * h + 2 * s
-            acc = blk.scaled_dot(acc, _bits(builder, qs, 2 * s, 3), 4 * h + s, False, _spread(builder, scales, group))
+            acc = blk.scaled_dot(acc, _bits(builder, qs, 2 * s, 3), 4 * h + s, 0, _spread(builder, scales, group))
             group_mins = builder.shuffle_vector(mins, mins, isa.indices([group] * 16 + [group + 1] * 16))
             acc_min = blk.min_dot(acc_min, group_mins, 4 * h + s)
     return acc, acc_min
@@ -256,8 +267,8 @@ def _q3_k(builder, blk):
         qs = blk.bytes(32 + 32 * h)
         for s in range(4):
             high = builder.shl(_bits(builder, hmask, 4 * h + s, 1), _bytes_of(2))
-            q = builder.sub(builder.or_(_bits(builder, qs, 2 * s, 3), high), _bytes_of(4))
-            acc = blk.scaled_dot(acc, q, 4 * h + s, True, _spread(builder, scales, 8 * h + 2 * s))
+            q = builder.or_(_bits(builder, qs, 2 * s, 3), high)
+            acc = blk.scaled_dot(acc, q, 4 * h + s, 4, _spread(builder, scales, 8 * h + 2 * s))
     return acc
 
 
@@ -271,7 +282,7 @@ def _iq4_xs(builder, blk):
         high = builder.and_(builder.lshr(scales_high, ir.Constant(i32, 2 * j)), ir.Constant(i32, 3))
         scale = builder.sub(builder.or_(low, builder.shl(high, ir.Constant(i32, 4))), ir.Constant(i32, 32))
         values = isa.lookup16(builder, _IQ4_TABLE, _nibbles(builder, blk.bytes(8 + 16 * j, 16)), blk.form)
-        acc = blk.scaled_dot(acc, values, j, True, isa.splat(builder, scale, LANES))
+        acc = blk.scaled_dot(acc, values, j, SIGNED, isa.splat(builder, scale, LANES))
     return acc
 
 
