@@ -20,8 +20,10 @@ from __future__ import annotations
 import numpy as np
 from gguf.constants import GGMLQuantizationType as QType
 from gguf.quants import IQ4_NL
-from numba import njit
+from numba import njit, types
+from numba.extending import intrinsic
 
+from kernels.cpu import isa
 from kernels.cpu.decode_basic import read_f16
 from kernels.cpu.decode_kquants import k_scale_min, q3_k_scale
 from kernels.cpu.qgemm_ir import ROWS
@@ -37,11 +39,16 @@ _FIFTH_BITS = np.array([sum(((n >> m) & 1) << (8 * m + 4) for m in range(4)) for
 _IQ4_BYTES = np.array([v + 128 for v in IQ4_NL.kvalues], dtype=np.int64)
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _word(w, r, offset):
-    """The little-endian 32-bit word at byte offset of row r (LLVM merges the loads)."""
-    return (np.int64(w[r, offset]) | (np.int64(w[r, offset + 1]) << 8) | (np.int64(w[r, offset + 2]) << 16)
-            | (np.int64(w[r, offset + 3]) << 24))
+@intrinsic
+def _word(typingctx, w, r, offset):
+    """The little-endian 32-bit word at byte offset of row r (of uint8 rows), one unaligned
+    load: an index expression per byte would cost Numba's negative-index checks on each."""
+    def codegen(context, builder, signature, args):
+        row = isa.row_pointer(context, builder, signature.args[0], args[0], args[1])
+        word = isa.load_scalar(builder, builder.gep(row, [args[2]]), isa.i32)
+        return builder.zext(word, isa.i64)
+
+    return types.int64(w, r, offset), codegen
 
 
 @njit(cache=True, nogil=True, inline="always")
