@@ -234,14 +234,16 @@ def qkv_projections(ops, x, lw, n_head: int, n_head_kv: int, head_k: int, head_v
     """Q (T, n_head, head_k), K (T, n_head_kv, head_k), V (T, n_head_kv, head_v), biases added
     where the layer has them (llama.cpp build_qkv)."""
     xp = namespace(x)
+    names = ("attn_q", "attn_k", "attn_v")
+    heads = ((n_head, head_k), (n_head_kv, head_k), (n_head_kv, head_v))
 
-    def project(name: str, heads: int, size: int):
-        y = ops.matmul(x, lw.get(name))
+    def shaped(name: str, y, heads: int, size: int):
         bias = lw.get(f"{name}.bias")
         if bias is not None:
             y = y + bias
         return xp.reshape(y, (x.shape[0], heads, size))
-    return project("attn_q", n_head, head_k), project("attn_k", n_head_kv, head_k), project("attn_v", n_head_kv, head_v)
+    ys = ops.matmuls(x, [lw.get(name) for name in names])
+    return tuple(shaped(name, y, *shape) for name, y, shape in zip(names, ys, heads))
 
 
 # --- feed-forward and mixture of experts --------------------------------------------------------
@@ -249,7 +251,7 @@ def qkv_projections(ops, x, lw, n_head: int, n_head_kv: int, head_k: int, head_v
 
 def feed_forward(ops, x, gate, up, down, activation=swiglu):
     """down(act(gate(x)) * up(x)) (llama.cpp build_ffn, LLM_FFN_PAR)."""
-    return ops.matmul(ops.glu(ops.matmul(x, gate), ops.matmul(x, up), activation), down)
+    return ops.matmul(ops.glu(*ops.matmuls(x, (gate, up)), activation), down)
 
 
 def expert_feed_forward(backend, x, gate, up, down, expert: int, activation=swiglu):
@@ -327,27 +329,26 @@ class ExpertRows:
 
 
 def expert_rows(ids: np.ndarray, expert_device) -> ExpertRows:
-    """The row mapping of host expert ids (T, k); expert_device(e) names the device of expert e."""
-    n_tokens, k = ids.shape
-    devices = {}
-    for expert in np.unique(ids):
-        devices.setdefault(expert_device(int(expert)), []).append(int(expert))
-    row_token, row_slot, segments = [], [], []
-    row_of = np.empty(ids.shape, dtype=np.int64)
-    end = 0
-    for device, experts in devices.items():
-        spans = []
-        for expert in experts:
-            tokens, slots = np.nonzero(ids == expert)
-            first, end = end, end + len(tokens)
-            row_of[tokens, slots] = np.arange(first, end)
-            row_token.append(tokens)
-            row_slot.append(tokens * k + slots)
-            spans.append((expert, first, end))
-        segments.append((device, tuple(spans)))
+    """The row mapping of host expert ids (T, k); expert_device(e) names the device of expert e.
+    Devices come in the order of their lowest selected expert, experts ascending within one."""
+    k = ids.shape[1]
+    flat = ids.reshape(-1)
+    experts, counts = np.unique(flat, return_counts=True)
+    devices = [expert_device(int(e)) for e in experts]
+    rank = {device: i for i, device in enumerate(dict.fromkeys(devices))}
+    expert_rank = np.array([rank[d] for d in devices], dtype=np.int64)
+    position = np.searchsorted(experts, flat)                   # each row's expert, as an index
+    # rows sorted by (device, expert); the stable sort keeps each expert's tokens in order
+    row_slot = np.argsort(expert_rank[position] * len(experts) + position, kind="stable")
+    row_of = np.empty(len(flat), dtype=np.int64)
+    row_of[row_slot] = np.arange(len(flat))
+    segments, first = {}, 0
+    for i in np.argsort(expert_rank, kind="stable").tolist():
+        segments.setdefault(devices[i], []).append((int(experts[i]), first, first + int(counts[i])))
+        first += int(counts[i])
     slot_order = np.argsort(ids, axis=-1, kind="stable")
-    return ExpertRows(np.concatenate(row_token), np.concatenate(row_slot), tuple(segments),
-                      np.take_along_axis(row_of, slot_order, axis=-1), slot_order)
+    return ExpertRows(row_slot // k, row_slot, tuple((d, tuple(spans)) for d, spans in segments.items()),
+                      np.take_along_axis(row_of.reshape(ids.shape), slot_order, axis=-1), slot_order)
 
 
 def moe_feed_forward(ops, x, lw, routing: Routing, expert_counts: np.ndarray, activation=swiglu):

@@ -19,8 +19,18 @@ from gguf.constants import GGMLQuantizationType as QType
 from kernels.cpu import INTEGER_TYPES, integer_path_is_faster, matmul, qmatmul
 from kernels.cpu.formats import read_only
 from kernels.cpu.matmul import rows_per_chunk as float_rows_per_chunk
-from kernels.cpu.moe import END, EXPERT, FIRST, INTEGER, MATRIX, N_ROWS, ROW0, UNPACK_COST_TOKENS, grouped_experts, \
-    plan_units
+from kernels.cpu.moe import (
+    END,
+    EXPERT,
+    FIRST,
+    INTEGER,
+    MATRIX,
+    N_ROWS,
+    ROW0,
+    UNPACK_COST_TOKENS,
+    grouped_experts,
+    plan_units,
+)
 
 N_EMBD, N_FF, N_EXPERT = 512, 768, 5
 

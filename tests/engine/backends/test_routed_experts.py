@@ -2,12 +2,12 @@
 MoE layer) give exactly the numbers of one expert at a time (expert_feed_forward), and the
 dispatcher uses them where it can: all-CPU, hybrid placements with experts on a simulated GPU,
 both activation modes, the MoE fixtures of every family."""
+import forward_parity as parity
 import numpy as np
 import pytest
 from ggml_weights import random_weight
 from gguf.constants import GGMLQuantizationType as QType
 
-import forward_parity as parity
 from engine.arch.layers import expert_feed_forward, geglu, swiglu
 from engine.backends import Weight
 from engine.backends.cpu import CpuBackend
