@@ -46,7 +46,6 @@ from kernels.cpu.isa import f32, i8, i32, i64, ir
 
 LANES = 8
 SIGNED = None            # the offset argument of _Block.dot for weights that are signed bytes
-PREFETCH_DISTANCE = 0    # bytes ahead of the block being read; 0: the hardware prefetcher alone
 _IQ4_TABLE = isa.constant_vector(i8, [int(v) for v in IQ4_NL.kvalues])
 
 # K-quants with mins: byte offset of the f16 dmin
@@ -300,7 +299,9 @@ def _scaled(builder, lanes, w_block, half_offset, dx_b):
 
 
 def _emit_row_dot(context, builder, signature, args, type_name, form):
-    """The block loop: integer lanes per block, scaled and accumulated in float32 lanes."""
+    """The block loop: integer lanes per block, scaled and accumulated in float32 lanes. No
+    software prefetch: rows are read in order, and a llvm.prefetch 256 or 1024 bytes ahead
+    gained nothing over the hardware prefetcher on the 178 MB Q8_0 output head."""
     block_bytes, block_elements, d_offset = LAYOUTS[type_name]
     w_type, _, x_type, dx_type, sx_type, _ = signature.args
     w_arr, r, x_arr, dx_arr, sx_arr, n_blocks = args
@@ -315,8 +316,6 @@ def _emit_row_dot(context, builder, signature, args, type_name, form):
     with cgutils.for_range(builder, n_blocks) as loop:
         b = loop.index
         w_block = builder.gep(row, [builder.mul(b, ir.Constant(i64, block_bytes))])
-        if PREFETCH_DISTANCE:
-            isa.prefetch(builder, builder.gep(w_block, [ir.Constant(i64, PREFETCH_DISTANCE)]))
         x_block = builder.gep(x_row, [builder.mul(b, ir.Constant(i64, block_elements))])
         lanes = _DECODERS[type_name](builder, _Block(builder, w_block, x_block, form))
         dx_b = builder.load(builder.gep(dx_row, [b]))

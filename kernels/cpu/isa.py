@@ -120,13 +120,6 @@ def call_intrinsic(builder, name, return_type, args):
     return builder.call(function, args)
 
 
-def prefetch(builder, pointer):
-    """A read prefetch into all cache levels (a hint; no fault on a bad address)."""
-    i8_pointer = builder.bitcast(pointer, i8.as_pointer())
-    call_intrinsic(builder, "llvm.prefetch.p0", ir.VoidType(),
-                   [i8_pointer, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-
-
 def sum_lanes_by_halves(builder, vec):
     """Lane i + lane i + n/2, repeatedly, down to one value: a fixed float summation order."""
     width = vec.type.count
