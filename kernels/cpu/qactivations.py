@@ -30,8 +30,27 @@ def _round_half_even(v):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _f32_of_bits(bits):
+    return np.int32(bits).view(np.float32)
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _f16_rounded(v):
     return f16_bits_to_f32(f32_to_f16_bits(v))
+
+
+_MAGNITUDE_BITS = np.int32(0x7FFFFFFF)
+_SIGN_BIT = np.int32(-0x80000000)
+
+
+@njit(cache=True, nogil=True)
+def _largest_magnitude_bits(bits, start, n):
+    """The bits of max |x| over x[start:start + n] given as int32 bits: for floats without the
+    sign the integer order is the float order, and an integer max vectorises."""
+    amax = np.int32(0)
+    for j in range(start, start + n):
+        amax = max(amax, bits[j] & _MAGNITUDE_BITS)
+    return amax
 
 
 @njit(cache=True, nogil=True)
@@ -39,18 +58,34 @@ def quantize_row_q8_0(x, q, d, s):
     """One row: q int8 (n,), d and s float32 (n // 32,)."""
     for b in range(x.shape[0] // 32):
         start = b * 32
-        amax = np.float32(0.0)
-        for j in range(32):
-            amax = max(amax, np.float32(abs(x[start + j])))
+        amax = np.float32(_f32_of_bits(_largest_magnitude_bits(x.view(np.int32), start, 32)))
         scale = amax / np.float32(127.0)
         inverse = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
-        total = 0
-        for j in range(32):
-            v = _round_half_even(x[start + j] * inverse)
-            q[start + j] = np.int8(v)
+        total = np.int32(0)
+        for j in range(start, start + 32):
+            v = _round_half_even(x[j] * inverse)
+            q[j] = np.int8(v)
             total += v
         d[b] = _f16_rounded(scale)
         s[b] = _f16_rounded(scale * np.float32(total))
+
+
+@njit(cache=True, nogil=True)
+def _largest(x, start, n):
+    """The value of largest magnitude; where +m and -m both occur, the first of them (ggml's
+    scan keeps the first strictly larger magnitude)."""
+    bits = x.view(np.int32)
+    amax = _largest_magnitude_bits(bits, start, n)
+    positive = negative = False
+    for j in range(start, start + n):
+        positive |= bits[j] == amax
+        negative |= bits[j] == (amax | _SIGN_BIT)
+    if positive and negative:
+        for j in range(start, start + n):
+            if bits[j] & _MAGNITUDE_BITS == amax:
+                return x[j]
+    magnitude = _f32_of_bits(amax)
+    return magnitude if positive else -magnitude
 
 
 @njit(cache=True, nogil=True)
@@ -58,29 +93,16 @@ def quantize_row_q8_k(x, q, d, bsums):
     """One row: q int8 (n,), d float32 (n // 256,), bsums float32 (n // 16,), whole numbers."""
     for b in range(x.shape[0] // 256):
         start = b * 256
-        amax = np.float32(0.0)
-        largest = np.float32(0.0)
-        for j in range(256):
-            magnitude = np.float32(abs(x[start + j]))
-            if magnitude > amax:
-                amax = magnitude
-                largest = x[start + j]
-        if amax == 0:
-            d[b] = np.float32(0.0)
-            for j in range(256):
-                q[start + j] = 0
-            for g in range(16):
-                bsums[b * 16 + g] = np.float32(0.0)
-            continue
-        iscale = np.float32(-127.0) / largest
-        for j in range(256):
-            q[start + j] = np.int8(min(127, _round_half_even(iscale * x[start + j])))
+        largest = _largest(x, start, 256)
+        iscale = np.float32(-127.0) / largest if largest != 0 else np.float32(0.0)
+        for j in range(start, start + 256):
+            q[j] = np.int8(min(127, _round_half_even(iscale * x[j])))
         for g in range(16):
-            total = 0
-            for j in range(16):
-                total += np.int32(q[start + g * 16 + j])
+            total = np.int32(0)
+            for j in range(start + g * 16, start + g * 16 + 16):
+                total += np.int32(q[j])
             bsums[b * 16 + g] = np.float32(total)
-        d[b] = np.float32(1.0) / iscale
+        d[b] = np.float32(1.0) / iscale if largest != 0 else np.float32(0.0)
 
 
 @njit(cache=True, nogil=True)

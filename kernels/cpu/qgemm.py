@@ -125,10 +125,11 @@ def subblock_sums(xq, sub_block, multiplier, out):
     """out[t, s] = multiplier * (sum of xq[t] over sub-block s): what a weight offset costs,
     or what integer mins multiply."""
     for t in prange(xq.shape[0]):
+        row = xq[t]
         for s in range(out.shape[1]):
-            total = 0
-            for e in range(s * sub_block, (s + 1) * sub_block):
-                total += np.int32(xq[t, e])
+            total = np.int32(0)
+            for value in row[s * sub_block:(s + 1) * sub_block]:   # no index checks: vectorised
+                total += np.int32(value)
             out[t, s] = multiplier * total
 
 
