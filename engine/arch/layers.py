@@ -234,14 +234,16 @@ def qkv_projections(ops, x, lw, n_head: int, n_head_kv: int, head_k: int, head_v
     """Q (T, n_head, head_k), K (T, n_head_kv, head_k), V (T, n_head_kv, head_v), biases added
     where the layer has them (llama.cpp build_qkv)."""
     xp = namespace(x)
+    names = ("attn_q", "attn_k", "attn_v")
+    heads = ((n_head, head_k), (n_head_kv, head_k), (n_head_kv, head_v))
 
-    def project(name: str, heads: int, size: int):
-        y = ops.matmul(x, lw.get(name))
+    def shaped(name: str, y, heads: int, size: int):
         bias = lw.get(f"{name}.bias")
         if bias is not None:
             y = y + bias
         return xp.reshape(y, (x.shape[0], heads, size))
-    return project("attn_q", n_head, head_k), project("attn_k", n_head_kv, head_k), project("attn_v", n_head_kv, head_v)
+    ys = ops.matmuls(x, [lw.get(name) for name in names])
+    return tuple(shaped(name, y, *shape) for name, y, shape in zip(names, ys, heads))
 
 
 # --- feed-forward and mixture of experts --------------------------------------------------------
@@ -249,7 +251,7 @@ def qkv_projections(ops, x, lw, n_head: int, n_head_kv: int, head_k: int, head_v
 
 def feed_forward(ops, x, gate, up, down, activation=swiglu):
     """down(act(gate(x)) * up(x)) (llama.cpp build_ffn, LLM_FFN_PAR)."""
-    return ops.matmul(ops.glu(ops.matmul(x, gate), ops.matmul(x, up), activation), down)
+    return ops.matmul(ops.glu(*ops.matmuls(x, (gate, up)), activation), down)
 
 
 def expert_feed_forward(backend, x, gate, up, down, expert: int, activation=swiglu):

@@ -21,7 +21,7 @@ from kernels.cpu.fused_ops import GELU, SILU, add_rms_norm_rows, glu_rows, q8_0_
 try:    # the Numba kernels, once they are built
     from kernels.cpu import dequantize_rows as kernel_dequantize_rows
     from kernels.cpu import matmul as kernel_matmul
-    from kernels.cpu import qmatmul as kernel_qmatmul, integer_path_is_faster
+    from kernels.cpu import qmatmul as kernel_qmatmul, integer_path_is_faster, QuantizedActivations
     from kernels.cpu.moe import GROUPED_TYPES, grouped_experts
 except ImportError:
     kernel_matmul = kernel_dequantize_rows = kernel_qmatmul = None
@@ -94,6 +94,13 @@ def q8_k_rounded(x: np.ndarray) -> np.ndarray:
     return (q * d).reshape(x.shape)
 
 
+def input_blocks(ggml_type: int) -> str:
+    """The blocks llama.cpp's CPU backend rounds a matmul input to for this weight type."""
+    if ggml_type in FLOAT_TYPES:
+        return "float"
+    return "q8_0" if ggml_type in Q8_0_INPUT else "q8_k"
+
+
 def llama_cpp_input(x: np.ndarray, ggml_type: int) -> np.ndarray:
     """The matmul input rounded to the block type llama.cpp's CPU backend quantizes it to
     (vec_dot_type). Inputs to float weights stay exact: llama.cpp rounds those to f16/bf16, but
@@ -152,13 +159,28 @@ class CpuBackend:
         y = self._product(x.reshape(-1, w.n_cols), w.data, w)
         return y.reshape(*lead, w.n_rows)
 
-    def _product(self, x: np.ndarray, data: np.ndarray, w: Weight) -> np.ndarray:
+    def matmuls(self, x: np.ndarray, ws) -> list[np.ndarray]:
+        """[matmul(x, w) for w in ws] for weights of one width (q, k and v; gate and up), with x
+        rounded or quantized once per input block type instead of once per weight."""
+        lead, x2, inputs = x.shape[:-1], x.reshape(-1, ws[0].n_cols), {}
+        return [self._product(x2, w.data, w, inputs).reshape(*lead, w.n_rows) for w in ws]
+
+    def _product(self, x: np.ndarray, data: np.ndarray, w: Weight, inputs: dict | None = None) -> np.ndarray:
         """x @ W.T over the bytes `data` of w: with llama.cpp's activations, x quantized as
         llama.cpp quantizes it, then integer dot products (the kernels' qmatmul) where those are
-        the faster kernel, else the float kernel on the same rounded values; or exact f32."""
-        if self.round_inputs and integer_path_is_faster is not None and integer_path_is_faster(w.ggml_type, len(x)):
-            return kernel_qmatmul(x, data, w.ggml_type, w.n_cols)
-        return matmul_bytes(self._input(x, w), data, w.ggml_type, w.n_cols)
+        the faster kernel, else the float kernel on the same rounded values; or exact f32.
+        `inputs` keeps x's rounded or quantized forms for the next weights of one input."""
+        integer = self.round_inputs and integer_path_is_faster is not None and integer_path_is_faster(
+            w.ggml_type, len(x))
+        key = (integer, input_blocks(w.ggml_type))
+        x_in = None if inputs is None else inputs.get(key)
+        if x_in is None:
+            x_in = QuantizedActivations.for_type(x, w.ggml_type) if integer else self._input(x, w)
+            if inputs is not None:
+                inputs[key] = x_in
+        if integer:
+            return kernel_qmatmul(x_in, data, w.ggml_type, w.n_cols)
+        return matmul_bytes(x_in, data, w.ggml_type, w.n_cols)
 
     def expert_matmul(self, x: np.ndarray, w: Weight, expert: int, rows: slice | None = None) -> np.ndarray:
         """x (n_tokens, n_cols) @ W[expert][rows].T: reads only that expert's bytes (only those

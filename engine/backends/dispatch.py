@@ -119,6 +119,15 @@ class PlacedOps:
             return self.home_backend.matmul(x, w)
         return self._on_weight_device("matmul", x, w)
 
+    def matmuls(self, x, ws) -> list:
+        """[matmul(x, w) for w in ws] for weights of one width (q, k and v; gate and up): one call
+        where they all live on the home device and its backend has this op (the CPU then rounds
+        or quantizes x once for all of them)."""
+        together = getattr(self.home_backend, "matmuls", None)
+        if together is not None and all(w.device == self._home for w in ws):
+            return together(x, ws)
+        return [self.matmul(x, w) for w in ws]
+
     def head_matmul(self, x, w: Weight):
         return self._on_weight_device("head_matmul", x, w)
 

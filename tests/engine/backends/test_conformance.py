@@ -16,6 +16,7 @@ from backend_registry import backend_params, make_backend
 from engine.arch.base import AttentionKind
 from engine.arch.layers import geglu, swiglu
 from engine.backends import Weight
+from engine.backends.dispatch import PlacedOps
 from engine.backends.protocol import AttentionStep, Backend, KVLayout, layer_ops
 from kernels.cpu import quantize_rows
 
@@ -142,6 +143,19 @@ def test_transfers_and_vectors_round_trip_exactly(backend_name):
     assert np.array_equal(host(backend, backend.to_device(positions)), positions)
     norm = RNG.standard_normal(13).astype(np.float32)
     assert np.array_equal(host(backend, backend.upload_vector(norm)), norm)
+
+
+@pytest.mark.parametrize("activations", ["f32", "llama.cpp"])
+def test_matmuls_of_one_input_equal_one_matmul_each(backend_name, activations):
+    """q, k and v (or gate and up) of mixed types over one input, as the dispatcher runs them."""
+    backend = make_backend(backend_name, activations)
+    ops = PlacedOps({backend.name: backend})
+    ws = [backend.upload(make_weight(f"w{i}", qtype, (rows, 256))[0])
+          for i, (qtype, rows) in enumerate([(T.Q4_K, 7), (T.Q8_0, 5), (T.Q6_K, 3), (T.Q5_1, 4), (T.F16, 2)])]
+    x = on(backend, RNG.standard_normal((2, 1, 256)).astype(np.float32))
+    together = ops.matmuls(x, ws)
+    for w, y in zip(ws, together):
+        assert np.array_equal(host(backend, y), host(backend, backend.matmul(x, w)))
 
 
 # --- the small ops of a layer (the backend's own kernels, or the array-namespace math) ---------------
