@@ -17,8 +17,10 @@ unsigned-by-signed multiply-add of AVX512-VNNI applies to every type), then
 acc = acc + float(I) * (d_w * d_x) (+ float(sum_j mn_j X_j) * (-dmin_w * d_x), or + m_w * s_x),
 in that order (`qgemm_ir` has the register block and its diagram of the tile).
 
-Tiles are spread over Numba's threads; a tile (ROWS rows: 32 KiB at 1024 columns) stays in L1/L2
-while the activations (n_tokens x n_cols bytes, L2) stream past it TOKENS tokens at a time.
+Tiles are spread over Numba's threads; a tile (ROWS = 48 rows: 30 KiB at 640 columns, 96 KiB at
+2048) stays in L1/L2 while the activations (n_tokens x n_cols bytes, L2) stream past it TOKENS
+tokens at a time. 3 x 16 rows by 4 tokens per register block measured fastest on an AVX512-VNNI
+Xeon (1 thread, 512 tokens: Q5_0 2048 x 640 3.7 ms against 4.6 ms for 2 x 4 and 7.2 for 1 x 8).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ LANES = 8 if isa.ISA == "avx2" else 16   # rows per weight vector: the form's in
 # vpmaddubsw's int16 pair sums saturate past 2**15: with those forms, weights whose unsigned
 # bytes exceed 128 (offset 128: Q8_0, IQ4_NL, IQ4_XS) take the generic form
 SATURATING_FORMS = ("avx2", "avx512bw")
-VECTORS = 2                              # weight vectors per register block
+VECTORS = 3                              # weight vectors per register block (see qgemm)
 ROWS = VECTORS * LANES                   # rows of a tile
 TOKENS = 4                               # tokens per register block
 
