@@ -120,11 +120,27 @@ def quantize_one_token(x, k_blocks, q, d, sums):
 
 
 @njit(cache=True, nogil=True, parallel=True)
+def _quantize_rows_parallel(x, k_blocks, q, d, sums):
+    for t in prange(x.shape[0]):
+        _quantize_token(x, t, k_blocks, q, d, sums)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_rows_serial(x, k_blocks, q, d, sums):
+    for t in range(x.shape[0]):
+        _quantize_token(x, t, k_blocks, q, d, sums)
+
+
+# Below this many values one thread quantizes faster than waking the pool (about 0.1 ms of
+# work; a parallel region costs tens of microseconds, far more on a busy machine).
+PARALLEL_MIN_VALUES = 1 << 18
+
+
 def quantize_activations(x, k_blocks, q, d, sums):
     """All rows of x (n_tokens, n_cols): to Q8_K when k_blocks, else to Q8_0 / Q8_1.
 
     q int8 (n_tokens, n_cols); d float32 (n_tokens, n_cols // block); sums float32: Q8_1's s
     (n_tokens, n_cols // 32) or Q8_K's bsums (n_tokens, n_cols // 16; whole numbers below
     2**11, exact in float32 like every product and sum the min terms make of them)."""
-    for t in prange(x.shape[0]):
-        _quantize_token(x, t, k_blocks, q, d, sums)
+    rows = _quantize_rows_parallel if x.size >= PARALLEL_MIN_VALUES else _quantize_rows_serial
+    rows(x, k_blocks, q, d, sums)

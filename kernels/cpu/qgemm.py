@@ -122,11 +122,12 @@ def qgemm_kernel(family, type_code, n_sub, block, w, n_cols, xq, xsub, dx, sx, o
             _tile_products(family, tile, xq, xsub, dx, sx, n_blocks, row0, min(ROWS, n_rows - row0), out, spill)
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def subblock_sums(xq, sub_block, multiplier, out):
     """out[t, s] = multiplier * (sum of xq[t] over sub-block s): what a weight offset costs,
-    or what integer mins multiply."""
-    for t in prange(xq.shape[0]):
+    or what integer mins multiply. One thread: a few microseconds per token, less than a
+    parallel region costs."""
+    for t in range(xq.shape[0]):
         row = xq[t]
         for s in range(out.shape[1]):
             total = np.int32(0)
