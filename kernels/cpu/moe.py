@@ -41,8 +41,6 @@ GROUPED_TYPES = FAST_TYPES      # the weight types whose rows the units decode
 MATRIX, EXPERT, FIRST, END, ROW0, N_ROWS, INTEGER = range(7)
 UNPACK_COST_TOKENS = 4      # unpacking a weight row costs about as much as dotting it with 4 tokens
 
-SERIAL_QUANTIZE_VALUES = 1 << 16   # activations quantized on the calling thread up to this size
-
 _NO_QUANTS = read_only(np.zeros((0, 0), dtype=np.int8))
 _NO_FLOATS = read_only(np.zeros((0, 0), dtype=np.float32))
 
@@ -134,19 +132,6 @@ def _checked_experts(w_bytes: np.ndarray, ggml_type: int, n_cols: int) -> np.nda
     return read_only(np.ascontiguousarray(w))
 
 
-def _quantized(x: np.ndarray, ggml_type: int) -> QuantizedActivations:
-    """x quantized for ggml_type's input; a decode step's few rows on the calling thread alone:
-    waking the pool for them costs more than the work (on a busy machine, milliseconds)."""
-    if x.size > SERIAL_QUANTIZE_VALUES:
-        return QuantizedActivations.for_type(x, ggml_type)
-    n_threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        return QuantizedActivations.for_type(x, ggml_type)
-    finally:
-        numba.set_num_threads(n_threads)
-
-
 def _products(x, spans, weights, outs, rounded, integer_for) -> None:
     """outs[m][rows of span s] = those rows of x @ W_m[expert].T for every matrix m of the
     region (one or two weights of one ggml type: they share x's rounding or quantization).
@@ -172,7 +157,7 @@ def _products(x, spans, weights, outs, rounded, integer_for) -> None:
                                integer_rows_per_chunk(n_cols, 1), float_rows_per_chunk(n_cols), numba.get_num_threads())
     xq, xd, min_sums = _NO_QUANTS, _NO_FLOATS, _NO_FLOATS
     if integer.any():
-        xa = _quantized(x, ggml_type)
+        xa = QuantizedActivations.for_type(x, ggml_type)
         xq, xd, min_sums = xa.q, xa.d, xa.min_sums
     xf = _NO_FLOATS if integer.all() else read_only(np.ascontiguousarray(rounded(x, ggml_type), dtype=np.float32))
     expert_products(units, bounds, xf, xq, xd, min_sums, mats[0], mats[-1], ggml_type, ggml_type, n_cols, outs[0],

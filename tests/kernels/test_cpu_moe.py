@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 from ggml_weights import random_weight
@@ -143,17 +142,3 @@ def test_weight_bytes_of_the_wrong_width_are_refused(rng):
     with pytest.raises(ValueError, match="do not hold rows of 768 Q4_K elements"):
         grouped_experts(x, [(0, 0, 2)], gate, gate, down, silu_gate, f16_rounded, llama_cpp_paths)
 
-
-def test_the_calling_threads_setting_is_kept(rng):
-    """A decode step's rows are quantized on the calling thread alone; the thread count it set
-    for the products is given back."""
-    gate = experts(rng, "Q4_K", N_FF, N_EMBD)
-    down = experts(rng, "Q4_K", N_EMBD, N_FF)
-    x = (rng.standard_normal((2, N_EMBD)) * 0.05).astype(np.float32)
-    before = numba.get_num_threads()
-    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-    try:
-        grouped_experts(x, [(0, 0, 1), (3, 1, 2)], gate, gate, down, silu_gate, f16_rounded, llama_cpp_paths)
-        assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
-    finally:
-        numba.set_num_threads(before)
