@@ -141,4 +141,3 @@ def test_weight_bytes_of_the_wrong_width_are_refused(rng):
     x = rng.standard_normal((2, N_EMBD)).astype(np.float32)
     with pytest.raises(ValueError, match="do not hold rows of 768 Q4_K elements"):
         grouped_experts(x, [(0, 0, 2)], gate, gate, down, silu_gate, f16_rounded, llama_cpp_paths)
-
