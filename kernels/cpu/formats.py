@@ -28,6 +28,18 @@ FAST_TYPES = frozenset(
 
 _TYPE_BY_VALUE = {int(t): t for t in GGMLQuantizationType}
 
+# bytes per block by type code, for kernels that pick a type's layout at run time (a global array
+# is a compile-time constant to Numba)
+_BLOCK_BYTES = np.zeros(max(int(t) for t in GGML_QUANT_SIZES) + 1, dtype=np.int64)
+for _type, (_, _type_size) in GGML_QUANT_SIZES.items():
+    _BLOCK_BYTES[int(_type)] = _type_size
+
+
+@njit(cache=True, nogil=True)
+def block_bytes(type_code):
+    """Bytes of one block of the ggml type with this code."""
+    return _BLOCK_BYTES[type_code]
+
 
 def as_ggml_type(ggml_type: int | GGMLQuantizationType) -> GGMLQuantizationType:
     """The ggml type enum for an int or enum value; ValueError for an unknown one."""

@@ -25,6 +25,7 @@ from numba.extending import intrinsic
 
 from kernels.cpu import isa
 from kernels.cpu.decode_basic import read_f16
+from kernels.cpu.formats import block_bytes as bytes_per_block
 from kernels.cpu.decode_kquants import k_scale_min, q3_k_scale
 from kernels.cpu.qgemm_ir import ROWS
 
@@ -58,26 +59,13 @@ def _iq4_word(q):
             | (_IQ4_BYTES[(q >> 24) & 15] << 24))
 
 
-@njit(cache=True, nogil=True)
-def _block_bytes_32(type_code):
-    if type_code == _Q8_0:
-        return 34
-    if type_code == _Q5_0:
-        return 22
-    if type_code == _Q4_1:
-        return 20
-    if type_code == _Q5_1:
-        return 24
-    return 18   # Q4_0, IQ4_NL
-
-
 # 32-element blocks: d | [m] | [qh u32] | qs[16]; element j < 16 the low nibble of qs[j], 16 + j
 # the high one (Q8_0: d | qs[32] signed bytes).
 @njit(cache=True, nogil=True)
 def _fill_32(type_code, w, r, n_cols, tw, i, td, tdm):
     has_min = type_code == _Q4_1 or type_code == _Q5_1
     has_fifth = type_code == _Q5_0 or type_code == _Q5_1
-    block_bytes = _block_bytes_32(type_code)
+    block_bytes = bytes_per_block(type_code)
     qh_offset = 4 if has_min else 2
     qs_offset = qh_offset + (4 if has_fifth else 0)
     for b in range(n_cols // 32):

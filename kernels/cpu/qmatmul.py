@@ -30,7 +30,7 @@ from kernels.cpu.blockdot import ROW_DOTS
 from kernels.cpu.decode import checked_weight
 from kernels.cpu.decode_basic import read_f16
 from kernels.cpu.decode_kquants import k_scale_min
-from kernels.cpu.formats import as_ggml_type, read_only
+from kernels.cpu.formats import as_ggml_type, block_bytes as bytes_per_block, read_only
 from kernels.cpu.qactivations import quantize_activations, quantize_one_token
 from kernels.cpu.qgemm import prefill_is_faster, qgemm
 from kernels.cpu.simd import scaled_block_dot
@@ -49,8 +49,8 @@ Q8_K_INPUT_TYPES = frozenset(QType[n] for n in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", 
 INTEGER_TYPES = Q8_0_INPUT_TYPES | Q8_K_INPUT_TYPES
 # Where qmatmul beats the float tile path (`kernels.cpu.matmul` on the same rounded inputs) on
 # an AVX-512 Xeon: one-token products of every integer type, whose fused kernels (`blockdot`)
-# run 1.5-5x faster than the float path (`python -m kernels.cpu.bench`). For prefill, the 4x4
-# register-blocked float tiles reuse each loaded value 4 times and are faster than these.
+# run 1.5-5x faster than the float path (`python -m kernels.cpu.bench`), and from
+# qgemm.PREFILL_MIN_TOKENS tokens on the prefill GEMM; in between, the float tiles win.
 INTEGER_DECODE_TYPES = INTEGER_TYPES
 INTEGER_MAX_TOKENS = 1
 
@@ -116,31 +116,6 @@ def _kind(type_code):
 
 
 @njit(cache=True, nogil=True)
-def _block_bytes(type_code):
-    if type_code == _Q4_0 or type_code == _IQ4_NL:
-        return 18
-    if type_code == _Q4_1:
-        return 20
-    if type_code == _Q5_0:
-        return 22
-    if type_code == _Q5_1:
-        return 24
-    if type_code == _Q8_0:
-        return 34
-    if type_code == _Q2_K:
-        return 84
-    if type_code == _Q3_K:
-        return 110
-    if type_code == _Q4_K:
-        return 144
-    if type_code == _Q5_K:
-        return 176
-    if type_code == _Q6_K:
-        return 210
-    return 136  # IQ4_XS
-
-
-@njit(cache=True, nogil=True)
 def _d_offset(type_code):
     """Byte offset of the block's f16 `d` (0 in every 32-element type)."""
     if type_code == _Q6_K:
@@ -167,7 +142,7 @@ def _min_factors(type_code, w, r, n_cols, i, mins_f):
     """mins_f[i]: the row's min factors as floats, paired with QuantizedActivations.min_sums:
     Q4_1/Q5_1 one m per 32 (times Q8_1's block sum s); K-quants with mins -dmin * min per 16
     (times d_x * bsum), the 6-bit mins of Q4_K/Q5_K per 32, Q2_K's high nibbles per 16."""
-    block_bytes = _block_bytes(type_code)
+    block_bytes = bytes_per_block(type_code)
     min_offset = _min_offset(type_code)
     if type_code == _Q4_1 or type_code == _Q5_1:
         for b in range(n_cols // 32):
@@ -261,7 +236,7 @@ def _matmul_chunk(xq, xd, min_sums, w, wi, type_code, n_cols, lanes, start, n_ch
         return
     kind = _kind(type_code)
     d_offset = _d_offset(type_code)
-    block_bytes = _block_bytes(type_code)
+    block_bytes = bytes_per_block(type_code)
     has_mins = _min_offset(type_code) >= 0
     tile8 = np.empty((tile_rows, n_cols if kind == _TILE8 else 0), dtype=np.int8)
     tile16 = np.empty((tile_rows, n_cols if kind == _TILE16 else 0), dtype=np.int16)
