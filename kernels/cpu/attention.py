@@ -21,7 +21,7 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType as QType
 from numba import njit
 
-from kernels.cpu import decode_basic as basic
+from kernels.cpu.decode import decode_row
 from kernels.cpu.tile_matmul import SUM_FASTMATH
 
 FULL, SLIDING, CHUNKED = 0, 1, 2    # which cached positions a query sees (llama_hparams::is_masked_swa)
@@ -31,29 +31,6 @@ _F32, _F16, _BF16 = int(QType.F32), int(QType.F16), int(QType.BF16)
 _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = (int(QType[n]) for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"))
 _IQ4_NL = int(QType.IQ4_NL)
 CACHE_TYPES = frozenset((_F32, _F16, _BF16, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _IQ4_NL))
-
-
-@njit(cache=True, nogil=True)
-def _decode_cache_row(type_code, w, r, n_cols, out):
-    """Row r of a cache store into out[0] (the types a cache is written in, only)."""
-    if type_code == _F16:
-        basic.decode_f16(w, r, n_cols, _LANES, out, 0)
-    elif type_code == _F32:
-        basic.decode_f32(w, r, n_cols, _LANES, out, 0)
-    elif type_code == _Q8_0:
-        basic.decode_q8_0(w, r, n_cols, _LANES, out, 0)
-    elif type_code == _Q4_0:
-        basic.decode_q4_0(w, r, n_cols, _LANES, out, 0)
-    elif type_code == _BF16:
-        basic.decode_bf16(w, r, n_cols, _LANES, out, 0)
-    elif type_code == _Q4_1:
-        basic.decode_q4_1(w, r, n_cols, _LANES, out, 0)
-    elif type_code == _Q5_0:
-        basic.decode_q5_0(w, r, n_cols, _LANES, out, 0)
-    elif type_code == _Q5_1:
-        basic.decode_q5_1(w, r, n_cols, _LANES, out, 0)
-    else:
-        basic.decode_iq4_nl(w, r, n_cols, _LANES, out, 0)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -101,8 +78,8 @@ def attend_cache(q, k_store, k_type, v_store, v_type, n_head_kv, cell_pos, q_pos
         for c in range(cell_pos.shape[0]):
             if not _visible(q_pos[t], cell_pos[c], mask_kind, window):
                 continue
-            _decode_cache_row(k_type, k_store, c, n_head_kv * d_k, key)
-            _decode_cache_row(v_type, v_store, c, n_head_kv * d_v, value)
+            decode_row(k_type, k_store, c, n_head_kv * d_k, _LANES, key, 0)
+            decode_row(v_type, v_store, c, n_head_kv * d_v, _LANES, value, 0)
             for h in range(n_head):
                 g = h // group
                 score = _dot(q[t, h], key[0], g * d_k, d_k) * scale
