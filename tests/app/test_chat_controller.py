@@ -4,9 +4,9 @@ import pytest
 from app.chat_controller import ChatController, TurnStats, reply_stats
 from app.engine_jobs import ChatRunner
 from engine.run.sampling import SamplerSettings
+from chat_support import TURN_TIMEOUT_MS, finish_turn
 from slow_model import factory
 
-TURN_TIMEOUT_MS = 180_000      # a guard against a hang, not a speed check: the first turn compiles kernels
 GREEDY = SamplerSettings(temperature=0.0)
 
 
@@ -18,12 +18,6 @@ def controller(qtbot, bridge, store, loaded):
     controller.shutdown()
 
 
-def run_turn(qtbot, controller, start) -> str:
-    with qtbot.waitSignal(controller.turn_finished, timeout=TURN_TIMEOUT_MS) as blocker:
-        assert start()
-    return blocker.args[0]
-
-
 def test_a_turn_streams_into_the_reply_and_signals_its_course(qtbot, controller):
     statuses, stats, busy, grew = [], [], [], []
     controller.status_changed.connect(statuses.append)
@@ -31,7 +25,7 @@ def test_a_turn_streams_into_the_reply_and_signals_its_course(qtbot, controller)
     controller.busy_changed.connect(busy.append)
     controller.reply_grew.connect(lambda: grew.append(len(controller.messages.message(1).content)))
     with qtbot.waitSignal(controller.title_changed) as title:
-        reason = run_turn(qtbot, controller, lambda: controller.send("Count to ten", GREEDY, 7))
+        reason = finish_turn(qtbot, controller, lambda: controller.send("Count to ten", GREEDY, 7))
     assert reason == "length" and title.args == ["Count to ten"]
     assert busy == [True, False] and not controller.is_generating and controller.job is None
     assert [m.role for m in controller.messages.messages()] == ["user", "assistant"]
@@ -72,13 +66,13 @@ def test_stop_keeps_the_partial_reply_and_marks_it_cancelled(qtbot, controller):
 
 
 def test_edit_and_resend_truncates_there_and_regenerate_repeats_a_greedy_reply(qtbot, controller):
-    run_turn(qtbot, controller, lambda: controller.send("One", GREEDY, 5))
-    run_turn(qtbot, controller, lambda: controller.send("Two", GREEDY, 5))
+    finish_turn(qtbot, controller, lambda: controller.send("One", GREEDY, 5))
+    finish_turn(qtbot, controller, lambda: controller.send("Two", GREEDY, 5))
     assert controller.can_edit(2) and not controller.can_edit(1)
-    run_turn(qtbot, controller, lambda: controller.edit_and_resend(0, "Uno", GREEDY, 5))
+    finish_turn(qtbot, controller, lambda: controller.edit_and_resend(0, "Uno", GREEDY, 5))
     assert [m.content for m in controller.messages.messages()][0] == "Uno" and controller.messages.rowCount() == 2
     first = controller.messages.message(1).content
-    run_turn(qtbot, controller, lambda: controller.regenerate(GREEDY, 5))
+    finish_turn(qtbot, controller, lambda: controller.regenerate(GREEDY, 5))
     assert controller.messages.message(1).content == first
     assert controller.last_turn.reused_tokens == controller.last_turn.prompt_tokens - 1
 
@@ -87,7 +81,7 @@ def test_an_error_leaves_no_empty_reply_and_is_signalled(qtbot, controller):
     from engine.run_config import RunConfig
     controller.set_run_config(RunConfig(n_ctx=256))
     with qtbot.waitSignal(controller.error_occurred, timeout=TURN_TIMEOUT_MS) as error:
-        assert run_turn(qtbot, controller, lambda: controller.send("word " * 150, GREEDY, 4)) == "error"
+        assert finish_turn(qtbot, controller, lambda: controller.send("word " * 150, GREEDY, 4)) == "error"
     assert "the context holds 256" in error.args[0]
     assert [m.role for m in controller.messages.messages()] == ["user"]
 
@@ -96,7 +90,7 @@ def test_conversations_are_saved_reopened_renamed_and_deleted(qtbot, controller,
     saved = []
     controller.conversation_saved.connect(saved.append)
     controller.set_system_prompt("Be brief.")
-    run_turn(qtbot, controller, lambda: controller.send("Keep this", GREEDY, 3))
+    finish_turn(qtbot, controller, lambda: controller.send("Keep this", GREEDY, 3))
     first_id = controller.conversation.id
     assert saved and set(saved) == {first_id}
     assert controller.flush_saves() and store.load(first_id).system_prompt == "Be brief."
