@@ -147,6 +147,7 @@ def test_stop_right_after_regenerate_gives_the_earlier_reply_back(qtbot, panel, 
     finish_turn(qtbot, panel, lambda: panel.send("Hello"))
     first = panel.messages.message(1).content
     panel.runner.model_factory = factory(delay_s=5.0)         # the new reply would take a while to start
+    panel.runner.release()      # (the idle runner keeps its session: without this the old, fast model answers)
     with qtbot.waitSignal(panel.turn_finished, timeout=TURN_TIMEOUT_MS) as blocker:
         assert panel.regenerate()
         panel.stop()
