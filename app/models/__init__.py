@@ -3,6 +3,8 @@
 Custom roles shared by every model of the app, so a delegate or a proxy can ask any of them
 for the same thing: exact byte counts, the device a row sits on, a key to sort by.
 """
+import html
+
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, Qt
 
 BytesRole = Qt.UserRole + 1      # int: exact bytes of the row's tensor/file
@@ -13,6 +15,16 @@ TensorRole = Qt.UserRole + 5     # engine.plan.inventory.InventoryTensor of the 
 
 ALIGN_RIGHT = int(Qt.AlignRight | Qt.AlignVCenter)
 Index = QModelIndex | QPersistentModelIndex
+
+
+def plain_tooltip(text: str | None) -> str | None:
+    """text as a tooltip shown verbatim. Qt renders a tooltip as HTML whenever it looks like
+    markup, so a GGUF key, a tensor name or a chat title written as `<img src=...>` or a huge
+    `<table>` would be interpreted; escaped inside a rich-text paragraph it is shown as typed,
+    line breaks and runs of spaces kept."""
+    if not text:
+        return text
+    return f'<p style="white-space:pre-wrap">{html.escape(text)}</p>'
 
 
 class RowTableModel(QAbstractTableModel):

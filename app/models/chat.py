@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from PySide6.QtCore import QAbstractListModel, QModelIndex, QObject, QPersistentModelIndex, Qt, Signal
 
 from app.conversations import ConversationSummary, Message
+from app.models import plain_tooltip
 
 Index = QModelIndex | QPersistentModelIndex
 
@@ -80,7 +81,7 @@ class MessageListModel(QAbstractListModel):
         if role == ErrorRole:
             return message.error
         if role == Qt.ToolTipRole:
-            return message.error or None
+            return plain_tooltip(message.error) or None
         if role == Qt.AccessibleTextRole:
             return f"{message.role}: {message.content}"
         return None
@@ -180,7 +181,7 @@ class ConversationListModel(QAbstractListModel):
             return summary.updated_s
         if role == Qt.ToolTipRole:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(summary.updated_s))
-            return f"{summary.title}\n{summary.n_messages} messages · last changed {when}"
+            return plain_tooltip(f"{summary.title}\n{summary.n_messages} messages · last changed {when}")
         return None
 
     def setData(self, index: Index, value, role: int = Qt.EditRole) -> bool:

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from PySide6.QtCore import QAbstractTableModel, QMimeData, QModelIndex, QObject, Qt
 
-from app.models import BytesRole, DeviceRole
+from app.models import BytesRole, DeviceRole, plain_tooltip
 from app.models.placement_items import (MIME_TYPE, ColorRole, DevicesRole, HeatRole, Index, RefsRole, encode_refs,
                                         exact_bytes, short_bytes)
 from app.theme import device_color
@@ -143,7 +143,7 @@ class ExpertStripModel(QAbstractTableModel):
         if role == RefsRole:
             return [TensorRef(t.name, frozenset([expert]))]
         if role == Qt.ToolTipRole:
-            return self.tooltip(t, expert, device)
+            return plain_tooltip(self.tooltip(t, expert, device))
         return None
 
     def tooltip(self, t, expert: int, device: str) -> str:

@@ -9,7 +9,8 @@ import numpy as np
 from PySide6.QtCore import QObject, QSortFilterProxyModel, Qt
 from PySide6.QtGui import QFontDatabase
 
-from app.models import ALIGN_RIGHT, BytesRole, DeviceRole, Index, RowTableModel, SortRole, TensorRole
+from app.models import (ALIGN_RIGHT, BytesRole, DeviceRole, Index, RowTableModel, SortRole, TensorRole,
+                        plain_tooltip)
 from engine.gguf.quoting import printable
 from engine.plan.inventory import Inventory, InventoryTensor
 from engine.arch.overrides import value_kind
@@ -92,7 +93,7 @@ class MetadataModel(RowTableModel):
                 return value
             return format_value(value)
         if role == Qt.ToolTipRole:
-            return self._tooltip(value) if column == self.COL_VALUE else key
+            return plain_tooltip(self._tooltip(value) if column == self.COL_VALUE else key)
         if role == Qt.FontRole and column == self.COL_KEY:
             return QFontDatabase.systemFont(QFontDatabase.FixedFont)
         return None
@@ -197,7 +198,7 @@ class TensorTableModel(RowTableModel):
         if role == TensorRole:
             return tensor
         if role == Qt.ToolTipRole:
-            return self._tooltip(tensor, column)
+            return plain_tooltip(self._tooltip(tensor, column))
         if role == Qt.TextAlignmentRole and column == self.COL_BYTES:
             return ALIGN_RIGHT
         if role == Qt.FontRole and column == self.COL_NAME:

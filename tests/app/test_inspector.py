@@ -59,8 +59,25 @@ def test_long_arrays_are_summarised(metadata_model):
     assert cell(metadata_model, "tokenizer.ggml.tokens", m.COL_TYPE) == "array[string]"
     assert cell(metadata_model, "tokenizer.ggml.tokens", m.COL_VALUE) == "[512 items: '<unk>', '<s>', '</s>', …]"
     assert cell(metadata_model, "tokenizer.ggml.token_type", m.COL_TYPE) == "array[int]"
-    tooltip = cell(metadata_model, "tokenizer.ggml.tokens", m.COL_VALUE, Qt.ToolTipRole)
+    tooltip = shown(cell(metadata_model, "tokenizer.ggml.tokens", m.COL_VALUE, Qt.ToolTipRole))
     assert tooltip.startswith("'<unk>', '<s>', '</s>', '<0x00>'") and tooltip.endswith(", …")
+
+
+def shown(tooltip: str) -> str:
+    """The text Qt displays for a rich-text tooltip."""
+    from PySide6.QtGui import QTextDocument
+    document = QTextDocument()
+    document.setHtml(tooltip)
+    return document.toPlainText()
+
+
+def test_markup_in_file_strings_is_shown_as_typed():
+    """A tensor name or metadata string of the file's choosing is text, never HTML: '<s>' must
+    not strike through the rest, an <img> must not load, spacing stays."""
+    from app.models import plain_tooltip
+    for text in ("'<s>', '</s>'", '<img src="/etc/passwd">', "<table><tr><td>x</td></tr></table>",
+                 "a  &amp;  b\nsecond line", "5 < 6 > 4"):
+        assert shown(plain_tooltip(text)) == text
 
 
 def test_value_formatting():
@@ -99,9 +116,10 @@ def test_tensor_rows(tensor_model, loaded):
     assert cell(tensor_model, EXPERT_TENSOR, t.COL_DEVICE) == "CPU"
     assert cell(tensor_model, EXPERT_TENSOR, t.COL_DEVICE, DeviceRole) == "CPU"
     assert cell(tensor_model, EXPERT_TENSOR, t.COL_NAME, TensorRole) is loaded.inventory.by_name[EXPERT_TENSOR]
-    assert "4 experts × 36,864 bytes" in cell(tensor_model, EXPERT_TENSOR, t.COL_BYTES, Qt.ToolTipRole)
-    assert "ne = [256, 256, 4]" in cell(tensor_model, EXPERT_TENSOR, t.COL_SHAPE, Qt.ToolTipRole)
-    assert "numpy order (rows first): 4 × 256 × 256" in cell(tensor_model, EXPERT_TENSOR, t.COL_SHAPE, Qt.ToolTipRole)
+    assert "4 experts × 36,864 bytes" in shown(cell(tensor_model, EXPERT_TENSOR, t.COL_BYTES, Qt.ToolTipRole))
+    assert "ne = [256, 256, 4]" in shown(cell(tensor_model, EXPERT_TENSOR, t.COL_SHAPE, Qt.ToolTipRole))
+    assert "numpy order (rows first): 4 × 256 × 256" in shown(
+        cell(tensor_model, EXPERT_TENSOR, t.COL_SHAPE, Qt.ToolTipRole))
     assert cell(tensor_model, "output_norm.weight", t.COL_SHAPE) == "256"
     total = sum(cell(tensor_model, row, t.COL_BYTES, BytesRole) for row in range(23))
     assert total == loaded.total_bytes
