@@ -5,7 +5,6 @@ All of them accept llama.cpp's placement and run flags (-ngl, -ts, -ot, -c, -ctk
 """
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 
@@ -88,8 +87,7 @@ def load_model(args, n_ctx_default: int | None = None) -> LoadedModel:
     for flag, status, message in parsed.report:
         if status == "ignored":
             print(f"note: {flag} ignored{': ' + message if message else ''}", file=sys.stderr)
-    graphs = not (args.no_cuda_graphs or os.environ.get("GGML_CUDA_DISABLE_GRAPHS", "") not in ("", "0"))
-    run_config = parsed.run_config.replace(n_threads=args.threads, cuda_graphs=graphs)
+    run_config = parsed.run_config.replace(n_threads=args.threads, cuda_graphs=not args.no_cuda_graphs)
     check_cache_fits(inventory, parsed, run_config, devices)
     check_gpus_fit(inventory, parsed, run_config, devices, getattr(args, "ignore_fit", False))
     model = Model.load(mf, run_config, placement=parsed.placement)

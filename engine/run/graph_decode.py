@@ -12,11 +12,13 @@ and the reason is logged once; the activation moves between ranges as it does be
 The embedding row and the output head join the graph of the first / last range when their
 weights live on its device.
 
-RunConfig(cuda_graphs=False) (--no-cuda-graphs, GGML_CUDA_DISABLE_GRAPHS=1) turns it off.
+RunConfig(cuda_graphs=False) (--no-cuda-graphs) or llama.cpp's GGML_CUDA_DISABLE_GRAPHS=1 in the
+environment turns it off, for the command line and the app alike.
 """
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -27,6 +29,16 @@ from engine.backends.cuda_decode import RangeDecode, decode_blocker
 
 log = logging.getLogger(__name__)
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def graphs_turned_off(run_config) -> str | None:
+    """Why no CUDA graph is captured at all, or None. The environment switch is read here, at
+    the step, so that it holds wherever the run was configured (a saved plan, the app)."""
+    if os.environ.get("GGML_CUDA_DISABLE_GRAPHS", "") not in ("", "0"):
+        return "CUDA graphs are turned off (GGML_CUDA_DISABLE_GRAPHS)"
+    if not run_config.cuda_graphs:
+        return "CUDA graphs are turned off (--no-cuda-graphs)"
+    return None
 
 
 @dataclass
@@ -88,7 +100,7 @@ class GraphDecode:
         backend = m.ops.backends[device]
         if not isinstance(backend, CudaBackend):
             return DeviceRange(device, layers)
-        reason = (None if m.run_config.cuda_graphs else "CUDA graphs are turned off (--no-cuda-graphs)")
+        reason = graphs_turned_off(m.run_config)
         reason = reason or decode_blocker(plan, m.hparams, layers, cache.layers)
         reason = reason or graph_blocker(tensor_devices, device, layers)
         if reason is not None:

@@ -211,12 +211,21 @@ def test_graphs_turned_off_from_the_command_line(fixtures_dir, monkeypatch):
 
     _, parser = command_parser("run")
     path = str(fixtures_dir / "llama-dense" / "Q8_0.gguf")
-    for flags, env, expected in ((["--no-cuda-graphs"], "", False), ([], "1", False), ([], "", True)):
-        monkeypatch.setenv("GGML_CUDA_DISABLE_GRAPHS", env)
+    for flags, expected in ((["--no-cuda-graphs"], False), ([], True)):
         ours, theirs = split_llama_args(parser, ["-m", path, "-p", "hi", "--emulate-cuda", "1GiB", "-ngl", "99", *flags])
         args = parser.parse_args(ours)
         args.llama_args = theirs
         assert load_model(args).model.run_config.cuda_graphs is expected
+
+
+def test_graphs_turned_off_by_the_environment_wherever_the_run_was_configured(monkeypatch):
+    from engine.run.graph_decode import graphs_turned_off
+
+    for env, flag, expected in (("1", True, "GGML_CUDA_DISABLE_GRAPHS"), ("", False, "--no-cuda-graphs"),
+                                ("0", True, None), ("", True, None)):
+        monkeypatch.setenv("GGML_CUDA_DISABLE_GRAPHS", env)
+        reason = graphs_turned_off(RunConfig(cuda_graphs=flag))
+        assert reason is None if expected is None else expected in reason
 
 
 @pytest.mark.gpu
