@@ -80,6 +80,12 @@ def recurrent_layer_bytes(hp: HyperParams, il: int, rc: RunConfig) -> tuple[int,
     return hp.n_embd_r() * rows * F32_BYTES, hp.n_embd_s() * rows * F32_BYTES
 
 
+# this app's engine keeps this many copies of a hybrid model's recurrent state, each on its
+# layer's device, to rewind a chat to a turn boundary (engine.run.recurrent_state); llama.cpp's
+# own context checkpoints (-ctxcp) are the server's business and not in its load-time buffers
+RECURRENT_CHECKPOINTS = 4
+
+
 def recurrent_state_bytes(hp: HyperParams, rc: RunConfig) -> int:
     """llama.cpp's `RS buffer size` over all layers."""
     return sum(sum(recurrent_layer_bytes(hp, il, rc)) for il in range(hp.n_layer))
@@ -298,6 +304,17 @@ def _rough_compute_bytes(inventory, placement, rc: RunConfig, devices) -> dict[s
     return compute
 
 
+def _checkpoint_bytes(hp: HyperParams | None, placement, rc: RunConfig) -> dict[str, int]:
+    """Per device, the app's checkpoint copies of the recurrent layers homed there."""
+    by_device: dict[str, int] = {}
+    for il in range(hp.n_layer if hp is not None else 0):
+        state = sum(recurrent_layer_bytes(hp, il, rc))
+        if state:
+            home = placement.layer_home_device(il)
+            by_device[home] = by_device.get(home, 0) + RECURRENT_CHECKPOINTS * state
+    return by_device
+
+
 def estimate_memory(inventory, placement, rc: RunConfig, devices, options: MemoryOptions = MemoryOptions()
                     ) -> MemoryEstimate:
     """Per-device memory for running `inventory` placed by `placement` with `rc`."""
@@ -320,9 +337,13 @@ def estimate_memory(inventory, placement, rc: RunConfig, devices, options: Memor
             notes.append(f"compute buffers of {hp.arch} follow a per-layer rule, not llama.cpp's graph")
     else:
         notes.append("architecture unknown: KV cache and compute buffers are not estimated")
+    checkpoints = _checkpoint_bytes(hp, placement, rc) if options.target == "app" else {}
     estimates = []
     for d in devices:
         terms = overhead_terms(hp, rc, d.is_gpu, options)
+        if checkpoints.get(d.name):
+            terms += (OverheadTerm(f"recurrent-state checkpoints ({RECURRENT_CHECKPOINTS} kept to rewind a chat)",
+                                   checkpoints[d.name], False),)
         estimates.append(DeviceEstimate(
             device=d.name, capacity_bytes=d.total_bytes, weights_bytes=weights.get(d.name, 0),
             kv_bytes=kv[d.name], compute_bytes=compute[d.name],

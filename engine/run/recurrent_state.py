@@ -21,11 +21,11 @@ import numpy as np
 
 from engine.arch.base import HyperParams
 from engine.arch.delta_net import HostMemory, RecurrentLayer
-from engine.plan.memory import recurrent_layer_bytes, recurrent_sequences
+from engine.plan.memory import RECURRENT_CHECKPOINTS, recurrent_layer_bytes, recurrent_sequences
 from engine.run.kv_cache import KVCache
 from engine.run_config import RunConfig
 
-MAX_CHECKPOINTS = 4     # each one is a full copy of the recurrent state
+MAX_CHECKPOINTS = RECURRENT_CHECKPOINTS    # each one is a full copy of the recurrent state (in the estimate)
 
 
 class RecurrentState:

@@ -114,6 +114,36 @@ def test_ot_rules_on_delta_net_names_and_the_recurrent_state_follows_its_layer(s
     assert estimate["CPU"].kv_bytes + estimate["CUDA0"].kv_bytes == int((80 + 62.8125) * MIB)
 
 
+def test_the_apps_estimate_carries_its_recurrent_checkpoints_on_each_layers_device(sparse_35b):
+    """The engine keeps RECURRENT_CHECKPOINTS copies of the state to rewind a chat: the app's
+    estimate counts them where the layers live; llama.cpp's load-time estimate has none."""
+    from engine.devices import Device, simulated_gpus
+    from engine.plan.inventory import Inventory
+    from engine.plan.llama_args import parse_llama_args
+    from engine.plan.memory import MemoryOptions, estimate_memory
+    from engine.run.recurrent_state import MAX_CHECKPOINTS
+    inv = Inventory.from_model_file(sparse_35b)
+    devices = [Device("CPU", "cpu", 256 << 30)] + simulated_gpus("16GiB")
+    parsed = parse_llama_args(r"-ngl 99 -c 4096 -ot 'blk\.(0|1|2)\.(attn_qkv|attn_gate|ssm_.*)=CPU,exps=CPU'",
+                              inv, devices)
+    placement = parsed.placement
+    homes = [placement.layer_home_device(il) for il in range(inv.n_layer)]
+    app = estimate_memory(inv, placement, parsed.run_config, devices, MemoryOptions(target="app"))
+    llama = estimate_memory(inv, placement, parsed.run_config, devices)
+
+    def checkpoint_term(estimate, device):
+        return sum(t.n_bytes for t in estimate[device].overhead_terms if "checkpoints" in t.name)
+
+    # 30 recurrent layers of 62.8125 MiB / 30 each at one sequence; 4 copies, by home device
+    per_layer = 62.8125 * MIB / 30
+    for device in ("CPU", "CUDA0"):
+        n_recurrent = sum(home == device and inv.hparams.is_recurrent(il) for il, home in enumerate(homes))
+        assert checkpoint_term(app, device) == round(MAX_CHECKPOINTS * n_recurrent * per_layer)
+        assert checkpoint_term(llama, device) == 0
+    assert checkpoint_term(app, "CPU") > 0 and checkpoint_term(app, "CUDA0") > 0
+    assert app["CUDA0"].total_bytes - llama["CUDA0"].total_bytes >= checkpoint_term(app, "CUDA0")
+
+
 def test_designer_note_says_what_a_sub_q8_0_cache_saves_on_a_hybrid():
     from engine.plan.memory import hybrid_kv_cache_note
     note = hybrid_kv_cache_note(hparams("qwen3.5-35b-a3b"), RunConfig(n_ctx=32768))
