@@ -1,6 +1,7 @@
 """Fused dot products of one quantized weight row with one quantized activation row, in LLVM IR.
 
     ROW_DOTS[type_name](w, r, x, dx, sx, n_blocks) -> float32  (Numba intrinsics, host form)
+    ROW_DOTS[type_name](w, (r0, r1, ..), x, dx, sx, n_blocks) -> (float32, ..): several rows
     row_dot_intrinsic(type_name, form)                         the same kernel in any isa.FORMS
 
 w: the weight's raw GGUF bytes (uint8, rows first), r: the row; x: the token's activations
@@ -12,7 +13,9 @@ K-quants' mins enter as exact integer sums of min * x, as llama.cpp forms them f
 Why: for one token (decode) a matmul streams every weight byte once, so it runs at memory speed
 only if decoding costs less than reading. Each block is loaded straight into vector registers,
 its nibbles, high bits and sub-block scales decoded there, and multiplied with the activations
-by the CPU's u8 x s8 multiply-add (`isa.dot_u8_s8`): no scratch row in memory, no int16 detour.
+by the CPU's u8 x s8 multiply-add (`isa.dot_u8_s8`; with sub-block scales, u8 x s8 pair sums
+then one int16 multiply-add by the scales, `isa.dot_i16`, instead of an int32 multiply): no
+scratch row in memory. Several rows per call share the activation loads.
 
 Lanes and exactness (8 int32 / float32 lanes: one ymm register holds a 32-element group, the
 unit of every layout here, and its multiply-add output; a zmm form would pair groups of two
@@ -29,8 +32,8 @@ integer sub-block scale of those elements (1 for the 32-element types). These su
 
 which `row_dot_reference` repeats in NumPy. Values stored with an offset (Q4_0's q - 8, Q5_0,
 Q3_K, Q6_K) are multiplied as unsigned bytes and the offset taken off as offset * sum(x); signed
-ones (Q8_0, the IQ4 tables) use isa.sign_transfer (|w| and x with w's sign), so activations
-must lie in [-127, 127], as the Q8 quantizers write them.
+ones (Q8_0, the IQ4 tables) use isa.dot_s8_s8 or isa.sign_transfer (|w| and x with w's sign),
+so activations must lie in [-127, 127], as the Q8 quantizers write them.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from kernels.cpu import isa
-from kernels.cpu.isa import f32, i8, i32, i64, ir
+from kernels.cpu.isa import f32, i8, i16, i32, i64, ir
 
 LANES = 8
 SIGNED = None            # the offset argument of _Block.dot for weights that are signed bytes
@@ -79,13 +82,11 @@ class _Block:
     def dot(self, acc, weights, group, offset):
         """acc + the lanes of (weights - offset) . activations of 32-element group `group`.
 
-        offset SIGNED: the weights are signed bytes, multiplied through isa.sign_transfer;
-        otherwise unsigned values below 64, and the offset is taken off as offset * sum(x),
+        offset SIGNED: the weights are signed bytes (isa.dot_s8_s8); otherwise unsigned values below 64, and the offset is taken off as offset * sum(x),
         a second multiply-add instead of a sign transfer's three or four operations."""
         x = self.activations(group)
         if offset is SIGNED:
-            u, s = isa.sign_transfer(self.builder, weights, x)
-            return isa.dot_u8_s8(self.builder, acc, u, s, self.form)
+            return isa.dot_s8_s8(self.builder, acc, weights, x, self.form)
         total = isa.dot_u8_s8(self.builder, acc, weights, x, self.form)
         if offset:
             total = self.builder.sub(total, isa.dot_u8_s8(self.builder, _zero_lanes(), _bytes_of(offset), x, self.form))
@@ -96,8 +97,18 @@ class _Block:
         return isa.dot_u8_s8(self.builder, acc, mins, self.activations(group), self.form)
 
     def scaled_dot(self, acc, weights, group, offset, scales):
-        """acc + scales * (the lanes of (weights - offset) . activations): scales <8 x i32>."""
-        return self.builder.add(acc, self.builder.mul(self.dot(_zero_lanes(), weights, group, offset), scales))
+        """acc + the lanes of scales * (weights - offset) . activations, scales <16 x i16> (one per
+        pair of elements): the products summed in int16 pairs (vpmaddubsw), then multiplied by
+        the scales and added into acc by one pair multiply-add (vpdpwssd). The pairs are exact:
+        weights below 64 with the offset taken off as offset * (the pairs of x), or |w| <= 128."""
+        x = self.activations(group)
+        if offset is SIGNED:
+            pairs = isa.pair_sums_u8_s8(self.builder, *isa.sign_transfer(self.builder, weights, x), self.form)
+        else:
+            pairs = isa.pair_sums_u8_s8(self.builder, weights, x, self.form)
+            if offset:
+                pairs = self.builder.sub(pairs, isa.pair_sums_u8_s8(self.builder, _bytes_of(offset), x, self.form))
+        return isa.dot_i16(self.builder, acc, pairs, scales, self.form)
 
 
 def _zero_lanes():
@@ -116,10 +127,15 @@ def _high(builder, v):
     return builder.lshr(v, _bytes_of(4, v.type.count))
 
 
-def _bits(builder, v, shift, mask):
-    """(v >> shift) & mask per byte."""
-    shifted = builder.lshr(v, _bytes_of(shift)) if shift else v
-    return builder.and_(shifted, _bytes_of(mask))
+def _bits(builder, v, shift, mask, to=0):
+    """((v >> shift) & mask) << to per byte, as one shift and one mask (x86 has no byte
+    shifts: each is a word shift and a mask, so the fewer the better)."""
+    n = v.type.count
+    if shift > to:
+        v = builder.lshr(v, _bytes_of(shift - to, n))
+    elif to > shift:
+        v = builder.shl(v, _bytes_of(to - shift, n))
+    return builder.and_(v, _bytes_of(mask << to, n))
 
 
 def _nibbles(builder, v16):
@@ -128,8 +144,14 @@ def _nibbles(builder, v16):
 
 
 def _spread(builder, scales16, group):
-    """<8 x i32>: lanes 0-3 scales16[group], lanes 4-7 scales16[group + 1] (16-element groups)."""
-    return builder.shuffle_vector(scales16, scales16, isa.indices([group] * 4 + [group + 1] * 4))
+    """<16 x i16> pair scales: pairs 0-7 scales16[group], pairs 8-15 scales16[group + 1]
+    (16-element groups)."""
+    return builder.shuffle_vector(scales16, scales16, isa.indices([group] * 8 + [group + 1] * 8))
+
+
+def _splat16(builder, scale):
+    """<16 x i16> pair scales: every pair the int32 `scale` (one 32-element group)."""
+    return isa.splat(builder, builder.trunc(scale, i16), 16)
 
 
 def _fifth_bits(builder, blk, offset):
@@ -194,9 +216,9 @@ def _k_sub_blocks(builder, blk, qs_offset, fifth_bits):
         q = blk.bytes(qs_offset + 32 * (j >> 1))
         q = _high(builder, q) if j & 1 else _low(builder, q)
         if fifth_bits is not None:
-            q = builder.or_(q, builder.shl(_bits(builder, fifth_bits, j, 1), _bytes_of(4)))
+            q = builder.or_(q, _bits(builder, fifth_bits, j, 1, 4))
         scale, minimum = _k_scale_min(builder, blk, j)
-        acc = blk.scaled_dot(acc, q, j, 0, isa.splat(builder, scale, LANES))
+        acc = blk.scaled_dot(acc, q, j, 0, _splat16(builder, scale))
         acc_min = blk.min_dot(acc_min, isa.splat(builder, builder.trunc(minimum, i8), 32), j)
     return acc, acc_min
 
@@ -214,14 +236,14 @@ def _q5_k(builder, blk):
 def _q6_k(builder, blk):
     """ql[128] | qh[64] | scales int8[16] | d: element 128a + 32s + l has low nibble s // 2 of
     ql[64a + 32(s % 2) + l], high bits (qh[32a + l] >> 2s) & 3, value q - 32, scale per 16."""
-    scales = builder.sext(blk.bytes(192, 16), isa.vector(i32, 16))
+    scales = builder.sext(blk.bytes(192, 16), isa.vector(i16, 16))
     acc = _zero_lanes()
     for a in range(2):
         qh = blk.bytes(128 + 32 * a)
         for s in range(4):
             ql = blk.bytes(64 * a + 32 * (s & 1))
             low = _high(builder, ql) if s >> 1 else _low(builder, ql)
-            q = builder.or_(low, builder.shl(_bits(builder, qh, 2 * s, 3), _bytes_of(4)))
+            q = builder.or_(low, _bits(builder, qh, 2 * s, 3, 4))
             acc = blk.scaled_dot(acc, q, 4 * a + s, 32, _spread(builder, scales, 8 * a + 2 * s))
     return acc
 
@@ -230,7 +252,7 @@ def _q2_k(builder, blk):
     """scales[16] | qs[64] | d | dmin: element 128h + 32s + l is (qs[32h + l] >> 2s) & 3, its
     16-element group's multiplier the low nibble of scales[8h + 2s + l // 16]."""
     scale_bytes = blk.bytes(0, 16)
-    scales = builder.zext(_low(builder, scale_bytes), isa.vector(i32, 16))
+    scales = builder.zext(_low(builder, scale_bytes), isa.vector(i16, 16))
     mins = _high(builder, scale_bytes)
     acc, acc_min = _zero_lanes(), _zero_lanes()
     for h in range(2):
@@ -244,7 +266,7 @@ def _q2_k(builder, blk):
 
 
 def _q3_k_scales(builder, blk):
-    """<16 x i32>: the signed 6-bit scales of Q3_K's 16 groups (see q3_k_scale): low 4 bits
+    """<16 x i16>: the signed 6-bit scales of Q3_K's 16 groups (see q3_k_scale): low 4 bits
     from bytes 96..103 (low nibbles for groups 0-7, high for 8-15), high 2 bits from 104..107."""
     low8 = blk.bytes(96, 8)
     low = builder.shuffle_vector(_low(builder, low8), _high(builder, low8), isa.indices(range(16)))
@@ -253,7 +275,7 @@ def _q3_k_scales(builder, blk):
     shifts = isa.constant_vector(i8, [2 * (g >> 2) for g in range(16)])
     high = builder.and_(builder.lshr(high, shifts), _bytes_of(3, 16))
     scales = builder.or_(low, builder.shl(high, _bytes_of(4, 16)))
-    return builder.sub(builder.zext(scales, isa.vector(i32, 16)), ir.Constant(isa.vector(i32, 16), 32))
+    return builder.sub(builder.zext(scales, isa.vector(i16, 16)), ir.Constant(isa.vector(i16, 16), 32))
 
 
 def _q3_k(builder, blk):
@@ -265,7 +287,7 @@ def _q3_k(builder, blk):
     for h in range(2):
         qs = blk.bytes(32 + 32 * h)
         for s in range(4):
-            high = builder.shl(_bits(builder, hmask, 4 * h + s, 1), _bytes_of(2))
+            high = _bits(builder, hmask, 4 * h + s, 1, 2)
             q = builder.or_(_bits(builder, qs, 2 * s, 3), high)
             acc = blk.scaled_dot(acc, q, 4 * h + s, 4, _spread(builder, scales, 8 * h + 2 * s))
     return acc
@@ -281,7 +303,7 @@ def _iq4_xs(builder, blk):
         high = builder.and_(builder.lshr(scales_high, ir.Constant(i32, 2 * j)), ir.Constant(i32, 3))
         scale = builder.sub(builder.or_(low, builder.shl(high, ir.Constant(i32, 4))), ir.Constant(i32, 32))
         values = isa.lookup16(builder, _IQ4_TABLE, _nibbles(builder, blk.bytes(8 + 16 * j, 16)), blk.form)
-        acc = blk.scaled_dot(acc, values, j, SIGNED, isa.splat(builder, scale, LANES))
+        acc = blk.scaled_dot(acc, values, j, SIGNED, _splat16(builder, scale))
     return acc
 
 
@@ -298,41 +320,48 @@ def _scaled(builder, lanes, w_block, half_offset, dx_b):
     return builder.fmul(builder.sitofp(lanes, isa.vector(f32, LANES)), isa.splat(builder, scale, LANES))
 
 
-def _emit_row_dot(context, builder, signature, args, type_name, form):
-    """The block loop: integer lanes per block, scaled and accumulated in float32 lanes. No
-    software prefetch: rows are read in order, and a llvm.prefetch 256 or 1024 bytes ahead
-    gained nothing over the hardware prefetcher on the 178 MB Q8_0 output head."""
+def _emit_row_dots(context, builder, signature, args, type_name, form):
+    """The block loop over one row, or a tuple of rows at once: integer lanes per block and row,
+    scaled and accumulated in float32 lanes, one accumulator per row. The rows share the
+    activation loads (and what is computed from the activations alone, such as the offsets'
+    sums), and their independent float chains hide each other's add latency. No software
+    prefetch: rows are read in order, and a llvm.prefetch 256 or 1024 bytes ahead gained
+    nothing over the hardware prefetcher on the 178 MB Q8_0 output head."""
     block_bytes, block_elements, d_offset = LAYOUTS[type_name]
-    w_type, _, x_type, dx_type, sx_type, _ = signature.args
+    w_type, r_type, x_type, dx_type, sx_type, _ = signature.args
     w_arr, r, x_arr, dx_arr, sx_arr, n_blocks = args
     zero = ir.Constant(i64, 0)
-    row = isa.row_pointer(context, builder, w_type, w_arr, r)
+    indices = [builder.extract_value(r, k) for k in range(r_type.count)] if isinstance(r_type, types.UniTuple) else [r]
+    rows = [isa.row_pointer(context, builder, w_type, w_arr, index) for index in indices]
     x_row = isa.element_pointer(context, builder, x_type, x_arr, zero)
     dx_row = isa.element_pointer(context, builder, dx_type, dx_arr, zero)
     sx_row = isa.element_pointer(context, builder, sx_type, sx_arr, zero)
     f32_lanes = isa.vector(f32, LANES)
-    acc = cgutils.alloca_once_value(builder, ir.Constant(f32_lanes, None))
-    m_acc = cgutils.alloca_once_value(builder, ir.Constant(f32, 0))
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(f32_lanes, None)) for _ in rows]
+    m_accs = [cgutils.alloca_once_value(builder, ir.Constant(f32, 0)) for _ in rows]
     with cgutils.for_range(builder, n_blocks) as loop:
         b = loop.index
-        w_block = builder.gep(row, [builder.mul(b, ir.Constant(i64, block_bytes))])
         x_block = builder.gep(x_row, [builder.mul(b, ir.Constant(i64, block_elements))])
-        lanes = _DECODERS[type_name](builder, _Block(builder, w_block, x_block, form))
         dx_b = builder.load(builder.gep(dx_row, [b]))
-        isum, imin = lanes if type_name in MIN_OFFSETS else (lanes, None)
-        total = builder.fadd(builder.load(acc), _scaled(builder, isum, w_block, d_offset, dx_b))
-        if imin is not None:
-            total = builder.fsub(total, _scaled(builder, imin, w_block, MIN_OFFSETS[type_name], dx_b))
-        builder.store(total, acc)
-        if type_name in SUM_MIN_TYPES:
-            m_b = isa.load_half(builder, builder.gep(w_block, [ir.Constant(i64, 2)]))
-            m_term = builder.fmul(m_b, builder.load(builder.gep(sx_row, [b])))
-            builder.store(builder.fadd(builder.load(m_acc), m_term), m_acc)
-    return builder.fadd(isa.sum_lanes_by_halves(builder, builder.load(acc)), builder.load(m_acc))
+        for row, acc, m_acc in zip(rows, accs, m_accs):
+            w_block = builder.gep(row, [builder.mul(b, ir.Constant(i64, block_bytes))])
+            lanes = _DECODERS[type_name](builder, _Block(builder, w_block, x_block, form))
+            isum, imin = lanes if type_name in MIN_OFFSETS else (lanes, None)
+            total = builder.fadd(builder.load(acc), _scaled(builder, isum, w_block, d_offset, dx_b))
+            if imin is not None:
+                total = builder.fsub(total, _scaled(builder, imin, w_block, MIN_OFFSETS[type_name], dx_b))
+            builder.store(total, acc)
+            if type_name in SUM_MIN_TYPES:
+                m_b = isa.load_half(builder, builder.gep(w_block, [ir.Constant(i64, 2)]))
+                m_term = builder.fmul(m_b, builder.load(builder.gep(sx_row, [b])))
+                builder.store(builder.fadd(builder.load(m_acc), m_term), m_acc)
+    return [builder.fadd(isa.sum_lanes_by_halves(builder, builder.load(acc)), builder.load(m_acc))
+            for acc, m_acc in zip(accs, m_accs)]
 
 
 def row_dot_intrinsic(type_name: str, form: str = isa.ISA):
-    """A Numba intrinsic row_dot(w, r, x, dx, sx, n_blocks) -> float32 for one type and isa form."""
+    """A Numba intrinsic row_dot(w, r, x, dx, sx, n_blocks) for one type and isa form: float32
+    row r . x, or for a tuple of rows r a tuple of their floats, computed together."""
     if type_name not in _DECODERS:
         raise ValueError(f"no fused block dot for {type_name}")
 
@@ -342,11 +371,20 @@ def row_dot_intrinsic(type_name: str, form: str = isa.ISA):
             return None
         if dx.dtype != types.float32 or sx.dtype != types.float32:
             return None
+        if isinstance(r, types.UniTuple) and isinstance(r.dtype, types.Integer):
+            rows_type, result_type = types.UniTuple(types.int64, r.count), types.UniTuple(types.float32, r.count)
+        elif isinstance(r, types.Integer):
+            rows_type, result_type = types.int64, types.float32
+        else:
+            return None
 
         def codegen(context, builder, signature, args):
-            return _emit_row_dot(context, builder, signature, args, type_name, form)
+            values = _emit_row_dots(context, builder, signature, args, type_name, form)
+            if isinstance(result_type, types.UniTuple):
+                return context.make_tuple(builder, result_type, values)
+            return values[0]
 
-        return types.float32(w, types.int64, x, dx, sx, types.int64), codegen
+        return result_type(w, rows_type, x, dx, sx, types.int64), codegen
 
     return row_dot
 

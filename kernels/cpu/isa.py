@@ -146,6 +146,17 @@ def sign_transfer(builder, w, x):
     return magnitude, builder.select(negative, builder.sub(zero, x), x)
 
 
+def dot_s8_s8(builder, acc, w, x, isa: str = ISA):
+    """acc + (lane i: sum over k < 4 of w[4i+k] * x[4i+k]) for signed bytes w and x in [-127, 127].
+    AVX512-VNNI: (x + 128) . w - 128 * sum(w), two vpdpbusd and a subtract (x + 128 as one xor,
+    shared by every weight row dotted with x), exact for any w. Otherwise through sign_transfer."""
+    if isa == "avx512vnni":
+        bias = ir.Constant(x.type, 0x80)
+        shifted = dot_u8_s8(builder, acc, builder.xor(x, bias), w, isa)
+        return builder.sub(shifted, dot_u8_s8(builder, ir.Constant(acc.type, None), bias, w, isa))
+    return dot_u8_s8(builder, acc, *sign_transfer(builder, w, x), isa)
+
+
 def lookup16(builder, table: ir.Constant, idx, isa: str = ISA):
     """<n x i8>: table[idx[j]] for a constant <16 x i8> table and byte indices 0..15."""
     n = idx.type.count
@@ -158,6 +169,36 @@ def lookup16(builder, table: ir.Constant, idx, isa: str = ISA):
         value = builder.extract_element(table, builder.extract_element(idx, ir.Constant(i32, j)))
         result = builder.insert_element(result, value, ir.Constant(i32, j))
     return result
+
+
+def pair_sums_u8_s8(builder, u, s, isa: str = ISA):
+    """<16 x i16>: u[2j] * s[2j] + u[2j+1] * s[2j+1] for <32 x i8> u (read as unsigned) and s:
+    vpmaddubsw, exact while no pair sum saturates (see the module's note)."""
+    if isa != "generic":
+        return call_intrinsic(builder, "llvm.x86.avx2.pmadd.ub.sw", vector(i16, 16), [u, s])
+    products = builder.mul(builder.zext(u, vector(i16, 32)), builder.sext(s, vector(i16, 32)))
+    return _pair_sum(builder, products)
+
+
+def dot_i16(builder, acc, a, b, isa: str = ISA):
+    """acc + (lane i: a[2i] * b[2i] + a[2i+1] * b[2i+1]); acc <8 x i32>, a and b <16 x i16>:
+    vpdpwssd with AVX512-VNNI, else vpmaddwd and an add."""
+    if isa == "avx512vnni":
+        word = vector(i32, 8)
+        return call_intrinsic(builder, "llvm.x86.avx512.vpdpwssd.256", word,
+                              [acc, builder.bitcast(a, word), builder.bitcast(b, word)])
+    if isa in ("avx2", "avx512bw"):
+        return builder.add(acc, call_intrinsic(builder, "llvm.x86.avx2.pmadd.wd", vector(i32, 8), [a, b]))
+    wide = vector(i32, 16)
+    return builder.add(acc, _pair_sum(builder, builder.mul(builder.sext(a, wide), builder.sext(b, wide))))
+
+
+def _pair_sum(builder, v):
+    """Element 2j + element 2j + 1."""
+    n = v.type.count
+    even = builder.shuffle_vector(v, v, indices(range(0, n, 2)))
+    odd = builder.shuffle_vector(v, v, indices(range(1, n, 2)))
+    return builder.add(even, odd)
 
 
 def dot_u8_s8(builder, acc, u, s, isa: str = ISA):

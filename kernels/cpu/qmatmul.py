@@ -193,7 +193,7 @@ def _dot_rows(kind, w, wi, start, n_chunk_rows, tile_row0, n_cols, d_offset, blo
 @njit(cache=True, nogil=True)
 def _row_dot(type_code, w, r, x, dx, sx, n_cols):
     """Row r of W . one token's quantized activations, by the type's fused kernel (sx: Q8_1's
-    block sums for Q4_1 / Q5_1's mins)."""
+    block sums for Q4_1 / Q5_1's mins); r a tuple of rows: the tuple of their dot products."""
     if type_code == _Q8_0:
         return _DOT_Q8_0(w, r, x, dx, sx, n_cols // 32)
     if type_code == _Q6_K:
@@ -221,9 +221,15 @@ def _row_dot(type_code, w, r, x, dx, sx, n_cols):
 
 @njit(cache=True, nogil=True)
 def _decode_rows(xq, xd, min_sums, w, type_code, n_cols, start, n_rows, out, col0):
-    """One token: out[0, col0 + r] for rows r = start .., every weight byte read once, in order."""
+    """One token: out[0, col0 + r] for rows r = start .., every weight byte read once, in order;
+    four rows per kernel call, which share the activations' loads and what is computed from them."""
     x, dx, sx = xq[0], xd[0], min_sums[0]
-    for r in range(start, start + n_rows):
+    end = start + n_rows
+    quads_end = end - n_rows % 4
+    for r in range(start, quads_end, 4):
+        o = out[0, col0 + r:col0 + r + 4]
+        o[0], o[1], o[2], o[3] = _row_dot(type_code, w, (r, r + 1, r + 2, r + 3), x, dx, sx, n_cols)
+    for r in range(quads_end, end):
         out[0, col0 + r] = _row_dot(type_code, w, r, x, dx, sx, n_cols)
 
 

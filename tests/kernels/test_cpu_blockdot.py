@@ -110,9 +110,19 @@ def row_dot(type_name: str, form: str):
     return _KERNELS[key]
 
 
+def row_dots(type_name: str, form: str):
+    """An njit caller of the type's kernel in `form` on the tuple of rows (3, 0, 2, 1)."""
+    key = (type_name, form, "rows")
+    if key not in _KERNELS:
+        kernel = blockdot.row_dot_intrinsic(type_name, form)
+        _KERNELS[key] = njit(lambda w, x, dx, sx, n_blocks: kernel(w, (3, 0, 2, 1), x, dx, sx, n_blocks))
+    return _KERNELS[key]
+
+
 @pytest.mark.parametrize("form", isa.HOST_FORMS)
 @pytest.mark.parametrize("type_name", TYPE_NAMES)
 def test_row_dot_is_bit_exact(rng, type_name, form):
+    """One row per call, and four rows at once (in an order of their own), each bit-identical."""
     _, block_elements, _ = blockdot.LAYOUTS[type_name]
     n_blocks = 3
     n_cols = n_blocks * block_elements
@@ -121,6 +131,7 @@ def test_row_dot_is_bit_exact(rng, type_name, form):
     dx = rng.standard_normal(n_blocks).astype(np.float32)
     sx = rng.standard_normal(n_blocks).astype(np.float32)
     kernel = row_dot(type_name, form)
+    together = [dict(zip((3, 0, 2, 1), row_dots(type_name, form)(w, x[t], dx, sx, n_blocks))) for t in range(4)]
     for r in range(w.shape[0]):
         mins = {}
         if type_name in blockdot.MIN_OFFSETS:
@@ -132,6 +143,8 @@ def test_row_dot_is_bit_exact(rng, type_name, form):
                                                   x[t], dx, **mins)
             result = np.float32(kernel(w, r, x[t], dx, sx, n_blocks))
             assert result.view(np.uint32) == expected.view(np.uint32), f"row {r}, activations {t}"
+            result = np.float32(together[t][r])
+            assert result.view(np.uint32) == expected.view(np.uint32), f"row {r} of four, activations {t}"
 
 
 def test_no_blocks_is_zero(rng):

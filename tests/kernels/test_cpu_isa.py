@@ -45,6 +45,20 @@ def _signed_dot(form, n):
     return njit(lambda w, x, out: emit(w, x, out))
 
 
+def _vector_op(form, emit_op, in_types, out_type):
+    """f(a, b, out): out = emit_op(builder, a, b, form) for vectors a, b loaded as in_types."""
+    @intrinsic
+    def emit(typingctx, a, b, out):
+        def codegen(context, builder, signature, args):
+            ap, bp, op = _pointers(context, builder, signature, args)
+            a_vec, b_vec = (isa.load_vector(builder, p, t.element, t.count) for p, t in zip((ap, bp), in_types))
+            _store(builder, emit_op(builder, a_vec, b_vec, form), op)
+            return context.get_dummy_value()
+        return types.void(a, b, out), codegen
+
+    return njit(lambda a, b, out: emit(a, b, out))
+
+
 def _lookup(form, n):
     """f(idx uint8 (n,), out int8 (n,)) with the table 16 * k - 128 + k."""
     table = isa.constant_vector(i8, [16 * k - 128 + k for k in range(16)])
@@ -69,6 +83,46 @@ def test_dot_u8_s8_lanes_are_exact(rng, form, n):
     out = np.zeros(n, dtype=np.int32)
     _signed_dot(form, n)(w, x, out)
     np.testing.assert_array_equal(out, (w.astype(np.int64) * x).reshape(n, 4).sum(axis=1))
+
+
+@pytest.mark.parametrize("form", isa.HOST_FORMS)
+def test_pair_sums_u8_s8_are_exact(rng, form):
+    u = rng.integers(0, 129, 32).astype(np.uint8)
+    s = rng.integers(-127, 128, 32).astype(np.int8)
+    u[:4], s[:4] = 128, np.array([-127, -127, 127, 127])    # the largest pair sums that must hold
+    out = np.zeros(16, dtype=np.int16)
+    pair_sums = _vector_op(form, isa.pair_sums_u8_s8, (isa.vector(i8, 32),) * 2, None)
+    pair_sums(u, s, out)
+    np.testing.assert_array_equal(out, (u.astype(np.int64) * s).reshape(16, 2).sum(axis=1))
+
+
+@pytest.mark.parametrize("form", isa.HOST_FORMS)
+def test_dot_i16_lanes_are_exact(rng, form):
+    a = rng.integers(-2**15, 2**15, 16).astype(np.int16)
+    b = rng.integers(-2**15, 2**15, 16).astype(np.int16)
+    a[:2], b[:2] = -2**15, -2**15 + 1
+    out = np.zeros(8, dtype=np.int32)
+
+    def plus_seven(builder, a_vec, b_vec, form):
+        return isa.dot_i16(builder, ir.Constant(isa.vector(i32, 8), 7), a_vec, b_vec, form)
+
+    _vector_op(form, plus_seven, (isa.vector(isa.i16, 16),) * 2, None)(a, b, out)
+    np.testing.assert_array_equal(out, 7 + (a.astype(np.int64) * b).reshape(8, 2).sum(axis=1))
+
+
+@pytest.mark.parametrize("form", isa.HOST_FORMS)
+def test_dot_s8_s8_lanes_are_exact(rng, form):
+    w = rng.integers(-128, 128, 32).astype(np.int8)
+    x = rng.integers(-127, 128, 32).astype(np.int8)
+    w[:8], x[:8] = -128, np.array([-127, 127] * 4)
+    w[8:12], x[8:12] = 127, -127
+    out = np.zeros(8, dtype=np.int32)
+
+    def plus_three(builder, w_vec, x_vec, form):
+        return isa.dot_s8_s8(builder, ir.Constant(isa.vector(i32, 8), 3), w_vec, x_vec, form)
+
+    _vector_op(form, plus_three, (isa.vector(i8, 32),) * 2, None)(w, x, out)
+    np.testing.assert_array_equal(out, 3 + (w.astype(np.int64) * x).reshape(8, 4).sum(axis=1))
 
 
 @pytest.mark.parametrize("form,n", [(f, 32) for f in isa.HOST_FORMS] + [(f, 64) for f in ZMM_FORMS])
