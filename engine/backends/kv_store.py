@@ -9,6 +9,13 @@ out device arrays of what it reads.
 A few queries (a decode step) attend straight over the stored rows in one kernel
 (`kernels.cpu.attention`), which decodes each visible row once and allocates nothing the size of
 the cache; a longer ubatch decodes the filled cells once and multiplies them as whole matrices.
+
+With llama.cpp's activations (the layout's `activations`), attention rounds as llama.cpp's CPU
+backend rounds it (`attention_rounding`), and every ubatch that rounds at all goes through the
+kernel, which holds the rounded sums: with flash attention, queries in the key's dot type (f16,
+bf16) and an f16 V summed in f16, except for the f32 tiled kernel that llama.cpp runs on ubatches
+of FA_TILE_QUERIES tokens and more over an f32 or f16 cache; without, queries in the key's dot
+type and probabilities in the value's. Quantized keys get their Q8_0 queries from the model.
 """
 from __future__ import annotations
 
@@ -19,13 +26,39 @@ from engine.arch.base import AttentionKind
 from engine.backends.protocol import AttentionStep, KVLayout
 from engine.gguf import ggml_types
 from kernels.cpu import dequantize_rows, quantize_rows
-from kernels.cpu.attention import CHUNKED, FULL, SLIDING, attend_cache
+from kernels.cpu.attention import CHUNKED, EXACT, FLASH, FULL, PLAIN, SLIDING, attend_cache
 
 FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16}
 MASK_KIND = {AttentionKind.FULL: FULL, AttentionKind.SLIDING: SLIDING, AttentionKind.CHUNKED: CHUNKED}
 # queries that attend row by row over the stored cache; a longer ubatch decodes the cells once
 # and multiplies whole matrices, which reuses each decoded row for all its queries
 ROW_ATTENTION_MAX_TOKENS = 4
+FA_TILE_QUERIES = 64        # ggml's CPU flash attention runs its f32 tiled kernel from this many queries
+HALF_TYPES = ("f16", "bf16")
+
+
+def attention_rounding(layout: KVLayout, n_tokens: int) -> int:
+    """How llama.cpp's CPU backend rounds the attention of an n_tokens ubatch over this cache:
+    EXACT where it rounds nothing that the cache type has not (or for activations "f32")."""
+    if layout.activations != "llama.cpp":
+        return EXACT
+    if not layout.flash_attn:
+        return PLAIN if layout.type_k in HALF_TYPES or layout.type_v in HALF_TYPES else EXACT
+    tiled = n_tokens >= FA_TILE_QUERIES and layout.type_k == layout.type_v and layout.type_k in ("f32", "f16")
+    return FLASH if not tiled and (layout.type_k in HALF_TYPES or layout.type_v == "f16") else EXACT
+
+
+def rounded_queries(q: np.ndarray, type_k: str) -> np.ndarray:
+    """q (float32) in the dot type of an f16 or bf16 key (ggml's vec_dot_type: the type itself),
+    back as float32 values; unchanged for other keys."""
+    if type_k == "f16":
+        return q.astype(np.float16).astype(np.float32)
+    if type_k == "bf16":
+        bits = q.view(np.uint32)
+        odd = (bits >> np.uint32(16)) & np.uint32(1)
+        rounded = ((bits.astype(np.uint64) + np.uint64(0x7FFF) + odd) >> np.uint64(16)).astype(np.uint32)
+        return np.where(np.isnan(q), q, (rounded << np.uint32(16)).view(np.float32))
+    return q
 
 
 class RowCodec:
@@ -84,8 +117,10 @@ class HostKVLayer:
         self.cell_pos[self.cell_pos >= n_past] = -1
 
     def attends_by_rows(self, n_tokens: int) -> bool:
-        """Whether `attend_rows` serves a ubatch of n_tokens (a decode step with separate values)."""
-        return self.v is not None and n_tokens <= ROW_ATTENTION_MAX_TOKENS
+        """Whether `attend_rows` serves a ubatch of n_tokens (separate values, and a decode step or
+        a ubatch that rounds as llama.cpp does)."""
+        return self.v is not None and (n_tokens <= ROW_ATTENTION_MAX_TOKENS
+                                       or attention_rounding(self.layout, n_tokens) != EXACT)
 
     def attend_rows(self, step: AttentionStep, positions: np.ndarray, q: np.ndarray, n_head_kv: int,
                     kq_scale: float) -> np.ndarray:
@@ -94,9 +129,12 @@ class HostKVLayer:
         n_tokens, n_head, _ = q.shape
         out = np.empty((n_tokens, n_head * (self.layout.n_v // n_head_kv)), dtype=np.float32)
         n = step.n_filled
-        attend_cache(np.ascontiguousarray(q, dtype=np.float32), self.k_bytes[:n], self.k_codec.type_id,
-                     self.v_bytes[:n], self.v_codec.type_id, n_head_kv, self.cell_pos[:n], positions,
-                     MASK_KIND[step.kind], step.window, kq_scale, out)
+        rounding = attention_rounding(self.layout, n_tokens)
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if rounding != EXACT:
+            q = rounded_queries(q, self.layout.type_k)
+        attend_cache(q, self.k_bytes[:n], self.k_codec.type_id, self.v_bytes[:n], self.v_codec.type_id, n_head_kv,
+                     self.cell_pos[:n], positions, MASK_KIND[step.kind], step.window, kq_scale, rounding, out)
         return out
 
 

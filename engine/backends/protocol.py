@@ -57,6 +57,10 @@ class KVLayout:
     n_v: int            # value values per cell (n_embd_v_gqa), 0 with MLA
     type_k: str         # "f32", "f16", "q8_0", ... (RunConfig's cache types)
     type_v: str
+    # how attention over the cache rounds: RunConfig.activations and whether llama.cpp runs flash
+    # attention (-fa resolved); the CPU backend rounds as llama.cpp's CPU backend does with these
+    activations: str = "f32"
+    flash_attn: bool = True
 
 
 @dataclass(frozen=True)

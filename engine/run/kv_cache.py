@@ -19,7 +19,7 @@ import numpy as np
 from engine.arch.base import AttentionKind, HyperParams
 from engine.backends.cpu import CpuBackend
 from engine.backends.protocol import AttentionStep, KVLayout
-from engine.plan.memory import kv_cells
+from engine.plan.memory import flash_attention_on, kv_cells
 from engine.run_config import KV_CACHE_TYPES, RunConfig
 
 
@@ -45,7 +45,8 @@ class KVCache:
         self.window = hp.attention_window
         for il in range(hp.n_layer):
             cells = kv_cells(hp, il, run_config)
-            layout = KVLayout(cells, hp.n_embd_k_gqa(il), hp.n_embd_v_gqa(il), run_config.type_k, run_config.type_v)
+            layout = KVLayout(cells, hp.n_embd_k_gqa(il), hp.n_embd_v_gqa(il), run_config.type_k, run_config.type_v,
+                              run_config.activations, flash_attention_on(run_config))
             self.layers.append(homes[il].new_kv_layer(layout))
             self.cell_pos.append(np.full(cells, -1, dtype=np.int64))
             self.ring.append(cells < self.n_ctx)

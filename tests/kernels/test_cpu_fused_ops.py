@@ -10,7 +10,7 @@ from gguf.constants import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 from kernels.cpu import quantize_rows
-from kernels.cpu.attention import CHUNKED, FULL, SLIDING, attend_cache
+from kernels.cpu.attention import CHUNKED, EXACT, FULL, SLIDING, attend_cache
 from kernels.cpu.fused_ops import GELU, SILU, add_rms_norm_rows, glu_rows, q8_0_round_rows, rms_norm_rows, rope_rows
 
 RNG = np.random.default_rng(3)
@@ -130,6 +130,7 @@ def test_attend_cache_over_every_cache_type_and_mask(type_k, type_v, mask_kind, 
     q_pos = np.array([20, 22], dtype=np.int64)
     q = RNG.standard_normal((2, n_head, d_k)).astype(np.float32)
     out = np.empty((2, n_head * d_v), dtype=np.float32)
-    attend_cache(q, keys, int(type_k), values, int(type_v), n_head_kv, cell_pos, q_pos, mask_kind, window, 0.125, out)
+    attend_cache(q, keys, int(type_k), values, int(type_v), n_head_kv, cell_pos, q_pos, mask_kind, window, 0.125,
+                 EXACT, out)
     expected = reference(q.astype(np.float64), key_values, value_values, cell_pos, q_pos, mask_kind, window, 0.125)
     assert np.sum((out - expected) ** 2) / np.sum(expected ** 2) < 1e-10
