@@ -6,7 +6,9 @@ before a first Gemma token, with nothing else to show for it. Numba broadcasts a
 "numba:compile" event around each compilation (`numba.core.event`) and none around a load from
 its cache (`Dispatcher.compile` returns a cache hit before it triggers the event), so the events
 count real compiles only. A kernel's callees compile inside its own event (nested events): the
-outermost one with a name of ours is the kernel the engine called; every event counts.
+outermost one is the kernel the engine called; every event counts. Numba's own helpers (the
+array constructor behind `carray`, say) compile in every process, cache or not: they are not
+this machine's first run, so they neither count nor show.
 
 Numba's listeners are process-wide; a `CompileCounter` counts only the thread that made it
 (the app's engine thread, a command's main thread), so a compile elsewhere is not reported as
@@ -31,19 +33,21 @@ COMPILE_EVENT = "numba:compile"
 @dataclass(frozen=True)
 class CompileProgress:
     compiled: int       # functions compiled so far (callees included), the open ones not yet
-    current: str        # the outermost kernel being compiled now ("" between kernels, or a Numba helper)
-    active: bool        # a compile is open now
+    current: str        # the outermost kernel being compiled now; "" between kernels
+
+    @property
+    def active(self) -> bool:
+        return bool(self.current)
 
     def describe(self) -> str:
         now = f", now {self.current}" if self.current else ""
         return f"{self.compiled} compiled{now}"
 
 
-def kernel_name(compile_event: event.Event) -> str:
-    """The compiled function's name; "" for Numba's own helpers (an array constructor, say),
-    which tell a user nothing."""
+def kernel_name(compile_event: event.Event) -> str | None:
+    """The compiled function's name; None for Numba's own helpers."""
     function = compile_event.data["dispatcher"].py_func
-    return "" if function.__module__.startswith("numba.") else function.__name__
+    return None if function.__module__.startswith("numba.") else function.__name__
 
 
 class CompileCounter(event.Listener):
@@ -57,17 +61,18 @@ class CompileCounter(event.Listener):
 
     @property
     def progress(self) -> CompileProgress:
-        """The count, and the outermost open compile that has a name (the kernel the engine called)."""
-        return CompileProgress(self.compiled, next((name for name in self._open if name), ""), bool(self._open))
+        return CompileProgress(self.compiled, self._open[0] if self._open else "")
+
+    def _counts(self, compile_event: event.Event) -> bool:
+        return threading.get_ident() == self._thread and kernel_name(compile_event) is not None
 
     def on_start(self, compile_event: event.Event) -> None:
-        if threading.get_ident() != self._thread:
-            return
-        self._open.append(kernel_name(compile_event))
-        self._report(self.progress)
+        if self._counts(compile_event):
+            self._open.append(kernel_name(compile_event))
+            self._report(self.progress)
 
     def on_end(self, compile_event: event.Event) -> None:
-        if threading.get_ident() != self._thread or not self._open:
+        if not self._counts(compile_event) or not self._open:
             return
         self._open.pop()
         self.compiled += 1
