@@ -123,10 +123,10 @@ def _timed_copy(source: np.ndarray, target: np.ndarray) -> float:
 
 
 # (type, n_rows, n_cols, n_tokens): Gemma 3 270M Q4_K_M's output matrix (a tied Q8_0
-# embedding), its FFN matrices, and a Q6_K output matrix of a model with n_embd 768.
+# embedding), Qwen3-30B-A3B Q4_K_M's Q6_K output matrix, and Gemma's FFN matrices.
 GEMMA3_270M_CASES = [
     ("Q8_0", 262144, 640, 1),
-    ("Q6_K", 262144, 768, 1),
+    ("Q6_K", 151936, 2048, 1),
     ("Q4_K", 640, 2048, 1),
     ("Q6_K", 640, 2048, 1),
     ("Q5_0", 2048, 640, 1),

@@ -313,9 +313,9 @@ _DECODERS = {
 }
 
 
-def _scaled(builder, lanes, w_block, half_offset, dx_b):
+def _scaled(builder, lanes, w_block, half_offset, dx_b, form):
     """float(lanes) * (the block's f16 at half_offset * dx_b)."""
-    d_w = isa.load_half(builder, builder.gep(w_block, [ir.Constant(i64, half_offset)]))
+    d_w = isa.load_half(builder, builder.gep(w_block, [ir.Constant(i64, half_offset)]), form)
     scale = builder.fmul(d_w, dx_b)
     return builder.fmul(builder.sitofp(lanes, isa.vector(f32, LANES)), isa.splat(builder, scale, LANES))
 
@@ -347,12 +347,12 @@ def _emit_row_dots(context, builder, signature, args, type_name, form):
             w_block = builder.gep(row, [builder.mul(b, ir.Constant(i64, block_bytes))])
             lanes = _DECODERS[type_name](builder, _Block(builder, w_block, x_block, form))
             isum, imin = lanes if type_name in MIN_OFFSETS else (lanes, None)
-            total = builder.fadd(builder.load(acc), _scaled(builder, isum, w_block, d_offset, dx_b))
+            total = builder.fadd(builder.load(acc), _scaled(builder, isum, w_block, d_offset, dx_b, form))
             if imin is not None:
-                total = builder.fsub(total, _scaled(builder, imin, w_block, MIN_OFFSETS[type_name], dx_b))
+                total = builder.fsub(total, _scaled(builder, imin, w_block, MIN_OFFSETS[type_name], dx_b, form))
             builder.store(total, acc)
             if type_name in SUM_MIN_TYPES:
-                m_b = isa.load_half(builder, builder.gep(w_block, [ir.Constant(i64, 2)]))
+                m_b = isa.load_half(builder, builder.gep(w_block, [ir.Constant(i64, 2)]), form)
                 m_term = builder.fmul(m_b, builder.load(builder.gep(sx_row, [b])))
                 builder.store(builder.fadd(builder.load(m_acc), m_term), m_acc)
     return [builder.fadd(isa.sum_lanes_by_halves(builder, builder.load(acc)), builder.load(m_acc))

@@ -58,6 +58,7 @@ def selected_form(requested: str | None, available: tuple[str, ...]) -> str:
 
 
 HOST_FORMS = host_forms()
+llvm_binding.initialize_native_asmparser()   # for load_half's inline assembly
 ISA = selected_form(os.environ.get(_ENVIRONMENT_VARIABLE, "").strip().lower(), HOST_FORMS)
 
 
@@ -106,9 +107,16 @@ def load_scalar(builder, pointer, scalar_type):
     return builder.load(builder.bitcast(pointer, scalar_type.as_pointer()), align=1)
 
 
-def load_half(builder, pointer):
-    """float32 from the IEEE half stored at `pointer` (one vcvtph2ps with F16C)."""
-    return builder.fpext(load_scalar(builder, pointer, ir.HalfType()), f32)
+def load_half(builder, pointer, isa: str = ISA):
+    """float32 from the IEEE half stored at `pointer`. The x86 forms convert it with vmovd and
+    vcvtph2ps in inline assembly: LLVM's own lowering (vpinsrw into a register of its choice)
+    makes the conversion wait for whatever that register last held, in the multi-row kernels
+    one row's float accumulator, which chained the rows' adds into one (-35 % for Q8_0)."""
+    if isa == "generic":
+        return builder.fpext(load_scalar(builder, pointer, ir.HalfType()), f32)
+    bits = builder.zext(load_scalar(builder, pointer, i16), i32)
+    convert = ir.InlineAsm(ir.FunctionType(f32, [i32]), "vmovd $1, $0\n\tvcvtph2ps $0, $0", "=x,r")
+    return builder.call(convert, [bits])
 
 
 def call_intrinsic(builder, name, return_type, args):
