@@ -160,7 +160,11 @@ def run_app(model_path: str | None, sim_gpus: str | None) -> int:
             window.open_default_model()
         return app.exec()
     finally:
-        bridge.shutdown()
+        if not bridge.shutdown():
+            # the engine thread is inside a kernel compile (or a job that ignores Cancel): Qt would
+            # abort over the running thread. Numba writes its cache by atomic rename: nothing is torn.
+            logging.shutdown()
+            os._exit(0)
 
 
 def show_startup_problems(window, settings) -> None:

@@ -8,6 +8,9 @@ job emits, in order:
     returned(job_id, result) | errored(job_id, message) | cancelled(job_id)
     finished(job_id)
 
+and, whenever the job makes Numba compile kernels (a cold cache: a fresh install, the first run),
+compiling(job_id, CompileProgress) as each compile starts and as the outermost one ends.
+
 A job is a callable taking a `JobContext`. It may return a value (-> `returned`) or an iterator,
 whose items become `yielded` and whose return value becomes `returned`. Cancelling sets the job's
 `threading.Event`: the worker checks it between items, and long engine calls take
@@ -22,6 +25,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 from PySide6.QtCore import QObject, QThread, Signal, Slot
@@ -91,11 +95,13 @@ class EngineWorker(QObject):
     errored = Signal(int, str)
     cancelled = Signal(int)
     finished = Signal(int)
+    compiling = Signal(int, object)     # job_id, kernels.compile_progress.CompileProgress
 
     def __init__(self):
         super().__init__()
         self._lock = threading.Lock()
         self._cancel_events: dict[int, threading.Event] = {}
+        self.compiling_now = False      # a Numba compile is open on the engine thread (it cannot be interrupted)
 
     def cancel_event(self, job_id: int) -> threading.Event:
         """The job's flag, created on first ask: a job cancelled while still queued never runs."""
@@ -116,15 +122,17 @@ class EngineWorker(QObject):
 
     @Slot(int, object)
     def run_job(self, job_id: int, job: Job) -> None:
+        from kernels.compile_progress import counting_compiles     # Numba: here, not at the window's start
         event = self.cancel_event(job_id)
         self.started.emit(job_id)
         try:
             if event.is_set():
                 raise JobCancelled()
             ctx = JobContext(job_id, event, self.progress.emit)
-            result = job(ctx)
-            if isinstance(result, Iterator):
-                result = self._drain(job_id, result, event)
+            with counting_compiles(partial(self._report_compile, job_id)):
+                result = job(ctx)
+                if isinstance(result, Iterator):
+                    result = self._drain(job_id, result, event)
             if event.is_set():
                 raise JobCancelled()
             self.returned.emit(job_id, result)
@@ -141,6 +149,10 @@ class EngineWorker(QObject):
             with self._lock:
                 self._cancel_events.pop(job_id, None)
             self.finished.emit(job_id)
+
+    def _report_compile(self, job_id: int, progress) -> None:
+        self.compiling_now = progress.active
+        self.compiling.emit(job_id, progress)
 
     def _drain(self, job_id: int, items: Iterator, event: threading.Event) -> Any:
         """Emit each item of an engine iterator; stop between items once cancelled."""
@@ -169,6 +181,7 @@ class JobHandle(QObject):
     errored = Signal(str)
     cancelled = Signal()
     finished = Signal()
+    compiling = Signal(object)
 
     def __init__(self, job_id: int, bridge: Bridge, description: str = ""):
         super().__init__()
@@ -188,6 +201,7 @@ class Bridge(QObject):
     """
 
     _run_requested = Signal(int, object)
+    compiling = Signal(object, object)      # JobHandle, CompileProgress: any job's compiles, for the status bar
 
     def __init__(self, parent: QObject | None = None):
         super().__init__(parent)
@@ -207,6 +221,7 @@ class Bridge(QObject):
         self.worker.errored.connect(self._on_errored)
         self.worker.cancelled.connect(self._on_cancelled)
         self.worker.finished.connect(self._on_finished)
+        self.worker.compiling.connect(self._on_compiling)
 
     def start(self) -> None:
         if not self.thread.isRunning():
@@ -220,6 +235,9 @@ class Bridge(QObject):
         self.thread.quit()
         if self.thread.wait(SHUTDOWN_WAIT_MS):
             return True
+        if self.worker.compiling_now:
+            log.warning("closing while Numba compiles a kernel, which cannot be interrupted; the compile is dropped")
+            return False
         log.warning("a job ignores cancellation; waiting up to %d s more for the engine thread",
                     SHUTDOWN_GRACE_MS // 1000)
         return self.thread.wait(SHUTDOWN_GRACE_MS)
@@ -267,6 +285,12 @@ class Bridge(QObject):
     def _on_cancelled(self, job_id: int) -> None:
         if handle := self._handles.get(job_id):
             handle.cancelled.emit()
+
+    @Slot(int, object)
+    def _on_compiling(self, job_id: int, progress: object) -> None:
+        if handle := self._handles.get(job_id):
+            handle.compiling.emit(progress)
+            self.compiling.emit(handle, progress)
 
     @Slot(int)
     def _on_finished(self, job_id: int) -> None:

@@ -37,7 +37,7 @@ from PySide6.QtCore import QObject, QTimer, Signal
 
 from app.bridge import Bridge, JobHandle
 from app.conversations import BackgroundWriter, Conversation, ConversationStore, Message, title_from_text
-from app.engine_jobs import ChatRequest, ChatRunner, LoadedModel, TurnStarted
+from app.engine_jobs import ChatRequest, ChatRunner, LoadedModel, TurnStarted, compiling_text
 from app.models.chat import ConversationListModel, MessageListModel
 from engine.run.generate import FINISH_CANCELLED, GenerationEvent
 from engine.run.sampling import SamplerSettings
@@ -109,6 +109,7 @@ class ChatController(QObject):
         self._over_capacity_allowed = False     # the user chose to run this plan anyway
         self.conversation = Conversation()
         self.job: JobHandle | None = None
+        self._prepare_job: JobHandle | None = None
         self.last_turn: TurnStarted | None = None      # what the engine said about the latest turn's prompt
         self._pending_text = ""
         self._last_event: GenerationEvent | None = None
@@ -128,6 +129,8 @@ class ChatController(QObject):
         if loaded is self.loaded:
             return False
         self.stop()
+        if self._prepare_job is not None:
+            self._prepare_job.cancel()      # the old model's: no use any more
         self.loaded = loaded
         self._n_ctx = None
         self.bridge.submit(self.runner.release, "releasing the chat session")
@@ -142,6 +145,30 @@ class ChatController(QObject):
     def set_placement(self, placement: Any) -> None:
         """A new `engine.plan.placement.Placement` (None: all on the CPU); the next turn rebuilds the session."""
         self.placement = placement.copy() if placement is not None else None     # later edits must not leak in
+
+    def prepare(self) -> JobHandle | None:
+        """Build the open model's session on the engine thread now, compiling its CPU kernels when
+        Numba's cache is cold (the status line counts them), so the first prompt need not wait;
+        a prompt sent meanwhile queues behind it. None: no model, or a plan that may not run."""
+        if self.loaded is None or self.refusal():
+            return None
+        request = ChatRequest(self.loaded, self.run_config, self.placement, (), SamplerSettings(), 0,
+                              completion=is_base_model(self.loaded))
+        handle = self.bridge.submit(partial(self.runner.prepare, request), "preparing the chat model")
+        handle.compiling.connect(self._on_compiling)
+        handle.finished.connect(self._on_prepared)
+        self._prepare_job = handle
+        return handle
+
+    def _on_compiling(self, progress) -> None:
+        if progress.active:
+            self.status_changed.emit(compiling_text(progress))
+
+    def _on_prepared(self) -> None:
+        if self.sender() is self._prepare_job:
+            self._prepare_job = None
+        if self.job is None:
+            self.status_changed.emit("")
 
     def set_fit_refusal(self, text: str) -> None:
         """The designer's refusal for the plan as it stands ("" when it fits); a new one asks again."""
@@ -291,6 +318,7 @@ class ChatController(QObject):
         handle.returned.connect(self._on_returned)
         handle.cancelled.connect(self._on_cancelled)
         handle.errored.connect(self._on_errored)
+        handle.compiling.connect(self._on_compiling)
         self._flush_timer.start()
         self.busy_changed.emit(True)
 

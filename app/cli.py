@@ -3,6 +3,7 @@ so that none of them imports PySide6."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
 import os
@@ -21,6 +22,7 @@ COMMANDS = {
     "tokenize": ("app.commands.tokenize", "print the token ids of a text, like llama-tokenize"),
     "perplexity": ("app.commands.perplexity", "perplexity and KL divergence, like llama-perplexity"),
     "screenshots": ("app.commands.screenshots", "render a PNG of each panel, offscreen"),
+    "warmup": ("app.commands.warmup", "compile the CPU kernels for a model (or the built-in ones) ahead of time"),
 }
 
 
@@ -84,6 +86,29 @@ def mistyped_command(argv: list[str]) -> str | None:
     return word
 
 
+COMPILE_NOTICE = "compiling CPU kernels for this machine (first run, once)..."
+
+
+@contextlib.contextmanager
+def compile_notice(module):
+    """A command that runs a model says so, once, when Numba starts compiling kernels (a cold
+    cache takes about a minute to the first token, silent otherwise); `warmup` shows its own."""
+    if not getattr(module, "ACCEPTS_LLAMA_ARGS", False) or getattr(module, "REPORTS_COMPILES", False):
+        yield
+        return
+    from kernels.compile_progress import counting_compiles
+    told = False
+
+    def tell(progress) -> None:
+        nonlocal told
+        if progress.active and not told:
+            told = True
+            print(COMPILE_NOTICE, file=sys.stderr, flush=True)
+
+    with counting_compiles(tell):
+        yield
+
+
 def run_command(name: str, argv: list[str], debug: bool) -> int:
     module, parser = command_parser(name)
     if getattr(module, "ACCEPTS_LLAMA_ARGS", False):
@@ -95,7 +120,7 @@ def run_command(name: str, argv: list[str], debug: bool) -> int:
     from app.commands.common import escaped_stdout
     from engine.errors import user_error_message
     try:
-        with escaped_stdout():
+        with escaped_stdout(), compile_notice(module):
             return module.run(args) or 0
     except KeyboardInterrupt:
         return 130

@@ -4,7 +4,8 @@
   the `LoadedModel` it returns is what every panel is handed.
 * `ChatRunner` owns the chat's model, its `Session` (the KV cache, reused across turns so that
   each turn evaluates only what changed since the last) and its chat template; it rebuilds them
-  when the model, the run config or the placement changes. Only jobs touch it.
+  when the model, the run config or the placement changes. Only jobs touch it. `prepare` builds
+  them ahead of the first turn, compiling the CPU kernels when Numba's cache is cold.
 * `run_perplexity` builds a model, reads and tokenizes the text there (never on the GUI thread),
   and yields what `engine.eval.perplexity` yields, after a `PerplexityStarted`.
 
@@ -138,10 +139,21 @@ class TurnStarted:
     template_name: str
 
 
-def warm_up(model) -> None:
-    """Evaluate one token in a throwaway cache: the kernels for this model's types are compiled
-    (Numba, the first time on a machine) before a turn is timed, so its tokens/s are real."""
-    model.eval_logits(np.zeros(1, dtype=np.int32), model.new_cache(1), last_only=True)
+def compiling_text(progress) -> str:
+    """One line on a `kernels.compile_progress.CompileProgress`, for the status bar and the chat."""
+    return f"Preparing CPU kernels for this machine (first run): {progress.describe()}"
+
+
+def prepare_kernels(model, ctx: JobContext) -> None:
+    """With a cold cache, compile every kernel this model's prompts use (the job's `compiling`
+    signal shows each); with a warm one, evaluate one token: the kernels are loaded before a
+    turn is timed, so its tokens/s are real."""
+    from engine.run.warmup import is_warm, warm_up
+    if is_warm(model.file, model.run_config):
+        model.eval_logits(np.zeros(1, dtype=np.int32), model.new_cache(1), last_only=True)
+        return
+    ctx.note("preparing CPU kernels for this machine (first run)")
+    warm_up(model, ctx.check_cancelled)
 
 
 class ChatRunner:
@@ -167,13 +179,21 @@ class ChatRunner:
         ctx.note(f"preparing {request.loaded.path.name}")
         model = self.model_factory(request.loaded.model_file, request.run_config, request.placement)
         ctx.note("preparing kernels")
-        warm_up(model)
+        prepare_kernels(model, ctx)
         try:
             template = ChatTemplate.from_metadata(model.metadata, request.loaded.model_file.architecture)
         except ChatTemplateError as e:
             raise ChatTurnError(f"The model's chat template cannot be used: {e}") from e
         self.session, self.template, self._key = Session(model), template, key
         return self.session
+
+    def prepare(self, request: ChatRequest, ctx: JobContext) -> None:
+        """With a cold kernel cache, the session for `request` built now and its kernels compiled,
+        so that the first turn starts at once; with a warm one nothing (the first turn builds it
+        in well under a second, and an open model may be too large to evaluate idly)."""
+        from engine.run.warmup import is_warm
+        if not is_warm(request.loaded.model_file, request.run_config):
+            self._ensure_session(request, ctx)
 
     def turn(self, request: ChatRequest, ctx: JobContext) -> Iterator[TurnStarted | GenerationEvent]:
         """One assistant reply: render, tokenize, then stream `generate`'s events."""

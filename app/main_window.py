@@ -11,13 +11,13 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, Signal
+from PySide6.QtCore import QByteArray, QTimer, Signal
 from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
 from PySide6.QtWidgets import (QDialog, QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar, QTabWidget,
                                QToolButton, QVBoxLayout, QWidget)
 
 from app.bridge import Bridge, JobHandle
-from app.engine_jobs import LoadedModel, load_default_model, load_model
+from app.engine_jobs import LoadedModel, compiling_text, load_default_model, load_model
 from app.model_picker import ModelFinderDialog, ModelLocation, default_locations
 from app.settings import Settings
 from app.widgets import MessageBar
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 APP_TITLE = "Offload Studio"
 MAX_NAME_CHARS = 120
 DESIGNER, CHAT, PERPLEXITY, INSPECTOR = "Designer", "Chat", "Perplexity", "Inspector"
+COMPILES_QUIET_MS = 400     # a pause this long between kernel compiles ends the "Preparing CPU kernels" line
 
 
 class Dialogs:
@@ -81,6 +82,11 @@ class MainWindow(QMainWindow):
         self.devices: list = []
         self._load_job: JobHandle | None = None
         self._tracked_job: JobHandle | None = None
+        self._job_text = ""                     # the tracked job's own line, shown again after compiles
+        self._tracked_for_compiles = False      # tracked only while it compiles kernels
+        self._compiles_quiet = QTimer(self, singleShot=True, interval=COMPILES_QUIET_MS)
+        self._compiles_quiet.timeout.connect(self._after_compiles)
+        bridge.compiling.connect(self._on_compiling)
         self._panels: dict[str, QWidget] = {}
         self._finder: ModelFinderDialog | None = None
         self.setWindowTitle(APP_TITLE)
@@ -287,6 +293,7 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"Opened {loaded.path.name} in {loaded.load_s:.2f} s", 5000)
         if loaded.notice:
             self.show_message(loaded.notice, MessageBar.INFO)
+        self.chat.controller.prepare()      # with a cold kernel cache, compiles now, not at the first prompt
 
     def _on_model_errored(self, handle: JobHandle, failure: str, message: str) -> None:
         if handle is self._load_job:
@@ -376,7 +383,7 @@ class MainWindow(QMainWindow):
 
     def track_job(self, handle: JobHandle, text: str) -> None:
         """Show a job's progress in the status bar with a Cancel button, until it finishes."""
-        self._tracked_job = handle
+        self._tracked_job, self._job_text, self._tracked_for_compiles = handle, text, False
         self.job_label.setText(text)
         self.progress_bar.setRange(0, 0)
         self._set_job_widgets_visible(True)
@@ -393,7 +400,8 @@ class MainWindow(QMainWindow):
         if handle is not self._tracked_job:
             return
         if text:
-            self.job_label.setText(text[0].upper() + text[1:])
+            self._job_text = text[0].upper() + text[1:]
+            self.job_label.setText(self._job_text)
         if total > 0:
             self.progress_bar.setRange(0, 1000)     # 1000 steps: byte totals overflow a 32-bit range
             self.progress_bar.setValue(int(1000 * min(done, total) / total))
@@ -404,6 +412,26 @@ class MainWindow(QMainWindow):
         if handle is self._tracked_job:
             self._tracked_job = None
             self._set_job_widgets_visible(False)
+
+    def _on_compiling(self, handle: JobHandle, progress) -> None:
+        """Any job compiling kernels (a cold Numba cache) says so in the status bar, with Cancel
+        for the job shown there; a job that shows nothing else is shown while it compiles."""
+        if not progress.active:
+            self._compiles_quiet.start()    # the next kernel usually follows at once: no flicker
+            return
+        self._compiles_quiet.stop()
+        if self._tracked_job is None:
+            self.track_job(handle, handle.description)
+            self._tracked_for_compiles = True
+        self.job_label.setText(compiling_text(progress))
+
+    def _after_compiles(self) -> None:
+        if self._tracked_job is None:
+            return
+        if self._tracked_for_compiles:
+            self._on_tracked_finished(self._tracked_job)
+        else:
+            self.job_label.setText(self._job_text)
 
     def _set_job_widgets_visible(self, visible: bool) -> None:
         for widget in (self.job_label, self.progress_bar, self.cancel_button):

@@ -11,6 +11,14 @@ def moe_path(fixtures_dir) -> Path:
     return fixtures_dir / "llama-moe" / "Q4_K_M.gguf"
 
 
+@pytest.fixture(autouse=True)
+def kernels_warm(monkeypatch):
+    """The kernel cache counts as warm: the window's warm-up on open would otherwise compile in the
+    background of tests that never run a model, and a Numba compile cannot stop at teardown.
+    Tests of the warm-up itself say otherwise."""
+    monkeypatch.setattr("engine.run.warmup.is_warm", lambda model_file, run_config: True)
+
+
 @pytest.fixture
 def bridge(qtbot):
     from app.bridge import Bridge
