@@ -202,20 +202,21 @@ def visible(q_pos, k_pos, kind: AttentionKind, window: int):
 SCORE_BLOCK_VALUES = 1 << 22    # attention scores held at once (64 MiB of float32)
 
 
-def attention(q, k, v, mask, kq_scale: float):
+def attention(q, k, v, mask, kq_scale: float, round_probs=None):
     """softmax(kq_scale * q k^T + mask) v with grouped-query heads: query head h reads kv head
     h // (n_head / n_head_kv). q (T, n_head, d_k), k (N, n_head_kv, d_k), v (N, n_head_kv, d_v),
-    mask (T, N) bool -> (T, n_head * d_v). Long prefills go in blocks of queries to bound the
-    score matrix."""
+    mask (T, N) bool -> (T, n_head * d_v). `round_probs`, when given, rounds the probabilities
+    before the v product (llama.cpp without flash attention: to v's dot type). Long prefills go
+    in blocks of queries to bound the score matrix."""
     n_tokens, n_head, _ = q.shape
     block = max(1, SCORE_BLOCK_VALUES // (n_head * k.shape[0]))
     if n_tokens <= block:
-        return _attention_block(q, k, v, mask, kq_scale)
-    return namespace(q).concat([_attention_block(q[t:t + block, ...], k, v, mask[t:t + block, :], kq_scale)
-                                for t in range(0, n_tokens, block)], axis=0)
+        return _attention_block(q, k, v, mask, kq_scale, round_probs)
+    return namespace(q).concat([_attention_block(q[t:t + block, ...], k, v, mask[t:t + block, :], kq_scale,
+                                                 round_probs) for t in range(0, n_tokens, block)], axis=0)
 
 
-def _attention_block(q, k, v, mask, kq_scale):
+def _attention_block(q, k, v, mask, kq_scale, round_probs=None):
     xp = namespace(q)
     n_tokens, n_head, d_k = q.shape
     n_kv, n_head_kv, d_v = v.shape
@@ -225,6 +226,8 @@ def _attention_block(q, k, v, mask, kq_scale):
     scores = xp.reshape(qg @ xp.permute_dims(k, (1, 2, 0)), (n_head_kv, group, n_tokens, n_kv)) * kq_scale
     scores = xp.where(mask, scores, -math.inf)                                        # (n_head_kv, group, T, N)
     probs = xp.reshape(softmax(scores), (n_head_kv, group * n_tokens, n_kv))
+    if round_probs is not None:
+        probs = round_probs(probs)
     out = probs @ xp.permute_dims(v, (1, 0, 2))                                       # (n_head_kv, group * T, d_v)
     out = xp.permute_dims(xp.reshape(out, (n_head_kv, group, n_tokens, d_v)), (2, 0, 1, 3))
     return xp.reshape(out, (n_tokens, n_head * d_v))

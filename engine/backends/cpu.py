@@ -14,7 +14,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from engine.arch.layers import geglu, numpy_namespace, swiglu
 from engine.backends import Weight
-from engine.backends.kv_store import HostKVLayer, attend_cached
+from engine.backends.kv_store import HostKVLayer, attend_cached, half_rounded
 from engine.backends.protocol import AttentionStep, KVLayout
 from kernels.cpu.fused_ops import GELU, SILU, add_rms_norm_rows, glu_rows, q8_0_round_rows, rms_norm_rows, rope_rows
 
@@ -72,6 +72,7 @@ def matmul_bytes(x: np.ndarray, data: np.ndarray, ggml_type: int, n_cols: int) -
 
 Q8_0_INPUT = frozenset(int(GGMLQuantizationType[n]) for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"))
 FLOAT_TYPES = frozenset({F32, F16, BF16})
+HALF_NAMES = {F16: "f16", BF16: "bf16"}
 
 
 def q8_0_rounded(x: np.ndarray) -> np.ndarray:
@@ -95,19 +96,17 @@ def q8_k_rounded(x: np.ndarray) -> np.ndarray:
 
 
 def input_blocks(ggml_type: int) -> str:
-    """The blocks llama.cpp's CPU backend rounds a matmul input to for this weight type."""
+    """The blocks (or float type) llama.cpp's CPU backend rounds a matmul input to for this weight type."""
     if ggml_type in FLOAT_TYPES:
-        return "float"
+        return HALF_NAMES.get(ggml_type, "f32")
     return "q8_0" if ggml_type in Q8_0_INPUT else "q8_k"
 
 
 def llama_cpp_input(x: np.ndarray, ggml_type: int) -> np.ndarray:
-    """The matmul input rounded to the block type llama.cpp's CPU backend quantizes it to
-    (vec_dot_type). Inputs to float weights stay exact: llama.cpp rounds those to f16/bf16, but
-    so it does with the attention inputs of an f16 cache, which we do not mimic, and rounding one
-    without the other moves MoE routing near ties further from llama.cpp, not closer."""
+    """The matmul input rounded to the type llama.cpp's CPU backend converts it to (vec_dot_type):
+    f16 / bf16 for F16 / BF16 weights, Q8_0 or Q8_K blocks for quantized ones; exact for F32."""
     if ggml_type in FLOAT_TYPES:
-        return x
+        return half_rounded(x, input_blocks(ggml_type))
     if ggml_type in Q8_0_INPUT:
         return q8_0_rounded(x)
     return q8_k_rounded(x)

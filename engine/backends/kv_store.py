@@ -15,7 +15,8 @@ backend rounds it (`attention_rounding`), and every ubatch that rounds at all go
 kernel, which holds the rounded sums: with flash attention, queries in the key's dot type (f16,
 bf16) and an f16 V summed in f16, except for the f32 tiled kernel that llama.cpp runs on ubatches
 of FA_TILE_QUERIES tokens and more over an f32 or f16 cache; without, queries in the key's dot
-type and probabilities in the value's. Quantized keys get their Q8_0 queries from the model.
+type and probabilities in the value's (a longer ubatch as whole matrices, with the probabilities
+rounded between the two products). Quantized keys get their Q8_0 queries from the model.
 """
 from __future__ import annotations
 
@@ -48,17 +49,18 @@ def attention_rounding(layout: KVLayout, n_tokens: int) -> int:
     return FLASH if not tiled and (layout.type_k in HALF_TYPES or layout.type_v == "f16") else EXACT
 
 
-def rounded_queries(q: np.ndarray, type_k: str) -> np.ndarray:
-    """q (float32) in the dot type of an f16 or bf16 key (ggml's vec_dot_type: the type itself),
-    back as float32 values; unchanged for other keys."""
-    if type_k == "f16":
-        return q.astype(np.float16).astype(np.float32)
-    if type_k == "bf16":
-        bits = q.view(np.uint32)
+def half_rounded(x: np.ndarray, type_name: str) -> np.ndarray:
+    """C-contiguous float32 x rounded to "f16" or "bf16" as ggml converts (nearest, ties to even),
+    back as float32: what meets an f16/bf16 operand in ggml's CPU dot products (the vec_dot_type
+    of those types is the type itself); unchanged for any other type name."""
+    if type_name == "f16":
+        return x.astype(np.float16).astype(np.float32)
+    if type_name == "bf16":
+        bits = x.view(np.uint32)
         odd = (bits >> np.uint32(16)) & np.uint32(1)
         rounded = ((bits.astype(np.uint64) + np.uint64(0x7FFF) + odd) >> np.uint64(16)).astype(np.uint32)
-        return np.where(np.isnan(q), q, (rounded << np.uint32(16)).view(np.float32))
-    return q
+        return np.where(np.isnan(x), x, (rounded << np.uint32(16)).view(np.float32))
+    return x
 
 
 class RowCodec:
@@ -132,7 +134,12 @@ class HostKVLayer:
         rounding = attention_rounding(self.layout, n_tokens)
         q = np.ascontiguousarray(q, dtype=np.float32)
         if rounding != EXACT:
-            q = rounded_queries(q, self.layout.type_k)
+            q = half_rounded(q, self.layout.type_k)
+        if rounding == PLAIN and n_tokens > ROW_ATTENTION_MAX_TOKENS:     # whole matrices, as llama.cpp
+            keys, values, key_pos = self.view(n)
+            mask = layers.visible(positions, key_pos, step.kind, step.window)
+            return layers.attention(q, keys.reshape(n, n_head_kv, -1), values.reshape(n, n_head_kv, -1), mask,
+                                    kq_scale, lambda probs: half_rounded(probs, self.layout.type_v))
         attend_cache(q, self.k_bytes[:n], self.k_codec.type_id, self.v_bytes[:n], self.v_codec.type_id, n_head_kv,
                      self.cell_pos[:n], positions, MASK_KIND[step.kind], step.window, kq_scale, rounding, out)
         return out

@@ -15,6 +15,7 @@ import pytest
 from gguf.constants import GGMLQuantizationType as T
 from numba import njit
 
+from engine.backends.cpu import llama_cpp_input
 from engine.backends.kv_store import FA_TILE_QUERIES, HostKVLayer, attention_rounding
 from engine.backends.protocol import AttentionStep, KVLayout
 from engine.arch.base import AttentionKind
@@ -174,3 +175,42 @@ def test_f16_round_is_the_conversion_to_f16_and_back():
     with np.errstate(over="ignore"):
         expected = x.astype(np.float16).astype(np.float32)
     np.testing.assert_array_equal(f16_round_all(x).view(np.uint32), expected.view(np.uint32))
+
+
+def nearest_bf16(x: np.ndarray) -> np.ndarray:
+    """Of the two bfloat16 values around each x, the nearer (ties to the even one), in float64."""
+    low = (x.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+    high = (low.view(np.uint32) + np.uint32(0x10000)).view(np.float32)
+    d_low, d_high = np.abs(x.astype(np.float64) - low), np.abs(high.astype(np.float64) - x)
+    even_low = (low.view(np.uint32) >> np.uint32(16)) % 2 == 0
+    return np.where((d_low < d_high) | ((d_low == d_high) & even_low), low, high)
+
+
+def test_float_weight_inputs_round_to_the_weight_type():
+    x = RNG.standard_normal((3, 256)).astype(np.float32) * np.float32(7.3)
+    x[0, :4] = [1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -12, -(1 + 3 * 2 ** -8)]      # bf16 and f16 ties
+    np.testing.assert_array_equal(llama_cpp_input(x, int(T.F16)), x.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(llama_cpp_input(x, int(T.BF16)), nearest_bf16(x))
+    assert llama_cpp_input(x, int(T.F32)) is x
+
+
+def test_a_long_ubatch_without_flash_attention_rounds_probabilities_between_the_products():
+    n_tokens = 9
+    q, keys, values, cell_pos, q_pos = cache(n_tokens, 0)
+    kv = HostKVLayer(layout(flash_attn=False))
+    kv.store(np.arange(N_CELLS), cell_pos, keys, values)
+    found = kv.attend_rows(AttentionStep(np.arange(N_CELLS), N_CELLS, AttentionKind.FULL, 0), q_pos, q, N_HEAD_KV,
+                           KQ_SCALE)
+    group, expected = N_HEAD // N_HEAD_KV, np.zeros((n_tokens, N_HEAD, D_V))
+    for t in range(n_tokens):
+        seen = visible_cells(cell_pos, q_pos[t], 0)
+        for h in range(N_HEAD):
+            g = h // group
+            scores = (keys[seen, g * D_K:(g + 1) * D_K] @ q[t, h]) * np.float32(KQ_SCALE)
+            e = np.exp(scores - scores.max())
+            probs = (e / e.sum()).astype(np.float16).astype(np.float64)
+            expected[t, h] = probs @ values[seen, g * D_V:(g + 1) * D_V]
+    expected = expected.reshape(n_tokens, -1)
+    assert np.abs(found - expected).max() < 1e-5 * np.abs(expected).max()
+    exact = attend(q, keys, values, cell_pos, q_pos, 0, EXACT)
+    assert np.abs(found - exact).max() > 1e-4 * np.abs(exact).max()
