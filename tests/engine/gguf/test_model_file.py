@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFWriter
 
+from engine.gguf import model_file as model_file_module
 from engine.gguf.model_file import ModelFile, ModelFileError
 from engine.plan.inventory import Inventory
 
@@ -209,3 +210,38 @@ def check_data_section(path):
     assert mf.file_bytes - alignment < position <= mf.file_bytes
     data_section = mf.file_bytes - mf.data_offsets[0]
     assert data_section - len(spans) * alignment <= inventory.total_bytes <= data_section
+
+
+def page_faults_reading(mf: ModelFile) -> int:
+    """Minor page faults taken while reading one byte of every page of every tensor."""
+    import resource
+    views = [mf.tensor_data(name).reshape(-1) for name in mf.tensors]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for view in views:
+        int(view[::1024].sum(dtype=np.uint64))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(model_file_module._Populator._madvise is None, reason="populating maps needs Linux")
+def test_maps_are_populated_in_the_background(tmp_path, monkeypatch):
+    tensors = {f"t{i}.weight": np.full((256, 4096), i, dtype=np.float32) for i in range(8)}     # 32 MiB
+    path = write_gguf(tmp_path / "m.gguf", tensors)
+    with ModelFile(path) as mf:
+        mf.tensor_data("t0.weight")         # maps the file
+        assert mf.populated(timeout=60)
+        assert page_faults_reading(mf) < 16     # the reads' own few allocations at most
+    monkeypatch.setattr(model_file_module, "POPULATE_MAX_MEMORY_FRACTION", 0.0)
+    with ModelFile(path) as mf:             # what it spares: a fault per few pages read
+        mf.tensor_data("t0.weight")
+        assert mf.populated(timeout=0)
+        assert page_faults_reading(mf) > 32
+
+
+def test_closing_stops_the_population(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", {"a.weight": np.ones((256, 4096), dtype=np.float32)})
+    mf = ModelFile(path)
+    mf.tensor_data("a.weight")
+    populators = list(mf._populators.values())
+    mf.close()
+    assert all(not p.thread.is_alive() for p in populators)
+    assert mf.populated(timeout=0)
