@@ -219,13 +219,19 @@ def _row_dot(type_code, w, r, x, dx, sx, n_cols):
     return _DOT_IQ4_XS(w, r, x, dx, sx, n_cols // 256)
 
 
+# Weights up to this size (about the cores' L2 caches) are decoded four rows per kernel call,
+# which share the activations' loads and what is computed from them (10-25 % faster from cache).
+# Larger ones stream from memory, where one row after another, a single sequential stream for
+# the hardware prefetcher, kept the Q8_0 output head nearer the read speed (0.94 against 0.80).
+GROUPED_ROWS_MAX_BYTES = 4 << 20
+
+
 @njit(cache=True, nogil=True)
 def _decode_rows(xq, xd, min_sums, w, type_code, n_cols, start, n_rows, out, col0):
-    """One token: out[0, col0 + r] for rows r = start .., every weight byte read once, in order;
-    four rows per kernel call, which share the activations' loads and what is computed from them."""
+    """One token: out[0, col0 + r] for rows r = start .., every weight byte read once, in order."""
     x, dx, sx = xq[0], xd[0], min_sums[0]
     end = start + n_rows
-    quads_end = end - n_rows % 4
+    quads_end = end - n_rows % 4 if w.size <= GROUPED_ROWS_MAX_BYTES else start
     for r in range(start, quads_end, 4):
         o = out[0, col0 + r:col0 + r + 4]
         o[0], o[1], o[2], o[3] = _row_dot(type_code, w, (r, r + 1, r + 2, r + 3), x, dx, sx, n_cols)

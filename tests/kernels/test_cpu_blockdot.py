@@ -17,6 +17,8 @@ from numba import njit
 
 from kernels.cpu import blockdot, isa, unpack
 from kernels.cpu.decode_kquants import k_scale_min
+from kernels.cpu.formats import row_bytes
+from kernels.cpu.qmatmul import GROUPED_ROWS_MAX_BYTES, qmatmul
 
 TYPE_NAMES = sorted(blockdot.LAYOUTS)
 _UNPACKERS = {
@@ -156,3 +158,17 @@ def test_no_blocks_is_zero(rng):
 def test_unknown_type_is_refused():
     with pytest.raises(ValueError, match="no fused block dot for Q8_1"):
         blockdot.row_dot_intrinsic("Q8_1")
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q6_K"])
+def test_streamed_and_grouped_rows_agree(rng, type_name):
+    """A weight over GROUPED_ROWS_MAX_BYTES is decoded one row per call, a small one four rows per
+    call (and the rows left over one by one): the same rows give the same bits either way."""
+    qtype = QType[type_name]
+    n_cols = 512
+    n_rows = GROUPED_ROWS_MAX_BYTES // row_bytes(qtype, n_cols) + 8
+    w = random_weight(rng, type_name, n_rows, n_cols)
+    x = rng.standard_normal((1, n_cols)).astype(np.float32)
+    streamed = qmatmul(x, w, qtype, n_cols)
+    grouped = qmatmul(x, w[:203], qtype, n_cols)
+    assert np.array_equal(streamed[:, :203].view(np.uint32), grouped.view(np.uint32))
