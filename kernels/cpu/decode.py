@@ -61,6 +61,14 @@ def decode_row(type_code, w, r, n_cols, lanes, out, o):
         kquants.decode_iq4_xs(w, r, n_cols, lanes, out, o)
 
 
+@njit(cache=True, nogil=True)
+def _consecutive(rows, start, n):
+    for i in range(1, n):
+        if rows[start + i] != rows[start] + i:
+            return False
+    return True
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def row_kernel(x, w, rows, decode_only, type_code, n_cols, lanes, rows_per_chunk, out, col0):
     """Decode rows w[rows] and either store them or multiply them with x.
@@ -78,6 +86,10 @@ def row_kernel(x, w, rows, decode_only, type_code, n_cols, lanes, rows_per_chunk
         if decode_only:
             for i in range(n_tile_rows):
                 decode_row(type_code, w, rows[start + i], n_cols, lanes, out, start + i)
+        elif type_code == _F32 and _consecutive(rows, start, n_tile_rows):
+            # F32 rows are a float32 tile already: multiplied where they lie, not copied first
+            first = rows[start]
+            tile_matmul(x, w.view(np.float32)[first:first + n_tile_rows], n_tile_rows, out, col0 + start)
         else:
             tile = np.empty((rows_per_chunk, n_cols), dtype=np.float32)
             for i in range(n_tile_rows):

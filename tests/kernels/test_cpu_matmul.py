@@ -145,3 +145,16 @@ def test_rejects_mismatched_shapes(make_weight, rng):
         matmul(x, w, QType.Q4_0, 64, out=np.empty((4, 2), np.float32))
     with pytest.raises(IndexError):
         dequantize_rows(w, QType.Q4_0, 64, rows=[4])
+
+
+@pytest.mark.parametrize("n_tokens", [1, 3, 6])
+def test_f32_rows_multiplied_in_place_equal_a_decoded_tile(rng, n_tokens):
+    """F32 rows are multiplied where they lie; BF16 rows of the same values are decoded into a
+    tile first: the same products, bit for bit (over several chunks and a partial one)."""
+    n_rows, n_cols = 133, 512
+    bf16 = (rng.standard_normal((n_rows, n_cols)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    f32 = (bf16.astype(np.uint32) << 16).view(np.float32)
+    x = rng.standard_normal((n_tokens, n_cols)).astype(np.float32)
+    in_place = matmul(x, f32.view(np.uint8), QType.F32, n_cols)
+    decoded = matmul(x, bf16.view(np.uint8), QType.BF16, n_cols)
+    assert_bit_exact(in_place, decoded)
