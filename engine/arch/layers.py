@@ -258,8 +258,9 @@ def feed_forward(ops, x, gate, up, down, activation=swiglu):
 
 
 def expert_feed_forward(backend, x, gate, up, down, expert: int, activation=swiglu):
-    """One expert's FFN on the device holding it: gate/up/down are that device's part."""
-    y = activation(backend.expert_matmul(x, gate, expert), backend.expert_matmul(x, up, expert))
+    """One expert's FFN on the device holding it: gate/up/down are that device's part. The
+    activation is the ops' `glu`, the one the dense FFN and the grouped experts apply."""
+    y = backend.glu(backend.expert_matmul(x, gate, expert), backend.expert_matmul(x, up, expert), activation)
     return backend.expert_matmul(y, down, expert)
 
 

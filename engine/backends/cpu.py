@@ -203,7 +203,8 @@ class CpuBackend:
             return round_inputs and integer_path_is_faster(ggml_type, n_tokens)
 
         return grouped_experts(x, spans, (gate.data, gate.ggml_type), (up.data, up.ggml_type),
-                               (down.data, down.ggml_type), activation, rounded, integer_for)
+                               (down.data, down.ggml_type), activation, rounded, integer_for,
+                               glu_kind=GLU_KINDS.get(activation))
 
     def head_matmul(self, x: np.ndarray, w: Weight) -> np.ndarray:
         """x (n_tokens, n_head, n_cols) with W (n_head, n_rows, n_cols) -> (n_tokens, n_head, n_rows),
