@@ -332,9 +332,27 @@ class ExpertRows:
     slot_order: np.ndarray
 
 
+def _one_token_rows(ids: np.ndarray, expert_device) -> ExpertRows | None:
+    """expert_rows of a decode step whose k distinct experts share one device: row j holds the
+    j-th smallest expert (a tenth of the general mapping's NumPy calls); None otherwise."""
+    order = np.argsort(ids[0], kind="stable")
+    experts = ids[0][order].tolist()
+    devices = {expert_device(e) for e in experts}
+    if len(devices) != 1 or len(set(experts)) != len(experts):
+        return None
+    k = len(experts)
+    spans = tuple((e, j, j + 1) for j, e in enumerate(experts))
+    return ExpertRows(np.zeros(k, dtype=np.int64), order, ((devices.pop(), spans),),
+                      np.arange(k, dtype=np.int64)[None, :], order[None, :])
+
+
 def expert_rows(ids: np.ndarray, expert_device) -> ExpertRows:
     """The row mapping of host expert ids (T, k); expert_device(e) names the device of expert e.
     Devices come in the order of their lowest selected expert, experts ascending within one."""
+    if ids.shape[0] == 1:
+        one = _one_token_rows(ids, expert_device)
+        if one is not None:
+            return one
     k = ids.shape[1]
     flat = ids.reshape(-1)
     experts, counts = np.unique(flat, return_counts=True)

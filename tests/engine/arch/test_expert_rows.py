@@ -11,9 +11,21 @@ from engine.arch.layers import expert_rows
 def test_rows_are_grouped_by_device_then_expert(seed):
     rng = np.random.default_rng(seed)
     n_expert, n_tokens = int(rng.integers(2, 40)), int(rng.integers(1, 30))
+    check_rows(rng, n_expert, n_tokens, rng.integers(0, 3, n_expert))
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("n_devices", [1, 2])
+def test_a_decode_step_maps_the_same_way(seed, n_devices):
+    """One token (the shortcut of one device, the general mapping of two)."""
+    rng = np.random.default_rng(seed)
+    n_expert = int(rng.integers(2, 130))
+    check_rows(rng, n_expert, 1, rng.integers(0, n_devices, n_expert))
+
+
+def check_rows(rng, n_expert, n_tokens, device_of):
     k = int(rng.integers(1, min(8, n_expert) + 1))
     ids = np.stack([rng.choice(n_expert, k, replace=False) for _ in range(n_tokens)]).astype(np.int64)
-    device_of = rng.integers(0, 3, n_expert)
     rows = expert_rows(ids, lambda e: f"CUDA{device_of[e]}")
 
     spans = [(device, span) for device, device_spans in rows.segments for span in device_spans]
