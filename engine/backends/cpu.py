@@ -23,10 +23,11 @@ try:    # the Numba kernels, once they are built
     from kernels.cpu import matmul as kernel_matmul
     from kernels.cpu import qmatmul as kernel_qmatmul, integer_path_is_faster, QuantizedActivations
     from kernels.cpu.moe import GROUPED_TYPES, grouped_experts
+    from kernels.cpu.moe_gemm import EXPERT_GEMM_TYPES, expert_product
 except ImportError:
     kernel_matmul = kernel_dequantize_rows = kernel_qmatmul = None
-    integer_path_is_faster = grouped_experts = None
-    GROUPED_TYPES = frozenset()
+    integer_path_is_faster = grouped_experts = expert_product = None
+    GROUPED_TYPES = EXPERT_GEMM_TYPES = frozenset()
 
 F32 = int(GGMLQuantizationType.F32)
 F16 = int(GGMLQuantizationType.F16)
@@ -185,7 +186,15 @@ class CpuBackend:
         """x (n_tokens, n_cols) @ W[expert][rows].T: reads only that expert's bytes (only those
         rows, when a range is given)."""
         data = w.data[expert] if rows is None else w.data[expert, rows]
+        if self._expert_gemm(w.ggml_type, len(x)):
+            return expert_product(x, data, w.ggml_type, w.n_cols)
         return self._product(x, data, w)
+
+    def _expert_gemm(self, ggml_type: int, n_tokens: int) -> bool:
+        """Whether an expert's product over n_tokens takes the integer GEMM of a prefill ubatch's
+        experts (`kernels.cpu.moe_gemm`): several tokens with llama.cpp's activations, which its
+        mul_mat_id quantizes for every expert, and faster than the float tiles for each."""
+        return self.round_inputs and n_tokens > 1 and ggml_type in EXPERT_GEMM_TYPES
 
     def routed_experts(self, x: np.ndarray, spans, gate: Weight, up: Weight, down: Weight, activation):
         """down(activation(gate(x), up(x))) of each expert of `spans` (expert, first_row,
@@ -200,7 +209,8 @@ class CpuBackend:
             return llama_cpp_input(rows, ggml_type) if round_inputs else rows
 
         def integer_for(ggml_type: int, n_tokens: int) -> bool:
-            return round_inputs and integer_path_is_faster(ggml_type, n_tokens)
+            return (round_inputs and integer_path_is_faster(ggml_type, n_tokens)
+                    or self._expert_gemm(ggml_type, n_tokens))
 
         return grouped_experts(x, spans, (gate.data, gate.ggml_type), (up.data, up.ggml_type),
                                (down.data, down.ggml_type), activation, rounded, integer_for,

@@ -16,8 +16,8 @@ and each thread of a decode step streams its share of the experts' bytes once.
 Each unit computes exactly what one product per expert computes for its rows, with the same
 kernel body: the integer product of one token (`qmatmul.qmatmul_rows` on x quantized once per
 region: gate and up share it) or the float product of `kernels.cpu.matmul` (rows decoded into a
-float32 tile of the same size, then `tile_matmul`). An expert of several tokens on the integer
-path is left to `qmatmul`, which picks its own batch kernel. So the results are bit-identical
+float32 tile of the same size, then `tile_matmul`). A prefill ubatch's experts on the integer
+path are `moe_gemm`'s region of integer GEMMs instead. So the results are bit-identical
 to one product per expert, whichever path the caller's `integer_for` picks for each expert.
 
 A decode step (one row per expert) whose products are all integer ones is `decode_experts`, one
@@ -36,7 +36,8 @@ from kernels.cpu.decode import LANES, decode_row
 from kernels.cpu.formats import FAST_TYPES, as_ggml_type, read_only, row_bytes
 from kernels.cpu.fused_ops import glu_rows
 from kernels.cpu.matmul import rows_per_chunk as float_rows_per_chunk
-from kernels.cpu.qmatmul import QuantizedActivations, qmatmul, qmatmul_rows
+from kernels.cpu.moe_gemm import expert_gemms
+from kernels.cpu.qmatmul import QuantizedActivations, qmatmul_rows
 from kernels.cpu.qmatmul import rows_per_chunk as integer_rows_per_chunk
 from kernels.cpu.qactivations import _quantize_rows_serial
 from kernels.cpu.qmatmul import Q8_K_INPUT_TYPES
@@ -206,18 +207,17 @@ def _checked_experts(w_bytes: np.ndarray, ggml_type: int, n_cols: int) -> np.nda
 def _products(x, spans, weights, outs, rounded, integer_for) -> None:
     """outs[m][rows of span s] = those rows of x @ W_m[expert].T for every matrix m of the
     region (one or two weights of one ggml type: they share x's rounding or quantization).
-    An expert of several tokens that takes the integer product gets `qmatmul` to itself, which
-    picks its own kernel for a batch (the integer GEMM); the others are units of one region."""
+    In a prefill ubatch the experts that take the integer product are one region of integer
+    GEMMs (`moe_gemm.expert_gemms`); the others are units of one region."""
     n_cols = x.shape[1]
     ggml_type = int(weights[0][1])
     n_tokens = spans[:, 2] - spans[:, 1]
     by_count = {n: integer_for(ggml_type, n) for n in set(n_tokens.tolist())}
     integer = np.array([by_count[n] for n in n_tokens.tolist()], dtype=np.int64)
-    alone = (integer == 1) & (n_tokens > 1)
     mats = [_checked_experts(w, ggml_type, n_cols) for w, _ in weights]
-    for expert, first, end in spans[alone]:
-        for w, out in zip(mats, outs):
-            qmatmul(x[first:end], w[expert], ggml_type, n_cols, out[first:end])
+    alone = (integer == 1) & (len(x) > 1)     # a prefill ubatch: its integer experts in one GEMM region
+    if alone.any():
+        expert_gemms(x, spans[alone], mats, ggml_type, outs)
     grouped = spans[~alone]
     if len(grouped) == 0:
         return

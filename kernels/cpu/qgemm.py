@@ -93,7 +93,7 @@ def _tile_block(family, tile, xq, xsub, dx, sx, t0, n_blocks, dest, dest_row0, d
 
 
 @njit(cache=True, nogil=True)
-def _tile_products(family, tile, xq, xsub, dx, sx, n_blocks, row0, n_valid_rows, out, spill):
+def tile_products(family, tile, xq, xsub, dx, sx, n_blocks, row0, n_valid_rows, out, spill):
     """out[:, row0:row0 + n_valid_rows] for every token, TOKENS at a time; a partial group of
     tokens or of rows goes through `spill` (TOKENS, ROWS) first."""
     n_tokens = xq.shape[0]
@@ -119,7 +119,7 @@ def qgemm_kernel(family, type_code, n_sub, block, w, n_cols, xq, xsub, dx, sx, o
         for k in range(c * n_tiles // n_chunks, (c + 1) * n_tiles // n_chunks):
             row0 = k * ROWS
             fill_tile(type_code, w, row0, n_cols, tile)
-            _tile_products(family, tile, xq, xsub, dx, sx, n_blocks, row0, min(ROWS, n_rows - row0), out, spill)
+            tile_products(family, tile, xq, xsub, dx, sx, n_blocks, row0, min(ROWS, n_rows - row0), out, spill)
 
 
 @njit(cache=True, nogil=True)

@@ -3,7 +3,8 @@
 - the plan: every row of every expert's matrix is computed once, for exactly that expert's
   rows of x, in units of the per-expert products' chunk sizes, and the parts balance their cost;
 - grouped_experts: bit for bit the composition of one product per expert and matrix
-  (qmatmul where `integer_for` says so, else matmul on the `rounded` input) with the activation
+  (qmatmul where `integer_for` says so, `moe_gemm.expert_product` for several tokens, else
+  matmul on the `rounded` input) with the activation
   applied in between, over the weight types and shapes of decode (one row per expert) and
   prefill (unequal experts), with gate and up of one type and of two, and with the integer
   product for one-token experts only (llama.cpp's choice here) or for every expert.
@@ -31,6 +32,7 @@ from kernels.cpu.moe import (
     grouped_experts,
     plan_units,
 )
+from kernels.cpu.moe_gemm import expert_product
 
 N_EMBD, N_FF, N_EXPERT = 512, 768, 5
 
@@ -56,6 +58,8 @@ def llama_cpp_paths(ggml_type, n_tokens):
 
 def one_product_per_expert(x, spans, gate, up, down, rounded, integer_for):
     def product(rows, w, ggml_type):
+        if integer_for(ggml_type, len(rows)) and len(rows) > 1:    # a prefill ubatch's integer GEMMs
+            return expert_product(rows, w, ggml_type, rows.shape[1])
         if integer_for(ggml_type, len(rows)):
             return qmatmul(rows, w, ggml_type, rows.shape[1])
         return matmul(rounded(rows, ggml_type), w, ggml_type, rows.shape[1])
