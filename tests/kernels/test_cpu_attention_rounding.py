@@ -15,7 +15,6 @@ import pytest
 from gguf.constants import GGMLQuantizationType as T
 from numba import njit
 
-from engine.backends.cpu import llama_cpp_input
 from engine.backends.kv_store import FA_TILE_QUERIES, HostKVLayer, attention_rounding
 from engine.backends.protocol import AttentionStep, KVLayout
 from engine.arch.base import AttentionKind
@@ -175,23 +174,6 @@ def test_f16_round_is_the_conversion_to_f16_and_back():
     with np.errstate(over="ignore"):
         expected = x.astype(np.float16).astype(np.float32)
     np.testing.assert_array_equal(f16_round_all(x).view(np.uint32), expected.view(np.uint32))
-
-
-def nearest_bf16(x: np.ndarray) -> np.ndarray:
-    """Of the two bfloat16 values around each x, the nearer (ties to the even one), in float64."""
-    low = (x.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
-    high = (low.view(np.uint32) + np.uint32(0x10000)).view(np.float32)
-    d_low, d_high = np.abs(x.astype(np.float64) - low), np.abs(high.astype(np.float64) - x)
-    even_low = (low.view(np.uint32) >> np.uint32(16)) % 2 == 0
-    return np.where((d_low < d_high) | ((d_low == d_high) & even_low), low, high)
-
-
-def test_float_weight_inputs_round_to_the_weight_type():
-    x = RNG.standard_normal((3, 256)).astype(np.float32) * np.float32(7.3)
-    x[0, :4] = [1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -12, -(1 + 3 * 2 ** -8)]      # bf16 and f16 ties
-    np.testing.assert_array_equal(llama_cpp_input(x, int(T.F16)), x.astype(np.float16).astype(np.float32))
-    np.testing.assert_array_equal(llama_cpp_input(x, int(T.BF16)), nearest_bf16(x))
-    assert llama_cpp_input(x, int(T.F32)) is x
 
 
 def test_a_long_ubatch_without_flash_attention_rounds_probabilities_between_the_products():
