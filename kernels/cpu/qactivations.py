@@ -114,9 +114,26 @@ def _quantize_token(x, t, k_blocks, q, d, sums):
 
 
 @njit(cache=True, nogil=True)
-def quantize_one_token(x, k_blocks, q, d, sums):
-    """quantize_activations for a single row, without starting the thread pool (decode)."""
+def _token_min_sums(t, d, bsums, min_sums):
+    """What a K-quant weight's min factors multiply: Q8_K's d * bsum per 16 values."""
+    for j in range(bsums.shape[1]):
+        min_sums[t, j] = bsums[t, j] * d[t, j // 16]
+
+
+@njit(cache=True, nogil=True)
+def q8_k_min_sums(d, bsums, min_sums):
+    """min_sums (n_tokens, n_cols // 16) of Q8_K activations: d * bsum of each 16 values."""
+    for t in range(bsums.shape[0]):
+        _token_min_sums(t, d, bsums, min_sums)
+
+
+@njit(cache=True, nogil=True)
+def quantize_one_token(x, k_blocks, q, d, sums, min_sums):
+    """quantize_activations for a single row, without starting the thread pool (decode), and
+    for Q8_K its min_sums (q8_k_min_sums) in the same call."""
     _quantize_token(x, 0, k_blocks, q, d, sums)
+    if k_blocks:
+        _token_min_sums(0, d, sums, min_sums)
 
 
 @njit(cache=True, nogil=True, parallel=True)
