@@ -22,11 +22,10 @@ try:    # the Numba kernels, once they are built
     from kernels.cpu import dequantize_rows as kernel_dequantize_rows
     from kernels.cpu import matmul as kernel_matmul
     from kernels.cpu import qmatmul as kernel_qmatmul, integer_path_is_faster, QuantizedActivations
-    from kernels.cpu.qmatmul import qmatmul_many as kernel_qmatmul_many
     from kernels.cpu.moe import GROUPED_TYPES, grouped_experts
     from kernels.cpu.moe_gemm import EXPERT_GEMM_TYPES, expert_product
 except ImportError:
-    kernel_matmul = kernel_dequantize_rows = kernel_qmatmul = kernel_qmatmul_many = None
+    kernel_matmul = kernel_dequantize_rows = kernel_qmatmul = None
     integer_path_is_faster = grouped_experts = expert_product = None
     GROUPED_TYPES = EXPERT_GEMM_TYPES = frozenset()
 
@@ -167,34 +166,15 @@ class CpuBackend:
         """[matmul(x, w) for w in ws] for weights of one width (q, k and v; gate and up), with x
         rounded or quantized once per input block type instead of once per weight."""
         lead, x2, inputs = x.shape[:-1], x.reshape(-1, ws[0].n_cols), {}
-        if len(x2) == 1 and len(ws) > 1 and all(self._integer(w, 1) for w in ws):
-            return self._one_token_products(x2, ws, lead)
         return [self._product(x2, w.data, w, inputs).reshape(*lead, w.n_rows) for w in ws]
-
-    def _integer(self, w: Weight, n_tokens: int) -> bool:
-        """Whether x @ W.T of n_tokens takes the integer dot products (llama.cpp's activations)."""
-        return self.round_inputs and integer_path_is_faster is not None and integer_path_is_faster(
-            w.ggml_type, n_tokens)
-
-    @staticmethod
-    def _one_token_products(x: np.ndarray, ws, lead) -> list[np.ndarray]:
-        """matmuls of one token on the integer path: all products in one parallel region."""
-        inputs = {}
-        for w in ws:
-            key = input_blocks(w.ggml_type)
-            if key not in inputs:
-                inputs[key] = QuantizedActivations.for_type(x, w.ggml_type)
-        xs = [inputs[input_blocks(w.ggml_type)] for w in ws]
-        out = kernel_qmatmul_many(xs, [w.data for w in ws], [w.ggml_type for w in ws], ws[0].n_cols)
-        ends = np.cumsum([w.n_rows for w in ws])
-        return [out[:, end - w.n_rows:end].reshape(*lead, w.n_rows) for w, end in zip(ws, ends)]
 
     def _product(self, x: np.ndarray, data: np.ndarray, w: Weight, inputs: dict | None = None) -> np.ndarray:
         """x @ W.T over the bytes `data` of w: with llama.cpp's activations, x quantized as
         llama.cpp quantizes it, then integer dot products (the kernels' qmatmul) where those are
         the faster kernel, else the float kernel on the same rounded values; or exact f32.
         `inputs` keeps x's rounded or quantized forms for the next weights of one input."""
-        integer = self._integer(w, len(x))
+        integer = self.round_inputs and integer_path_is_faster is not None and integer_path_is_faster(
+            w.ggml_type, len(x))
         key = (integer, input_blocks(w.ggml_type))
         x_in = None if inputs is None else inputs.get(key)
         if x_in is None:
