@@ -16,7 +16,7 @@ from engine.arch.layers import geglu, numpy_namespace, swiglu
 from engine.backends import Weight
 from engine.backends.kv_store import HostKVLayer, attend_cached
 from engine.backends.protocol import AttentionStep, KVLayout
-from kernels.cpu.fused_ops import GELU, SILU, add_rms_norm_rows, glu_rows, q8_0_round_rows, rms_norm_rows, rope_rows
+from kernels.cpu.fused_ops import GELU, GELU_F16, SILU, add_rms_norm_rows, glu_rows, q8_0_round_rows, rms_norm_rows, rope_rows
 
 try:    # the Numba kernels, once they are built
     from kernels.cpu import dequantize_rows as kernel_dequantize_rows
@@ -217,7 +217,7 @@ class CpuBackend:
 
         return grouped_experts(x, spans, (gate.data, gate.ggml_type), (up.data, up.ggml_type),
                                (down.data, down.ggml_type), activation, rounded, integer_for,
-                               glu_kind=GLU_KINDS.get(activation))
+                               glu_kind=self._glu_kind(activation))
 
     def head_matmul(self, x: np.ndarray, w: Weight) -> np.ndarray:
         """x (n_tokens, n_head, n_cols) with W (n_head, n_rows, n_cols) -> (n_tokens, n_head, n_rows),
@@ -259,9 +259,13 @@ class CpuBackend:
         add_rms_norm_rows(_rows(residual), rows, w, eps, out)
         return out.reshape(y.shape)
 
-    @staticmethod
-    def glu(gate: np.ndarray, up: np.ndarray, activation) -> np.ndarray:
+    def _glu_kind(self, activation) -> int | None:
+        """glu_rows's kind of a family's GLU; with llama.cpp's activations GELU is its f16 table."""
         kind = GLU_KINDS.get(activation)
+        return GELU_F16 if kind == GELU and self.round_inputs else kind
+
+    def glu(self, gate: np.ndarray, up: np.ndarray, activation) -> np.ndarray:
+        kind = self._glu_kind(activation)
         if kind is None:
             return activation(gate, up)
         rows = _rows(gate)

@@ -11,7 +11,7 @@ from gguf.quants import dequantize
 
 from kernels.cpu import quantize_rows
 from kernels.cpu.attention import CHUNKED, EXACT, FULL, SLIDING, attend_cache
-from kernels.cpu.fused_ops import GELU, SILU, add_rms_norm_rows, glu_rows, q8_0_round_rows, rms_norm_rows, rope_rows
+from kernels.cpu.fused_ops import GELU, GELU_F16, SILU, add_rms_norm_rows, glu_rows, q8_0_round_rows, rms_norm_rows, rope_rows
 
 RNG = np.random.default_rng(3)
 
@@ -40,6 +40,44 @@ def test_add_rms_norm_rows():
     out = np.empty_like(y)
     add_rms_norm_rows(residual, y, w, 1e-6, out)
     assert rel(out, residual + rms_norm_reference(y, w)) < 1e-6
+
+
+def test_gelu_f16_is_llama_cpps_table_at_the_input_rounded_to_f16():
+    """GGML_GELU_FP16: the input rounded to f16, ggml_gelu_f32 of that value (float32, whose
+    1 + tanh cancels in the negative tail exactly as llama.cpp's does) rounded to f16, times up;
+    0 from -10 down and the input itself from 10 up."""
+    gate = np.concatenate([RNG.standard_normal(4000).astype(np.float32) * 4,
+                           np.float32([-10.0, -9.999, 9.999, 10.0, 11.0, -11.0, 0.0, -0.0, 65504.0, np.inf, -np.inf,
+                                       1e-8, -3.0e-6])])[None, :]
+    up = RNG.standard_normal(gate.shape).astype(np.float32)
+    out = np.empty_like(gate)
+    glu_rows(gate, up, GELU_F16, out)
+    with np.errstate(all="ignore"):
+        table = np.empty(gate.shape, dtype=np.float16)
+        for i, x in enumerate(gate[0]):
+            h = np.float32(np.float16(x))
+            inner = np.float32(0.7978845608028654) * h * (np.float32(1) + np.float32(0.044715) * h * h)
+            table[0, i] = np.float16(np.float32(0.5) * h * (np.float32(1) + np.tanh(inner)))
+    act = np.where(gate <= -10, np.float32(0), np.where(gate >= 10, gate, table.astype(np.float32)))
+    assert np.array_equal(out, (act * up).astype(np.float32), equal_nan=True)
+    assert out[0, -13] == 0.0 and out[0, -10] == np.float32(10.0) * up[0, -10]        # -10 and 10 exactly
+    assert np.array_equal(out[0, 4000:4002], table[0, 4000:4002].astype(np.float32) * up[0, 4000:4002])
+    exact = np.empty_like(gate)
+    glu_rows(gate, up, GELU, exact)
+    assert not np.array_equal(exact, out)          # the table's rounding is visible: it is not GELU
+
+
+def test_llama_cpp_activations_take_the_gelu_table_and_f32_the_exact_gelu():
+    from engine.arch.layers import geglu, swiglu
+    from engine.backends.cpu import CpuBackend
+    gate = RNG.standard_normal((3, 64)).astype(np.float32) * 3
+    up = RNG.standard_normal((3, 64)).astype(np.float32)
+    for activations, kind in (("llama.cpp", GELU_F16), ("f32", GELU)):
+        expected = np.empty_like(gate)
+        glu_rows(gate, up, kind, expected)
+        assert np.array_equal(CpuBackend(activations).glu(gate, up, geglu), expected)
+        glu_rows(gate, up, SILU, expected)
+        assert np.array_equal(CpuBackend(activations).glu(gate, up, swiglu), expected)
 
 
 @pytest.mark.parametrize("kind", [SILU, GELU])
