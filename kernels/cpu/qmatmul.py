@@ -23,7 +23,7 @@ import platform
 import numpy as np
 from gguf.constants import GGMLQuantizationType as QType
 from llvmlite import binding as llvm_binding
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
 from kernels.cpu import unpack
 from kernels.cpu.blockdot import ROW_DOTS
@@ -299,36 +299,6 @@ def qmatmul_serial(xq, xd, min_sums, w, type_code, n_cols, lanes, rows_per_chunk
                       tile_rows, out, col0)
 
 
-@njit(cache=True, nogil=True)
-def _many_share(share, n_shares, xqs, xds, min_sums, ws, type_codes, n_cols, out):
-    """Share `share` of n_shares of every product of qmatmul_many: each product's rows cut into
-    equal shares at multiples of 4 rows (the fused kernels' step), so that every thread reads
-    the same bytes of every weight type, as one region per product would split them."""
-    col0 = 0
-    for p in range(len(ws)):
-        n_rows = ws[p].shape[0]
-        n_quads = (n_rows + 3) // 4
-        r0 = min(n_rows, 4 * (share * n_quads // n_shares))
-        r1 = min(n_rows, 4 * ((share + 1) * n_quads // n_shares))
-        _decode_rows(xqs[p], xds[p], min_sums[p], ws[p], type_codes[p], n_cols, r0, r1 - r0, out, col0)
-        col0 += n_rows
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def qmatmul_many_kernel(xqs, xds, min_sums, ws, type_codes, n_cols, n_shares, out):
-    """One token times several weights of one width (tuples, one entry per product) in one
-    parallel region, one share of each product per thread (n_shares: the thread count): out[0]
-    holds the products' outputs side by side."""
-    for share in prange(n_shares):
-        _many_share(share, n_shares, xqs, xds, min_sums, ws, type_codes, n_cols, out)
-
-
-@njit(cache=True, nogil=True)
-def qmatmul_many_serial(xqs, xds, min_sums, ws, type_codes, n_cols, out):
-    """qmatmul_many_kernel on the calling thread: for products too small to pay for waking the pool."""
-    _many_share(0, 1, xqs, xds, min_sums, ws, type_codes, n_cols, out)
-
-
 class QuantizedActivations:
     """x quantized for one vec_dot_type: reuse it for every weight of that input type (the
     q, k and v projections, or gate and up, share one)."""
@@ -404,26 +374,4 @@ def qmatmul(
     chunk = rows_per_chunk(n_cols, shape[0])
     kernel = qmatmul_serial if w.nbytes * shape[0] <= SERIAL_WORK_BYTES else qmatmul_kernel
     kernel(xa.q, xa.d, xa.min_sums, w, int(qtype), n_cols, LANES, chunk, out, 0)
-    return out
-
-
-def qmatmul_many(xs, ws, ggml_types, n_cols: int) -> np.ndarray:
-    """[qmatmul(x, w, t, n_cols) for x, w, t in zip(xs, ws, ggml_types)] for one token, side by
-    side in one float32 (1, sum of rows) array, computed in one parallel region (one per product
-    costs a wake-up and a join of the pool each). xs: QuantizedActivations of one token, each
-    for its weight's input type; the same numbers as one qmatmul per weight, bit for bit."""
-    qtypes = [as_ggml_type(t) for t in ggml_types]
-    for qtype, x in zip(qtypes, xs):
-        if qtype not in INTEGER_TYPES:
-            raise ValueError(f"{qtype.name} has no integer dot product; use kernels.cpu.matmul")
-        if x.k_blocks != (qtype in Q8_K_INPUT_TYPES) or x.q.shape != (1, n_cols):
-            raise ValueError(f"activations are not one token quantized for {qtype.name}'s input of {n_cols} columns")
-    mats = tuple(checked_weight(w, qtype, n_cols) for w, qtype in zip(ws, qtypes))
-    out = np.empty((1, sum(w.shape[0] for w in mats)), dtype=np.float32)
-    inputs = (tuple(x.q for x in xs), tuple(x.d for x in xs), tuple(x.min_sums for x in xs), mats,
-              tuple(int(t) for t in qtypes), n_cols)
-    if sum(w.nbytes for w in mats) <= SERIAL_WORK_BYTES:
-        qmatmul_many_serial(*inputs, out)
-    else:
-        qmatmul_many_kernel(*inputs, get_num_threads(), out)
     return out
