@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,29 +18,16 @@ import numpy as np
 from engine.run.model import Model
 from engine.run_config import RunConfig
 
-INCR_STEPS = 8
+# the fixture tests' own measures, so the figures printed here are the ones they assert on
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
+from forward_parity import INCR_STEPS, batch_and_incremental, kl_mean, rel, row_rel  # noqa: E402
+
 DEFAULT_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64) - x.max(axis=1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
 
 
 def errors(mine: np.ndarray, ref: np.ndarray) -> str:
     """rel / median row rel / mean KL(ref || mine)."""
-    row = np.linalg.norm(mine - ref, axis=1) / np.linalg.norm(ref, axis=1)
-    lr, lm = log_softmax(ref), log_softmax(mine)
-    kl = float((np.exp(lr) * (lr - lm)).sum(axis=1).mean())
-    return f"{np.linalg.norm(mine - ref) / np.linalg.norm(ref):.2e} / {np.median(row):.2e} / {kl:.1e}"
-
-
-def batch_and_incremental(model: Model, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    batch = model.eval_logits(tokens)
-    cache = model.new_cache()
-    model.eval_logits(tokens[:-INCR_STEPS], cache)
-    steps = [model.eval_logits(tokens[i:i + 1], cache) for i in range(len(tokens) - INCR_STEPS, len(tokens))]
-    return batch, np.concatenate(steps)
+    return f"{rel(mine, ref):.2e} / {np.median(row_rel(mine, ref)):.2e} / {kl_mean(mine, ref):.1e}"
 
 
 def main() -> None:
