@@ -14,6 +14,7 @@ from app.models.layer_grid import LayerGridModel
 from app.models.placement_items import (MIME_TYPE, DevicesRole, ExpertCountRole, FitsRole, HeatRole, SplitRole, decode_refs,
                                         encode_refs, short_bytes)
 from app.theme import device_color
+from tooltips import shown
 from engine.plan.autofit import DEFAULT_GPU_MARGIN_BYTES, AutoFitOptions, auto_fit
 from engine.plan.memory import MemoryOptions
 from engine.devices import Device, simulated_gpus
@@ -170,7 +171,7 @@ def test_strip_rows_are_the_layers_expert_tensors_and_columns_its_experts(invent
     assert model.data(model.index(1, 5), Qt.BackgroundRole) == device_color("CUDA3")
     assert model.data(model.index(1, 5), BytesRole) == UP_EXPERT_BYTES
     assert model.data(model.index(1, 5), HeatRole) is None
-    assert model.data(model.index(1, 5), Qt.ToolTipRole) == \
+    assert shown(model.data(model.index(1, 5), Qt.ToolTipRole)) == \
         f"expert 5 of 256 · 7.9 MiB · on CUDA3\n{UP_40}: 8,257,536 B (7.9 MiB) per expert"
     model.set_layer(1)                  # a dense layer: nothing to show
     assert model.rowCount() == 0 and model.columnCount() == 0
@@ -201,7 +202,7 @@ def test_heat_is_the_share_of_the_most_picked_expert(inventory, placement):
     assert model.data(model.index(0, 3), HeatRole) == 1.0
     assert model.data(model.index(2, 4), HeatRole) == 0.25
     assert model.data(model.index(2, 5), HeatRole) == 0.0
-    assert model.data(model.index(2, 4), Qt.ToolTipRole).startswith(
+    assert shown(model.data(model.index(2, 4), Qt.ToolTipRole)).startswith(
         "expert 4 of 256 · 7.9 MiB · on CPU · router picks 50 / 20.0 %")     # 50 of the layer's 250
 
 

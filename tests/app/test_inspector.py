@@ -6,6 +6,7 @@ from app.models import BytesRole, DeviceRole, SortRole, TensorRole
 from app.models.inspector import (MetadataModel, SearchFilterProxy, TensorTableModel, format_value, natural_key,
                                   value_type_name)
 from app.widgets.inspector import InspectorPanel
+from tooltips import shown
 
 EXPERT_TENSOR = "blk.0.ffn_up_exps.weight"
 
@@ -61,14 +62,6 @@ def test_long_arrays_are_summarised(metadata_model):
     assert cell(metadata_model, "tokenizer.ggml.token_type", m.COL_TYPE) == "array[int]"
     tooltip = shown(cell(metadata_model, "tokenizer.ggml.tokens", m.COL_VALUE, Qt.ToolTipRole))
     assert tooltip.startswith("'<unk>', '<s>', '</s>', '<0x00>'") and tooltip.endswith(", …")
-
-
-def shown(tooltip: str) -> str:
-    """The text Qt displays for a rich-text tooltip."""
-    from PySide6.QtGui import QTextDocument
-    document = QTextDocument()
-    document.setHtml(tooltip)
-    return document.toPlainText()
 
 
 def test_markup_in_file_strings_is_shown_as_typed():

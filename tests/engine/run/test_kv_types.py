@@ -9,10 +9,11 @@ from engine.run_config import RunConfig
 from engine.run.sampling import SamplerSettings
 
 # rel error of the last 8 rows against an f16 cache on these random-weight models (measured on
-# llama-dense: f32 7.5e-4, bf16 6.3e-3, q8_0 1.8e-2, q5_x 0.14-0.16, q4_x/iq4_nl 0.29-0.31); a wrong
+# llama-dense: f32 2.1e-3 (the f16 cache's decode rounds queries and its running V sum to f16, as
+# llama.cpp's flash attention does; 7.5e-4 without), bf16 6.3e-3, q8_0 1.8e-2, q5_x 0.14-0.16, q4_x/iq4_nl 0.29-0.31); a wrong
 # block layout, scale or row mapping gives ~1 or more. Perplexity with each cache type matches
 # llama-perplexity's to within 0.3% (docs/benchmarks.md).
-BUDGET = {"f32": 2e-3, "bf16": 1.5e-2, "q8_0": 4e-2, "q5_1": 0.3, "q5_0": 0.3, "q4_1": 0.5, "q4_0": 0.5,
+BUDGET = {"f32": 4e-3, "bf16": 1.5e-2, "q8_0": 4e-2, "q5_1": 0.3, "q5_0": 0.3, "q4_1": 0.5, "q4_0": 0.5,
           "iq4_nl": 0.5}
 
 
