@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from app.settings import Settings
-from chat_support import dialogs, panel  # noqa: F401  (the chat panel fixtures; a module's own `panel` overrides)
+from chat_support import controller, dialogs, panel  # noqa: F401  (the chat fixtures; a module's own overrides)
 
 
 @pytest.fixture

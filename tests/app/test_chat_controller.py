@@ -1,5 +1,4 @@
 """The chat controller without any widget: turns, streaming, cancel and conversations through its signals."""
-import pytest
 
 from app.chat_controller import ChatController, TurnStats, reply_stats
 from app.engine_jobs import ChatRunner
@@ -8,14 +7,6 @@ from chat_support import TURN_TIMEOUT_MS, finish_turn
 from slow_model import factory
 
 GREEDY = SamplerSettings(temperature=0.0)
-
-
-@pytest.fixture
-def controller(qtbot, bridge, store, loaded):
-    controller = ChatController(bridge, store, ChatRunner(factory()))
-    controller.set_model(loaded)
-    yield controller
-    controller.shutdown()
 
 
 def test_a_turn_streams_into_the_reply_and_signals_its_course(qtbot, controller):

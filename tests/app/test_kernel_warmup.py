@@ -9,12 +9,9 @@ from types import SimpleNamespace
 import pytest
 from numba.core import event
 
-from app.chat_controller import ChatController
-from app.engine_jobs import ChatRunner
 from app.main_window import MainWindow
 from chat_support import TURN_TIMEOUT_MS
 from engine.run.sampling import SamplerSettings
-from slow_model import factory
 
 TIMEOUT_MS = 10_000
 GATE_TIMEOUT_S = 60     # a guard against a hung test, never reached when it passes
@@ -95,14 +92,6 @@ def held_warm_up(monkeypatch):
     monkeypatch.setattr(warmup, "is_warm", lambda model_file, run_config: False)
     monkeypatch.setattr(warmup, "warm_up", warm_up)
     return held
-
-
-@pytest.fixture
-def controller(qtbot, bridge, store, loaded):
-    controller = ChatController(bridge, store, ChatRunner(factory()))
-    controller.set_model(loaded)
-    yield controller
-    controller.shutdown()
 
 
 def test_the_warm_up_runs_on_the_engine_thread_and_a_prompt_sent_meanwhile_is_answered(

@@ -109,20 +109,12 @@ def attend(q, keys, values, cell_pos, q_pos, window, rounding):
 
 @pytest.mark.parametrize("n_tokens", [1, 3, 7])         # 7: the parallel form
 @pytest.mark.parametrize("window", [0, 12])
-def test_flash_sums_values_in_f16(n_tokens, window):
+@pytest.mark.parametrize("rounding, reference", [(FLASH, flash_reference), (PLAIN, plain_reference)],
+                         ids=["flash sums values in f16", "plain rounds normalised probabilities to f16"])
+def test_rounding_equals_its_reference(n_tokens, window, rounding, reference):
     q, keys, values, cell_pos, q_pos = cache(n_tokens, window)
-    found = attend(q, keys, values, cell_pos, q_pos, window, FLASH)
-    np.testing.assert_array_equal(found, flash_reference(q, keys, values, cell_pos, q_pos, window))
-    exact = attend(q, keys, values, cell_pos, q_pos, window, EXACT)
-    assert not np.array_equal(found, exact) and np.abs(found - exact).max() < 2e-2 * np.abs(exact).max()
-
-
-@pytest.mark.parametrize("n_tokens", [1, 7])
-@pytest.mark.parametrize("window", [0, 12])
-def test_plain_rounds_normalised_probabilities_to_f16(n_tokens, window):
-    q, keys, values, cell_pos, q_pos = cache(n_tokens, window)
-    found = attend(q, keys, values, cell_pos, q_pos, window, PLAIN)
-    np.testing.assert_array_equal(found, plain_reference(q, keys, values, cell_pos, q_pos, window))
+    found = attend(q, keys, values, cell_pos, q_pos, window, rounding)
+    np.testing.assert_array_equal(found, reference(q, keys, values, cell_pos, q_pos, window))
     exact = attend(q, keys, values, cell_pos, q_pos, window, EXACT)
     assert not np.array_equal(found, exact) and np.abs(found - exact).max() < 2e-2 * np.abs(exact).max()
 

@@ -1,7 +1,9 @@
-"""The chat panel as the app tests drive it: a panel on the llama-moe fixture with a slowed model,
-dialogs that answer as the test says, and a helper that waits for a turn to finish."""
+"""The chat panel as the app tests drive it: a panel (or its controller alone) on the llama-moe
+fixture with a slowed model, dialogs that answer as the test says, and a helper that waits for a
+turn to finish."""
 import pytest
 
+from app.chat_controller import ChatController
 from app.engine_jobs import ChatRunner
 from app.widgets.chat import ChatPanel
 from slow_model import factory
@@ -29,6 +31,14 @@ class FakeDialogs:
 @pytest.fixture
 def dialogs() -> FakeDialogs:
     return FakeDialogs()
+
+
+@pytest.fixture
+def controller(qtbot, bridge, store, loaded):
+    controller = ChatController(bridge, store, ChatRunner(factory()))
+    controller.set_model(loaded)
+    yield controller
+    controller.shutdown()
 
 
 @pytest.fixture
