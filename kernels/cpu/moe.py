@@ -37,10 +37,9 @@ from kernels.cpu.formats import FAST_TYPES, as_ggml_type, read_only, row_bytes
 from kernels.cpu.fused_ops import glu_rows
 from kernels.cpu.matmul import rows_per_chunk as float_rows_per_chunk
 from kernels.cpu.moe_gemm import expert_gemms
-from kernels.cpu.qmatmul import QuantizedActivations, qmatmul_rows
+from kernels.cpu.qactivations import _quantize_rows_serial, q8_k_min_sums
+from kernels.cpu.qmatmul import Q8_K_INPUT_TYPES, QuantizedActivations, qmatmul_rows
 from kernels.cpu.qmatmul import rows_per_chunk as integer_rows_per_chunk
-from kernels.cpu.qactivations import _quantize_rows_serial
-from kernels.cpu.qmatmul import Q8_K_INPUT_TYPES
 from kernels.cpu.tile_matmul import tile_matmul
 
 GROUPED_TYPES = FAST_TYPES      # the weight types whose rows the units decode
@@ -143,10 +142,8 @@ def _quantized_rows(x, k_blocks):
     _quantize_rows_serial(x, k_blocks, q, d, sums)
     if not k_blocks:
         return q, d, sums       # Q8_1's s is what Q4_1 / Q5_1's mins multiply
-    min_sums = np.empty_like(sums)      # Q8_K: d * bsum of each 16 values
-    for t in range(n_rows):
-        for j in range(sums.shape[1]):
-            min_sums[t, j] = sums[t, j] * d[t, j // 16]
+    min_sums = np.empty_like(sums)
+    q8_k_min_sums(d, sums, min_sums)
     return q, d, min_sums
 
 
