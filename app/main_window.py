@@ -13,8 +13,8 @@ from pathlib import Path
 
 from PySide6.QtCore import QByteArray, QTimer, Signal
 from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
-from PySide6.QtWidgets import (QDialog, QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar, QTabWidget,
-                               QToolButton, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QDialog, QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar, QSizePolicy,
+                               QTabWidget, QToolButton, QVBoxLayout, QWidget)
 
 from app.bridge import Bridge, JobHandle
 from app.engine_jobs import LoadedModel, compiling_text, load_default_model, load_model
@@ -130,6 +130,7 @@ class MainWindow(QMainWindow):
         bar = self.statusBar()
         bar.setSizeGripEnabled(False)
         self.job_label = QLabel(objectName="jobLabel")
+        self.job_label.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)    # long lines are cut, not widening
         self.progress_bar = QProgressBar(textVisible=False)
         self.progress_bar.setFixedWidth(180)
         self.progress_bar.setFixedHeight(10)

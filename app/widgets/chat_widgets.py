@@ -15,7 +15,7 @@ from PySide6.QtCore import QEvent, QModelIndex, QPoint, QPointF, QRect, QRectF, 
 from PySide6.QtGui import (QAbstractTextDocumentLayout, QColor, QFont, QFontMetrics, QKeyEvent, QMouseEvent,
                            QPainter, QPaintEvent, QPalette, QPen, QResizeEvent, QTextDocument, QTextOption)
 from PySide6.QtWidgets import (QAbstractItemView, QDoubleSpinBox, QFormLayout, QFrame, QHBoxLayout, QLabel,
-                               QPlainTextEdit, QProgressBar, QSpinBox, QStyle, QStyledItemDelegate,
+                               QPlainTextEdit, QProgressBar, QSizePolicy, QSpinBox, QStyle, QStyledItemDelegate,
                                QStyleOptionViewItem, QToolButton, QTreeView, QWidget)
 
 from app import theme
@@ -473,8 +473,10 @@ class ChatStats(QWidget):
         layout = QHBoxLayout(self)
         layout.setContentsMargins(18, 2, 18, 2)
         layout.setSpacing(18)
-        layout.addWidget(self.state_label)
-        layout.addStretch(1)
+        # the state line (a compile's "Preparing CPU kernels ... now <kernel>") is cut to the room
+        # it has: as a minimum width it pushed the window past a 1280-pixel screen
+        self.state_label.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
+        layout.addWidget(self.state_label, 1)
         layout.addWidget(self.prompt_label)
         layout.addWidget(self.generation_label)
         layout.addWidget(self.context_label)

@@ -57,3 +57,18 @@ def test_the_window_fits_a_1280_by_800_screen(qtbot, window):
     window.show()
     qtbot.waitExposed(window)
     assert window.width() <= 1280 and window.height() <= 800
+
+
+def test_a_long_status_line_does_not_widen_the_window(qtbot, window):
+    """A job's status text (a compile's "Preparing CPU kernels ... now <kernel>") is cut to the bar,
+    not a minimum width: it widened the window past the screen, and it stayed wide."""
+    window.resize(1280, 800)
+    window.show()
+    qtbot.waitExposed(window)
+    text = "Preparing CPU kernels for this machine (first run): 123 compiled, now " + "k" * 300
+    window.track_job(window.bridge.submit(lambda ctx: None), text)        # the status bar
+    window.chat.controller.status_changed.emit(text)                      # the chat's state line
+    qtbot.wait(50)
+    for widget in (window.statusBar(), window.chat.stats, window):
+        assert widget.minimumSizeHint().width() <= 1280, widget
+    assert window.width() <= 1280
