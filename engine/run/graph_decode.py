@@ -1,19 +1,23 @@
-"""One-token evaluation with the layers a CUDA device holds whole run as a captured CUDA graph.
+"""One-token evaluation with each device range of layers run as one step of kernels only.
 
-Decoding one token, Python's launch overhead dominates a GPU: every norm, rope and add of the
-family's array math is a launch, and an activation crosses the host API each time. Where the
-placement allows, each device range (consecutive layers with the same home device) runs instead
-as `engine.backends.cuda_decode.RangeDecode`, launches only, captured once by `CapturedDecode`
-and replayed token after token with the token id, position and cache cells refilled; a new
-capture when a layer's padded attended length changes (every GRAPH_CELL_PADDING tokens) or when
-a new cache is used. Ranges that cannot (on the CPU, a tensor of theirs elsewhere, a KV cache
-type or a family the graph step has no kernels for) run the family's `forward_layer` as always,
-and the reason is logged once; the activation moves between ranges as it does between layers.
-The embedding row and the output head join the graph of the first / last range when their
-weights live on its device.
+Decoding one token, Python's overhead dominates: on a GPU every norm, rope and add of the
+family's array math is a launch, and an activation crosses the host API each time; on the CPU
+the ops' checks and allocations cost a quarter of a small model's token. Where the placement
+allows, each device range (consecutive layers with the same home device) runs instead as one
+step built from the family's decode plan (engine.arch.decode_plan):
+- a CUDA range as `engine.backends.cuda_decode.RangeDecode`, launches only, captured once by
+  `CapturedDecode` and replayed token after token with the token id, position and cache cells
+  refilled; a new capture when a layer's padded attended length changes (every
+  GRAPH_CELL_PADDING tokens) or when a new cache is used. The embedding row and the output head
+  join the graph of the first / last range when their weights live on its device.
+- a CPU range as `engine.backends.cpu_decode.CpuRangeDecode`, the family's kernels called
+  directly with everything bound once, bit-identical with the family's forward pass.
+Ranges that cannot (a tensor of theirs elsewhere, a KV cache type or a family the step has no
+kernels for) run the family's `forward_layer` as always, and a CUDA range's reason is logged
+once; the activation moves between ranges as it does between layers.
 
 RunConfig(cuda_graphs=False) (--no-cuda-graphs) or llama.cpp's GGML_CUDA_DISABLE_GRAPHS=1 in the
-environment turns it off, for the command line and the app alike.
+environment turns the CUDA graphs off, for the command line and the app alike.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.backends.cuda import GRAPH_CELL_PADDING, CapturedDecode, CudaBackend, graph_blocker, padded_cells
+from engine.backends.cpu_decode import CpuRangeDecode, lean_blocker
 from engine.backends.cuda_decode import RangeDecode, decode_blocker
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,7 @@ class DeviceRange:
     reason: str | None = None               # why a CUDA range is not a graph
     embeds: bool = False
     head: bool = False
+    lean: CpuRangeDecode | None = None      # a CPU range's step of kernels only
 
 
 def graph_decode(model, tokens: np.ndarray, positions: np.ndarray, cache, check_cancelled=None) -> np.ndarray | None:
@@ -78,6 +84,11 @@ class GraphDecode:
     def graphed(self) -> bool:
         return any(r.step is not None for r in self.ranges)
 
+    @property
+    def has_steps(self) -> bool:
+        """Whether some range runs as a step (a CUDA graph or the CPU's lean step)."""
+        return any(r.step is not None or r.lean is not None for r in self.ranges)
+
     def bind(self, cache) -> None:
         """Ranges for `cache` (a graph holds its buffers): CUDA ranges become graphs where they can."""
         m = self.model
@@ -99,6 +110,8 @@ class GraphDecode:
         m = self.model
         backend = m.ops.backends[device]
         if not isinstance(backend, CudaBackend):
+            if lean_blocker(backend, plan) is None and graph_blocker(tensor_devices, device, layers) is None:
+                return DeviceRange(device, layers, lean=CpuRangeDecode(backend, m, plan, layers, device, cache))
             return DeviceRange(device, layers)
         reason = graphs_turned_off(m.run_config)
         reason = reason or decode_blocker(plan, m.hparams, layers, cache.layers)
@@ -120,7 +133,7 @@ class GraphDecode:
     def __call__(self, tokens, positions, cache, check_cancelled=None) -> np.ndarray | None:
         if self._cache is None or self._cache() is not cache:
             self.bind(cache)
-        if not self.graphed:
+        if not self.has_steps:
             return None
         from engine.run.model import UBatch, check_finite
 
@@ -134,7 +147,12 @@ class GraphDecode:
         for r in self.ranges:
             if check_cancelled is not None:
                 check_cancelled()
-            x = self._replayed(r, x, tokens, positions, cache) if r.step else self._layers(r, x, batch, check_cancelled)
+            if r.step is not None:
+                x = self._replayed(r, x, tokens, positions, cache)
+            elif r.lean is not None:
+                x = self._lean(r, x, batch)
+            else:
+                x = self._layers(r, x, batch, check_cancelled)
             m.file.check_unchanged()
             check_finite(m.ops, x, f"layers {r.layers.start}-{r.layers.stop - 1}", m.kv_hint)
         cache.n_past = max(cache.n_past, int(positions.max()) + 1)
@@ -155,6 +173,20 @@ class GraphDecode:
             x = m._enter(x, m.homes[il])
             x = m.family.forward_layer(m, il, x, batch)
         return x
+
+    def _lean(self, r: DeviceRange, x, batch):
+        """The CPU range's lean step; where it ends non-finite, the range again layer by layer to
+        name the first layer that went wrong (a step rewrites its cache cells with the same values)."""
+        from engine.run.model import check_finite
+
+        m = self.model
+        x = m._enter(x, r.device)
+        y = r.lean(x, batch)
+        if not (np.isfinite(y.max()) and np.isfinite(y.min())):
+            for il in r.layers:
+                x = m.family.forward_layer(m, il, x, batch)
+                check_finite(m.ops, x, f"layer {il}", m.kv_hint)
+        return y
 
     def _replayed(self, r: DeviceRange, x, tokens, positions, cache):
         """The range's graph replayed (captured first where its key is new) on this token."""
