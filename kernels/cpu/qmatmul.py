@@ -31,6 +31,7 @@ from kernels.cpu.decode import checked_weight
 from kernels.cpu.decode_basic import read_f16
 from kernels.cpu.decode_kquants import k_scale_min
 from kernels.cpu.formats import as_ggml_type, block_bytes as bytes_per_block, read_only
+from kernels.cpu.prefetch import prefetch_rows
 from kernels.cpu.qactivations import q8_k_min_sums, quantize_activations, quantize_one_token
 from kernels.cpu.qgemm import prefill_is_faster, qgemm
 from kernels.cpu.simd import scaled_block_dot
@@ -225,6 +226,10 @@ def _row_dot(type_code, w, r, x, dx, sx, n_cols):
 # Larger ones stream from memory, where one row after another, a single sequential stream for
 # the hardware prefetcher, kept the Q8_0 output head nearer the read speed (0.94 against 0.80).
 GROUPED_ROWS_MAX_BYTES = 4 << 20
+# The four-row groups ask for the group this many rows ahead (`prefetch.prefetch_rows`): a decode
+# step's small products start cold, right after the head or the previous layer, and the hardware
+# prefetcher stops at every 4 KiB page; Gemma 3 270M's step went from 21.2 to 19.0 ms.
+PREFETCH_ROWS_AHEAD = 8
 
 
 @njit(cache=True, nogil=True)
@@ -233,7 +238,10 @@ def _decode_rows(xq, xd, min_sums, w, type_code, n_cols, start, n_rows, out, col
     x, dx, sx = xq[0], xd[0], min_sums[0]
     end = start + n_rows
     quads_end = end - n_rows % 4 if w.size <= GROUPED_ROWS_MAX_BYTES else start
+    ahead_end = w.shape[0] - 4 - PREFETCH_ROWS_AHEAD
     for r in range(start, quads_end, 4):
+        if r <= ahead_end:
+            prefetch_rows(w, r + PREFETCH_ROWS_AHEAD, 4)
         o = out[0, col0 + r:col0 + r + 4]
         o[0], o[1], o[2], o[3] = _row_dot(type_code, w, (r, r + 1, r + 2, r + 3), x, dx, sx, n_cols)
     for r in range(quads_end, end):
