@@ -325,8 +325,8 @@ def _emit_row_dots(context, builder, signature, args, type_name, form):
     scaled and accumulated in float32 lanes, one accumulator per row. The rows share the
     activation loads (and what is computed from the activations alone, such as the offsets'
     sums), and their independent float chains hide each other's add latency. No software
-    prefetch: rows are read in order, and a llvm.prefetch 256 or 1024 bytes ahead gained
-    nothing over the hardware prefetcher on the 178 MB Q8_0 output head."""
+    prefetch here: 256 or 1024 bytes ahead within a row gained nothing; the caller asks for
+    whole rows several KiB ahead, across the 4 KiB pages (`qmatmul.PREFETCH_ROWS_AHEAD`)."""
     block_bytes, block_elements, d_offset = LAYOUTS[type_name]
     w_type, r_type, x_type, dx_type, sx_type, _ = signature.args
     w_arr, r, x_arr, dx_arr, sx_arr, n_blocks = args
