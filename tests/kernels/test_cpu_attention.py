@@ -4,7 +4,8 @@ order: its dot product's fixed summation order, its fused multiply-adds (emulate
 the product of two float32 is exact there) and the same float32 exponential.
 
 Unlike tests/kernels/test_cpu_attention_rounding.py, the values are not chosen to make the sums
-exact, so the order of every sum is part of what is checked."""
+exact, so the order of every sum is part of what is checked. And the cache layer's store of one
+token (a decode step's path) writes what its store of a ubatch writes."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from gguf.constants import GGMLQuantizationType as T
 from gguf.quants import dequantize
 from numba import njit
 
+from engine.backends.kv_store import HostKVLayer
+from engine.backends.protocol import KVLayout
 from kernels.cpu import quantize_rows
 from kernels.cpu.attention import EXACT, FLASH, FULL, PLAIN, SLIDING, _dot, attend_cache
 
@@ -177,3 +180,23 @@ def test_every_row_form_equals_the_reference(n_tokens, window, k_type, v_type, r
         expected = online_reference(q, k_values, v_values, cell_pos, q_pos, window,
                                     rounding == FLASH and v_type == T.F16)
     np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("type_k, type_v", [("f16", "f16"), ("f32", "q8_0"), ("q4_0", "bf16")])
+def test_a_decode_step_stores_what_a_ubatch_stores(type_k, type_v):
+    layout = KVLayout(N_CELLS, N_HEAD_KV * 64, N_HEAD_KV * 32, type_k, type_v, "llama.cpp", True)
+    by_token, by_ubatch = HostKVLayer(layout), HostKVLayer(layout)
+    cells, positions = RNG.permutation(N_CELLS)[:9], np.arange(9, dtype=np.int64) + 100
+    k = RNG.standard_normal((9, N_HEAD_KV, 64)).astype(np.float32)
+    v = RNG.standard_normal((9, N_HEAD_KV, 32)).astype(np.float32)
+    for i in range(9):
+        by_token.store(cells[i:i + 1], positions[i:i + 1], k[i:i + 1], v[i:i + 1])
+    by_ubatch.store(cells, positions, k, v)
+    for stored_by_token, stored_by_ubatch in [(by_token.k_bytes, by_ubatch.k_bytes), (by_token.v_bytes, by_ubatch.v_bytes),
+                                              (by_token.cell_pos, by_ubatch.cell_pos)]:
+        np.testing.assert_array_equal(stored_by_token, stored_by_ubatch)
+    assert (by_token.cell_pos[cells] == positions).all()
+    keys, values, _ = by_token.view(N_CELLS)
+    expected_keys = (k.reshape(9, -1).astype(np.float16).astype(np.float32) if type_k == "f16" else
+                     k.reshape(9, -1) if type_k == "f32" else dequantize(quantize_rows(k.reshape(9, -1), int(T.Q4_0)), T.Q4_0))
+    np.testing.assert_array_equal(keys[cells], expected_keys)
