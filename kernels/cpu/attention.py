@@ -265,38 +265,6 @@ def _load_row(type_code, store, c, row):
         decode_row(type_code, store, c, n, _LANES, row, 0)
 
 
-# Per-element updates of a head's running value sum acc[h] by the values v[g] of its kv head.
-# Fused multiply-adds are explicit (llvm.fma), so the roundings are what is written here.
-
-@njit(cache=True, nogil=True)
-def _rescale_add(acc, h, shrink, v, g):
-    """acc[h] = acc[h] * shrink + v[g], one rounding (a new running maximum)."""
-    for i in range(acc.shape[1]):
-        acc[h, i] = _fma(acc[h, i], shrink, v[g, i])
-
-
-@njit(cache=True, nogil=True)
-def _add_weighted(acc, h, weight, v, g):
-    """acc[h] = acc[h] + weight * v[g], one rounding."""
-    for i in range(acc.shape[1]):
-        acc[h, i] = _fma(weight, v[g, i], acc[h, i])
-
-
-@njit(cache=True, nogil=True)
-def _rescale_add_f16(acc, h, shrink, v, g):
-    """acc[h] = f16(f16(acc[h] * shrink) + v[g]) (ggml_vec_scale_f16, then ggml_vec_mad_f16 with
-    weight 1: the sum of two halves is exact before its f32 rounding)."""
-    for i in range(acc.shape[1]):
-        acc[h, i] = f16_round(v[g, i] + f16_round(acc[h, i] * shrink))
-
-
-@njit(cache=True, nogil=True)
-def _add_weighted_f16(acc, h, weight, v, g):
-    """acc[h] = f16(fma(v[g], weight, acc[h])) (ggml_vec_mad_f16)."""
-    for i in range(acc.shape[1]):
-        acc[h, i] = f16_round(_fma(v[g, i], weight, acc[h, i]))
-
-
 @njit(cache=True, nogil=True)
 def _online_query(t, q, k_store, k_type, v_store, v_type, group, cell_pos, q_pos, mask_kind, window, scale,
                   f16_sum, key, value, values, running_max, running_sum, acc, out):
@@ -315,21 +283,27 @@ def _online_query(t, q, k_store, k_type, v_store, v_type, group, cell_pos, q_pos
         for h in range(n_head):
             g = h // group
             score = _dot(q, (t * n_head + h) * d_k, key, g * d_k, d_k) * scale
+            # the value sum's updates, written out here: a helper taking the arrays would cost
+            # reference-count updates per call; fused multiply-adds are explicit (_fma)
             if score > running_max[h]:      # a new maximum: rescale what was summed so far
                 shrink = np.exp(running_max[h] - score)
                 running_max[h] = score
                 running_sum[h] = running_sum[h] * shrink + np.float32(1.0)
-                if f16_sum:
-                    _rescale_add_f16(acc, h, shrink, values, g)
+                if f16_sum:     # ggml_vec_scale_f16, then ggml_vec_mad_f16 by 1 (an exact sum of halves)
+                    for i in range(d_v):
+                        acc[h, i] = f16_round(values[g, i] + f16_round(acc[h, i] * shrink))
                 else:
-                    _rescale_add(acc, h, shrink, values, g)
+                    for i in range(d_v):
+                        acc[h, i] = _fma(acc[h, i], shrink, values[g, i])
             else:
                 p = np.exp(score - running_max[h])
                 running_sum[h] += p
-                if f16_sum:
-                    _add_weighted_f16(acc, h, p, values, g)
+                if f16_sum:     # ggml_vec_mad_f16
+                    for i in range(d_v):
+                        acc[h, i] = f16_round(_fma(values[g, i], p, acc[h, i]))
                 else:
-                    _add_weighted(acc, h, p, values, g)
+                    for i in range(d_v):
+                        acc[h, i] = _fma(p, values[g, i], acc[h, i])
     for h in range(n_head):
         inverse = np.float32(1.0) / running_sum[h]
         for i in range(d_v):
@@ -368,7 +342,9 @@ def _plain_query(t, q, k_store, k_type, v_store, v_type, group, cell_pos, q_pos,
             continue
         _load_row(v_type, v_store, c, value)
         for h in range(n_head):
-            _add_weighted(acc, h, scores[c, h], values, h // group)
+            g, p = h // group, scores[c, h]
+            for i in range(d_v):
+                acc[h, i] = _fma(p, values[g, i], acc[h, i])
     for h in range(n_head):
         for i in range(d_v):
             out[t, h * d_v + i] = acc[h, i]
