@@ -293,7 +293,10 @@ def best_groups_mask(group_scores, n_used: int):
 def select_experts(logits, routing: Routing, selection_bias=None):
     """(expert ids (T, k) int64, weights (T, k) float32) from router logits (T, n_expert), on
     the logits' device (llama.cpp build_moe_ffn: probabilities, biased selection, grouped
-    top-k, weight normalisation and scale)."""
+    top-k, weight normalisation and scale). One token on the host takes the probabilities, then
+    one Numba call for the rest (kernels.cpu.routing.route_probabilities: bit for bit)."""
+    if type(logits) is np.ndarray and logits.shape[0] == 1:
+        return _route_host_token(logits[0], routing, selection_bias)
     xp = namespace(logits)
     probs = softmax(logits) if routing.gating == "softmax" else sigmoid(logits)
     scores = logits if routing.select_on_logits else probs
@@ -313,6 +316,25 @@ def select_experts(logits, routing: Routing, selection_bias=None):
     if routing.weights_scale not in (0.0, 1.0):
         weights = weights * routing.weights_scale
     return ids, xp.astype(weights, xp.float32)
+
+
+_NO_BIAS = np.zeros(0, np.float32)
+
+
+def _route_host_token(row: np.ndarray, routing: Routing, selection_bias) -> tuple:
+    """select_experts of one host token: its probabilities by NumPy (softmax's operations on the
+    row itself, a third of the time of keepdims reductions, bit for bit), the rest by one call."""
+    from kernels.cpu.routing import route_probabilities
+    if routing.gating == "softmax":
+        e = np.exp(row - row.max())
+        probs = e / e.sum()
+    else:
+        probs = sigmoid(row)
+    bias = _NO_BIAS if selection_bias is None else np.asarray(selection_bias, dtype=np.float32)
+    ids, weights = route_probabilities(row, probs, routing.select_on_logits, bias, routing.n_groups,
+                                       routing.n_groups_used, routing.n_expert_used, routing.norm_weights,
+                                       routing.weights_scale)
+    return ids[None, :], weights[None, :]
 
 
 @dataclass(frozen=True)
@@ -388,12 +410,24 @@ def moe_feed_forward(ops, x, lw, routing: Routing, expert_counts: np.ndarray, ac
     if routing.weight_before_ffn:
         rows_in = rows_in * xp.take(flat_weights, ops.index(rows.row_slot))[:, None]
     rows_out = ops.expert_ffn(rows_in, rows.segments, lw, activation)            # (R, n_embd)
+    if type(rows_out) is np.ndarray and ids.shape[0] == 1:
+        return _combine_host_token(rows_out, ids, weights, rows, routing.weight_before_ffn)
     sorted_weights = xp.take_along_axis(weights, ops.index(rows.slot_order), axis=-1)
     slot_row = ops.index(rows.slot_row)
     out = xp.zeros_like(x)
     for j in range(ids.shape[1]):
         y = xp.take(rows_out, slot_row[:, j], axis=0)
         out = out + (y if routing.weight_before_ffn else y * sorted_weights[:, j:j + 1])
+    return out
+
+
+def _combine_host_token(rows_out: np.ndarray, ids: np.ndarray, weights: np.ndarray, rows: ExpertRows,
+                        weighted_before: bool) -> np.ndarray:
+    """moe_feed_forward's sum for one token on the host, in one Numba call (kernels.cpu.routing.combine)."""
+    from kernels.cpu.routing import combine
+    row_weights = np.ones(len(rows.row_slot), np.float32) if weighted_before else weights[0][rows.row_slot]
+    out = np.empty((1, rows_out.shape[1]), dtype=np.float32)
+    combine(rows_out, ids[0][rows.row_slot], row_weights, out[0])
     return out
 
 
