@@ -119,6 +119,16 @@ def load_half(builder, pointer, isa: str = ISA):
     return builder.call(convert, [bits])
 
 
+def load_half_lanes(builder, pointer, n, isa: str = ISA):
+    """<n x float> with every lane the IEEE half at `pointer`. The x86 forms broadcast the half
+    and convert all lanes (vpbroadcastw from memory, vcvtph2ps): two instructions that write a
+    whole register, where a scalar conversion, multiply and broadcast take five."""
+    if isa == "generic":
+        return splat(builder, load_half(builder, pointer, isa), n)
+    halves = builder.bitcast(splat(builder, load_scalar(builder, pointer, i16), n), vector(ir.HalfType(), n))
+    return builder.fpext(halves, vector(f32, n))
+
+
 def call_intrinsic(builder, name, return_type, args):
     """Call LLVM intrinsic `name`, declared in the current module on first use."""
     module = builder.module

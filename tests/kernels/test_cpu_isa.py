@@ -134,6 +134,29 @@ def test_lookup16(rng, form, n):
     np.testing.assert_array_equal(out, expected)
 
 
+def _half_lanes(form, n):
+    """f(h uint16 (1,), out float32 (n,)): out = the half with bits h[0], in every lane."""
+    @intrinsic
+    def emit(typingctx, h, out):
+        def codegen(context, builder, signature, args):
+            hp, op = _pointers(context, builder, signature, args)
+            _store(builder, isa.load_half_lanes(builder, hp, n, form), op)
+            return context.get_dummy_value()
+        return types.void(h, out), codegen
+
+    return njit(lambda h, out: emit(h, out))
+
+
+@pytest.mark.parametrize("form", isa.HOST_FORMS)
+def test_load_half_lanes_converts_every_half(form):
+    halves = np.array([1.0, -0.0, 65504.0, -2.0 ** -24, 6.1e-5, 0.3333, np.inf], dtype=np.float16)
+    convert = _half_lanes(form, 8)
+    for value in halves:
+        out = np.zeros(8, dtype=np.float32)
+        convert(value.reshape(1).view(np.uint16), out)
+        np.testing.assert_array_equal(out.view(np.uint32), np.full(8, np.float32(value)).view(np.uint32))
+
+
 def test_forms_follow_the_host_features():
     assert isa.host_forms({"avx2": True}) == ("generic", "avx2")
     assert isa.host_forms({"avx2": True, "avx512bw": True, "avx512vnni": True}) == ("generic", "avx2")
