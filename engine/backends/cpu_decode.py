@@ -37,6 +37,7 @@ try:    # the Numba kernels, once they are built
     from kernels.cpu.qgemm import prefill_is_faster
     from kernels.cpu.qmatmul import (LANES, Q8_K_INPUT_TYPES, SERIAL_WORK_BYTES, qmatmul_kernel, qmatmul_serial,
                                      rows_per_chunk)
+    from kernels.cpu.routing import combine
 except ImportError:
     integer_path_is_faster = None
 
@@ -174,10 +175,8 @@ class _Experts:
                            self.gate_k_blocks, self.down_k_blocks, self.glu_kind, self.gate_chunk, self.down_chunk,
                            numba.get_num_threads())
         # weighted and summed in ascending expert order from zero, as moe_feed_forward sums them
-        w = weights[0][order]
-        out = np.zeros_like(x)
-        for j in range(len(experts)):
-            out = out + y[j:j + 1] * w[j]
+        out = np.empty_like(x)
+        combine(y, experts, weights[0][order], out[0])
         return out
 
 
