@@ -388,6 +388,8 @@ def _attend_parallel(q, k_store, k_type, v_store, v_type, n_head_kv, cell_pos, q
 def attend_cache(q, k_store, k_type, v_store, v_type, n_head_kv, cell_pos, q_pos, mask_kind, window, kq_scale,
                  rounding, out):
     """out[t] = softmax(kq_scale * q[t] K^T over the cells q_pos[t] sees) V, per query head."""
+    if not q.flags.c_contiguous:
+        raise ValueError(f"attend_cache: q {q.shape} must be C-contiguous")
     if q.shape[0] < PARALLEL_MIN_TOKENS:
         _attend_queries(0, q.shape[0], q, k_store, k_type, v_store, v_type, n_head_kv, cell_pos, q_pos, mask_kind,
                         window, kq_scale, rounding, out)

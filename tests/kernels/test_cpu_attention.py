@@ -91,6 +91,14 @@ def test_dot_sums_in_its_documented_order(n):
     assert found.view(np.uint32) == expected.view(np.uint32)
 
 
+def test_a_strided_query_is_refused_by_name():
+    q, keys, _, values, _, cell_pos, q_pos = cache(2, T.F16, T.F16)
+    out = np.empty((2, N_HEAD * D_V), dtype=np.float32)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        attend_cache(q[:, :, ::-1], keys, int(T.F16), values, int(T.F16), N_HEAD_KV, cell_pos, q_pos, FULL, 0,
+                     KQ_SCALE, EXACT, out)
+
+
 def stored(values: np.ndarray, ggml_type: T) -> tuple[np.ndarray, np.ndarray]:
     """(the uint8 rows the kernel reads, the float32 values they hold)."""
     if ggml_type == T.F32:
