@@ -38,8 +38,7 @@ from kernels.cpu.fused_ops import glu_rows
 from kernels.cpu.matmul import rows_per_chunk as float_rows_per_chunk
 from kernels.cpu.moe_gemm import expert_gemms
 from kernels.cpu.qactivations import _quantize_rows_serial, q8_k_min_sums
-from kernels.cpu.prefetch import prefetch_rows
-from kernels.cpu.qmatmul import PREFETCH_ROWS_AHEAD, Q8_K_INPUT_TYPES, QuantizedActivations, qmatmul_rows
+from kernels.cpu.qmatmul import Q8_K_INPUT_TYPES, QuantizedActivations, qmatmul_rows
 from kernels.cpu.qmatmul import rows_per_chunk as integer_rows_per_chunk
 from kernels.cpu.tile_matmul import tile_matmul
 
@@ -156,17 +155,6 @@ def _one_row_spans(n_rows):
     return spans
 
 
-@njit(cache=True, nogil=True)
-def _prefetch_next_unit(units, u, end, w0, w1):
-    """Ask for the first rows of unit u + 1 when the thread runs it next (before bounds end):
-    qmatmul's rows-ahead prefetch stops at the end of each expert's matrix, so each next expert
-    would start cold (the slice's decode units 1.40 -> 1.30 ms per layer, shared machine)."""
-    if u + 1 < end:
-        unit = units[u + 1]
-        w = w0 if unit[MATRIX] == 0 else w1
-        prefetch_rows(w[unit[EXPERT]], unit[ROW0], min(PREFETCH_ROWS_AHEAD, unit[N_ROWS]))
-
-
 @njit(cache=True, nogil=True, parallel=True)
 def decode_experts(x, experts, gate, up, down, gate_type, down_type, gate_k_blocks, down_k_blocks, glu_kind,
                    gate_chunk, down_chunk, n_parts):
@@ -174,8 +162,7 @@ def decode_experts(x, experts, gate, up, down, gate_type, down_type, gate_k_bloc
     the integer products, in one call: the gate and up units are one parallel loop, the down
     units a second, and x's quantization, the activation and the hidden rows' quantization run
     between them on the calling thread (a decode step's few rows: cheaper than the pool). Each
-    loop's units are n_parts parts of equal bytes, one per thread, each unit asking for the
-    start of the next."""
+    loop's units are n_parts parts of equal bytes, one per thread."""
     n_rows, n_embd = x.shape
     n_ff = gate.shape[1]
     spans = _one_row_spans(n_rows)
@@ -188,7 +175,6 @@ def decode_experts(x, experts, gate, up, down, gate_type, down_type, gate_k_bloc
     up_out = np.empty((n_rows, up.shape[1]), dtype=np.float32)
     for p in prange(n_parts):
         for u in range(bounds[p], bounds[p + 1]):
-            _prefetch_next_unit(units, u, bounds[p + 1], gate, up)
             w, out = (gate, gate_out) if units[u, MATRIX] == 0 else (up, up_out)
             r = units[u, FIRST]
             qmatmul_rows(xq[r:r + 1], xd[r:r + 1], x_sums[r:r + 1], w[units[u, EXPERT]], gate_type, n_embd,
@@ -201,7 +187,6 @@ def decode_experts(x, experts, gate, up, down, gate_type, down_type, gate_k_bloc
     out = np.empty((n_rows, down.shape[1]), dtype=np.float32)
     for p in prange(n_parts):
         for u in range(bounds[p], bounds[p + 1]):
-            _prefetch_next_unit(units, u, bounds[p + 1], down, down)
             r = units[u, FIRST]
             qmatmul_rows(hq[r:r + 1], hd[r:r + 1], h_sums[r:r + 1], down[units[u, EXPERT]], down_type, n_ff,
                          units[u, ROW0], units[u, N_ROWS], out[r:r + 1], 0)
