@@ -1,16 +1,20 @@
 """One token through a run of CPU layers as kernel calls only: the CPU's lean decode step.
 
-A decode step of a small model is short (Gemma 3 270M reads 246 MB in about 20 ms), and the
-family's forward_layer, array math between backend ops that each check, reshape and allocate,
-spent a quarter of it in Python. Where the family describes its block as data
-(engine.arch.decode_plan), this step runs that block with each layer's weights, norms and
-kernel choices bound once: the same Numba kernels, on the same inputs, in the same order as
-CpuBackend runs them under forward_layer, so its logits are bit-identical with the family's
-(tests/engine/run/test_cpu_decode.py holds it to that on every fixture with a plan). The
-activation is quantized once per input into buffers of the step. Attention goes through
-UBatch.attend as always, so the cache, its rotation and its rounding live in one place; a MoE
-layer calls `decode_experts` directly where CpuBackend would reach it, else the family's
-`moe_feed_forward`.
+A decode step of a small model is short (Gemma 3 270M reads 246 MB per token), and the family's
+forward_layer, array math between backend ops that each check, reshape and allocate, spent a
+quarter of it in Python. Where the family describes its block as data (engine.arch.decode_plan),
+this step runs that block with each layer's weights, norms and kernel choices bound once:
+- a layer whose products all take the integer path over an f32/f16 cache runs as the chains of
+  kernels.cpu.decode_step: one call from the norm to the stored key and value and the rounded
+  query, attention over the cache (kernels.cpu.attention), one call for the o product and the
+  residual, one for a dense FFN;
+- any other layer (float weights, exact activations, a quantized cache with its rotation) runs
+  op by op with its products bound, attention through UBatch.attend as the family's does;
+- a MoE layer's experts are one `decode_experts` call where CpuBackend would reach it, else the
+  family's `moe_feed_forward`.
+Each runs the same kernels on the same inputs in the same order as CpuBackend under
+forward_layer, so the logits are bit-identical with the family's (tests/engine/run/
+test_cpu_decode.py holds every form to that).
 """
 from __future__ import annotations
 
@@ -140,9 +144,9 @@ class _Products:
 
 class _Experts:
     """A MoE layer's routed experts by one `decode_experts` call, as CpuBackend.routed_experts
-    reaches it for one token with every expert on the CPU; None where it would not."""
+    reaches it for one token with every expert on the CPU (`usable`)."""
 
-    def __init__(self, backend: CpuBackend, lw, n_expert: int, activation):
+    def __init__(self, backend: CpuBackend, lw, activation):
         self.gate_inp = _Products(backend, [lw.ffn_gate_inp], {})
         gate, up, down = lw.ffn_gate_exps, lw.ffn_up_exps, lw.ffn_down_exps
         self.glu_kind = backend._glu_kind(activation)
@@ -198,7 +202,7 @@ class _Layer:
             self.gate_up = _Products(backend, [lw.ffn_gate, lw.ffn_up], quantized)
             self.down = _Products(backend, [lw.ffn_down], quantized)
         elif _Experts.usable(backend, lw, hp.n_expert, self.activation, device):
-            self.experts = _Experts(backend, lw, hp.n_expert, self.activation)
+            self.experts = _Experts(backend, lw, self.activation)
         self.chain = _Chain(self, hp, kv, quantized) if _Chain.fits(self, hp, kv) else None
 
 
