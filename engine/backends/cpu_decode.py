@@ -29,18 +29,16 @@ from kernels.cpu.attention import EXACT, attend_cache
 from kernels.cpu.fused_ops import add_rms_norm_rows, glu_rows, rms_norm_rows, rope_rows
 
 try:    # the Numba kernels, once they are built
-    import numba
-
     from kernels.cpu import integer_path_is_faster
     from kernels.cpu.decode import checked_weight
     from kernels.cpu.decode_step import (STORE_F16, STORE_F32, attention_inputs, attention_output, dense_ffn,
                                          ffn_input)
     from kernels.cpu.formats import read_only
-    from kernels.cpu.moe import GROUPED_TYPES, decode_experts
+    from kernels.cpu.moe import GROUPED_TYPES, DecodeExperts
     from kernels.cpu.qactivations import quantize_one_token
     from kernels.cpu.qgemm import prefill_is_faster
-    from kernels.cpu.qmatmul import (LANES, Q8_K_INPUT_TYPES, SERIAL_WORK_BYTES, qmatmul_kernel, qmatmul_serial,
-                                     rows_per_chunk)
+    from kernels.cpu.qmatmul import (DECODE_ROWS_PER_CHUNK, LANES, Q8_K_INPUT_TYPES, SERIAL_WORK_BYTES,
+                                     qmatmul_kernel, qmatmul_serial, quantized_buffers)
     from kernels.cpu.routing import combine
 except ImportError:
     integer_path_is_faster = None
@@ -70,10 +68,7 @@ class _Quantized:
 
     def __init__(self, n_cols: int, k_blocks: bool):
         self.k_blocks = k_blocks
-        self.q = np.empty((1, n_cols), dtype=np.int8)
-        self.d = np.empty((1, n_cols // (256 if k_blocks else 32)), dtype=np.float32)
-        self.sums = np.empty((1, n_cols // (16 if k_blocks else 32)), dtype=np.float32)
-        self.min_sums = np.empty_like(self.sums) if k_blocks else self.sums
+        self.q, self.d, self.sums, self.min_sums = quantized_buffers(1, n_cols, k_blocks)
         # the kernels take their inputs read-only (one compiled form each): views of the buffers
         self.inputs = (read_only(self.q), read_only(self.d), read_only(self.min_sums))
         self.form = (self.q, self.d, self.sums, self.min_sums, *self.inputs)     # decode_step's
@@ -103,7 +98,7 @@ class _Products:
 
     def __init__(self, backend: CpuBackend, weights, quantized: dict):
         self.backend, self.weights = backend, weights
-        self.integer = []       # per weight: (data, type, chunk, kernel, quantized input) or None
+        self.integer = []       # per weight: (data, type, kernel, quantized input) or None
         for w in weights:
             qtype = int(w.ggml_type)
             integer = (backend.round_inputs and integer_path_is_faster(qtype, 1)
@@ -113,8 +108,7 @@ class _Products:
                 continue
             data = checked_weight(w.data, qtype, w.n_cols)
             kernel = qmatmul_serial if data.nbytes <= SERIAL_WORK_BYTES else qmatmul_kernel
-            self.integer.append((data, qtype, rows_per_chunk(w.n_cols, 1), kernel,
-                                 _quantized(quantized, w.n_cols, qtype in Q8_K_INPUT_TYPES)))
+            self.integer.append((data, qtype, kernel, _quantized(quantized, w.n_cols, qtype in Q8_K_INPUT_TYPES)))
 
     @property
     def all_integer(self) -> bool:
@@ -132,41 +126,36 @@ class _Products:
             if integer is None:
                 outs.append(self.backend._product(x, w.data, w, generic_inputs))
                 continue
-            data, qtype, chunk, kernel, quantized = integer
+            data, qtype, kernel, quantized = integer
             if id(quantized) not in done:
                 quantized.fill(x)
                 done.add(id(quantized))
             out = np.empty((1, data.shape[0]), dtype=np.float32)
-            kernel(*quantized.inputs, data, qtype, w.n_cols, LANES, chunk, out, 0)
+            kernel(*quantized.inputs, data, qtype, w.n_cols, LANES, DECODE_ROWS_PER_CHUNK, out, 0)
             outs.append(out)
         return outs
 
 
 class _Experts:
-    """A MoE layer's routed experts by one `decode_experts` call, as CpuBackend.routed_experts
-    reaches it for one token with every expert on the CPU (`usable`)."""
+    """A MoE layer's routed experts by one bound `decode_experts` call, as CpuBackend.routed_experts
+    reaches it for one token with every expert on the CPU (`bound`: None where it would not)."""
 
-    def __init__(self, backend: CpuBackend, lw, activation):
+    def __init__(self, backend: CpuBackend, lw, step: DecodeExperts):
         self.gate_inp = _Products(backend, [lw.ffn_gate_inp], {})
-        gate, up, down = lw.ffn_gate_exps, lw.ffn_up_exps, lw.ffn_down_exps
-        self.glu_kind = backend._glu_kind(activation)
-        g_type, d_type = int(gate.ggml_type), int(down.ggml_type)
-        self.gate_type, self.down_type = g_type, d_type
-        self.gate_k_blocks, self.down_k_blocks = g_type in Q8_K_INPUT_TYPES, d_type in Q8_K_INPUT_TYPES
-        n_embd, n_ff = gate.n_cols, down.n_cols
-        self.gate = checked_weight(gate.data.reshape(-1, gate.data.shape[-1]), g_type, n_embd).reshape(gate.data.shape)
-        self.up = checked_weight(up.data.reshape(-1, up.data.shape[-1]), g_type, n_embd).reshape(up.data.shape)
-        self.down = checked_weight(down.data.reshape(-1, down.data.shape[-1]), d_type, n_ff).reshape(down.data.shape)
-        self.gate_chunk, self.down_chunk = rows_per_chunk(n_embd, 1), rows_per_chunk(n_ff, 1)
+        self.step = step
 
-    @staticmethod
-    def usable(backend: CpuBackend, lw, n_expert: int, activation, device: str) -> bool:
-        gate, up, down = lw.ffn_gate_exps, lw.ffn_up_exps, lw.ffn_down_exps
-        whole = all(type(w) is Weight and w.device == device and w.data.shape[0] == n_expert
-                    and int(w.ggml_type) in GROUPED_TYPES for w in (gate, up, down))
-        return (whole and backend._glu_kind(activation) is not None and int(gate.ggml_type) == int(up.ggml_type)
-                and backend.round_inputs and integer_path_is_faster(int(gate.ggml_type), 1)
-                and integer_path_is_faster(int(down.ggml_type), 1))
+    @classmethod
+    def bound(cls, backend: CpuBackend, lw, n_expert: int, activation, device: str) -> _Experts | None:
+        tensors = (lw.ffn_gate_exps, lw.ffn_up_exps, lw.ffn_down_exps)
+        if not all(type(w) is Weight and w.device == device and w.data.shape[0] == n_expert
+                   and int(w.ggml_type) in GROUPED_TYPES for w in tensors):
+            return None
+
+        def integer_for(ggml_type: int, n_tokens: int) -> bool:     # CpuBackend.routed_experts' at one token
+            return backend.round_inputs and integer_path_is_faster(ggml_type, n_tokens)
+        step = DecodeExperts.bound(*((w.data, w.ggml_type) for w in tensors), backend._glu_kind(activation),
+                                   integer_for)
+        return None if step is None else cls(backend, lw, step)
 
     def __call__(self, x: np.ndarray, routing, bias, counts: np.ndarray) -> np.ndarray:
         ids, weights = select_experts(self.gate_inp(x)[0], routing, bias)
@@ -174,10 +163,7 @@ class _Experts:
         counts[chosen] += 1                 # k distinct experts
         order = np.argsort(chosen, kind="stable")
         experts = np.ascontiguousarray(chosen[order])
-        rows = read_only(np.repeat(x, len(experts), axis=0))
-        y = decode_experts(rows, experts, self.gate, self.up, self.down, self.gate_type, self.down_type,
-                           self.gate_k_blocks, self.down_k_blocks, self.glu_kind, self.gate_chunk, self.down_chunk,
-                           numba.get_num_threads())
+        y = self.step(read_only(np.repeat(x, len(experts), axis=0)), experts)
         # weighted and summed in ascending expert order from zero, as moe_feed_forward sums them
         out = np.empty_like(x)
         combine(y, experts, weights[0][order], out[0])
@@ -201,8 +187,8 @@ class _Layer:
         if plan.routing is None:
             self.gate_up = _Products(backend, [lw.ffn_gate, lw.ffn_up], quantized)
             self.down = _Products(backend, [lw.ffn_down], quantized)
-        elif _Experts.usable(backend, lw, hp.n_expert, self.activation, device):
-            self.experts = _Experts(backend, lw, self.activation)
+        else:
+            self.experts = _Experts.bound(backend, lw, hp.n_expert, self.activation, device)
         self.chain = _Chain(self, hp, kv, quantized) if _Chain.fits(self, hp, kv) else None
 
 
@@ -228,7 +214,6 @@ class _Chain:
         self.n_attended = hp.n_head * hp.n_embd_head_v
         self.qkv_inputs = _forms(quantized, hp.n_embd)
         self.qkv = layer.qkv.chained()
-        self.chunk = layer.qkv.integer[0][2]
         self.biases = tuple(none if b is None else b for b in layer.biases)
         self.q_norm, self.k_norm = (lw.attn_q_norm, lw.attn_k_norm) if plan.qk_norm else (none, none)
         layout = kv.layout
@@ -247,7 +232,6 @@ class _Chain:
             (gate, up), (g_type, u_type), (g_kb, u_kb) = layer.gate_up.chained()
             (down,), (d_type,), (d_kb,) = layer.down.chained()
             self.ffn = ((gate, up, down), (g_type, u_type, d_type), (g_kb, u_kb, d_kb))
-            self.ffn_chunks = (layer.gate_up.integer[0][2], layer.down.integer[0][2])
 
 
 class CpuRangeDecode:
@@ -293,17 +277,15 @@ class CpuRangeDecode:
         n, positions = step.n_filled, batch.device_positions()
         rope = plan.rope
         cos, sin = batch.rope_tables(rope.n_dims, rope.base, rope.scaling, self._freq_factors(rope))
-        q = attention_inputs(x, lw.attn_norm, eps, c.qkv_inputs, *c.qkv, c.chunk, c.biases, c.q_norm, c.k_norm,
+        q = attention_inputs(x, lw.attn_norm, eps, c.qkv_inputs, *c.qkv, c.biases, c.q_norm, c.k_norm,
                              c.heads, cos, sin, rope.neox, plan.q_scale, c.k_rows, c.v_rows, c.cell_pos,
                              int(step.cells[0]), int(positions[0]), c.stores, c.round_q)
         attended = np.empty((1, c.n_attended), dtype=np.float32)
         attend_cache(q, c.k_rows[:n], c.k_type, c.v_rows[:n], c.v_type, c.heads[1], c.cell_pos[:n], positions,
                      MASK_KIND[step.kind], step.window, plan.kq_scale, c.rounding, attended)
-        h = attention_output(x, attended, c.o_inputs, c.wo, c.o_type, c.o_k_blocks, c.chunk,
-                             c.post_attention_norm, eps)
+        h = attention_output(x, attended, c.o_inputs, c.wo, c.o_type, c.o_k_blocks, c.post_attention_norm, eps)
         if plan.routing is None:
-            return dense_ffn(h, lw.ffn_norm, eps, c.ffn_inputs, c.down_inputs, *c.ffn, c.ffn_chunks, layer.glu_kind,
-                             c.post_ffw_norm)
+            return dense_ffn(h, lw.ffn_norm, eps, c.ffn_inputs, c.down_inputs, *c.ffn, layer.glu_kind, c.post_ffw_norm)
         y = self._moe(layer, ffn_input(h, lw.ffn_norm, eps))
         return self._add_norm(h, y, lw.post_ffw_norm) if plan.post_norms else h + y
 

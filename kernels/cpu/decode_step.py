@@ -25,10 +25,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from kernels.cpu.formats import f16_bits_to_f32, f32_to_f16_bits
+from kernels.cpu.attention import f16_round
+from kernels.cpu.formats import f32_to_f16_bits
 from kernels.cpu.fused_ops import add_rms_norm_rows, glu_rows, rms_norm_rows, rope_rows
 from kernels.cpu.qactivations import quantize_one_token
-from kernels.cpu.qmatmul import LANES, SERIAL_WORK_BYTES, qmatmul_kernel, qmatmul_serial
+from kernels.cpu.qmatmul import DECODE_ROWS_PER_CHUNK, LANES, SERIAL_WORK_BYTES, qmatmul_kernel, qmatmul_serial
 
 STORE_F32, STORE_F16 = 0, 1         # how a cache row holds its values
 
@@ -48,14 +49,14 @@ def _quantize_for(x, inputs, need_q8_0, need_q8_k):
 
 
 @njit(cache=True, nogil=True)
-def _product(inputs, k_blocks, w, w_type, n_cols, chunk):
+def _product(inputs, k_blocks, w, w_type, n_cols):
     """x @ W.T (1, n_rows) from x's quantized form for W's type, by the kernel qmatmul picks."""
     q, d, min_sums = inputs[1][4:] if k_blocks else inputs[0][4:]
     out = np.empty((1, w.shape[0]), dtype=np.float32)
     if w.shape[0] * w.shape[1] <= SERIAL_WORK_BYTES:
-        qmatmul_serial(q, d, min_sums, w, w_type, n_cols, LANES, chunk, out, 0)
+        qmatmul_serial(q, d, min_sums, w, w_type, n_cols, LANES, DECODE_ROWS_PER_CHUNK, out, 0)
     else:
-        qmatmul_kernel(q, d, min_sums, w, w_type, n_cols, LANES, chunk, out, 0)
+        qmatmul_kernel(q, d, min_sums, w, w_type, n_cols, LANES, DECODE_ROWS_PER_CHUNK, out, 0)
     return out
 
 
@@ -90,7 +91,7 @@ def _store_row(rows, cell, values, store):
 
 
 @njit(cache=True, nogil=True)
-def attention_inputs(x, attn_norm, eps, inputs, weights, types, k_blocks, chunk, biases, q_norm, k_norm,
+def attention_inputs(x, attn_norm, eps, inputs, weights, types, k_blocks, biases, q_norm, k_norm,
                      heads, cos, sin, neox, q_scale, k_rows, v_rows, cell_pos, cell, position, stores, round_q):
     """The query heads (1, n_head, d_k) of token x (1, n_embd), its key and value stored in cache
     row `cell` (k_rows / v_rows: uint8 rows; stores: (STORE_* of K, of V)) at `position`.
@@ -104,9 +105,9 @@ def attention_inputs(x, attn_norm, eps, inputs, weights, types, k_blocks, chunk,
     _quantize_for(h, inputs, not (k_blocks[0] and k_blocks[1] and k_blocks[2]),
                   k_blocks[0] or k_blocks[1] or k_blocks[2])
     n_cols = x.shape[1]
-    q = _plus_bias(_product(inputs, k_blocks[0], weights[0], types[0], n_cols, chunk), biases[0])
-    k = _plus_bias(_product(inputs, k_blocks[1], weights[1], types[1], n_cols, chunk), biases[1])
-    v = _plus_bias(_product(inputs, k_blocks[2], weights[2], types[2], n_cols, chunk), biases[2])
+    q = _plus_bias(_product(inputs, k_blocks[0], weights[0], types[0], n_cols), biases[0])
+    k = _plus_bias(_product(inputs, k_blocks[1], weights[1], types[1], n_cols), biases[1])
+    v = _plus_bias(_product(inputs, k_blocks[2], weights[2], types[2], n_cols), biases[2])
     if q_norm.shape[0]:
         q3, k3 = _head_norm(q, q_norm, eps, n_head, d_k), _head_norm(k, k_norm, eps, n_head_kv, d_k)
     else:
@@ -120,15 +121,15 @@ def attention_inputs(x, attn_norm, eps, inputs, weights, types, k_blocks, chunk,
     if round_q:
         flat = q_out.reshape(n_head * d_k)
         for i in range(flat.shape[0]):
-            flat[i] = f16_bits_to_f32(f32_to_f16_bits(flat[i]))
+            flat[i] = f16_round(flat[i])
     return q_out
 
 
 @njit(cache=True, nogil=True)
-def attention_output(x, attended, inputs, w, w_type, k_blocks, chunk, post_norm, eps):
+def attention_output(x, attended, inputs, w, w_type, k_blocks, post_norm, eps):
     """x + o(attended), or x + post_attention_norm(o(attended)) where post_norm is given."""
     _quantize(attended, inputs, k_blocks)
-    y = _product(inputs, k_blocks, w, w_type, attended.shape[1], chunk)
+    y = _product(inputs, k_blocks, w, w_type, attended.shape[1])
     h = np.empty_like(x)
     if post_norm.shape[0]:
         add_rms_norm_rows(x, y, post_norm, eps, h)
@@ -146,18 +147,18 @@ def ffn_input(h, ffn_norm, eps):
 
 
 @njit(cache=True, nogil=True)
-def dense_ffn(h, ffn_norm, eps, inputs, hidden_inputs, weights, types, k_blocks, chunks, glu_kind, post_norm):
+def dense_ffn(h, ffn_norm, eps, inputs, hidden_inputs, weights, types, k_blocks, glu_kind, post_norm):
     """h + down(glu(gate(y), up(y))) of y = ffn_norm(h), through post_ffw_norm where given.
     weights (gate, up, down); hidden_inputs: the quantized forms of down's input."""
     y = ffn_input(h, ffn_norm, eps)
     _quantize_for(y, inputs, not (k_blocks[0] and k_blocks[1]), k_blocks[0] or k_blocks[1])
     n_embd = h.shape[1]
-    gate = _product(inputs, k_blocks[0], weights[0], types[0], n_embd, chunks[0])
-    up = _product(inputs, k_blocks[1], weights[1], types[1], n_embd, chunks[0])
+    gate = _product(inputs, k_blocks[0], weights[0], types[0], n_embd)
+    up = _product(inputs, k_blocks[1], weights[1], types[1], n_embd)
     hidden = np.empty_like(gate)
     glu_rows(gate, up, glu_kind, hidden)
     _quantize(hidden, hidden_inputs, k_blocks[2])
-    down = _product(hidden_inputs, k_blocks[2], weights[2], types[2], hidden.shape[1], chunks[1])
+    down = _product(hidden_inputs, k_blocks[2], weights[2], types[2], hidden.shape[1])
     out = np.empty_like(h)
     if post_norm.shape[0]:
         add_rms_norm_rows(h, down, post_norm, eps, out)

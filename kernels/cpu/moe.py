@@ -38,8 +38,7 @@ from kernels.cpu.fused_ops import glu_rows
 from kernels.cpu.matmul import rows_per_chunk as float_rows_per_chunk
 from kernels.cpu.moe_gemm import expert_gemms
 from kernels.cpu.qactivations import _quantize_rows_serial, q8_k_min_sums
-from kernels.cpu.qmatmul import Q8_K_INPUT_TYPES, QuantizedActivations, qmatmul_rows
-from kernels.cpu.qmatmul import rows_per_chunk as integer_rows_per_chunk
+from kernels.cpu.qmatmul import DECODE_ROWS_PER_CHUNK, Q8_K_INPUT_TYPES, QuantizedActivations, qmatmul_rows
 from kernels.cpu.tile_matmul import tile_matmul
 
 GROUPED_TYPES = FAST_TYPES      # the weight types whose rows the units decode
@@ -222,7 +221,7 @@ def _products(x, spans, weights, outs, rounded, integer_for) -> None:
     experts = np.repeat(grouped[None, :, 0], len(mats), axis=0)
     n_rows = np.array([w.shape[1] for w in mats], dtype=np.int64)
     units, bounds = plan_units(np.ascontiguousarray(grouped[:, 1:]), experts, integer, n_rows,
-                               integer_rows_per_chunk(n_cols, 1), float_rows_per_chunk(n_cols), numba.get_num_threads())
+                               DECODE_ROWS_PER_CHUNK, float_rows_per_chunk(n_cols), numba.get_num_threads())
     xq, xd, min_sums = _NO_QUANTS, _NO_FLOATS, _NO_FLOATS
     if integer.any():
         xa = QuantizedActivations.for_type(x, ggml_type)
@@ -232,21 +231,39 @@ def _products(x, spans, weights, outs, rounded, integer_for) -> None:
                     outs[-1])
 
 
+class DecodeExperts:
+    """`decode_experts` bound to one layer's gate, up and down expert tensors: step(x, experts)
+    runs row r of x through expert experts[r]. `bound` gives one where it applies (a GLU it
+    knows, gate and up of one type, all three on the integer path for one token), else None."""
+
+    def __init__(self, gate, up, down, gate_type: int, down_type: int, glu_kind: int):
+        self.gate, self.up, self.down = gate, up, down
+        self.gate_type, self.down_type, self.glu_kind = gate_type, down_type, glu_kind
+        self.gate_k_blocks = as_ggml_type(gate_type) in Q8_K_INPUT_TYPES
+        self.down_k_blocks = as_ggml_type(down_type) in Q8_K_INPUT_TYPES
+
+    @classmethod
+    def bound(cls, gate, up, down, glu_kind, integer_for) -> DecodeExperts | None:
+        """gate, up, down: (bytes (n_expert, n_rows, row_bytes), ggml type), as grouped_experts takes them."""
+        if glu_kind is None or int(gate[1]) != int(up[1]):
+            return None
+        gate_type, down_type = int(gate[1]), int(down[1])
+        if not (integer_for(gate_type, 1) and integer_for(down_type, 1)):
+            return None
+        n_embd, n_ff = down[0].shape[1], gate[0].shape[1]
+        return cls(_checked_experts(gate[0], gate_type, n_embd), _checked_experts(up[0], gate_type, n_embd),
+                   _checked_experts(down[0], down_type, n_ff), gate_type, down_type, glu_kind)
+
+    def __call__(self, x: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        return decode_experts(x, experts, self.gate, self.up, self.down, self.gate_type, self.down_type,
+                              self.gate_k_blocks, self.down_k_blocks, self.glu_kind, DECODE_ROWS_PER_CHUNK,
+                              DECODE_ROWS_PER_CHUNK, numba.get_num_threads())
+
+
 def _decode_step(x, spans, gate, up, down, glu_kind, integer_for) -> np.ndarray | None:
-    """`decode_experts` where it applies: one row per expert (a decode step), a GLU it knows,
-    gate and up of one type, all three on the integer path; else None."""
-    if glu_kind is None or len(spans) != len(x) or int(gate[1]) != int(up[1]):
-        return None
-    gate_type, down_type = int(gate[1]), int(down[1])
-    if not (integer_for(gate_type, 1) and integer_for(down_type, 1)):
-        return None
-    n_embd, n_ff = x.shape[1], gate[0].shape[1]
-    g, u = _checked_experts(gate[0], gate_type, n_embd), _checked_experts(up[0], gate_type, n_embd)
-    d = _checked_experts(down[0], down_type, n_ff)
-    return decode_experts(x, np.ascontiguousarray(spans[:, 0]), g, u, d, gate_type, down_type,
-                          as_ggml_type(gate_type) in Q8_K_INPUT_TYPES, as_ggml_type(down_type) in Q8_K_INPUT_TYPES,
-                          glu_kind, integer_rows_per_chunk(n_embd, 1), integer_rows_per_chunk(n_ff, 1),
-                          numba.get_num_threads())
+    """`decode_experts` where it applies: one row per expert (a decode step) and `DecodeExperts.bound`."""
+    step = DecodeExperts.bound(gate, up, down, glu_kind, integer_for) if len(spans) == len(x) else None
+    return None if step is None else step(x, np.ascontiguousarray(spans[:, 0]))
 
 
 def grouped_experts(x, spans, gate, up, down, activation, rounded, integer_for, glu_kind=None) -> np.ndarray:

@@ -310,6 +310,17 @@ def qmatmul_serial(xq, xd, min_sums, w, type_code, n_cols, lanes, rows_per_chunk
                       tile_rows, out, col0)
 
 
+def quantized_buffers(n_tokens: int, n_cols: int, k_blocks: bool) -> tuple:
+    """(q, d, sums, min_sums) to quantize n_tokens rows of n_cols into: Q8_K (k_blocks) or
+    Q8_0 / Q8_1 blocks. min_sums is what the weights' min factors multiply: Q8_1's s per 32 (the
+    sums themselves), or Q8_K's d * bsum per 16."""
+    block = 256 if k_blocks else 32
+    q = np.empty((n_tokens, n_cols), dtype=np.int8)
+    d = np.empty((n_tokens, n_cols // block), dtype=np.float32)
+    sums = np.empty((n_tokens, n_cols // (16 if k_blocks else 32)), dtype=np.float32)
+    return q, d, sums, (np.empty_like(sums) if k_blocks else sums)
+
+
 class QuantizedActivations:
     """x quantized for one vec_dot_type: reuse it for every weight of that input type (the
     q, k and v projections, or gate and up, share one)."""
@@ -322,11 +333,8 @@ class QuantizedActivations:
         if n_cols % block:
             raise ValueError(f"activations of {n_cols} columns are not whole {block}-element blocks")
         self.k_blocks = k_blocks
-        self.q = q = np.empty((n_tokens, n_cols), dtype=np.int8)
-        self.d = d = np.empty((n_tokens, n_cols // block), dtype=np.float32)
-        self.sums = sums = np.empty((n_tokens, n_cols // (16 if k_blocks else 32)), dtype=np.float32)
-        # what the weights' min factors multiply: Q8_1's s per 32, or Q8_K's d * bsum per 16
-        self.min_sums = min_sums = np.empty_like(sums) if k_blocks else sums
+        q, d, sums, min_sums = quantized_buffers(n_tokens, n_cols, k_blocks)
+        self.q, self.d, self.sums, self.min_sums = q, d, sums, min_sums
         x = read_only(np.ascontiguousarray(x, dtype=np.float32))
         if n_tokens == 1:
             quantize_one_token(x, k_blocks, q, d, sums, min_sums)
@@ -342,10 +350,13 @@ class QuantizedActivations:
         return cls(x, as_ggml_type(ggml_type) in Q8_K_INPUT_TYPES)
 
 
+DECODE_ROWS_PER_CHUNK = 64     # a one-token product's work item
+
+
 def rows_per_chunk(n_cols: int, n_tokens: int) -> int:
-    """Decode: 64 rows per work item. Prefill: an unpacked tile of about TILE_BYTES."""
+    """Decode: DECODE_ROWS_PER_CHUNK rows per work item. Prefill: an unpacked tile of about TILE_BYTES."""
     if n_tokens == 1:
-        return 64
+        return DECODE_ROWS_PER_CHUNK
     return max(4, TILE_BYTES // (2 * n_cols))
 
 
